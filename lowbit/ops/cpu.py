@@ -1,0 +1,167 @@
+"""CPU execution through PyTorch's packed CPU kernels.
+
+* int4: ``aten._weight_int4pack_mm_for_cpu`` (the CPU tinygemm). It reads the
+  weight in a blocked layout that depends on the vector ISA PyTorch dispatches
+  to (AVX-512: blocks of 64 rows, AVX2: 32, otherwise row pairs), so the
+  layout is detected once by packing a probe with aten and comparing it with
+  the candidates below. Packing in pure torch (rather than calling aten's
+  converter, ~20x slower than a matmul) lets us unpack exactly as well.
+* int8 weight-only: ``aten._weight_int8pack_mm``.
+* W8A8: ``torch._int_mm`` (int8 x int8 -> int32) after per-token quantization.
+
+Each entry point is an opaque custom op (``lowbit.compile.kernel_op``). The
+numerics are those of ``lowbit.ops.reference``; only the summation order differs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lowbit.compile import kernel_op, linear_out_fake
+from lowbit.ops import reference as ref
+
+aten = torch.ops.aten
+
+
+# ---------------------------------------------------------------------------- int4 layout
+def _pack_pairs(q: torch.Tensor) -> torch.Tensor:  # [B, nb, K] -> [B, K, nb/2]
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).transpose(1, 2)
+
+
+def _unpack_pairs(p: torch.Tensor) -> torch.Tensor:  # [B, K, nb/2] -> [B, nb, K]
+    p = p.transpose(1, 2)
+    return torch.stack([p & 0xF, p >> 4], dim=2).reshape(p.shape[0], p.shape[1] * 2, p.shape[2])
+
+
+def _pack_half_split(q: torch.Tensor) -> torch.Tensor:  # AVX2 block of 32: row d | row d+16
+    h = q.shape[1] // 2
+    return (q[:, :h] | (q[:, h:] << 4)).transpose(1, 2)
+
+
+def _unpack_half_split(p: torch.Tensor) -> torch.Tensor:
+    p = p.transpose(1, 2)
+    return torch.cat([p & 0xF, p >> 4], dim=1)
+
+
+def _pack_lanes(q: torch.Tensor) -> torch.Tensor:  # AVX-512 block of 64: lanes (0,2) and (1,3)
+    a = q[:, 0:16] | (q[:, 32:48] << 4)
+    b = q[:, 16:32] | (q[:, 48:64] << 4)
+    return torch.cat([a, b], dim=1).transpose(1, 2)
+
+
+def _unpack_lanes(p: torch.Tensor) -> torch.Tensor:
+    p = p.transpose(1, 2)
+    a, b = p[:, :16], p[:, 16:]
+    return torch.cat([a & 0xF, b & 0xF, a >> 4, b >> 4], dim=1)
+
+
+# name -> (block rows, pack full block, unpack full block); tails always use row pairs
+INT4_CPU_LAYOUTS = {
+    "cpu_avx512": (64, _pack_lanes, _unpack_lanes),
+    "cpu_avx2": (32, _pack_half_split, _unpack_half_split),
+    "cpu_scalar": (32, _pack_pairs, _unpack_pairs),
+}
+
+
+def int4_cpu_pack(q: torch.Tensor, layout: str) -> torch.Tensor:
+    """Unpacked codes [N, K] (uint8) -> CPU tinygemm bytes, viewed as [N, K // 2]."""
+    block, pack_full, _ = INT4_CPU_LAYOUTS[layout]
+    n, k = q.shape
+    full = n // block * block
+    parts = []
+    if full:
+        parts.append(pack_full(q[:full].reshape(-1, block, k)).reshape(-1))
+    if full < n:
+        parts.append(_pack_pairs(q[full:].unsqueeze(0)).reshape(-1))
+    return torch.cat(parts).reshape(n, k // 2)
+
+
+def int4_cpu_unpack(packed: torch.Tensor, layout: str) -> torch.Tensor:
+    """Inverse of ``int4_cpu_pack``: [N, K // 2] bytes -> codes [N, K]."""
+    block, _, unpack_full = INT4_CPU_LAYOUTS[layout]
+    n, k = packed.shape[0], packed.shape[1] * 2
+    full = n // block * block
+    flat = packed.reshape(-1)
+    parts = []
+    if full:
+        parts.append(unpack_full(flat[: full * k // 2].reshape(-1, k, block // 2)).reshape(full, k))
+    if full < n:
+        parts.append(_unpack_pairs(flat[full * k // 2 :].reshape(1, k, (n - full) // 2)).reshape(n - full, k))
+    return torch.cat(parts)
+
+
+@functools.cache
+def int4_cpu_layout() -> str | None:
+    """The layout this machine's aten int4 CPU kernel reads, or None if unknown/absent."""
+    if not hasattr(aten, "_convert_weight_to_int4pack_for_cpu"):
+        return None
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (80, 64), dtype=torch.int32, generator=gen)
+    try:
+        expected = aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    except RuntimeError:
+        return None
+    for name in INT4_CPU_LAYOUTS:
+        if torch.equal(int4_cpu_pack(q.to(torch.uint8), name), expected.view(torch.uint8).reshape(80, 32)):
+            return name
+    return None
+
+
+def int4_cpu_supported(n: int, k: int, group_size: int) -> bool:
+    return int4_cpu_layout() is not None and n % 16 == 0 and k % group_size == 0
+
+
+def interleave_scale_zero(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) [N, G] as views into one [G, N, 2] buffer, the kernel's operand."""
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    return sz[..., 0].t(), sz[..., 1].t()
+
+
+def is_interleaved(scale: torch.Tensor, zero: torch.Tensor) -> bool:
+    n = scale.shape[0]
+    return (
+        scale.stride() == (2, 2 * n)
+        and zero.stride() == (2, 2 * n)
+        and zero.storage_offset() == scale.storage_offset() + 1
+    )
+
+
+def _scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n, g = scale.shape
+    if is_interleaved(scale, zero) and scale.untyped_storage().data_ptr() == zero.untyped_storage().data_ptr():
+        sz = torch.as_strided(scale, (g, n, 2), (2 * n, 2, 1), scale.storage_offset())
+    else:
+        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1)
+    return sz.to(dtype).contiguous()
+
+
+@kernel_op("int4_mm_cpu", fake=linear_out_fake)
+def int4_mm(
+    x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """x [M, K] @ W.T with W in the machine's CPU int4 layout (see ``int4_cpu_layout``)."""
+    return aten._weight_int4pack_mm_for_cpu(x, qdata, group_size, _scales_and_zeros(scale, zero, x.dtype))
+
+
+# ---------------------------------------------------------------------------- int8
+@kernel_op("int8_mm_cpu", fake=linear_out_fake)
+def int8_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A16: x [M, K] @ (qdata * scale).T."""
+    return aten._weight_int8pack_mm(x, qdata, scale.to(x.dtype))
+
+
+@kernel_op("int8_dyn_mm_cpu", fake=linear_out_fake)
+def int8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A8: per-token int8 activations, then rescale.
+
+    The int8 codes are exact in bf16, so the product runs through the int8-weight
+    kernel with bf16 operands (fp32 accumulation inside): on CPUs without VNNI it
+    is 10-15x faster than ``torch._int_mm``. The one extra rounding (the
+    weight-scaled product to bf16) costs ~2**-9 relative, far below the
+    activation quantization error.
+    """
+    xq, xs = ref.int8_quantize_rows(x)
+    y = aten._weight_int8pack_mm(xq.to(torch.bfloat16), qdata, scale.to(torch.bfloat16))
+    return (y.float() * xs.unsqueeze(-1)).to(x.dtype)

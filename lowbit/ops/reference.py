@@ -1,0 +1,164 @@
+"""The numerical specification of every lowbit format, in plain PyTorch.
+
+Every fast path (CPU packed kernels, Triton kernels) must compute the same
+function as the code here; the tests compare each of them against it. The code
+favours clarity over speed and runs on any device.
+
+Conventions
+-----------
+A linear weight ``w`` has shape ``[N, K]`` (out_features, in_features) and
+``F.linear(x, w)`` computes ``x @ w.T``.
+
+int4 weight-only (``Int4Tensor``), group-wise asymmetric along K::
+
+    groups of ``group_size`` consecutive values of a row share (scale, zero)
+    scale = max((max - min) / 15, SCALE_EPS)        computed in fp32, stored in qparam dtype
+    zero  = min + 8 * scale                          the value that q = 8 decodes to
+    q     = clamp(round((w - zero) / scale) + 8, 0, 15)   using the *stored* scale/zero
+    w_hat = (q - 8) * scale + zero                  in fp32, then cast to the compute dtype
+    qdata[n, j] = q[n, 2j] | q[n, 2j + 1] << 4      uint8, shape [N, K // 2]
+
+int8 weight-only (``Int8Tensor``), symmetric per output channel::
+
+    scale = max(amax(|w[n, :]|) / 127, SCALE_EPS)
+    q     = clamp(round(w / scale), -127, 127)      int8, shape [N, K]
+    w_hat = q * scale
+
+W8A8 (``Int8DynActTensor``): the int8 weight above, activations quantized per
+row (token) at run time with the same symmetric rule, the product accumulated
+exactly in integers, then rescaled: ``y = (xq @ wq.T) * x_scale * w_scale``.
+
+FP8 W8A8 (``Float8Tensor``): e4m3fn weight with a per-row fp32 scale
+``amax / 448``; activations the same per row at run time; the product of the
+fp8 values accumulated in fp32 or better, then rescaled.
+
+Scales are floored at ``SCALE_EPS`` (a power of two, exact in fp16/bf16/fp32)
+so an all-zero row or group dequantizes to exact zeros, never NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SCALE_EPS = 2.0**-20
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------- int4
+def int4_choose_qparams(w: torch.Tensor, group_size: int, qparam_dtype: torch.dtype):
+    """Per-group (scale, zero) of ``w`` [N, K]; both [N, K // group_size]."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group_size, group_size)
+    lo = wg.amin(dim=-1)
+    hi = wg.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).clamp_min(SCALE_EPS).to(qparam_dtype)
+    zero = (lo + 8.0 * scale.float()).to(qparam_dtype)
+    return scale, zero
+
+
+def int4_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
+    """Unpacked int4 codes in [0, 15] as uint8, shape [N, K]."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group_size, group_size)
+    q = torch.round((wg - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)) + 8.0
+    return q.clamp_(0, 15).to(torch.uint8).reshape(n, k)
+
+
+def int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes in [0, 15] -> [N, K // 2] uint8, even k in the low nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def int4_unpack(qdata: torch.Tensor) -> torch.Tensor:
+    """[N, K // 2] uint8 -> [N, K] uint8 codes in [0, 15]."""
+    lo = qdata & 0x0F
+    hi = qdata >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(qdata.shape[0], qdata.shape[1] * 2)
+
+
+def int4_dequantize(qdata, scale, zero, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    q = int4_unpack(qdata).float()
+    n, k = q.shape
+    qg = q.reshape(n, k // group_size, group_size)
+    w = (qg - 8.0) * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+    return w.reshape(n, k).to(dtype)
+
+
+def int4_linear(x, qdata, scale, zero, group_size: int, bias=None):
+    return F.linear(x, int4_dequantize(qdata, scale, zero, group_size, x.dtype), bias)
+
+
+# --------------------------------------------------------------------------- int8
+def int8_choose_qparams(w: torch.Tensor, qparam_dtype: torch.dtype) -> torch.Tensor:
+    """Symmetric scale per row of ``w`` [N, K] (or per token of an activation)."""
+    amax = w.float().abs().amax(dim=-1)
+    return (amax / 127.0).clamp_min(SCALE_EPS).to(qparam_dtype)
+
+
+def int8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    q = torch.round(w.float() / scale.float().unsqueeze(-1))
+    return q.clamp_(-127, 127).to(torch.int8)
+
+
+def int8_dequantize(qdata, scale, dtype: torch.dtype) -> torch.Tensor:
+    return (qdata.float() * scale.float().unsqueeze(-1)).to(dtype)
+
+
+def int8_weight_only_linear(x, qdata, scale, bias=None):
+    return F.linear(x, int8_dequantize(qdata, scale, x.dtype), bias)
+
+
+def int8_quantize_rows(x: torch.Tensor):
+    """Per-row (token) dynamic quantization of an activation [..., K]."""
+    scale = int8_choose_qparams(x, torch.float32)
+    return int8_quantize(x, scale), scale
+
+
+def int8_dynamic_linear(x, qdata, scale, bias=None):
+    """W8A8: exact integer accumulation (float64 holds every partial sum exactly)."""
+    xq, xs = int8_quantize_rows(x)
+    acc = xq.double() @ qdata.double().T
+    y = acc * xs.double().unsqueeze(-1) * scale.double()
+    y = y.to(x.dtype)
+    return y if bias is None else y + bias
+
+
+# --------------------------------------------------------------------------- fp8
+def fp8_choose_qparams(w: torch.Tensor) -> torch.Tensor:
+    amax = w.float().abs().amax(dim=-1)
+    return (amax / FP8_MAX).clamp_min(SCALE_EPS)
+
+
+def fp8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (w.float() / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def fp8_dequantize(qdata, scale, dtype: torch.dtype) -> torch.Tensor:
+    return (qdata.float() * scale.float().unsqueeze(-1)).to(dtype)
+
+
+def fp8_quantize_rows(x: torch.Tensor):
+    scale = fp8_choose_qparams(x)
+    return fp8_quantize(x, scale), scale
+
+
+def fp8_dynamic_linear(x, qdata, scale, bias=None):
+    xq, xs = fp8_quantize_rows(x)
+    acc = xq.double() @ qdata.double().T
+    y = (acc * xs.double().unsqueeze(-1) * scale.double()).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+# --------------------------------------------------------------------------- quality
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal to quantization-noise ratio in dB, computed in float64."""
+    ref = ref.detach().double()
+    noise = (ref - out.detach().double()).norm()
+    if noise == 0:
+        return float("inf")
+    return float(20 * torch.log10(ref.norm() / noise))

@@ -1,0 +1,29 @@
+"""Helpers shared by the Triton launchers: interpreter detection and autotune plumbing."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+# The interpreter (CPU CI) runs exactly one config and computes ``tl.dot`` on
+# bf16/fp16/int8 operands wrongly, so kernels upcast dot operands to fp32 there.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for the number of rows: the next power of two, capped at 4096.
+
+    Keying on the bucket (not raw M) keeps the number of tuning runs small when
+    the batch size varies (prefill lengths, dynamic batching).
+    """
+    return min(triton.next_power_of_2(max(m, 1)), 4096)
+
+
+def configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Config]:
+    """The GPU search space, or the single fixed config under the interpreter."""
+    return [interp] if INTERPRET else gpu
+
+
+def cfg(num_warps: int = 4, num_stages: int = 3, **meta) -> triton.Config:
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)

@@ -1,0 +1,210 @@
+"""Kernels shared by the 8-bit-weight launchers (``int8.py``, ``fp8.py``).
+
+Shapes and math::
+
+    x   [M, K]  float activations (W8A16) or row-quantized int8 / e4m3fn (W8A8)
+    w   [N, K]  int8 or float8_e4m3fn
+    ws  [N]     per-output-channel weight scale
+    xs  [M]     per-row activation scale (W8A8 only)
+    y   [M, N] = (x @ w.T) * ws[None, :] (* xs[:, None])     in ``out_dtype``
+
+The product is accumulated in int32 for int8 x int8 (exact), else in fp32;
+the scales are applied once in the epilogue (``x @ (q * s).T == (x @ q.T) * s``).
+``_gemv_kernel`` serves tiny M with FMAs, ``_gemm_kernel`` everything else with
+``tl.dot`` (split-K with fp32 atomics for small M).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.ops.reference import FP8_DTYPE
+from lowbit.ops.triton._utils import INTERPRET, cfg, configs, m_bucket
+
+GEMV_MAX_M = 1
+
+
+@triton.autotune(
+    configs=configs(
+        [
+            cfg(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
+            for bn, bk, w, s in [
+                (4, 1024, 4, 2),
+                (8, 512, 4, 2),
+                (8, 1024, 8, 2),
+                (16, 256, 4, 2),
+                (16, 512, 8, 2),
+                (32, 256, 8, 2),
+            ]
+        ],
+        cfg(BLOCK_N=4, BLOCK_K=128, num_warps=4, num_stages=1),
+    ),
+    key=["m_bucket", "N", "K", "A_SCALED"],
+)
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr,
+    M, N, K, m_bucket,
+    stride_xm, stride_ym,
+    A_SCALED: tl.constexpr, INT_ACC: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = rn[:, None] < N
+    acc_t: tl.constexpr = tl.int32 if INT_ACC else tl.float32
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_t)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = k0 + rk < K
+        w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=n_ok & k_ok[None, :], other=0)
+        x = tl.load(x_ptr + m * stride_xm + k0 + rk, mask=k_ok, other=0)
+        if FP8:
+            w = w.to(tl.float8e4nv, bitcast=True)
+            x = x.to(tl.float8e4nv, bitcast=True)
+        acc += w.to(acc_t) * x.to(acc_t)[None, :]
+    y = tl.sum(acc, axis=1).to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)
+    if A_SCALED:
+        y = y * tl.load(xs_ptr + m)
+    tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+def _prune(configs_, named_args, **kwargs):
+    mb = {**named_args, **kwargs}["m_bucket"]
+    small = [c for c in configs_ if c.kwargs["BLOCK_M"] <= max(16, mb)]
+    return (small if mb <= 64 else [c for c in configs_ if c.kwargs["BLOCK_M"] >= 64]) or configs_[:1]
+
+
+@triton.autotune(
+    configs=configs(
+        [
+            cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [
+                (16, 64, 128, 4, 4),
+                (16, 128, 128, 4, 4),
+                (16, 64, 256, 4, 3),
+                (32, 64, 128, 4, 4),
+                (32, 128, 128, 4, 3),
+                (64, 64, 128, 4, 3),
+                (64, 128, 128, 4, 3),
+                (128, 128, 64, 8, 4),
+                (128, 128, 128, 8, 3),
+                (128, 256, 64, 8, 3),
+                (128, 256, 128, 8, 3),
+                (256, 128, 128, 8, 3),
+                (64, 256, 128, 4, 3),
+            ]
+        ],
+        cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
+    ),
+    key=["m_bucket", "N", "K", "SPLIT_K", "A_SCALED"],
+    prune_configs_by={"early_config_prune": _prune},
+    reset_to_zero=["y_ptr"],
+)
+@triton.jit
+def _gemm_kernel(
+    x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr,
+    M, N, K, m_bucket,
+    stride_xm, stride_ym,
+    A_SCALED: tl.constexpr, INT_ACC: tl.constexpr, FP8: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm[:, None] < M
+    n_ok = rn[:, None] < N
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    w_ptrs = w_ptr + rn[:, None] * K + rk[None, :]
+    acc_t: tl.constexpr = tl.int32 if (INT_ACC and not DOT_F32) else tl.float32
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_t)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        k_ok = (k0 + rk)[None, :] < K
+        x = tl.load(x_ptrs + k0, mask=m_ok & k_ok, other=0)
+        w = tl.load(w_ptrs + k0, mask=n_ok & k_ok, other=0)
+        if FP8:
+            x = x.to(tl.float8e4nv, bitcast=True)
+            w = w.to(tl.float8e4nv, bitcast=True)
+        if DOT_F32:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+        elif A_SCALED:
+            acc = tl.dot(x, tl.trans(w), acc, out_dtype=acc_t)
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    y = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
+    if A_SCALED:
+        y = y * tl.load(xs_ptr + rm, mask=rm < M, other=0)[:, None]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    mask = m_ok & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y_ptrs, y, mask=mask)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: small, so CPU tests exercise the split-K path
+
+
+def _split_k(m: int, n: int, k: int, sms: int) -> int:
+    if m > 64:
+        return 1
+    tiles = triton.cdiv(n, 64)
+    split = 1
+    while tiles * split < 2 * sms and k // (split * 256) >= 2:
+        split *= 2
+    return split
+
+
+def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(x @ w.T) * ws (* xs[:, None])`` -> [M, N] out_dtype; xs is None for W8A16."""
+    m, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] != k or ws.shape != (n,):
+        raise ValueError(f"8-bit mm: x {tuple(x.shape)}, weight {tuple(w.shape)}, scale {tuple(ws.shape)}")
+    if m == 0:
+        return torch.empty(0, n, device=x.device, dtype=out_dtype)
+    x, w, ws = x.contiguous(), w.contiguous(), ws.contiguous()
+    fp8 = w.dtype == FP8_DTYPE
+    if fp8:  # fp8 travels as bytes: masked loads need a zero ``other``, which fp8 types refuse
+        x, w = x.view(torch.uint8), w.view(torch.uint8)
+    a_scaled = xs is not None
+    xs_arg = xs if a_scaled else ws
+    int_acc = x.dtype == torch.int8
+    mb = m_bucket(m)
+    if m <= GEMV_MAX_M:
+        y = torch.empty(m, n, device=x.device, dtype=out_dtype)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
+        _gemv_kernel[grid](
+            x, w, ws, xs_arg, y, m, n, k, mb, x.stride(0), y.stride(0), A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8
+        )
+        return y
+    split = _split_k(m, n, k, _num_sms(x.device))
+    y = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else None
+    if y is None:
+        y = torch.empty(m, n, device=x.device, dtype=out_dtype)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    _gemm_kernel[grid](
+        x, w, ws, xs_arg, y, m, n, k, mb, x.stride(0), y.stride(0),
+        A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, SPLIT_K=split, DOT_F32=INTERPRET,
+    )  # fmt: skip
+    return y if split == 1 else y.to(out_dtype)

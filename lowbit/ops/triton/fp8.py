@@ -1,0 +1,50 @@
+"""FP8 W8A8 matmul (Triton, cuBLAS for large bf16 batches): per-row scaled e4m3fn.
+
+Shapes and math (the spec is ``reference.fp8_dynamic_linear``)::
+
+    x      [M, K]  bf16 / fp16 / fp32
+    qdata  [N, K]  float8_e4m3fn
+    scale  [N]     fp32 (row amax / 448, floored at 2**-20)
+    xq, xs = per-row e4m3fn quantization of x (``quant.quantize_rows``)
+    y [M, N] = (xq @ qdata.T, fp32 accumulate) * xs[:, None] * scale[None, :]   in x.dtype
+
+Small M runs the kernels in ``_w8.py`` (FMA GEMV for M = 1, fp8 ``tl.dot``
+GEMM with split-K otherwise). For large bf16 batches the product goes through
+``torch._scaled_mm`` with row-wise scales (cuBLAS fp8 with the rescale fused
+in its epilogue), which is faster than a Triton fp8 GEMM on Hopper.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.compile import kernel_op, linear_out_fake
+from lowbit.ops.reference import FP8_DTYPE
+from lowbit.ops.triton._w8 import w8_mm
+from lowbit.ops.triton.quant import quantize_rows
+
+SCALED_MM_MIN_M = 128  # measured crossover on H100 (bench/KERNEL_NOTES.md)
+
+
+def _use_scaled_mm(x: torch.Tensor, n: int) -> bool:
+    m, k = x.shape
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and m >= SCALED_MM_MIN_M
+        and k % 16 == 0
+        and n % 16 == 0
+        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    )
+
+
+@kernel_op("fp8_dyn_mm_triton", fake=linear_out_fake)
+def fp8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 W8A8: per-row e4m3fn quantization of x, fp32 product, rescale -> [M, N] in x.dtype."""
+    n = qdata.shape[0]
+    if x.shape[0] == 0:
+        return x.new_empty(0, n)
+    xq, xs = quantize_rows(x, FP8_DTYPE)
+    if _use_scaled_mm(x, n):
+        return torch._scaled_mm(xq, qdata.t(), scale_a=xs[:, None], scale_b=scale.float()[None, :], out_dtype=x.dtype)
+    return w8_mm(xq, qdata, scale, xs, x.dtype)

@@ -1,0 +1,41 @@
+"""int8-weight matmuls (Triton): W8A16 weight-only and W8A8 dynamic.
+
+Shapes and math (the spec is ``reference.int8_weight_only_linear`` and
+``reference.int8_dynamic_linear``)::
+
+    x      [M, K]  bf16 / fp16 / fp32
+    qdata  [N, K]  int8 in [-127, 127]
+    scale  [N]     per-output-channel scale (weight dtype for W8A16, fp32 for W8A8)
+
+    int8_mm:      y = x @ (qdata * scale[:, None]).T                       fp32 accumulate
+    int8_dyn_mm:  xq, xs = per-row int8 quantization of x (``quant.quantize_rows``)
+                  y = (xq @ qdata.T, exact int32) * xs[:, None] * scale[None, :]
+    y [M, N] in x.dtype
+
+Both run the kernels in ``_w8.py``: an FMA GEMV for M = 1 and a tensor-core
+GEMM (int8 x int8 -> int32 ``tl.dot`` for W8A8; the weight converted to x.dtype
+in the main loop for W8A16) with split-K for small M. Scales go in the epilogue.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.compile import kernel_op, linear_out_fake
+from lowbit.ops.triton._w8 import w8_mm
+from lowbit.ops.triton.quant import quantize_rows
+
+
+@kernel_op("int8_mm_triton", fake=linear_out_fake)
+def int8_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A16: ``x [M, K] @ (qdata * scale[:, None]).T -> [M, N]`` in x.dtype."""
+    return w8_mm(x, qdata, scale, None, x.dtype)
+
+
+@kernel_op("int8_dyn_mm_triton", fake=linear_out_fake)
+def int8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A8: per-row int8 quantization of x, int32 product, rescale -> [M, N] in x.dtype."""
+    if x.shape[0] == 0:
+        return x.new_empty(0, qdata.shape[0])
+    xq, xs = quantize_rows(x, torch.int8)
+    return w8_mm(xq, qdata, scale, xs, x.dtype)

@@ -1,0 +1,381 @@
+"""Base class for quantized weight tensors.
+
+A subclass declares its plain-tensor fields (``tensor_fields``) and its
+non-tensor attributes (``attr_fields``) once; this base derives everything a
+``nn.Parameter`` meets from them: ``__tensor_flatten__``/``__tensor_unflatten__``
+(torch.compile), ``detach``, ``clone``, device moves, ``copy_``, ``deepcopy``,
+pickling, ``repr`` and slicing along the output dimension.
+
+Ops are looked up in per-class tables filled by the ``implements`` decorators;
+an op with no entry raises ``NotImplementedError`` naming the op and the class,
+never a silent dequantize.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+aten = torch.ops.aten
+
+_SUPPORTED_ACTIVATIONS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class QTensor(torch.Tensor):
+    """A quantized 2-D linear weight of logical shape [N, K] = (out, in)."""
+
+    tensor_fields: ClassVar[tuple[str, ...]] = ()
+    attr_fields: ClassVar[tuple[str, ...]] = ()
+    _aten_table: ClassVar[dict[Any, Callable]] = {}
+    _function_table: ClassVar[dict[Any, Callable]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # each class gets its own copy so registrations on a subclass don't leak upwards
+        cls._aten_table = dict(cls._aten_table)
+        cls._function_table = dict(cls._function_table)
+
+    @staticmethod
+    def __new__(cls, *tensors: torch.Tensor, shape, dtype: torch.dtype, **attrs):
+        first = tensors[0]
+        return torch.Tensor._make_wrapper_subclass(
+            cls, torch.Size(shape), dtype=dtype, device=first.device, requires_grad=False
+        )
+
+    def __init__(self, *tensors: torch.Tensor, shape, dtype: torch.dtype, **attrs):
+        if len(tensors) != len(self.tensor_fields):
+            raise TypeError(f"{type(self).__name__} takes fields {self.tensor_fields}")
+        for name, t in zip(self.tensor_fields, tensors):
+            setattr(self, name, t)
+        missing = set(self.attr_fields) - set(attrs)
+        if missing:
+            raise TypeError(f"{type(self).__name__} missing attributes {sorted(missing)}")
+        for name in self.attr_fields:
+            setattr(self, name, attrs[name])
+
+    # ------------------------------------------------------------------ fields
+    def _tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, n) for n in self.tensor_fields]
+
+    def _attrs(self) -> dict[str, Any]:
+        return {n: getattr(self, n) for n in self.attr_fields}
+
+    def _rebuild(self, fn: Callable[[torch.Tensor], torch.Tensor], **overrides):
+        """Same class and attributes, each tensor field mapped through ``fn``."""
+        attrs = self._attrs()
+        attrs.update({k: v for k, v in overrides.items() if k in self.attr_fields})
+        shape = overrides.get("shape", self.shape)
+        return type(self)(*[fn(t) for t in self._tensors()], shape=shape, dtype=self.dtype, **attrs)
+
+    def __tensor_flatten__(self):
+        return list(self.tensor_fields), (tuple(self.shape), self.dtype, self._attrs())
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner_tensors, ctx, outer_size, outer_stride):
+        shape, dtype, attrs = ctx
+        return cls(*[inner_tensors[n] for n in cls.tensor_fields], shape=outer_size, dtype=dtype, **attrs)
+
+    def __reduce_ex__(self, protocol):
+        # Plain fields + attributes only: safe for torch.load(weights_only=True)
+        # once the class is registered as a safe global (lowbit/qtensor/__init__.py).
+        return (_rebuild_qtensor, (type(self), self._tensors(), tuple(self.shape), self.dtype, self._attrs()))
+
+    def __repr__(self):
+        fields = [f"shape={tuple(self.shape)}", f"dtype={self.dtype}", f"device={self.device}"]
+        fields += [f"{k}={v}" for k, v in self._attrs().items()]
+        return f"{type(self).__name__}({', '.join(fields)})"
+
+    @property
+    def nbytes_packed(self) -> int:
+        """Bytes actually held by the fields (what the weight costs in memory)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    # ------------------------------------------------------------------ per-format API
+    @classmethod
+    def from_float(cls, w: torch.Tensor, **kwargs) -> QTensor:
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [M, K] @ self.T`` (2-D, contiguous, supported dtype), no bias."""
+        raise NotImplementedError
+
+    def to_device(self, device) -> QTensor:
+        """Move every field; formats with device-specific packing override this."""
+        return self._rebuild(lambda t: t.to(device))
+
+    def convert_like(self, other: QTensor) -> QTensor:
+        """``other`` on this tensor's device and in its packing (for ``copy_``)."""
+        return other.to_device(self.device)
+
+    def slice_rows(self, start: int, end: int) -> QTensor:
+        """Rows [start, end) of the output dimension; every field is row-major in N."""
+        return self._rebuild(lambda t: t[start:end], shape=(end - start, self.shape[1]))
+
+    def slice_cols(self, start: int, end: int) -> QTensor:
+        raise NotImplementedError(f"{type(self).__name__}: slicing along the input dimension is not supported")
+
+    # ------------------------------------------------------------------ registration
+    @classmethod
+    def implements(cls, *ops):
+        """Register a handler for aten ops (``__torch_dispatch__``) on this class."""
+
+        def register(fn):
+            for op in ops:
+                cls._aten_table[op] = fn
+            return fn
+
+        return register
+
+    @classmethod
+    def implements_function(cls, *funcs):
+        """Register a handler for torch functions (``__torch_function__``)."""
+
+        def register(fn):
+            for f in funcs:
+                cls._function_table[f] = fn
+            return fn
+
+        return register
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = cls._function_table.get(func)
+        if handler is not None:
+            return handler(func, types, args, kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = cls._aten_table.get(func)
+        if handler is None:
+            raise NotImplementedError(
+                f"{cls.__name__} does not support the op {func}; dequantize() first "
+                "if a full-precision tensor is what you need"
+            )
+        return handler(func, types, args, kwargs)
+
+
+def _rebuild_qtensor(cls, tensors, shape, dtype, attrs):
+    return cls(*tensors, shape=shape, dtype=dtype, **attrs)
+
+
+# ---------------------------------------------------------------------------- linear
+def check_activation(x: torch.Tensor, w: QTensor) -> None:
+    if x.dtype not in _SUPPORTED_ACTIVATIONS:
+        names = ", ".join(str(d) for d in _SUPPORTED_ACTIVATIONS)
+        raise TypeError(f"{type(w).__name__} linear: activation dtype {x.dtype} is not supported; use one of {names}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(
+            f"{type(w).__name__} linear: input has {x.shape[-1]} features, weight expects {w.shape[1]} "
+            f"(weight shape {tuple(w.shape)})"
+        )
+    if x.device != w.device:
+        raise ValueError(f"{type(w).__name__} linear: input on {x.device}, weight on {w.device}")
+
+
+def _forward(x: torch.Tensor, w: QTensor) -> torch.Tensor:
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        return x.new_zeros(*lead, w.shape[0])
+    y = w.linear(x2.contiguous())
+    return y.reshape(*lead, w.shape[0])
+
+
+class _QuantLinearFn(torch.autograd.Function):
+    """Gradients for the input of a linear on a frozen quantized weight.
+
+    The backward dequantizes this one layer's weight, so training (LoRA on a
+    quantized base) never holds more than one full-precision weight at a time.
+    """
+
+    @staticmethod
+    def forward(x, w):
+        return _forward(x, w)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.w = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.w.dequantize(grad.dtype), None
+
+
+def quantized_linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    check_activation(x, w)
+    if torch.is_grad_enabled() and x.requires_grad:
+        y = _QuantLinearFn.apply(x, w)
+    else:
+        y = _forward(x, w)
+    return y if bias is None else y + bias
+
+
+@QTensor.implements_function(F.linear)
+def _(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if not isinstance(w, QTensor) or isinstance(x, QTensor):
+        raise NotImplementedError(
+            f"F.linear with a quantized tensor as the input is not supported ({type(x).__name__})"
+        )
+    return quantized_linear(x, w, bias)
+
+
+# ---------------------------------------------------------------------------- aten ops
+@QTensor.implements(aten.detach.default, aten.alias.default)
+def _(func, types, args, kwargs):
+    return return_and_correct_aliasing(func, args, kwargs, args[0]._rebuild(func))
+
+
+@QTensor.implements(aten.clone.default)
+def _(func, types, args, kwargs):
+    self = args[0]
+    return self._rebuild(lambda t: t.clone())
+
+
+@QTensor.implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    self = args[0]
+    dtype = kwargs.get("dtype")
+    if dtype is not None and dtype != self.dtype:
+        raise TypeError(
+            f"{type(self).__name__}: casting a quantized weight to {dtype} is not supported "
+            f"(it holds packed {self.dtype} data); call .dequantize({dtype}) for a plain tensor"
+        )
+    device = kwargs.get("device")
+    return self.to_device(device) if device is not None else self._rebuild(lambda t: t.clone())
+
+
+@QTensor.implements(aten.copy_.default)
+def _(func, types, args, kwargs):
+    dst, src = args[0], args[1]
+    if type(src) is type(dst) and src.shape == dst.shape:
+        src = dst.convert_like(src)
+    if type(src) is not type(dst) or src._attrs() != dst._attrs() or src.shape != dst.shape:
+        raise ValueError(
+            f"copy_ into {dst!r} needs a {type(dst).__name__} of the same shape and attributes, got {src!r}"
+        )
+    for d, s in zip(dst._tensors(), src._tensors()):
+        if d.shape != s.shape:
+            raise ValueError(
+                f"copy_ into {type(dst).__name__}: field shapes differ ({tuple(d.shape)} vs {tuple(s.shape)})"
+            )
+        d.copy_(s)
+    return dst
+
+
+@QTensor.implements(aten._has_compatible_shallow_copy_type.default)
+def _(func, types, args, kwargs):
+    return type(args[0]) is type(args[1])
+
+
+@QTensor.implements(aten.is_pinned.default)
+def _(func, types, args, kwargs):
+    return all(t.is_pinned() for t in args[0]._tensors())
+
+
+@QTensor.implements(aten.slice.Tensor)
+def _(func, types, args, kwargs):
+    self, dim, start, end, step = (list(args) + [0, None, None, 1])[:5]
+    dim = dim % 2
+    n = self.shape[dim]
+    start = 0 if start is None else max(0, min(n, start + n if start < 0 else start))
+    end = n if end is None else max(start, min(n, end + n if end < 0 else end))
+    if step != 1:
+        raise NotImplementedError(f"{type(self).__name__}: slicing with step {step} is not supported")
+    if start == 0 and end == n:
+        return self._rebuild(lambda t: t)
+    return self.slice_rows(start, end) if dim == 0 else self.slice_cols(start, end)
+
+
+@QTensor.implements(aten.split.Tensor, aten.split_with_sizes.default)
+def _(func, types, args, kwargs):
+    self, sizes = args[0], args[1]
+    dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % 2
+    if isinstance(sizes, int):
+        sizes = [min(sizes, self.shape[dim] - s) for s in range(0, self.shape[dim], sizes)]
+    out, start = [], 0
+    for size in sizes:
+        out.append(aten.slice.Tensor(self, dim, start, start + size))
+        start += size
+    return out
+
+
+@QTensor.implements(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+def _(func, types, args, kwargs):
+    self, shape = args[0], list(args[1])
+    if shape.count(-1) == 1:
+        known = 1
+        for s in shape:
+            known *= s if s != -1 else 1
+        shape[shape.index(-1)] = self.numel() // max(known, 1)
+    if tuple(shape) != tuple(self.shape):
+        raise NotImplementedError(f"{type(self).__name__}: view to {tuple(shape)} from {tuple(self.shape)}")
+    return self._rebuild(lambda t: t)
+
+
+@QTensor.implements(aten.t.default)
+def _(func, types, args, kwargs):
+    return TransposedQTensor(args[0])
+
+
+@QTensor.implements(aten.mm.default)
+def _(func, types, args, kwargs):
+    return _mm_like(args[0], args[1], None)
+
+
+@QTensor.implements(aten.addmm.default)
+def _(func, types, args, kwargs):
+    return _mm_like(args[1], args[2], args[0])
+
+
+def _mm_like(x, wt, bias):
+    if not isinstance(wt, TransposedQTensor) or isinstance(x, QTensor):
+        raise NotImplementedError("mm with a quantized weight is only supported as x @ w.t() (linear)")
+    return quantized_linear(x, wt.weight, bias)
+
+
+class TransposedQTensor(torch.Tensor):
+    """``w.t()`` of a quantized weight: only good for the ``mm``/``addmm`` of a decomposed linear."""
+
+    @staticmethod
+    def __new__(cls, weight: QTensor):
+        shape = (weight.shape[1], weight.shape[0])
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=weight.dtype, device=weight.device)
+
+    def __init__(self, weight: QTensor):
+        self.weight = weight
+
+    def __tensor_flatten__(self):
+        return ["weight"], None
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner_tensors, ctx, outer_size, outer_stride):
+        return cls(inner_tensors["weight"])
+
+    def __repr__(self):
+        return f"TransposedQTensor({self.weight!r})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten.mm.default:
+            return _mm_like(args[0], args[1], None)
+        if func is aten.addmm.default:
+            return _mm_like(args[1], args[2], args[0])
+        if func is aten.t.default:
+            return args[0].weight
+        if func in (aten.detach.default, aten.alias.default):
+            return cls(args[0].weight)
+        raise NotImplementedError(f"{func} on a transposed {type(args[0].weight).__name__} is not supported")

@@ -1,0 +1,40 @@
+"""Float8Tensor: e4m3 weight with per-row scales and dynamic per-token e4m3 activations."""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.ops import reference as ref
+from lowbit.ops.backend import resolve
+from lowbit.qtensor.base import QTensor
+
+
+class Float8Tensor(QTensor):
+    """Fields: ``qdata`` float8_e4m3fn [N, K]; ``scale`` fp32 [N].
+
+    The fast path is the Triton kernel on CUDA sm_89+; elsewhere the reference
+    (exact products, float64 accumulation) runs.
+    """
+
+    tensor_fields = ("qdata", "scale")
+    attr_fields = ()
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> Float8Tensor:
+        if w.ndim != 2:
+            raise ValueError(f"Float8Tensor needs a 2-D weight, got shape {tuple(w.shape)}")
+        scale = ref.fp8_choose_qparams(w)
+        return cls(ref.fp8_quantize(w, scale), scale, shape=w.shape, dtype=w.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return ref.fp8_dequantize(self.qdata, self.scale, dtype or self.dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if resolve(x.device) == "triton":
+            from lowbit.ops.triton import fp8 as triton_fp8
+
+            return triton_fp8.fp8_dyn_mm(x, self.qdata, self.scale)
+        return ref.fp8_dynamic_linear(x, self.qdata, self.scale)
+
+    def slice_cols(self, start: int, end: int) -> QTensor:
+        return Float8Tensor(self.qdata[:, start:end], self.scale, shape=(self.shape[0], end - start), dtype=self.dtype)

@@ -1,0 +1,124 @@
+"""Int4Tensor: int4 weight-only, group-wise asymmetric along K (W4A16)."""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.ops import cpu
+from lowbit.ops import reference as ref
+from lowbit.ops.backend import resolve
+from lowbit.qtensor.base import QTensor
+
+
+class Int4Tensor(QTensor):
+    """Two 4-bit codes per byte, one (scale, zero) pair per group of K.
+
+    Fields: ``qdata`` uint8 [N, K // 2]; ``scale``, ``zero`` [N, K // group_size]
+    in the weight's dtype. ``packing`` names the byte order of ``qdata``:
+    ``"plain"`` (the reference layout, used on CUDA and in checkpoints) or one
+    of ``lowbit.ops.cpu.INT4_CPU_LAYOUTS`` (what the CPU kernel reads on this
+    machine; chosen automatically for CPU weights).
+    """
+
+    tensor_fields = ("qdata", "scale", "zero")
+    attr_fields = ("group_size", "packing")
+
+    def __init__(self, qdata, scale, zero, *, shape, dtype, group_size: int, packing: str):
+        if packing != "plain" and not cpu.is_interleaved(scale, zero):
+            # the CPU kernel reads (scale, zero) interleaved as [G, N, 2]: keep them so
+            scale, zero = cpu.interleave_scale_zero(scale, zero)
+        super().__init__(qdata, scale, zero, shape=shape, dtype=dtype, group_size=group_size, packing=packing)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, group_size: int = 128, packing: str = "auto") -> Int4Tensor:
+        if w.ndim != 2:
+            raise ValueError(f"Int4Tensor needs a 2-D weight, got shape {tuple(w.shape)}")
+        if group_size not in ref.INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {ref.INT4_GROUP_SIZES}, got {group_size}")
+        n, k = w.shape
+        if k % group_size:
+            raise ValueError(f"int4 group_size {group_size} does not divide in_features K={k}")
+        scale, zero = ref.int4_choose_qparams(w, group_size, w.dtype)
+        q = ref.int4_quantize(w, scale, zero, group_size)
+        plain = cls(ref.int4_pack(q), scale, zero, shape=w.shape, dtype=w.dtype, group_size=group_size, packing="plain")
+        return plain.repack(_best_packing(plain.device, n, k, group_size) if packing == "auto" else packing)
+
+    # ------------------------------------------------------------------ packing
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes [N, K] in [0, 15], whatever the packing."""
+        if self.packing == "plain":
+            return ref.int4_unpack(self.qdata)
+        return cpu.int4_cpu_unpack(self.qdata, self.packing)
+
+    def repack(self, packing: str) -> Int4Tensor:
+        if packing == self.packing:
+            return self
+        if packing != "plain" and packing not in cpu.INT4_CPU_LAYOUTS:
+            raise ValueError(
+                f"unknown int4 packing {packing!r}; expected 'plain' or one of {list(cpu.INT4_CPU_LAYOUTS)}"
+            )
+        q = self.codes()
+        qdata = ref.int4_pack(q) if packing == "plain" else cpu.int4_cpu_pack(q, packing)
+        return Int4Tensor(
+            qdata,
+            self.scale,
+            self.zero,
+            shape=self.shape,
+            dtype=self.dtype,
+            group_size=self.group_size,
+            packing=packing,
+        )
+
+    def to_device(self, device) -> Int4Tensor:
+        plain = self.repack("plain")
+        moved = plain._rebuild(lambda t: t.to(device))
+        return moved.repack(_best_packing(moved.device, *self.shape, self.group_size))
+
+    def convert_like(self, other: QTensor) -> Int4Tensor:
+        return other.to_device(self.device).repack(self.packing)
+
+    # ------------------------------------------------------------------ numerics
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        plain = ref.int4_pack(self.codes()) if self.packing != "plain" else self.qdata
+        return ref.int4_dequantize(plain, self.scale, self.zero, self.group_size, dtype or self.dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        backend = resolve(x.device)
+        if backend == "cpu" and self.packing != "plain" and self.packing == cpu.int4_cpu_layout():
+            return cpu.int4_mm(x, self.qdata, self.scale, self.zero, self.group_size)
+        if backend == "triton":
+            from lowbit.ops.triton import int4 as triton_int4
+
+            w = self.repack("plain")
+            return triton_int4.int4_mm(x, w.qdata, w.scale, w.zero, self.group_size)
+        return ref.int4_linear(x, self.repack("plain").qdata, self.scale, self.zero, self.group_size)
+
+    # ------------------------------------------------------------------ slicing
+    def slice_rows(self, start: int, end: int) -> Int4Tensor:
+        plain = self.repack("plain")
+        out = QTensor.slice_rows(plain, start, end)
+        return out.repack(_best_packing(out.device, end - start, self.shape[1], self.group_size))
+
+    def slice_cols(self, start: int, end: int) -> Int4Tensor:
+        g = self.group_size
+        if start % g or (end % g and end != self.shape[1]) or (end - start) % g:
+            raise NotImplementedError(
+                f"Int4Tensor: columns [{start}, {end}) do not fall on group boundaries (group_size={g})"
+            )
+        plain = self.repack("plain")
+        out = Int4Tensor(
+            plain.qdata[:, start // 2 : end // 2],
+            self.scale[:, start // g : end // g],
+            self.zero[:, start // g : end // g],
+            shape=(self.shape[0], end - start),
+            dtype=self.dtype,
+            group_size=g,
+            packing="plain",
+        )
+        return out.repack(_best_packing(out.device, *out.shape, g))
+
+
+def _best_packing(device: torch.device, n: int, k: int, group_size: int) -> str:
+    if device.type == "cpu" and cpu.int4_cpu_supported(n, k, group_size):
+        return cpu.int4_cpu_layout()
+    return "plain"

@@ -1,0 +1,61 @@
+"""Int8 weights: weight-only (W8A16) and with dynamic int8 activations (W8A8)."""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.ops import cpu
+from lowbit.ops import reference as ref
+from lowbit.ops.backend import resolve
+from lowbit.qtensor.base import QTensor
+
+
+class Int8Tensor(QTensor):
+    """Symmetric per-output-channel int8 weight (W8A16).
+
+    Fields: ``qdata`` int8 [N, K]; ``scale`` [N] in the weight's dtype.
+    """
+
+    tensor_fields = ("qdata", "scale")
+    attr_fields = ()
+    scale_dtype: torch.dtype | None = None  # None: the weight's dtype
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> Int8Tensor:
+        if w.ndim != 2:
+            raise ValueError(f"{cls.__name__} needs a 2-D weight, got shape {tuple(w.shape)}")
+        scale = ref.int8_choose_qparams(w, cls.scale_dtype or w.dtype)
+        return cls(ref.int8_quantize(w, scale), scale, shape=w.shape, dtype=w.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return ref.int8_dequantize(self.qdata, self.scale, dtype or self.dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        backend = resolve(x.device)
+        if backend == "cpu":
+            return cpu.int8_mm(x, self.qdata, self.scale)
+        if backend == "triton":
+            from lowbit.ops.triton import int8 as triton_int8
+
+            return triton_int8.int8_mm(x, self.qdata, self.scale)
+        return ref.int8_weight_only_linear(x, self.qdata, self.scale)
+
+    def slice_cols(self, start: int, end: int) -> QTensor:
+        return type(self)(self.qdata[:, start:end], self.scale, shape=(self.shape[0], end - start), dtype=self.dtype)
+
+
+class Int8DynActTensor(Int8Tensor):
+    """W8A8: the int8 weight of ``Int8Tensor`` (fp32 scale [N]); activations are
+    quantized per token at run time and multiplied in int8 with int32 accumulation."""
+
+    scale_dtype = torch.float32
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        backend = resolve(x.device)
+        if backend == "cpu":
+            return cpu.int8_dyn_mm(x, self.qdata, self.scale)
+        if backend == "triton":
+            from lowbit.ops.triton import int8 as triton_int8
+
+            return triton_int8.int8_dyn_mm(x, self.qdata, self.scale)
+        return ref.int8_dynamic_linear(x, self.qdata, self.scale)

@@ -1,0 +1,112 @@
+"""quantize_: swap the weights of selected nn.Linear modules for quantized tensors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit import config as C
+from lowbit.qtensor import Float8Tensor, Int4Tensor, Int8DynActTensor, Int8Tensor, QTensor
+
+log = logging.getLogger("lowbit")
+
+# config type -> function(weight, config) -> quantized tensor. Other modules
+# (qat.py) add their own config types with ``register_handler``.
+_HANDLERS: dict[type, Callable] = {
+    C.Int4WeightOnlyConfig: lambda w, c: Int4Tensor.from_float(w, group_size=c.group_size),
+    C.Int8WeightOnlyConfig: lambda w, c: Int8Tensor.from_float(w),
+    C.Int8DynamicActivationInt8WeightConfig: lambda w, c: Int8DynActTensor.from_float(w),
+    C.Float8DynamicActivationFloat8WeightConfig: lambda w, c: Float8Tensor.from_float(w),
+}
+
+# handlers that replace the whole module instead of its weight (QAT prepare)
+_MODULE_HANDLERS: dict[type, Callable] = {}
+
+
+def register_handler(config_type: type, fn: Callable, *, module: bool = False) -> None:
+    (_MODULE_HANDLERS if module else _HANDLERS)[config_type] = fn
+
+
+@dataclass
+class QuantizeReport:
+    """What quantize_ did: fully qualified names of quantized and skipped layers."""
+
+    config: object
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # fqn -> reason
+
+    def __str__(self):
+        lines = [
+            f"lowbit {getattr(self.config, 'name', self.config)}: {len(self.quantized)} quantized, {len(self.skipped)} skipped"
+        ]
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _skip_reason(mod: nn.Linear, config) -> str | None:
+    w = mod.weight
+    if isinstance(w, QTensor):
+        return f"already quantized ({type(w).__name__})"
+    if not w.dtype.is_floating_point:
+        return f"weight dtype {w.dtype} is not floating point"
+    if isinstance(config, C.Int4WeightOnlyConfig) and mod.in_features % config.group_size:
+        return f"in_features={mod.in_features} is not a multiple of group_size={config.group_size}"
+    return None
+
+
+def check_finite(w: torch.Tensor, fqn: str) -> None:
+    if w.device.type == "meta":
+        return
+    bad = (~torch.isfinite(w)).sum().item()
+    if bad:
+        raise ValueError(f"layer {fqn!r}: weight has {bad} NaN/Inf values of {w.numel()}; cannot quantize")
+
+
+def quantize_(
+    model: nn.Module,
+    config,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    *,
+    progress: bool | None = None,
+) -> nn.Module:
+    """Quantize, in place, the weights of ``model``'s ``nn.Linear`` layers selected by ``filter_fn``.
+
+    ``filter_fn(module, fqn)`` defaults to every ``nn.Linear``. Layers that the
+    scheme cannot represent are skipped, logged and listed with the reason in
+    ``model.lowbit_report`` (a ``QuantizeReport``). A weight holding NaN/Inf
+    raises ``ValueError``. Returns ``model``.
+    """
+    handler = _HANDLERS.get(type(config))
+    module_handler = _MODULE_HANDLERS.get(type(config))
+    if handler is None and module_handler is None:
+        known = ", ".join(t.__name__ for t in (*_HANDLERS, *_MODULE_HANDLERS))
+        raise TypeError(f"quantize_: unknown config {config!r}; expected one of {known}")
+    filter_fn = filter_fn or (lambda mod, fqn: isinstance(mod, nn.Linear))
+    targets = [(fqn, mod) for fqn, mod in model.named_modules() if filter_fn(mod, fqn)]
+    report = QuantizeReport(config)
+    show = progress if progress is not None else len(targets) >= 64
+    for fqn, mod in tqdm(targets, desc="lowbit quantize", disable=not show, unit="layer"):
+        if module_handler is not None:
+            module_handler(model, fqn, mod, config, report)
+            continue
+        if not isinstance(mod, nn.Linear):
+            report.skipped[fqn] = f"{type(mod).__name__} is not an nn.Linear"
+            continue
+        reason = _skip_reason(mod, config)
+        if reason is not None:
+            report.skipped[fqn] = reason
+            continue
+        check_finite(mod.weight.detach(), fqn)
+        with torch.no_grad():
+            qweight = handler(mod.weight.detach(), config)
+        mod.weight = nn.Parameter(qweight, requires_grad=False)
+        report.quantized.append(fqn)
+    for fqn, why in report.skipped.items():
+        log.warning("lowbit: skipped %s: %s", fqn or "<root>", why)
+    model.lowbit_report = report
+    return model
