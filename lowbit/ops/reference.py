@@ -12,7 +12,7 @@ A linear weight ``w`` has shape ``[N, K]`` (out_features, in_features) and
 int4 weight-only (``Int4Tensor``), group-wise asymmetric along K::
 
     groups of ``group_size`` consecutive values of a row share (scale, zero)
-    scale = max((max - min) / 15, SCALE_EPS)        computed in fp32, stored in qparam dtype
+    scale = max((max - min) / 15, SCALE_EPS)        in fp32, stored in the qparam dtype rounding up
     zero  = min + 8 * scale                          the value that q = 8 decodes to
     q     = clamp(round((w - zero) / scale) + 8, 0, 15)   using the *stored* scale/zero
     w_hat = (q - 8) * scale + zero                  in fp32, then cast to the compute dtype
@@ -20,7 +20,7 @@ int4 weight-only (``Int4Tensor``), group-wise asymmetric along K::
 
 int8 weight-only (``Int8Tensor``), symmetric per output channel::
 
-    scale = max(amax(|w[n, :]|) / 127, SCALE_EPS)
+    scale = max(amax(|w[n, :]|) / 127, SCALE_EPS)   stored rounding up
     q     = clamp(round(w / scale), -127, 127)      int8, shape [N, K]
     w_hat = q * scale
 
@@ -48,6 +48,18 @@ FP8_MAX = 448.0
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (fp32) cast to ``dtype`` never below its fp32 value.
+
+    A stored scale that rounded down would push the extreme values of a group
+    out of the code range (clamping error beyond half a step); rounding up costs
+    at most one ulp of step size.
+    """
+    info = torch.finfo(dtype)
+    bumped = x * (1.0 + 2.0 * info.eps) + info.smallest_normal * info.eps
+    return torch.where(x.to(dtype).float() >= x, x, bumped).to(dtype)
+
+
 # --------------------------------------------------------------------------- int4
 def int4_choose_qparams(w: torch.Tensor, group_size: int, qparam_dtype: torch.dtype):
     """Per-group (scale, zero) of ``w`` [N, K]; both [N, K // group_size]."""
@@ -55,7 +67,7 @@ def int4_choose_qparams(w: torch.Tensor, group_size: int, qparam_dtype: torch.dt
     wg = w.float().reshape(n, k // group_size, group_size)
     lo = wg.amin(dim=-1)
     hi = wg.amax(dim=-1)
-    scale = ((hi - lo) / 15.0).clamp_min(SCALE_EPS).to(qparam_dtype)
+    scale = _round_up(((hi - lo) / 15.0).clamp_min(SCALE_EPS), qparam_dtype)
     zero = (lo + 8.0 * scale.float()).to(qparam_dtype)
     return scale, zero
 
@@ -97,7 +109,7 @@ def int4_linear(x, qdata, scale, zero, group_size: int, bias=None):
 def int8_choose_qparams(w: torch.Tensor, qparam_dtype: torch.dtype) -> torch.Tensor:
     """Symmetric scale per row of ``w`` [N, K] (or per token of an activation)."""
     amax = w.float().abs().amax(dim=-1)
-    return (amax / 127.0).clamp_min(SCALE_EPS).to(qparam_dtype)
+    return _round_up((amax / 127.0).clamp_min(SCALE_EPS), qparam_dtype)
 
 
 def int8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -287,7 +287,8 @@ def _(func, types, args, kwargs):
 
 @QTensor.implements(aten.slice.Tensor)
 def _(func, types, args, kwargs):
-    self, dim, start, end, step = (list(args) + [0, None, None, 1])[:5]
+    defaults = (None, 0, None, None, 1)
+    self, dim, start, end, step = list(args) + list(defaults[len(args) :])
     dim = dim % 2
     n = self.shape[dim]
     start = 0 if start is None else max(0, min(n, start + n if start < 0 else start))
@@ -375,7 +376,7 @@ class TransposedQTensor(torch.Tensor):
         if func is aten.addmm.default:
             return _mm_like(args[1], args[2], args[0])
         if func is aten.t.default:
-            return args[0].weight
+            return args[0].weight._rebuild(lambda t: t)
         if func in (aten.detach.default, aten.alias.default):
             return cls(args[0].weight)
         raise NotImplementedError(f"{func} on a transposed {type(args[0].weight).__name__} is not supported")

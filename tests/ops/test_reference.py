@@ -1,0 +1,94 @@
+"""Properties of the reference spec itself, checked against float64 math."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lowbit.ops import reference as ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@st.composite
+def weights(draw, k_multiple=1):
+    n = draw(st.integers(1, 40))
+    k = draw(st.integers(1, 8)) * k_multiple
+    dtype = draw(st.sampled_from(DTYPES))
+    std = draw(st.sampled_from([1e-3, 0.02, 1.0, 30.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * std).to(dtype)
+    return w
+
+
+@given(q=st.integers(1, 30).flatmap(lambda n: st.integers(1, 30).map(lambda k: (n, 2 * k))), seed=st.integers(0, 1000))
+def test_int4_pack_unpack_round_trip(q, seed):
+    codes = torch.randint(0, 16, q, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    packed = ref.int4_pack(codes)
+    assert packed.shape == (q[0], q[1] // 2) and packed.dtype == torch.uint8
+    assert torch.equal(ref.int4_unpack(packed), codes)
+    # the documented byte order: even k in the low nibble
+    assert torch.equal(packed & 0xF, codes[:, 0::2]) and torch.equal(packed >> 4, codes[:, 1::2])
+
+
+@given(w=weights(k_multiple=32), gs=st.sampled_from([32]))
+def test_int4_error_within_half_step(w, gs):
+    scale, zero = ref.int4_choose_qparams(w, gs, w.dtype)
+    q = ref.int4_quantize(w, scale, zero, gs)
+    assert int(q.min()) >= 0 and int(q.max()) <= 15
+    deq = ref.int4_dequantize(ref.int4_pack(q), scale, zero, gs, torch.float64).double()
+    n, k = w.shape
+    s = scale.double().repeat_interleave(gs, dim=1)
+    z = zero.double().repeat_interleave(gs, dim=1)
+    err = (deq - w.double()).abs()
+    info = torch.finfo(scale.dtype)
+    # half a step, plus the rounding of the stored zero to the qparam dtype
+    bound = 0.5 * s * (1 + 1e-6) + info.eps * z.abs() + info.smallest_normal * info.eps
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+@given(w=weights())
+def test_int8_error_within_half_step(w):
+    scale = ref.int8_choose_qparams(w, w.dtype)
+    q = ref.int8_quantize(w, scale)
+    deq = ref.int8_dequantize(q, scale, torch.float64)
+    s = scale.double().unsqueeze(1)
+    bound = 0.5 * s * (1 + 1e-6)
+    assert bool(((deq - w.double()).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_group_dequantizes_to_exact_zero(dtype):
+    w = torch.randn(4, 256).to(dtype)
+    w[1, :128] = 0
+    w[2] = 0
+    scale, zero = ref.int4_choose_qparams(w, 128, dtype)
+    deq = ref.int4_dequantize(ref.int4_pack(ref.int4_quantize(w, scale, zero, 128)), scale, zero, 128, dtype)
+    assert torch.isfinite(deq).all()
+    assert torch.equal(deq[1, :128], torch.zeros(128, dtype=dtype))
+    assert torch.equal(deq[2], torch.zeros(256, dtype=dtype))
+    s8 = ref.int8_choose_qparams(w, dtype)
+    assert torch.equal(ref.int8_dequantize(ref.int8_quantize(w, s8), s8, dtype)[2], torch.zeros(256, dtype=dtype))
+
+
+def test_w8a8_reference_is_exact_integer_math():
+    x = torch.randn(5, 300)
+    w = torch.randn(7, 300)
+    ws = ref.int8_choose_qparams(w, torch.float32)
+    wq = ref.int8_quantize(w, ws)
+    xq, xs = ref.int8_quantize_rows(x)
+    exact = (xq.long() @ wq.long().T).double() * xs.double()[:, None] * ws.double()
+    assert torch.allclose(ref.int8_dynamic_linear(x, wq, ws).double(), exact, rtol=1e-6, atol=0)
+
+
+def test_sqnr_of_normal_weights_matches_design():
+    # DESIGN.md: on N(0, 0.02) weights int4 g128 ~ 20 dB, int8 ~ 40 dB (weights themselves)
+    w = torch.randn(512, 1024) * 0.02
+    s, z = ref.int4_choose_qparams(w, 128, torch.float32)
+    w4 = ref.int4_dequantize(ref.int4_pack(ref.int4_quantize(w, s, z, 128)), s, z, 128, torch.float32)
+    s8 = ref.int8_choose_qparams(w, torch.float32)
+    w8 = ref.int8_dequantize(ref.int8_quantize(w, s8), s8, torch.float32)
+    # measured here: int4 20.3 dB, int8 42.1 dB
+    assert 19.5 < ref.sqnr(w, w4) < 21.0
+    assert 41.5 < ref.sqnr(w, w8) < 43.0
