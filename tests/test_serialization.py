@@ -128,3 +128,13 @@ def test_unsupported_op_names_op_and_class():
     w = make_model("int4")[0].weight
     with pytest.raises(NotImplementedError, match=r"Int4Tensor.*aten\.(mul|add)"):
         w * 2
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_full_precision_state_dict_into_quantized_model_quantizes_it(name):
+    torch.manual_seed(3)
+    fp = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32)).to(torch.bfloat16)
+    want = lowbit.quantize_(__import__("copy").deepcopy(fp), CONFIGS[name])
+    target = make_model(name, seed=4)
+    target.load_state_dict(fp.state_dict())
+    assert torch.equal(run(target), run(want))

@@ -110,6 +110,10 @@ class QTensor(torch.Tensor):
         """Move every field; formats with device-specific packing override this."""
         return self._rebuild(lambda t: t.to(device))
 
+    def quantize_like(self, w: torch.Tensor) -> QTensor:
+        """Quantize a full-precision ``w`` into this tensor's format and attributes."""
+        return type(self).from_float(w.to(self.device, self.dtype))
+
     def convert_like(self, other: QTensor) -> QTensor:
         """``other`` on this tensor's device and in its packing (for ``copy_``)."""
         return other.to_device(self.device)
@@ -260,6 +264,9 @@ def _(func, types, args, kwargs):
 @QTensor.implements(aten.copy_.default)
 def _(func, types, args, kwargs):
     dst, src = args[0], args[1]
+    if not isinstance(src, QTensor) and src.shape == dst.shape and src.dtype.is_floating_point:
+        # loading a full-precision checkpoint into a quantized model quantizes it the same way
+        src = dst.quantize_like(src)
     if type(src) is type(dst) and src.shape == dst.shape:
         src = dst.convert_like(src)
     if type(src) is not type(dst) or src._attrs() != dst._attrs() or src.shape != dst.shape:

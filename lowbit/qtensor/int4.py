@@ -74,6 +74,9 @@ class Int4Tensor(QTensor):
         moved = plain._rebuild(lambda t: t.to(device))
         return moved.repack(_best_packing(moved.device, *self.shape, self.group_size))
 
+    def quantize_like(self, w: torch.Tensor) -> Int4Tensor:
+        return Int4Tensor.from_float(w.to(self.device, self.dtype), group_size=self.group_size, packing=self.packing)
+
     def convert_like(self, other: QTensor) -> Int4Tensor:
         return other.to_device(self.device).repack(self.packing)
 
@@ -95,6 +98,8 @@ class Int4Tensor(QTensor):
 
     # ------------------------------------------------------------------ slicing
     def slice_rows(self, start: int, end: int) -> Int4Tensor:
+        if self.packing == "plain":  # a view, as for a plain tensor (FSDP writes shards through narrow().copy_())
+            return QTensor.slice_rows(self, start, end)
         plain = self.repack("plain")
         out = QTensor.slice_rows(plain, start, end)
         return out.repack(_best_packing(out.device, end - start, self.shape[1], self.group_size))
