@@ -92,3 +92,14 @@ def test_sqnr_of_normal_weights_matches_design():
     # measured here: int4 20.3 dB, int8 42.1 dB
     assert 19.5 < ref.sqnr(w, w4) < 21.0
     assert 41.5 < ref.sqnr(w, w8) < 43.0
+
+
+@given(w=weights())
+def test_fp8_error_within_half_ulp_of_e4m3(w):
+    scale = ref.fp8_choose_qparams(w)
+    deq = ref.fp8_dequantize(ref.fp8_quantize(w, scale), scale, torch.float64)
+    s = scale.double().unsqueeze(1)
+    x = w.double() / s  # the value e4m3 rounds, |x| <= 448
+    # e4m3: 3 mantissa bits -> half-ulp 2**-4 relative for normals; subnormal step 2**-9
+    bound = (x.abs() * 2.0**-4 + 2.0**-10) * s * (1 + 1e-6)
+    assert bool(((deq - w.double()).abs() <= bound).all())

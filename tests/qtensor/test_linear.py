@@ -101,7 +101,8 @@ def test_sqnr_against_unquantized_layer(fmt, wdtype):
     """DESIGN.md targets on N(0, 0.02) weights; thresholds are what we measure here."""
     w = (torch.randn(512, 1024) * 0.02).to(wdtype)
     x = torch.randn(64, 1024).to(wdtype)
-    floor = {"int4": 19.0, "int8": 38.0, "w8a8": 30.0, "fp8": 25.0}[fmt]
+    # measured here (bf16 / fp32): int4 19.9 / 20.1, int8 41.8 / 42.0, w8a8 38.9 / 38.8, fp8 28.7 / 28.7
+    floor = {"int4": 19.5, "int8": 41.0, "w8a8": 38.0, "fp8": 28.0}[fmt]
     qw = make(fmt, w, 128)
     with torch.no_grad():
         got = ref.sqnr(F.linear(x.float(), w.float()), F.linear(x, qw).float())
