@@ -1,5 +1,6 @@
 """lowbit: low-bit quantized weights for PyTorch models."""
 
+from lowbit import distributed  # noqa: F401  (FSDP2 hooks on the QTensor classes)
 from lowbit.config import (
     Float8DynamicActivationFloat8WeightConfig,
     Int4WeightOnlyConfig,

@@ -1,0 +1,257 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) over lowbit weights.
+
+A quantized weight is sharded along its output dimension N, and every field
+(int4: ``qdata``, ``scale``, ``zero``) is row-major in N, so a shard of rows
+is a shard of each field and FSDP all-gathers the packed bytes, never a
+dequantized weight. What FSDP2 calls on a parameter, and what this module adds
+to the ``QTensor`` op tables for it (the rest, ``split``/``slice``/``copy_``/
+``detach``, is in ``lowbit/qtensor/base.py``):
+
+* at ``fully_shard``: ``torch.chunk`` (-> ``split``), ``new_zeros`` for the
+  padded shard, ``narrow(...).copy_(chunk)`` into it, ``view(-1)``;
+* per all-gather: ``fsdp_pre_all_gather`` (shard -> plain field tensors),
+  ``fsdp_post_all_gather`` (gathered fields -> full weight, built once and
+  refilled in place afterwards), then ``as_strided`` to the full shape.
+
+Packing: int4 shards are always ``packing="plain"`` (``new_zeros`` makes them
+so). The CPU kernel layouts are blocked over 32/64 rows, so a row shard of
+them is not a view, and FSDP writes the shard through a view. Under FSDP the
+int4 forward therefore runs the plain-layout path (Triton on CUDA, the
+reference on CPU).
+
+N not divisible by the world size: FSDP pads every shard to ``P = ceil(N /
+world)`` rows and requires the all-gather inputs of a padded shard to have the
+weight's padded shape ``[P, K]``. Such layers send each row's packed bytes as
+one row of a ``[P, K]`` tensor of the smallest integer type that holds them
+(int4: uint8, ~2x the packed bytes, still half of bf16; int8/fp8: 2 bytes per
+element, the bf16 size) and unpack after the gather. Evenly divisible layers send exactly
+``nbytes_packed``.
+
+Checkpoints: ``checkpoint_state_dict(model)`` gives ``torch.distributed.checkpoint``
+plain DTensors (one per field) that alias the sharded weights, so
+``dcp.save``/``dcp.load`` write and read them in place, with resharding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.qtensor import QTENSOR_CLASSES, QTensor
+
+aten = torch.ops.aten
+
+# Transport dtype for a row of packed bytes, by bytes per element (see the module docstring).
+# Collectives copy bits, so float16 carries 2-byte words: gloo has no int16.
+_ROW_DTYPES = {1: torch.uint8, 2: torch.float16, 4: torch.int32, 8: torch.int64}
+
+
+def _classes() -> list[type[QTensor]]:
+    # Op tables are copied per class when the class is created, so a handler
+    # registered on QTensor now does not reach subclasses that already exist.
+    return [QTensor, *QTENSOR_CLASSES.values()]
+
+
+def _implements(*ops):
+    def register(fn):
+        for cls in _classes():
+            cls.implements(*ops)(fn)
+        return fn
+
+    return register
+
+
+def _plain(w: QTensor) -> QTensor:
+    """``w`` in a packing whose fields are row-major in N (only int4 has others)."""
+    return w.repack("plain") if getattr(w, "packing", "plain") != "plain" else w
+
+
+def _with_fields(like: QTensor, fields, rows: int) -> QTensor:
+    """A ``type(like)`` of ``rows`` x K built on ``fields`` (plain packing, no copy)."""
+    attrs = like._attrs()
+    if "packing" in attrs:
+        attrs["packing"] = "plain"
+    return type(like)(*fields, shape=(rows, like.shape[-1]), dtype=like.dtype, **attrs)
+
+
+# ---------------------------------------------------------------------------- ops FSDP calls
+@_implements(aten.new_zeros.default, aten.new_empty.default)
+def _(func, types, args, kwargs):
+    self, size = args[0], list(args[1])
+    dtype = kwargs.get("dtype")
+    if dtype is not None and dtype != self.dtype:
+        raise TypeError(f"{type(self).__name__}.new_zeros: dtype {dtype} differs from the weight's {self.dtype}")
+    if size == [0]:  # FSDP's stand-in for the empty shard of a rank past the last row (N < world size)
+        return self._rebuild(lambda t: t[:0], shape=(0,))
+    if len(size) != 2 or size[1] != self.shape[1]:
+        raise NotImplementedError(
+            f"{type(self).__name__}.new_zeros{tuple(size)}: only [rows, {self.shape[1]}] (a shard along N)"
+        )
+    device = kwargs.get("device") or self.device
+    # all-zero codes, scales and zeros dequantize to exact zeros: safe padding rows
+    fields = [torch.zeros((size[0], *t.shape[1:]), dtype=t.dtype, device=device) for t in _plain(self)._tensors()]
+    return _with_fields(self, fields, size[0])
+
+
+_base_view = QTensor._aten_table[aten.view.default]
+
+
+@_implements(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+def _(func, types, args, kwargs):
+    self, shape = args[0], list(args[1])
+    if self.ndim == 2 and shape in ([-1], [self.numel()]):
+        # FSDP keeps ``padded_shard.view(-1)`` as bookkeeping only; keep the fields, flatten the shape.
+        return self._rebuild(lambda t: t, shape=(self.numel(),))
+    return _base_view(func, types, args, kwargs)
+
+
+@_implements(aten.as_strided.default)
+def _(func, types, args, kwargs):
+    self, size, stride = args[0], list(args[1]), list(args[2])
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset") or 0
+    rows = size[0] if len(size) == 2 else -1
+    contiguous = len(size) == 2 and list(stride) == [size[1], 1]
+    if not (contiguous and offset == 0 and size[1] == self.shape[1] and 0 <= rows <= self.shape[0]):
+        raise NotImplementedError(
+            f"{type(self).__name__}: as_strided{tuple(size), tuple(stride), offset} is only supported as the "
+            f"first rows of the weight (shape {tuple(self.shape)})"
+        )
+    if getattr(self, "packing", "plain") != "plain":
+        raise NotImplementedError(f"{type(self).__name__}: as_strided needs packing='plain', not {self.packing!r}")
+    return _with_fields(self, [t[:rows] for t in self._tensors()], rows)
+
+
+# ---------------------------------------------------------------------------- all-gather hooks
+def fsdp_pre_all_gather(self: QTensor, mesh, outer_size, outer_stride, module: nn.Module, mp_policy):
+    """This rank's shard as the plain tensors FSDP all-gathers (see the module docstring)."""
+    n, k = outer_size
+    if self.ndim != 2 or self.shape[1] != k:
+        raise NotImplementedError(
+            f"lowbit weights shard along dim 0 (output features) only; got a shard of shape "
+            f"{tuple(self.shape)} of a {tuple(outer_size)} {type(self).__name__} in {type(module).__name__}"
+        )
+    world = mesh.size()
+    fields = [t.contiguous() for t in _plain(self)._tensors()]
+    if n % world == 0:
+        return tuple(fields), ("fields", n)
+    padded = -(-n // world)
+    return (_pack_rows(fields, padded, k),), ("rows", n)
+
+
+def fsdp_post_all_gather(self: QTensor, outputs, metadata, param_dtype, *, out: QTensor | None = None):
+    """The full weight on the gathered fields; with ``out``, refill the weight built on the first call.
+
+    ``param_dtype`` (mixed precision) is ignored: packed fields have no other dtype to gather in.
+    """
+    kind, n = metadata
+    if kind == "fields":
+        fields = list(outputs)
+    else:
+        fields = _unpack_rows(outputs[0][:n], self._tensors())
+    if out is not None:
+        for dst, src in zip(out._tensors(), fields):
+            if kind == "rows":
+                dst.copy_(src)
+            elif dst.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():
+                raise AssertionError(
+                    f"{type(self).__name__}: FSDP's unsharded weight no longer aliases its all-gather output"
+                )
+        return None
+    return _with_fields(self, fields, fields[0].shape[0]), tuple(fields)
+
+
+def _row_bytes(fields) -> list[torch.Tensor]:
+    return [t.reshape(t.shape[0], math.prod(t.shape[1:])).view(torch.uint8) for t in fields]
+
+
+def _pack_rows(fields, padded: int, k: int) -> torch.Tensor:
+    rows = torch.cat(_row_bytes(fields), dim=1)
+    width = rows.shape[1]
+    size = next((s for s in _ROW_DTYPES if s * k >= width), None)
+    if size is None:
+        raise NotImplementedError(f"a packed row of {width} bytes does not fit a [rows, {k}] all-gather input")
+    buf = rows.new_zeros(padded, size * k)
+    buf[: rows.shape[0], :width] = rows
+    return buf.view(_ROW_DTYPES[size])
+
+
+def _unpack_rows(buf: torch.Tensor, like) -> list[torch.Tensor]:
+    n, raw = buf.shape[0], buf.view(torch.uint8)
+    fields, start = [], 0
+    for t in like:
+        width = math.prod(t.shape[1:]) * t.element_size()
+        f = raw[:, start : start + width].contiguous().view(t.dtype)
+        fields.append(f.reshape(n, *t.shape[1:]))
+        start += width
+    return fields
+
+
+for _cls in _classes():
+    _cls.fsdp_pre_all_gather = fsdp_pre_all_gather
+    _cls.fsdp_post_all_gather = fsdp_post_all_gather
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def checkpoint_state_dict(model: nn.Module) -> dict[str, Any]:
+    """``model.state_dict()`` ready for ``torch.distributed.checkpoint``.
+
+    Each quantized weight ``<fqn>`` becomes its fields ``<fqn>.qdata``,
+    ``<fqn>.scale``, ... as plain tensors (DTensors sharded like the weight
+    under ``fully_shard``). They alias the weight, so ``dcp.load`` into this
+    dict loads the model in place; the attributes (group size) come from the
+    model, and a field whose shape differs in the checkpoint is an error in
+    ``dcp.load``. Call it on a model quantized with the same config.
+    """
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, Any] = {}
+    for name, value in model.state_dict().items():
+        local = value._local_tensor if isinstance(value, DTensor) else value
+        if not isinstance(local, QTensor):
+            out[name] = value
+            continue
+        plain = _plain(local)
+        if plain is not local and isinstance(value, DTensor):
+            raise ValueError(f"{name}: a sharded weight in packing {local.packing!r}; FSDP shards are plain")
+        for field, t in zip(local.tensor_fields, plain._tensors()):
+            if isinstance(value, DTensor):
+                shape = (value.shape[0], *t.shape[1:])
+                t = DTensor.from_local(
+                    t, value.device_mesh, value.placements, run_check=False, shape=shape, stride=_contiguous(shape)
+                )
+            out[f"{name}.{field}"] = t
+    return out
+
+
+def load_checkpoint_state_dict(model: nn.Module, state_dict: dict[str, Any]) -> None:
+    """Copy a ``checkpoint_state_dict`` (e.g. filled by ``dcp.load``) into ``model``.
+
+    Only needed for weights the dict does not alias: unsharded int4 weights in a
+    CPU packing. Sharded models are loaded by ``dcp.load`` itself.
+    """
+    from torch.distributed.tensor import DTensor
+
+    for name, value in model.state_dict().items():
+        local = value._local_tensor if isinstance(value, DTensor) else value
+        if not isinstance(local, QTensor) or _plain(local) is local:
+            continue
+        fields = []
+        for field in local.tensor_fields:
+            t = state_dict[f"{name}.{field}"]
+            fields.append(t.full_tensor() if isinstance(t, DTensor) else t)
+        with torch.no_grad():
+            local.copy_(_with_fields(local, fields, fields[0].shape[0]))
+
+
+def _contiguous(shape) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
+__all__ = ["checkpoint_state_dict", "load_checkpoint_state_dict", "fsdp_pre_all_gather", "fsdp_post_all_gather"]
