@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.qtensor import QTENSOR_CLASSES, QTensor
+from lowbit.qtensor import QTensor
 
 aten = torch.ops.aten
 
@@ -49,19 +49,8 @@ aten = torch.ops.aten
 _ROW_DTYPES = {1: torch.uint8, 2: torch.float16, 4: torch.int32, 8: torch.int64}
 
 
-def _classes() -> list[type[QTensor]]:
-    # Op tables are copied per class when the class is created, so a handler
-    # registered on QTensor now does not reach subclasses that already exist.
-    return [QTensor, *QTENSOR_CLASSES.values()]
-
-
 def _implements(*ops):
-    def register(fn):
-        for cls in _classes():
-            cls.implements(*ops)(fn)
-        return fn
-
-    return register
+    return QTensor.implements(*ops)
 
 
 def _plain(w: QTensor) -> QTensor:
@@ -189,9 +178,8 @@ def _unpack_rows(buf: torch.Tensor, like) -> list[torch.Tensor]:
     return fields
 
 
-for _cls in _classes():
-    _cls.fsdp_pre_all_gather = fsdp_pre_all_gather
-    _cls.fsdp_post_all_gather = fsdp_post_all_gather
+QTensor.fsdp_pre_all_gather = fsdp_pre_all_gather
+QTensor.fsdp_post_all_gather = fsdp_post_all_gather
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -35,9 +35,18 @@ class QTensor(torch.Tensor):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        # each class gets its own copy so registrations on a subclass don't leak upwards
-        cls._aten_table = dict(cls._aten_table)
-        cls._function_table = dict(cls._function_table)
+        # each class owns its registrations; lookups walk the MRO, so a handler
+        # registered on a base later still reaches existing subclasses
+        cls._aten_table = {}
+        cls._function_table = {}
+
+    @classmethod
+    def _lookup(cls, table: str, key):
+        for klass in cls.__mro__:
+            handler = klass.__dict__.get(table, {}).get(key)
+            if handler is not None:
+                return handler
+        return None
 
     @staticmethod
     def __new__(cls, *tensors: torch.Tensor, shape, dtype: torch.dtype, **attrs):
@@ -151,7 +160,7 @@ class QTensor(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        handler = cls._function_table.get(func)
+        handler = cls._lookup("_function_table", func)
         if handler is not None:
             return handler(func, types, args, kwargs)
         with torch._C.DisableTorchFunctionSubclass():
@@ -160,7 +169,7 @@ class QTensor(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        handler = cls._aten_table.get(func)
+        handler = cls._lookup("_aten_table", func)
         if handler is None:
             raise NotImplementedError(
                 f"{cls.__name__} does not support the op {func}; dequantize() first "
