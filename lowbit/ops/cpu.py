@@ -156,12 +156,16 @@ def int8_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.
 def int8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """W8A8: per-token int8 activations, then rescale.
 
-    The int8 codes are exact in bf16, so the product runs through the int8-weight
-    kernel with bf16 operands (fp32 accumulation inside): on CPUs without VNNI it
-    is 10-15x faster than ``torch._int_mm``. The one extra rounding (the
-    weight-scaled product to bf16) costs ~2**-9 relative, far below the
-    activation quantization error.
+    fp32 activations: ``torch._int_mm`` (exact int32 accumulation). bf16/fp16
+    activations: the int8 codes are exact in bf16, so the product runs through
+    the int8-weight kernel with bf16 operands (fp32 accumulation inside); on
+    CPUs without VNNI that is 10-15x faster than ``_int_mm``. Its one extra
+    rounding (the weight-scaled product to bf16) is the size of the final cast
+    to the activation dtype.
     """
     xq, xs = ref.int8_quantize_rows(x)
-    y = aten._weight_int8pack_mm(xq.to(torch.bfloat16), qdata, scale.to(torch.bfloat16))
-    return (y.float() * xs.unsqueeze(-1)).to(x.dtype)
+    if x.dtype == torch.float32:
+        y = torch._int_mm(xq, qdata.t()).float() * scale.float()
+    else:
+        y = aten._weight_int8pack_mm(xq.to(torch.bfloat16), qdata, scale.to(torch.bfloat16)).float()
+    return (y * xs.unsqueeze(-1)).to(x.dtype)

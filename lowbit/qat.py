@@ -1,0 +1,243 @@
+"""Quantization-aware training: fake quantization with a straight-through estimator.
+
+Two steps, both applied with ``quantize_``::
+
+    quantize_(model, QATConfig(int4_weight_only(32), step="prepare"))  # nn.Linear -> FakeQuantLinear
+    ... train ...
+    quantize_(model, QATConfig(int4_weight_only(32), step="convert"))  # FakeQuantLinear -> lowbit weights
+
+``prepare`` turns each selected ``nn.Linear`` into a ``FakeQuantLinear`` (an
+``nn.Linear`` subclass) in place, by swapping its class: the module object, its
+Parameters (an optimizer built before ``prepare`` keeps working), hooks and
+``state_dict`` keys stay the same. Its forward computes what
+the real lowbit layer computes, through the functions of
+``lowbit.ops.reference`` (the spec): the fake-quantized weight equals
+``<Tensor>.from_float(w).dequantize()`` of the real class, and for W8A8 / fp8
+the activations are quantized per token with the real rule and the product is
+taken in fp32 (the real scheme accumulates exactly, then rescales). After
+``convert`` the outputs equal the prepared model's outputs (bit-exact against
+the reference backend for int4 / int8 weight-only, fp32 rounding for W8A8 / fp8).
+
+Gradients (straight-through estimator)
+--------------------------------------
+The quantization parameters (scale, zero) are recomputed from the tensor on
+every forward and treated as constants: no gradient flows through them.
+
+* Weights: ``d w_hat / d w = 1`` everywhere. The range is the weight's own
+  min/max (int4, per group) or absmax (int8, fp8, per row), so every weight is
+  inside it by construction; the clamp of the real quantizer only absorbs the
+  rounding of the stored bf16/fp16 scale and zero, which can push the extreme
+  weights of a group past the last code (for a bf16 group at an offset of 10
+  and a spread of 0.03, most of them). Zeroing the gradient there would freeze
+  exactly the weights that define the range, so weights always pass through.
+* Activations (W8A8, fp8; per token): the gradient is 1 where the clamp is
+  inactive, i.e. where rounding alone picks the code, the bounds included:
+  ``|round(x / scale)| <= 127`` for int8, ``|x / scale| <= 464`` for e4m3
+  (448 plus half its step of 32, where a value still rounds to 448); 0 beyond.
+  With the per-token absmax scale no activation is beyond, so the estimator is
+  the identity in practice; ``fake_quantize_int8`` / ``fake_quantize_fp8``
+  take an explicit scale, where values beyond the bounds do occur.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit import config as C
+from lowbit.ops import reference as ref
+from lowbit.quantize import _HANDLERS, _skip_reason, check_finite, register_handler
+
+STEPS = ("prepare", "convert")
+# |v / scale| beyond which an fp8 value saturates: halfway from 448 to the next e4m3 step (480)
+FP8_CLAMP_LIMIT = ref.FP8_MAX + 16.0
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """``quantize_`` config for quantization-aware training.
+
+    ``step="prepare"`` swaps each selected ``nn.Linear`` for a ``FakeQuantLinear``
+    that trains with the numerics of ``base_config``; ``step="convert"`` swaps
+    each ``FakeQuantLinear`` back for an ``nn.Linear`` with the real lowbit weight.
+    """
+
+    base_config: Any
+    step: str = "prepare"
+
+    def __post_init__(self):
+        if self.step not in STEPS:
+            raise ValueError(f"QATConfig step must be one of {STEPS}, got {self.step!r}")
+        if type(self.base_config) not in _FAKE_WEIGHT:
+            known = ", ".join(t.__name__ for t in _FAKE_WEIGHT)
+            raise TypeError(f"QATConfig: unsupported base_config {self.base_config!r}; expected one of {known}")
+
+    @property
+    def name(self) -> str:
+        return f"qat_{self.step}({self.base_config.name})"
+
+
+# ---------------------------------------------------------------------------- straight-through estimator
+def _straight_through(v: torch.Tensor, v_hat: torch.Tensor, inside: torch.Tensor | None = None) -> torch.Tensor:
+    """``v_hat`` in the forward (exactly: ``v - v.detach()`` is 0); gradient ``inside`` (or 1) w.r.t. ``v``."""
+    delta = v - v.detach()
+    return v_hat + (delta if inside is None else delta * inside)
+
+
+def fake_quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``Int4Tensor.from_float(w, group_size).dequantize(dtype)``; gradient 1 w.r.t. ``w``."""
+    with torch.no_grad():
+        wd = w.detach()
+        scale, zero = ref.int4_choose_qparams(wd, group_size, w.dtype)
+        codes = ref.int4_quantize(wd, scale, zero, group_size)
+        w_hat = ref.int4_dequantize(ref.int4_pack(codes), scale, zero, group_size, dtype or w.dtype)
+    return _straight_through(w, w_hat)
+
+
+def fake_quantize_int8(v: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, mask: bool = True) -> torch.Tensor:
+    """Symmetric int8 per row of ``v`` with ``scale`` [rows], dequantized to ``dtype``.
+
+    Gradient 1 where ``|round(v / scale)| <= 127``, 0 beyond (everywhere 1 if ``mask`` is False).
+    """
+    with torch.no_grad():
+        vd = v.detach()
+        v_hat = ref.int8_dequantize(ref.int8_quantize(vd, scale), scale, dtype)
+        inside = torch.round(vd.float() / scale.float().unsqueeze(-1)).abs() <= 127 if mask else None
+    return _straight_through(v, v_hat, inside)
+
+
+def fake_quantize_fp8(v: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, mask: bool = True) -> torch.Tensor:
+    """e4m3 per row of ``v`` with fp32 ``scale`` [rows], dequantized to ``dtype``.
+
+    Gradient 1 where ``|v / scale| <= 464``, 0 beyond (everywhere 1 if ``mask`` is False).
+    """
+    with torch.no_grad():
+        vd = v.detach()
+        v_hat = ref.fp8_dequantize(ref.fp8_quantize(vd, scale), scale, dtype)
+        inside = (vd.float() / scale.unsqueeze(-1)).abs() <= FP8_CLAMP_LIMIT if mask else None
+    return _straight_through(v, v_hat, inside)
+
+
+def _int4_weight(w, config, dtype):
+    return fake_quantize_int4(w, config.group_size, dtype)
+
+
+def _int8_weight(w, config, dtype):
+    # Int8Tensor keeps its scale in the weight's dtype
+    return fake_quantize_int8(w, ref.int8_choose_qparams(w.detach(), w.dtype), dtype, mask=False)
+
+
+def _int8_dyn_weight(w, config, dtype):
+    # Int8DynActTensor keeps an fp32 scale
+    return fake_quantize_int8(w, ref.int8_choose_qparams(w.detach(), torch.float32), dtype, mask=False)
+
+
+def _fp8_weight(w, config, dtype):
+    return fake_quantize_fp8(w, ref.fp8_choose_qparams(w.detach()), dtype, mask=False)
+
+
+def _int8_rows(x):
+    return fake_quantize_int8(x, ref.int8_choose_qparams(x.detach(), torch.float32), torch.float32)
+
+
+def _fp8_rows(x):
+    return fake_quantize_fp8(x, ref.fp8_choose_qparams(x.detach()), torch.float32)
+
+
+# config type -> fake weight quantizer; for dynamic-activation schemes, the per-token activation quantizer
+_FAKE_WEIGHT = {
+    C.Int4WeightOnlyConfig: _int4_weight,
+    C.Int8WeightOnlyConfig: _int8_weight,
+    C.Int8DynamicActivationInt8WeightConfig: _int8_dyn_weight,
+    C.Float8DynamicActivationFloat8WeightConfig: _fp8_weight,
+}
+_FAKE_ACTIVATION = {
+    C.Int8DynamicActivationInt8WeightConfig: _int8_rows,
+    C.Float8DynamicActivationFloat8WeightConfig: _fp8_rows,
+}
+
+
+def fake_quantize_weight(w: torch.Tensor, config, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``w`` as the real scheme ``config`` stores it, dequantized to ``dtype`` (default ``w.dtype``).
+
+    Equals ``<Tensor>.from_float(w).dequantize(dtype)`` of the real class; STE gradients w.r.t. ``w``.
+    """
+    return _FAKE_WEIGHT[type(config)](w, config, dtype or w.dtype)
+
+
+def fake_quant_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config) -> torch.Tensor:
+    """``F.linear`` with the numerics of the lowbit scheme ``config`` and STE gradients."""
+    act = _FAKE_ACTIVATION.get(type(config))
+    if act is None:  # weight-only: the real layer dequantizes to the activation dtype
+        y = F.linear(x, fake_quantize_weight(w, config, x.dtype))
+    else:  # W8A8 / fp8: the real product of the codes is exact, then rescaled; fp32 keeps nearly all of it
+        y = F.linear(act(x), fake_quantize_weight(w, config, torch.float32)).to(x.dtype)
+    # the bias is added after rounding the product, as the real layer does (not fused as in addmm)
+    return y if bias is None else y + bias
+
+
+# ---------------------------------------------------------------------------- module
+class FakeQuantLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward fake-quantizes as ``qat_config`` (a lowbit base config) does.
+
+    ``prepare`` turns an ``nn.Linear`` into one in place (``__class__`` swap): the
+    module object, its Parameters, hooks and ``state_dict`` keys stay the same.
+    """
+
+    qat_config: Any
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, qat_config, **kwargs):
+        super().__init__(in_features, out_features, bias, **kwargs)
+        self.qat_config = qat_config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_linear(x, self.weight, self.bias, self.qat_config)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, qat={self.qat_config}"
+
+
+def _prepare(fqn: str, mod: nn.Module, base, report) -> None:
+    if isinstance(mod, FakeQuantLinear):
+        report.skipped[fqn] = f"already prepared for QAT with {mod.qat_config}"
+        return
+    if type(mod) is not nn.Linear:  # a subclass may have its own forward; we would drop it
+        report.skipped[fqn] = f"{type(mod).__name__} is not an nn.Linear"
+        return
+    reason = _skip_reason(mod, base)
+    if reason is not None:
+        report.skipped[fqn] = reason
+        return
+    check_finite(mod.weight.detach(), fqn)
+    mod.__class__ = FakeQuantLinear
+    mod.qat_config = base
+    report.quantized.append(fqn)
+
+
+def _convert(fqn: str, mod: nn.Module, base, report) -> None:
+    if not isinstance(mod, FakeQuantLinear):
+        report.skipped[fqn] = "not prepared for QAT (not a FakeQuantLinear)"
+        return
+    if mod.qat_config != base:
+        raise ValueError(
+            f"layer {fqn!r} was prepared with {mod.qat_config} but is being converted with {base}; "
+            "convert with the config used for prepare"
+        )
+    check_finite(mod.weight.detach(), fqn)
+    with torch.no_grad():
+        qweight = _HANDLERS[type(base)](mod.weight.detach(), base)
+    mod.__class__ = nn.Linear
+    del mod.qat_config
+    mod.weight = nn.Parameter(qweight, requires_grad=False)
+    report.quantized.append(fqn)
+
+
+def _handle(model: nn.Module, fqn: str, mod: nn.Module, config: QATConfig, report) -> None:
+    (_prepare if config.step == "prepare" else _convert)(fqn, mod, config.base_config, report)
+
+
+register_handler(QATConfig, _handle, module=True)

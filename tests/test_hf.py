@@ -1,0 +1,226 @@
+"""Transformers integration: quantize on load, save_pretrained, fresh-process reload, malformed checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowbit
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from lowbit.hf import LowbitConfig  # noqa: E402
+
+CPU_SCHEMES = ["int4_weight_only", "int8_weight_only", "int8_dynamic_activation_int8_weight"]
+GROUP = 64
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    d = tmp_path_factory.mktemp("llama_bf16")
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def saved(base_dir, ids, tmp_path_factory):
+    """scheme -> (directory written by save_pretrained, logits before saving)."""
+    out = {}
+    for scheme in CPU_SCHEMES:
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, quantization_config=LowbitConfig(scheme, group_size=GROUP)
+        )
+        with torch.no_grad():
+            logits = model(ids).logits
+        d = str(tmp_path_factory.mktemp(scheme))
+        model.save_pretrained(d)
+        out[scheme] = (d, logits)
+    return out
+
+
+def _quantize_path(base_dir, scheme):
+    """The reference: load in bf16, then lowbit.quantize_ every Linear but the output head."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    cfg = lowbit.int4_weight_only(GROUP) if scheme == "int4_weight_only" else getattr(lowbit, scheme)()
+    return lowbit.quantize_(model, cfg, lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head")
+
+
+@pytest.mark.parametrize("scheme", CPU_SCHEMES)
+def test_quantize_on_load_matches_quantize_(base_dir, ids, saved, scheme):
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LowbitConfig(scheme, group_size=GROUP))
+    assert model.dtype == torch.bfloat16
+    assert not isinstance(model.lm_head.weight, lowbit.QTensor)  # the output head stays by default
+    assert len(model.lowbit_report.quantized) == 2 * 7
+    assert model.lowbit_report.skipped == {"lm_head": "in modules_to_not_convert"}
+    ref = _quantize_path(base_dir, scheme)
+    with torch.no_grad():
+        got, want = model(ids).logits, ref(ids).logits
+    assert torch.equal(got, want)
+    assert torch.equal(got, saved[scheme][1])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, ids.shape[1] + 3)
+
+
+@pytest.mark.parametrize("scheme", CPU_SCHEMES)
+def test_save_pretrained_writes_flattened_fields(saved, scheme):
+    from safetensors import safe_open
+
+    d = saved[scheme][0]
+    qc = json.load(open(os.path.join(d, "config.json")))["quantization_config"]
+    assert qc["quant_method"] == "lowbit" and qc["scheme"] == scheme
+    with safe_open(os.path.join(d, "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        meta = json.loads(f.metadata()["lowbit"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert q not in keys and f"{q}.qdata" in keys and f"{q}.scale" in keys
+    assert "lm_head.weight" in keys and "lm_head.weight" not in meta["tensors"]
+    assert len(meta["tensors"]) == 14
+
+
+@pytest.mark.slow
+def test_fresh_process_reload_identical_and_compiles(saved, ids, tmp_path):
+    out = str(tmp_path / "logits.pt")
+    torch.save(ids, out + ".ids")
+    dirs = [saved[s][0] for s in ("int8_weight_only", "int4_weight_only", "int8_dynamic_activation_int8_weight")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    helper = os.path.join(os.path.dirname(__file__), "_hf_reload.py")
+    proc = subprocess.run([sys.executable, helper, out, "1", *dirs], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = torch.load(out, weights_only=True)
+    for s in CPU_SCHEMES:
+        assert torch.equal(result[saved[s][0]], saved[s][1]), s
+    torch.testing.assert_close(result["compiled"], saved["int8_weight_only"][1], atol=2e-2, rtol=2e-2)
+
+
+def test_reload_in_process_resave_and_sharded(saved, ids, tmp_path):
+    d, logits = saved["int4_weight_only"]
+    model = AutoModelForCausalLM.from_pretrained(d)
+    assert isinstance(model.model.layers[1].mlp.down_proj.weight, lowbit.Int4Tensor)
+    assert model.lowbit_report.skipped == {"lm_head": "stored in full precision in the checkpoint"}
+    model.save_pretrained(tmp_path / "again", max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "again" / "model.safetensors.index.json")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, logits)
+
+
+def test_modules_to_not_convert(base_dir):
+    cfg = LowbitConfig("int8_weight_only", modules_to_not_convert=["lm_head", "mlp"])
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=cfg)
+    assert isinstance(model.model.layers[0].self_attn.o_proj.weight, lowbit.Int8Tensor)
+    assert not isinstance(model.model.layers[0].mlp.up_proj.weight, lowbit.QTensor)
+    assert len(model.lowbit_report.quantized) == 2 * 4
+
+
+def test_group_size_that_does_not_divide_k_is_skipped_and_reported(base_dir):
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=LowbitConfig("int4_weight_only", group_size=256)
+    )
+    # hidden 128 < 256: only down_proj (K=256) can be quantized
+    assert len(model.lowbit_report.quantized) == 2
+    assert "group_size=256" in model.lowbit_report.skipped["model.layers.0.self_attn.q_proj"]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="int3_weight_only"):
+        LowbitConfig("int3_weight_only")
+    with pytest.raises(ValueError, match="group_size"):
+        LowbitConfig("int4_weight_only", group_size=48)
+    with pytest.raises(ValueError, match="format version"):
+        LowbitConfig(format_version=lowbit.safetensors.FORMAT_VERSION + 1)
+    d = LowbitConfig("int8_weight_only").to_dict()
+    assert LowbitConfig.from_dict(d).to_dict() == d
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(d, **changes):
+    path = os.path.join(d, "config.json")
+    cfg = json.load(open(path))
+    cfg["quantization_config"].update(changes)
+    json.dump(cfg, open(path, "w"))
+
+
+def test_checkpoint_with_a_scheme_this_version_cannot_serve(saved, tmp_path):
+    d = _copy(saved["int8_weight_only"][0], tmp_path / "future")
+    _edit_config(d, scheme="int2_weight_only")
+    with pytest.raises(ValueError, match=r"cannot serve quantization scheme 'int2_weight_only'"):
+        AutoModelForCausalLM.from_pretrained(d)
+    _edit_config(d, scheme="int8_weight_only", format_version=99)
+    with pytest.raises(ValueError, match="format version 99"):
+        AutoModelForCausalLM.from_pretrained(d)
+
+
+def _rewrite_tensor(d, key, fn):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = os.path.join(d, "model.safetensors")
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    fn(tensors, key)
+    save_file(tensors, path, metadata=meta)
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda t, k: t[k + ".scale"].__setitem__(0, float("nan")), ["'scale'"]),
+        (lambda t, k: t[k + ".scale"].__setitem__(0, -1.0), ["'scale'"]),
+        (lambda t, k: t.__setitem__(k + ".qdata", t[k + ".qdata"][:, 1:].contiguous()), ["'qdata'", "shape"]),
+        (lambda t, k: t.pop(k + ".scale"), ["'scale'", "missing"]),
+    ],
+)
+def test_malformed_lowbit_checkpoint_raises_value_error(saved, tmp_path, edit, words):
+    d = _copy(saved["int8_weight_only"][0], tmp_path / "bad")
+    key = "model.layers.1.mlp.gate_proj.weight"
+    _rewrite_tensor(d, key, edit)
+    with pytest.raises(ValueError) as e:
+        AutoModelForCausalLM.from_pretrained(d)
+    for w in [repr(key), *words]:
+        assert w in str(e.value)
+
+
+def test_disk_offload_is_refused(base_dir):
+    with pytest.raises(ValueError, match="disk"):
+        AutoModelForCausalLM.from_pretrained(
+            base_dir,
+            quantization_config=LowbitConfig("int8_weight_only"),
+            device_map={"model": "cpu", "lm_head": "disk"},
+        )
+
+
+def test_lora_on_quantized_base(base_dir, ids):
+    peft = pytest.importorskip("peft")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LowbitConfig("int8_weight_only"))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None for g in grads)
