@@ -50,7 +50,7 @@ from torch import nn
 
 from lowbit import config as C
 from lowbit.ops import reference as ref
-from lowbit.quantize import _HANDLERS, _skip_reason, check_finite, register_handler
+from lowbit.quantize import check_finite, quantize_weight, register_handler, skip_reason
 
 STEPS = ("prepare", "convert")
 # |v / scale| beyond which an fp8 value saturates: halfway from 448 to the next e4m3 step (480)
@@ -208,7 +208,7 @@ def _prepare(fqn: str, mod: nn.Module, base, report) -> None:
     if type(mod) is not nn.Linear:  # a subclass may have its own forward; we would drop it
         report.skipped[fqn] = f"{type(mod).__name__} is not an nn.Linear"
         return
-    reason = _skip_reason(mod, base)
+    reason = skip_reason(mod, base)
     if reason is not None:
         report.skipped[fqn] = reason
         return
@@ -229,7 +229,7 @@ def _convert(fqn: str, mod: nn.Module, base, report) -> None:
         )
     check_finite(mod.weight.detach(), fqn)
     with torch.no_grad():
-        qweight = _HANDLERS[type(base)](mod.weight.detach(), base)
+        qweight = quantize_weight(mod.weight, base)
     mod.__class__ = nn.Linear
     del mod.qat_config
     mod.weight = nn.Parameter(qweight, requires_grad=False)

@@ -48,7 +48,8 @@ class QuantizeReport:
         return "\n".join(lines)
 
 
-def _skip_reason(mod: nn.Linear, config) -> str | None:
+def skip_reason(mod: nn.Linear, config) -> str | None:
+    """Why ``config`` cannot quantize ``mod``'s weight, or None if it can."""
     w = mod.weight
     if isinstance(w, QTensor):
         return f"already quantized ({type(w).__name__})"
@@ -57,6 +58,15 @@ def _skip_reason(mod: nn.Linear, config) -> str | None:
     if isinstance(config, C.Int4WeightOnlyConfig) and mod.in_features % config.group_size:
         return f"in_features={mod.in_features} is not a multiple of group_size={config.group_size}"
     return None
+
+
+def quantize_weight(w: torch.Tensor, config) -> QTensor:
+    """The quantized tensor ``config`` makes of a full-precision weight ``w``."""
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise TypeError(f"quantize_weight: {config!r} does not quantize weights")
+    with torch.no_grad():
+        return handler(w.detach(), config)
 
 
 def check_finite(w: torch.Tensor, fqn: str) -> None:
@@ -97,14 +107,12 @@ def quantize_(
         if not isinstance(mod, nn.Linear):
             report.skipped[fqn] = f"{type(mod).__name__} is not an nn.Linear"
             continue
-        reason = _skip_reason(mod, config)
+        reason = skip_reason(mod, config)
         if reason is not None:
             report.skipped[fqn] = reason
             continue
         check_finite(mod.weight.detach(), fqn)
-        with torch.no_grad():
-            qweight = handler(mod.weight.detach(), config)
-        mod.weight = nn.Parameter(qweight, requires_grad=False)
+        mod.weight = nn.Parameter(quantize_weight(mod.weight, config), requires_grad=False)
         report.quantized.append(fqn)
     for fqn, why in report.skipped.items():
         log.warning("lowbit: skipped %s: %s", fqn or "<root>", why)

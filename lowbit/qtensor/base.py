@@ -171,10 +171,13 @@ class QTensor(torch.Tensor):
         kwargs = kwargs or {}
         handler = cls._lookup("_aten_table", func)
         if handler is None:
-            raise NotImplementedError(
-                f"{cls.__name__} does not support the op {func}; dequantize() first "
-                "if a full-precision tensor is what you need"
-            )
+            hint = "dequantize() first if a full-precision tensor is what you need"
+            if func._schema.name.endswith("_") and func is not aten.copy_.default:
+                hint = (
+                    "in-place arithmetic on a quantized weight (e.g. merging LoRA adapters) is not supported; "
+                    "merge into the full-precision model and quantize again"
+                )
+            raise NotImplementedError(f"{cls.__name__} does not support the op {func}; {hint}")
         return handler(func, types, args, kwargs)
 
 
