@@ -1,0 +1,98 @@
+"""The CUDA product path end to end (skipped without a GPU): quantize_ on CUDA, device moves,
+the auto backend (Triton) against the reference, torch.compile and CUDA-graph capture."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from lowbit.ops import reference as ref
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+CONFIGS = {
+    "int4": lowbit.int4_weight_only(group_size=128),
+    "int8": lowbit.int8_weight_only(),
+    "w8a8": lowbit.int8_dynamic_activation_int8_weight(),
+    "fp8": lowbit.float8_dynamic_activation_float8_weight(),
+}
+
+
+def model(dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(512, 1024), nn.GELU(), nn.Linear(1024, 384)).to(dtype)
+    for mod in m.modules():
+        if isinstance(mod, nn.Linear):
+            nn.init.normal_(mod.weight, std=0.02)
+    return m
+
+
+def skip_fp8(name):
+    if name == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs sm_89+")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("m_tokens", [1, 7, 17, 64, 300])
+def test_auto_backend_matches_reference_on_cuda(name, m_tokens):
+    skip_fp8(name)
+    m = lowbit.quantize_(model().cuda(), CONFIGS[name])
+    x = torch.randn(m_tokens, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast = m(x)
+        with lowbit.use_backend("reference"):
+            want = m(x)
+    err = float((fast.double() - want.double()).norm() / want.double().norm())
+    assert err < 1.5e-2, err
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cpu_quantized_model_moves_to_cuda_and_back(name):
+    skip_fp8(name)
+    m = lowbit.quantize_(model(), CONFIGS[name])
+    x = torch.randn(5, 512, dtype=torch.bfloat16)
+    with torch.no_grad(), lowbit.use_backend("reference"):
+        want = m(x)
+        got = m.cuda()(x.cuda()).cpu()
+        back = m.cpu()(x)
+    assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(back, want)
+    if name == "int4":
+        assert m[0].weight.packing != "plain" or not lowbit.ops.cpu.int4_cpu_supported(1024, 512, 128)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_compile_and_cuda_graph_capture(name):
+    skip_fp8(name)
+    torch._dynamo.reset()
+    m = lowbit.quantize_(model().cuda(), CONFIGS[name])
+    x = torch.randn(9, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = m(x)
+        compiled = torch.compile(m, fullgraph=True)(x)
+        torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+        static_x = x.clone()
+        m(static_x)  # warm up (autotune) outside capture
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            m(static_x)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_y = m(static_x)
+        static_x.copy_(torch.randn_like(static_x))
+        g.replay()
+        torch.testing.assert_close(static_y, m(static_x), rtol=0, atol=0)
+
+
+def test_int4_sqnr_on_cuda_matches_cpu_numerics():
+    w = torch.randn(256, 512) * 0.02
+    x = torch.randn(4, 512)
+    qc = lowbit.Int4Tensor.from_float(w.cuda().bfloat16(), group_size=128)
+    qh = lowbit.Int4Tensor.from_float(w.bfloat16(), group_size=128)
+    assert torch.equal(qc.repack("plain").qdata.cpu(), qh.repack("plain").qdata)
+    with torch.no_grad():
+        out = F.linear(x.cuda().bfloat16(), qc).float().cpu()
+    assert ref.sqnr(F.linear(x, w), out) > 19
