@@ -92,7 +92,10 @@ def test_int4_sqnr_on_cuda_matches_cpu_numerics():
     x = torch.randn(4, 512)
     qc = lowbit.Int4Tensor.from_float(w.cuda().bfloat16(), group_size=128)
     qh = lowbit.Int4Tensor.from_float(w.bfloat16(), group_size=128)
-    assert torch.equal(qc.repack("plain").qdata.cpu(), qh.repack("plain").qdata)
+    # the same spec on both devices; fp32 rounding may flip a rare code at a rounding boundary
+    codes_c = lowbit.ops.reference.int4_unpack(qc.repack("plain").qdata.cpu()).int()
+    codes_h = lowbit.ops.reference.int4_unpack(qh.repack("plain").qdata).int()
+    assert (codes_c - codes_h).abs().max() <= 1 and (codes_c != codes_h).float().mean() < 1e-3
     with torch.no_grad():
         out = F.linear(x.cuda().bfloat16(), qc).float().cpu()
     assert ref.sqnr(F.linear(x, w), out) > 19

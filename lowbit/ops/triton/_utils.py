@@ -9,6 +9,8 @@ import triton
 # The interpreter (CPU CI) runs exactly one config and computes ``tl.dot`` on
 # bf16/fp16/int8 operands wrongly, so kernels upcast dot operands to fp32 there.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# LOWBIT_TRITON_AUTOTUNE=0 runs the small fixed config on the GPU too (fast test runs).
+AUTOTUNE = not INTERPRET and os.environ.get("LOWBIT_TRITON_AUTOTUNE", "1") != "0"
 
 
 def m_bucket(m: int) -> int:
@@ -21,8 +23,8 @@ def m_bucket(m: int) -> int:
 
 
 def configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Config]:
-    """The GPU search space, or the single fixed config under the interpreter."""
-    return [interp] if INTERPRET else gpu
+    """The GPU search space, or the single fixed config (interpreter, autotune off)."""
+    return gpu if AUTOTUNE else [interp]
 
 
 def cfg(num_warps: int = 4, num_stages: int = 3, **meta) -> triton.Config:

@@ -26,6 +26,8 @@ from lowbit.ops.reference import FP8_DTYPE
 from lowbit.ops.triton._utils import INTERPRET, cfg, configs, m_bucket
 
 GEMV_MAX_M = 1
+# W8A16 from this M on: dequantize once per call, then cuBLAS (bench/KERNEL_NOTES.md).
+DEQUANT_MIN_M = 256
 
 
 @triton.autotune(
@@ -98,6 +100,9 @@ def _prune(configs_, named_args, **kwargs):
                 (128, 256, 128, 8, 3),
                 (256, 128, 128, 8, 3),
                 (64, 256, 128, 4, 3),
+                (128, 256, 128, 8, 4),
+                (256, 128, 128, 8, 4),
+                (128, 128, 256, 8, 3),
             ]
         ],
         cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
@@ -158,6 +163,19 @@ def _gemm_kernel(
         tl.atomic_add(y_ptrs, y, mask=mask)
 
 
+@triton.jit
+def _dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """w_hat [N, K] = q * s[:, None] in w's dtype."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rn[:, None] < N) & (rk[None, :] < K)
+    q = tl.load(q_ptr + rn[:, None] * K + rk[None, :], mask=mask, other=0)
+    s = tl.load(s_ptr + rn, mask=rn < N, other=0).to(tl.float32)
+    tl.store(
+        w_ptr + rn[:, None] * K + rk[None, :], (q.to(tl.float32) * s[:, None]).to(w_ptr.dtype.element_ty), mask=mask
+    )
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -191,6 +209,10 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     xs_arg = xs if a_scaled else ws
     int_acc = x.dtype == torch.int8
     mb = m_bucket(m)
+    if not a_scaled and m >= DEQUANT_MIN_M and (x.is_cuda or INTERPRET) and x.dtype != torch.float32:
+        wd = torch.empty(n, k, device=x.device, dtype=x.dtype)
+        _dequant_kernel[(triton.cdiv(n, 16), triton.cdiv(k, 256))](w, ws, wd, n, k, BLOCK_N=16, BLOCK_K=256)
+        return x @ wd.t()
     if m <= GEMV_MAX_M:
         y = torch.empty(m, n, device=x.device, dtype=out_dtype)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731

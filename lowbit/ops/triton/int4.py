@@ -8,17 +8,17 @@ Shapes and math (the spec is ``lowbit.ops.reference.int4_linear``)::
     w_hat[n, k] = (q[n, k] - 8) * scale[n, k // gs] + zero[n, k // gs]     (fp32, cast to x.dtype)
     y      [M, N] = x @ w_hat.T   accumulated in fp32, returned in x.dtype
 
-Two kernels, picked by M:
+Two paths, picked by M:
 
-* ``_gemv_kernel`` (M <= GEMV_MAX_M, decode): memory bound. Each program owns
-  BLOCK_N output rows and streams their packed bytes once with FMAs; the group
-  algebra ``sum_k x_k w_k = s * sum_k x_k q_k + (z - 8 s) * sum_k x_k`` keeps the
-  per-weight work at two FMAs per nibble.
-* ``_gemm_kernel`` (larger M): tensor-core GEMM; the weight tile is unpacked
-  and dequantized in registers inside the main loop (exactly the reference's
-  fp32 formula, cast to x.dtype) and fed to ``tl.dot``. For small M the K loop
-  is split across programs (fp32 atomics into a zeroed buffer) so that enough
-  programs stream the weight.
+* ``_gemm_kernel`` (M < DEQUANT_MIN_M, decode included): tensor-core GEMM; the
+  weight tile is unpacked and dequantized in registers inside the main loop
+  (exactly the reference's fp32 formula, cast to x.dtype). Even k live in the
+  low nibbles, so x is split into even/odd columns and two half-depth dots run,
+  keeping the weight path purely elementwise. For small M the K loop is split
+  across programs (fp32 atomics into a zeroed buffer) so enough programs stream
+  the weight. An FMA GEMV for M = 1 measured slower (bench/KERNEL_NOTES.md).
+* ``_dequant_kernel`` + cuBLAS (M >= DEQUANT_MIN_M, CUDA, bf16/fp16): w_hat is
+  written once per call and ``x @ w_hat.T`` runs as a plain GEMM.
 """
 
 from __future__ import annotations
@@ -32,65 +32,14 @@ import triton.language as tl
 from lowbit.compile import kernel_op, linear_out_fake
 from lowbit.ops.triton._utils import INTERPRET, cfg, configs, m_bucket
 
+# From this M on the weight is dequantized to x.dtype once per call and cuBLAS runs
+# the GEMM: 4 extra bytes per weight cost less than Triton's in-loop dequant loses
+# to cuBLAS at these sizes (bench/KERNEL_NOTES.md).
+DEQUANT_MIN_M = 256
+# Up to this M each row of x runs the FMA GEMV (weights re-read from L2 per row).
 GEMV_MAX_M = 1
-
-
-# ----------------------------------------------------------------------------- GEMV
-@triton.autotune(
-    configs=configs(
-        [
-            cfg(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
-            for bn, bk, w, s in [
-                (4, 512, 4, 2),
-                (8, 256, 4, 2),
-                (8, 512, 4, 2),
-                (8, 512, 8, 2),
-                (16, 256, 4, 2),
-                (16, 256, 8, 2),
-                (16, 512, 8, 2),
-                (32, 256, 8, 1),
-            ]
-        ],
-        cfg(BLOCK_N=4, BLOCK_K=256, num_warps=4, num_stages=1),
-    ),
-    key=["m_bucket", "N", "K", "GS"],
-)
-@triton.jit
-def _gemv_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, y_ptr,
-    M, N, K, m_bucket,
-    stride_xm, stride_ym,
-    GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    # The tile is [rows, groups, bytes-of-a-group]; BLOCK_K is a multiple of GS
-    # and K of GS, so a group is either wholly in range or wholly masked.
-    NG: tl.constexpr = BLOCK_K // GS
-    HG: tl.constexpr = GS // 2
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n3 = rn[:, None, None]
-    g3 = tl.arange(0, NG)[None, :, None]
-    j3 = tl.arange(0, HG)[None, None, :]
-    n_ok = n3 < N
-    kh = K // 2
-    ng = K // GS
-    x_row = x_ptr + m * stride_xm
-    acc = tl.zeros([BLOCK_N, NG, HG], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        grp = k0 // GS + g3
-        g_ok = grp < ng
-        byte = k0 // 2 + g3 * HG + j3
-        qb = tl.load(q_ptr + n3 * kh + byte, mask=n_ok & g_ok, other=0)
-        s = tl.load(s_ptr + n3 * ng + grp, mask=n_ok & g_ok, other=0).to(tl.float32)
-        z = tl.load(z_ptr + n3 * ng + grp, mask=n_ok & g_ok, other=0).to(tl.float32)
-        xe = tl.load(x_row + 2 * byte, mask=g_ok, other=0).to(tl.float32)
-        xo = tl.load(x_row + 2 * byte + 1, mask=g_ok, other=0).to(tl.float32)
-        lo = (qb & 15).to(tl.float32)
-        hi = (qb >> 4).to(tl.float32)
-        acc += s * (lo * xe + hi * xo) + (z - 8.0 * s) * (xe + xo)
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+# GEMV: convert codes to float with the 2**23 mantissa trick instead of I2F (bench --explore)
+GEMV_MAGIC = False
 
 
 # ----------------------------------------------------------------------------- GEMM
@@ -114,6 +63,9 @@ def _prune(configs_, named_args, **kwargs):
                 (16, 64, 128, 4, 4),
                 (16, 128, 128, 4, 4),
                 (16, 64, 64, 4, 5),
+                (16, 64, 32, 4, 6),
+                (32, 64, 32, 4, 6),
+                (128, 128, 32, 4, 4),
                 (32, 64, 128, 4, 4),
                 (32, 128, 128, 4, 3),
                 (64, 64, 128, 4, 3),
@@ -168,18 +120,111 @@ def _gemm_kernel(
         qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
         s = tl.load(s_ptr + rn * ng + k0 // GS, mask=n_ok, other=0).to(tl.float32)
         z = tl.load(z_ptr + rn * ng + k0 // GS, mask=n_ok, other=0).to(tl.float32)
-        q = tl.join(qb & 15, qb >> 4).reshape(BLOCK_N, BLOCK_K)  # even k = low nibble
-        w = ((q.to(tl.float32) - 8.0) * s[:, None] + z[:, None]).to(x_ptr.dtype.element_ty)
+        # even k sit in the low nibbles, odd k in the high ones: split x the same way and
+        # run two half-depth dots, so the weight is only ever touched elementwise
+        xe, xo = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
+        lo = ((qb & 15).to(tl.float32) - 8.0) * s[:, None] + z[:, None]
+        hi = ((qb >> 4).to(tl.float32) - 8.0) * s[:, None] + z[:, None]
         if DOT_F32:
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+            acc = tl.dot(xe.to(tl.float32), tl.trans(lo.to(x.dtype).to(tl.float32)), acc)
+            acc = tl.dot(xo.to(tl.float32), tl.trans(hi.to(x.dtype).to(tl.float32)), acc)
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(xe, tl.trans(lo.to(x.dtype)), acc)
+            acc = tl.dot(xo, tl.trans(hi.to(x.dtype)), acc)
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     mask = m_ok & n_ok[None, :]
     if SPLIT_K == 1:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(y_ptrs, acc, mask=mask)
+
+
+# ----------------------------------------------------------------------------- GEMV
+@triton.autotune(
+    configs=configs(
+        [
+            cfg(BLOCK_N=bn, GROUPS=gp, num_warps=w, num_stages=st)
+            for bn, gp, w, st in [
+                (8, 4, 4, 3),
+                (16, 2, 4, 3),
+                (16, 4, 4, 3),
+                (16, 4, 8, 3),
+                (32, 2, 4, 3),
+                (32, 2, 8, 4),
+                (32, 4, 8, 2),
+                (64, 1, 4, 4),
+                (64, 2, 8, 3),
+            ]
+        ],
+        cfg(BLOCK_N=16, GROUPS=1, num_warps=4, num_stages=1),
+    ),
+    key=["m_bucket", "N", "K", "GS"],
+)
+@triton.jit
+def _gemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, y_ptr,
+    M, N, K, m_bucket,
+    stride_xm, stride_ym,
+    GS: tl.constexpr, MAGIC: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+):  # fmt: skip
+    """One row of x per program column; FMAs on the raw codes, scales applied per group.
+
+    sum_k x_k * ((q_k - 8) s + z) = s * sum_k q_k x_k + (z - 8 s) * sum_k x_k over a group,
+    so the inner loop touches each weight with and/shift, convert and two FMAs; even
+    and odd k (low/high nibbles) meet the even/odd entries of x, so no interleave.
+    """
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rg = tl.arange(0, GROUPS)
+    rj = tl.arange(0, GS // 2)
+    ng = K // GS
+    kh = K // 2
+    # [BLOCK_N, GROUPS, GS // 2] bytes of GROUPS consecutive groups
+    q_ptrs = q_ptr + rn[:, None, None] * kh + rg[None, :, None] * (GS // 2) + rj[None, None, :]
+    x_ptrs = x_ptr + m * stride_xm + rg[:, None] * GS + 2 * rj[None, :]
+    sz_off = rn[:, None] * ng + rg[None, :]
+    acc = tl.zeros([BLOCK_N, GROUPS, GS // 2], dtype=tl.float32)
+    acc_z = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    for g0 in range(0, ng, GROUPS):
+        g_ok = g0 + rg < ng
+        qb = tl.load(q_ptrs + g0 * (GS // 2), mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+        xe = tl.load(x_ptrs + g0 * GS, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        xo = tl.load(x_ptrs + g0 * GS + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + sz_off + g0, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz_off + g0, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+        if MAGIC:
+            # int -> float without the (slow) conversion unit: 2**23 + q has q in the
+            # low mantissa bits, so (bits | q) - (2**23 + 8) is exactly q - 8
+            lo = ((qb & 15).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            hi = ((qb >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            acc += s[:, :, None] * (lo * xe[None, :, :] + hi * xo[None, :, :])
+            acc_z += z * tl.sum(xe + xo, axis=1)[None, :]
+        else:
+            lo = (qb & 15).to(tl.float32)
+            hi = (qb >> 4).to(tl.float32)
+            acc += s[:, :, None] * (lo * xe[None, :, :] + hi * xo[None, :, :])
+            acc_z += (z - 8.0 * s) * tl.sum(xe + xo, axis=1)[None, :]
+    y = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_z, axis=1)
+    tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+# ----------------------------------------------------------------------------- dequant
+@triton.jit
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, GS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """w_hat [N, K] in w's dtype, one group (GS columns) of BLOCK_N rows per program."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    grp = tl.program_id(1)
+    ng = K // GS
+    n_ok = rn[:, None] < N
+    rj = tl.arange(0, GS // 2)
+    qb = tl.load(q_ptr + rn[:, None] * (K // 2) + grp * (GS // 2) + rj[None, :], mask=n_ok, other=0)
+    s = tl.load(s_ptr + rn * ng + grp, mask=rn < N, other=0).to(tl.float32)[:, None]
+    z = tl.load(z_ptr + rn * ng + grp, mask=rn < N, other=0).to(tl.float32)[:, None]
+    q = tl.join(qb & 15, qb >> 4).reshape(BLOCK_N, GS)
+    w = ((q.to(tl.float32) - 8.0) * s + z).to(w_ptr.dtype.element_ty)
+    tl.store(w_ptr + rn[:, None] * K + grp * GS + tl.arange(0, GS)[None, :], w, mask=n_ok)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -218,10 +263,16 @@ def int4_mm(
     x = x.contiguous()
     qdata, scale, zero = qdata.contiguous(), scale.contiguous(), zero.contiguous()
     mb = m_bucket(m)
+    if m >= DEQUANT_MIN_M and (x.is_cuda or INTERPRET) and x.dtype != torch.float32:
+        w = torch.empty(n, k, device=x.device, dtype=x.dtype)
+        _dequant_kernel[(triton.cdiv(n, 32), k // group_size)](qdata, scale, zero, w, n, k, GS=group_size, BLOCK_N=32)
+        return x @ w.t()
     if m <= GEMV_MAX_M:
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
-        _gemv_kernel[grid](x, qdata, scale, zero, y, m, n, k, mb, x.stride(0), y.stride(0), GS=group_size)
+        _gemv_kernel[grid](
+            x, qdata, scale, zero, y, m, n, k, mb, x.stride(0), y.stride(0), GS=group_size, MAGIC=GEMV_MAGIC
+        )
         return y
     split = _split_k(m, n, k, group_size, _num_sms(x.device))
     if split > 1:

@@ -1,0 +1,334 @@
+"""Kernel benchmark: lowbit's Triton matmuls vs bf16 F.linear and torchao, one GPU command.
+
+    python bench/kernels.py [--out DIR] [--shapes 4096x4096,...] [--ms 1,8,...] [--no-torchao]
+
+For each (K, N) a stack of L distinct layers holding >= 1 GiB of bf16 weights
+(so L2 never holds the weights) is run inside one CUDA graph
+(``triton.testing.do_bench_cudagraph``, median); time per layer = graph time / L.
+Every variant sees the same random N(0, 0.02) weights and N(0, 1) inputs.
+Correctness per (shape, M): SQNR (dB) of each variant's layer-0 output against
+the bf16 output, and for lowbit the relative error against ``lowbit.ops.reference``.
+Writes ``<device>-kernels.json``, ``<device>-kernels.md`` and ``<device>-kernels.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lowbit.ops import reference as ref  # noqa: E402
+from lowbit.ops.triton import _w8 as w8_mod  # noqa: E402
+from lowbit.ops.triton import int4 as int4_mod
+from lowbit.ops.triton.fp8 import fp8_dyn_mm  # noqa: E402
+from lowbit.ops.triton.int4 import int4_mm  # noqa: E402
+from lowbit.ops.triton.int8 import int8_dyn_mm, int8_mm  # noqa: E402
+
+GS = 128
+BYTES_PER_W = {"bf16": 2.0, "int4": 0.5 + 4 / GS, "int8_wo": 1.0, "int8_dyn": 1.0, "fp8": 1.0}
+SCHEMES = ["int4", "int8_wo", "int8_dyn", "fp8"]
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def env() -> dict:
+    info = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "gpu": torch.cuda.get_device_name(),
+        "cuda": torch.version.cuda,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python"] + sys.argv),
+    }
+    try:
+        import torchao
+
+        info["torchao"] = torchao.__version__
+    except Exception as e:  # recorded, not fatal
+        info["torchao"] = f"unavailable: {type(e).__name__}: {e}"[:200]
+    return info
+
+
+def ceilings() -> dict:
+    n = 1024**3
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    t = do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
+    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    t2 = do_bench(lambda: x @ x, warmup=25, rep=200, return_mode="median")
+    torch.cuda.empty_cache()
+    return {"copy_TBps": round(2 * n / t / 1e9, 3), "bf16_mm_TFLOPs": round(2 * 8192**3 / t2 / 1e9, 1)}
+
+
+def device_tag() -> str:
+    name = torch.cuda.get_device_name()
+    for tag in ("H100", "H200", "A100", "L40S", "L4", "B200"):
+        if tag in name:
+            return tag.lower()
+    return "".join(c if c.isalnum() else "_" for c in name).lower()
+
+
+# ----------------------------------------------------------------------------- variants
+def lowbit_layers(ws: list[torch.Tensor]) -> dict:
+    """Per scheme: (list of per-layer callables x -> y, reference fn on layer 0)."""
+    out = {}
+    q4 = []
+    for w in ws:
+        s, z = ref.int4_choose_qparams(w, GS, torch.bfloat16)
+        q4.append((ref.int4_pack(ref.int4_quantize(w, s, z, GS)), s, z))
+    out["int4"] = (
+        [lambda x, p=p: int4_mm(x, *p, GS) for p in q4],
+        lambda x, p=q4[0]: ref.int4_linear(x, *p, GS),
+    )
+    q8 = []
+    for w in ws:
+        s = ref.int8_choose_qparams(w, torch.float32)
+        q8.append((ref.int8_quantize(w, s), s, s.to(torch.bfloat16)))
+    out["int8_wo"] = (
+        [lambda x, p=p: int8_mm(x, p[0], p[2]) for p in q8],
+        lambda x, p=q8[0]: ref.int8_weight_only_linear(x, p[0], p[2]),
+    )
+    out["int8_dyn"] = (
+        [lambda x, p=p: int8_dyn_mm(x, p[0], p[1]) for p in q8],
+        lambda x, p=q8[0]: ref.int8_dynamic_linear(x, p[0], p[1]),
+    )
+    qf = []
+    for w in ws:
+        s = ref.fp8_choose_qparams(w)
+        qf.append((ref.fp8_quantize(w, s), s))
+    out["fp8"] = (
+        [lambda x, p=p: fp8_dyn_mm(x, *p) for p in qf],
+        lambda x, p=qf[0]: ref.fp8_dynamic_linear(x, *p),
+    )
+    return out
+
+
+def torchao_layers(ws: list[torch.Tensor]) -> dict:
+    import torchao.quantization as aq
+
+    cfgs = {
+        "int4": lambda: aq.Int4WeightOnlyConfig(group_size=GS, int4_packing_format="tile_packed_to_4d"),
+        "int8_wo": lambda: aq.Int8WeightOnlyConfig(),
+        "int8_dyn": lambda: aq.Int8DynamicActivationInt8WeightConfig(),
+        "fp8": lambda: aq.Float8DynamicActivationFloat8WeightConfig(granularity=aq.PerRow()),
+    }
+    out = {}
+    for name, make in cfgs.items():
+        try:
+            mods = []
+            for w in ws:
+                lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="cuda", dtype=torch.bfloat16)
+                lin.weight.data.copy_(w)
+                m = torch.nn.Sequential(lin)
+                aq.quantize_(m, make())
+                mods.append(m[0])
+            out[name] = [lambda x, m=m: m(x) for m in mods]
+        except Exception as e:
+            out[name] = f"{type(e).__name__}: {e}"[:300]
+            log(f"torchao {name}: quantize failed: {out[name]}")
+    return out
+
+
+def sqnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return round(ref.sqnr(a, b), 1)
+
+
+def time_stack(fns, x) -> tuple[float, str]:
+    run = lambda: [f(x) for f in fns]  # noqa: E731
+    with torch.no_grad():
+        run()  # autotune / compile outside the capture
+        torch.cuda.synchronize()
+        try:
+            return do_bench_cudagraph(run, rep=100, return_mode="median") / len(fns), "graph"
+        except Exception as e:  # e.g. a host sync inside the op: time plain launches instead
+            log(f"no CUDA graph ({type(e).__name__}); timing launches")
+            torch.cuda.synchronize()
+            return do_bench(run, warmup=25, rep=100, return_mode="median") / len(fns), "nograph"
+
+
+# lowbit variants with the algorithm switch moved, to measure crossovers (--explore)
+ALT = {
+    "int4": [
+        (int4_mod, "DEQUANT_MIN_M", 1 << 30, lambda m: m >= 128),
+        (int4_mod, "GEMV_MAGIC", True, lambda m: m == 1),
+        (int4_mod, "GEMV_MAX_M", 0, lambda m: m == 1),
+    ],
+    "int8_wo": [(w8_mod, "GEMV_MAX_M", 0, lambda m: m <= 8), (w8_mod, "DEQUANT_MIN_M", 1 << 30, lambda m: m >= 128)],
+}
+
+
+def bench_shape(k, n, ms, use_ao, rows, explore=False):
+    n_layers = max(1, math.ceil(1024**3 / (k * n * 2)))
+    g = torch.Generator(device="cuda").manual_seed(k * 7 + n)
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(n_layers)]
+    t0 = time.time()
+    lb = lowbit_layers(ws)
+    ao = torchao_layers(ws) if use_ao else {}
+    log(f"K={k} N={n}: {n_layers} layers, quantized in {time.time() - t0:.1f}s")
+    bf16 = [lambda x, w=w: F.linear(x, w) for w in ws]
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+        with torch.no_grad():
+            y_bf16 = F.linear(x, ws[0])
+        t_bf, _ = time_stack(bf16, x)
+        base = dict(K=k, N=n, M=m, layers=n_layers)
+        rows.append({**base, "impl": "bf16", "scheme": "bf16", "us": round(t_bf * 1e3, 2), "speedup": 1.0,
+                     "GBps": round(k * n * 2 / t_bf / 1e6, 1), "TFLOPs": round(2 * m * k * n / t_bf / 1e9, 1)})  # fmt: skip
+        for scheme in SCHEMES:
+            impls = [("lowbit", lb[scheme][0], None)]
+            if use_ao:
+                impls.append(("torchao", ao.get(scheme, "not run"), None))
+            for mod, attr, val, when in ALT.get(scheme, []) if explore else []:
+                if when(m):
+                    impls.append((f"lowbit_{attr}={val}", lb[scheme][0], (mod, attr, val)))
+            for impl, fns, alt in impls:
+                row = {**base, "impl": impl, "scheme": scheme}
+                if isinstance(fns, str):
+                    row["error"] = fns
+                    rows.append(row)
+                    continue
+                saved = None
+                if alt:
+                    saved = getattr(alt[0], alt[1])
+                    setattr(alt[0], alt[1], alt[2])
+                try:
+                    with torch.no_grad():
+                        y = fns[0](x)
+                        row["sqnr_vs_bf16_db"] = sqnr(y_bf16, y)
+                        if impl.startswith("lowbit"):
+                            r = lb[scheme][1](x)
+                            row["rel_err_vs_ref"] = float(f"{(y.double() - r.double()).norm() / r.double().norm():.2e}")
+                    t, row["how"] = time_stack(fns, x)
+                    row.update(us=round(t * 1e3, 2), speedup=round(t_bf / t, 3),
+                               GBps=round(k * n * BYTES_PER_W[scheme] / t / 1e6, 1),
+                               TFLOPs=round(2 * m * k * n / t / 1e9, 1))  # fmt: skip
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                    log(f"{impl} {scheme} K={k} N={n} M={m}: {row['error']}")
+                finally:
+                    if alt:
+                        setattr(alt[0], alt[1], saved)
+                rows.append(row)
+        log(
+            f"K={k} N={n} M={m}: "
+            + " ".join(f"{r['impl']}-{r['scheme']}={r.get('speedup', 'ERR')}" for r in rows if r["M"] == m and r["K"] == k and r["N"] == n and r["impl"] != "bf16")
+        )  # fmt: skip
+    del ws, lb, ao
+    torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- report
+def markdown(info, ceil, rows) -> str:
+    lines = [
+        "# lowbit kernel benchmark",
+        "",
+        f"- command: `{info['command']}`",
+        f"- device: {info['gpu']} (CUDA {info['cuda']}); date {info['date']}",
+        f"- torch {info['torch']}, triton {info['triton']}, torchao {info['torchao']}",
+        f"- ceilings: copy {ceil['copy_TBps']} TB/s, bf16 8192^3 mm {ceil['bf16_mm_TFLOPs']} TFLOP/s",
+        "- time per layer over a >= 1 GiB stack of distinct bf16-sized layers in one CUDA graph, median;",
+        "  speedup = bf16 F.linear time / time; GB/s = weight bytes read / time (M <= 32);",
+        "  TFLOP/s = 2MNK / time (M >= 512); SQNR of layer 0's output vs bf16 (dB).",
+        "",
+        "| K | N | M | bf16 us | scheme | lowbit x | torchao x | lowbit GB/s or TFLOP/s | lowbit SQNR dB | rel err vs ref |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    idx = {(r["impl"], r["scheme"], r["K"], r["N"], r["M"]): r for r in rows}
+    for r in rows:
+        if r["impl"] != "bf16":
+            continue
+        key = (r["K"], r["N"], r["M"])
+        for s in SCHEMES:
+            lb = idx.get(("lowbit", s) + key, {})
+            ao = idx.get(("torchao", s) + key, {})
+            m = r["M"]
+            rate = f"{lb.get('GBps', '-')} GB/s" if m <= 32 else f"{lb.get('TFLOPs', '-')} TF/s" if m >= 512 else "-"
+            aox = ao.get("speedup", "err" if "error" in ao else "-")
+            lines.append(
+                f"| {r['K']} | {r['N']} | {m} | {r['us']} | {s} | {lb.get('speedup', 'err')} | {aox} | {rate} "
+                f"| {lb.get('sqnr_vs_bf16_db', '-')} | {lb.get('rel_err_vs_ref', '-')} |"
+            )
+    errs = [r for r in rows if "error" in r]
+    if errs:
+        lines += ["", "## Errors", ""] + [f"- {r['impl']} {r['scheme']} K={r['K']} N={r['N']} M={r['M']}: {r['error'].splitlines()[0]}" for r in errs]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:
+        log(f"no plot: {e}")
+        return
+    shapes = sorted({(r["K"], r["N"]) for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, (k, n) in zip(axes[0], shapes):
+        for impl, style in (("lowbit", "-o"), ("torchao", "--x")):
+            for s in SCHEMES:
+                pts = sorted((r["M"], r["speedup"]) for r in rows if r["impl"] == impl and r["scheme"] == s and r["K"] == k and r["N"] == n and "speedup" in r)  # fmt: skip
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{impl} {s}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("speedup over bf16 F.linear")
+        ax.set_title(f"K={k} N={n}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096", help="KxN list")
+    p.add_argument("--ms", default="1,8,32,128,512,2048")
+    p.add_argument("--no-torchao", action="store_true")
+    p.add_argument("--explore", action="store_true", help="also time lowbit with the M switches moved")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    info = env()
+    log(json.dumps(info))
+    use_ao = not args.no_torchao and not info["torchao"].startswith("unavailable")
+    ceil = ceilings()
+    log(json.dumps(ceil))
+    rows: list[dict] = []
+    tag = device_tag()
+    os.makedirs(args.out, exist_ok=True)
+    ms = [int(m) for m in args.ms.split(",")]
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        try:
+            bench_shape(k, n, ms, use_ao, rows, args.explore)
+        except Exception:
+            traceback.print_exc()
+        with open(os.path.join(args.out, f"{tag}-kernels.json"), "w") as f:
+            json.dump({"env": info, "ceilings": ceil, "rows": rows}, f, indent=1)
+    md = markdown(info, ceil, rows)
+    with open(os.path.join(args.out, f"{tag}-kernels.md"), "w") as f:
+        f.write(md)
+    plot(rows, os.path.join(args.out, f"{tag}-kernels.png"))
+    log(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""W4A16 Triton kernel vs the reference (CPU: under TRITON_INTERPRET=1; CUDA: native)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.ops import reference as ref
+from lowbit.ops.triton.int4 import int4_mm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 2e-3}
+
+
+def _weight(n, k, gs, qdtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(DEVICE)
+    scale, zero = ref.int4_choose_qparams(w, gs, qdtype)
+    return ref.int4_pack(ref.int4_quantize(w, scale, zero, gs)), scale, zero
+
+
+def _check(m, n, k, gs, dtype, seed):
+    qdata, scale, zero = _weight(n, k, gs, dtype, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    out = int4_mm(x, qdata, scale, zero, gs)
+    expect = ref.int4_linear(x, qdata, scale, zero, gs)
+    assert out.shape == (m, n) and out.dtype == dtype
+    err = (out.double() - expect.double()).norm() / expect.double().norm()
+    assert err < TOL[dtype], f"rel err {err:.2e} for M={m} N={n} K={k} gs={gs} {dtype}"
+
+
+@settings(deadline=None, max_examples=10)
+@given(
+    m=st.integers(1, 17),
+    n=st.sampled_from([5, 33, 123]),
+    groups=st.integers(1, 3),
+    gs=st.sampled_from(ref.INT4_GROUP_SIZES),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_int4_mm_matches_reference(m, n, groups, gs, dtype, seed):
+    _check(m, n, groups * max(gs, 64), gs, dtype, seed)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="large tiles are for the GPU")
+@pytest.mark.parametrize("m", [31, 64, 200, 1000])
+@pytest.mark.parametrize("gs", [32, 128, 256])
+def test_int4_mm_large_m_cuda(m, gs):
+    _check(m, 4096 + 5, 2048, gs, torch.bfloat16, m)
+
+
+def test_int4_mm_dequant_path():  # M >= DEQUANT_MIN_M: dequantize kernel + plain matmul
+    _check(260, 37, 256, 32, torch.bfloat16, 7)
+
+
+def test_int4_mm_empty():
+    qdata, scale, zero = _weight(33, 128, 64, torch.bfloat16, 0)
+    out = int4_mm(torch.randn(0, 128, device=DEVICE, dtype=torch.bfloat16), qdata, scale, zero, 64)
+    assert out.shape == (0, 33)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="compile and CUDA graphs need a GPU")
+def test_int4_mm_compile_and_cuda_graph():
+    qdata, scale, zero = _weight(256, 512, 128, torch.bfloat16, 0)
+    x = torch.randn(8, 512, device=DEVICE, dtype=torch.bfloat16)
+    expect = ref.int4_linear(x, qdata, scale, zero, 128)
+    fn = torch.compile(lambda x: int4_mm(x, qdata, scale, zero, 128), fullgraph=True)
+    torch.testing.assert_close(fn(x), expect, rtol=2e-2, atol=2e-2)
+    int4_mm(x, qdata, scale, zero, 128)  # autotune outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = int4_mm(x, qdata, scale, zero, 128)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, ref.int4_linear(x, qdata, scale, zero, 128), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("gs", [32, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("magic", [False, True])
+def test_int4_gemv_path_m1_odd_n_and_group_tail(gs, dtype, magic, monkeypatch):
+    # M=1 takes the FMA GEMV; 5 groups exercise a partial GROUPS tile, N=37 the row mask
+    import lowbit.ops.triton.int4 as int4_mod
+
+    monkeypatch.setattr(int4_mod, "GEMV_MAGIC", magic)
+    _check(1, 37, 5 * gs, gs, dtype, 11)

@@ -1,0 +1,116 @@
+"""int8 Triton kernels (W8A16, W8A8 + the activation quantizer) vs the reference."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.ops import reference as ref
+from lowbit.ops.triton.int8 import int8_dyn_mm, int8_mm
+from lowbit.ops.triton.quant import quantize_rows
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 2e-3}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _rand(*shape, seed, dtype=torch.float32, std=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * std).to(DEVICE, dtype)
+
+
+def _rel(out, expect):
+    return float((out.double() - expect.double()).norm() / expect.double().norm())
+
+
+def _check_wo(m, n, k, dtype, seed):
+    w = _rand(n, k, seed=seed, std=0.02)
+    scale = ref.int8_choose_qparams(w, dtype)
+    qdata = ref.int8_quantize(w, scale)
+    x = _rand(m, k, seed=seed + 1, dtype=dtype)
+    out = int8_mm(x, qdata, scale)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert _rel(out, ref.int8_weight_only_linear(x, qdata, scale)) < TOL[dtype]
+
+
+def _check_dyn(m, n, k, dtype, seed):
+    w = _rand(n, k, seed=seed, std=0.02)
+    scale = ref.int8_choose_qparams(w, torch.float32)
+    qdata = ref.int8_quantize(w, scale)
+    x = _rand(m, k, seed=seed + 1, dtype=dtype)
+    out = int8_dyn_mm(x, qdata, scale)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert _rel(out, ref.int8_dynamic_linear(x, qdata, scale)) < TOL[dtype]
+
+
+common = dict(
+    m=st.integers(1, 17),
+    n=st.sampled_from([5, 33, 123]),
+    k=st.sampled_from([64, 101, 255, 512]),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+
+
+@settings(deadline=None, max_examples=8)
+@given(**common)
+def test_int8_mm_matches_reference(m, n, k, dtype, seed):
+    _check_wo(m, n, k, dtype, seed)
+
+
+@settings(deadline=None, max_examples=8)
+@given(**common)
+def test_int8_dyn_mm_matches_reference(m, n, k, dtype, seed):
+    _check_dyn(m, n, k, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_rows_int8_exact(dtype):
+    x = _rand(7, 301, seed=3, dtype=dtype) * 3
+    x[2] = 0  # an all-zero row: scale floors at SCALE_EPS, codes are zero
+    xq, xs = quantize_rows(x, torch.int8)
+    rq, rs = ref.int8_quantize_rows(x)
+    assert torch.equal(xs, rs)
+    assert torch.equal(xq, rq)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="large tiles are for the GPU")
+@pytest.mark.parametrize("m", [31, 64, 200, 1000])
+def test_int8_large_m_cuda(m):
+    _check_wo(m, 4096 + 5, 2048 + 3, torch.bfloat16, m)
+    _check_dyn(m, 4096 + 5, 2048 + 3, torch.bfloat16, m)
+
+
+def test_int8_mm_dequant_path():  # M >= DEQUANT_MIN_M: dequantize kernel + plain matmul
+    _check_wo(260, 37, 301, torch.float16, 7)
+
+
+def test_int8_empty():
+    qdata = torch.ones(33, 64, dtype=torch.int8, device=DEVICE)
+    scale = torch.ones(33, device=DEVICE)
+    x = torch.randn(0, 64, device=DEVICE)
+    assert int8_mm(x, qdata, scale).shape == (0, 33)
+    assert int8_dyn_mm(x, qdata, scale).shape == (0, 33)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="compile and CUDA graphs need a GPU")
+@pytest.mark.parametrize("op", [int8_mm, int8_dyn_mm])
+def test_int8_compile_and_cuda_graph(op):
+    w = _rand(256, 512, seed=0, std=0.02)
+    scale = ref.int8_choose_qparams(w, torch.float32 if op is int8_dyn_mm else torch.bfloat16)
+    qdata = ref.int8_quantize(w, scale)
+    x = _rand(8, 512, seed=1, dtype=torch.bfloat16)
+    expect = op(x, qdata, scale)
+    fn = torch.compile(lambda x: op(x, qdata, scale), fullgraph=True)
+    torch.testing.assert_close(fn(x), expect)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(x, qdata, scale)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, op(x, qdata, scale))
