@@ -1,0 +1,473 @@
+"""End-to-end benchmark: a Llama-3-8B-shaped model through Transformers ``generate``.
+
+    python bench/e2e.py [--out DIR] [--variants bf16,lowbit_int4,...] [--layers N] [--tiny]
+
+Random weights, N(0, 0.02), built from a ``LlamaConfig`` directly on the GPU in
+bf16. Per variant, in its own process (clean peak-memory numbers, no state
+shared between variants):
+
+* quantize: seconds to quantize the decoder's linear layers (the output head stays bf16);
+* decode: greedy ``generate`` with a static cache (Transformers compiles the
+  decode step), a 16-token random prompt, exactly ``--new-tokens`` (256) new
+  tokens, batch 1 and batch 8; one warm-up call (compilation), then the best of
+  ``--reps`` timed calls; tokens/s per sequence and peak memory;
+* prefill: one 2048-token forward (logits for the last position only, as
+  ``generate`` computes them), median of ``--reps`` after a warm-up.
+
+Variants: bf16; torchao int4 (tinygemm, g128) and fp8 (dynamic, per row) when
+torchao imports (else from a wheel in ``--wheels``; else skipped); lowbit
+int4 g128 / int8 weight-only / W8A8 / fp8. Writes ``<device>-e2e.json``,
+``<device>-e2e.md`` and ``<device>-e2e.png`` (matplotlib permitting) into
+``--out`` after every variant, merging with results already there, so a run
+cut short or split over several commands still leaves a table.
+
+``--tiny`` runs a tiny config on CPU in one process (a smoke check for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import zipfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+VARIANTS = ["bf16", "ao_int4", "ao_fp8", "lowbit_int4", "lowbit_int8", "lowbit_w8a8", "lowbit_fp8"]
+LABELS = {
+    "bf16": "bf16",
+    "ao_int4": "torchao int4 g128 (tinygemm)",
+    "ao_fp8": "torchao fp8 dyn per-row",
+    "lowbit_int4": "lowbit int4 g128",
+    "lowbit_int8": "lowbit int8 weight-only",
+    "lowbit_w8a8": "lowbit W8A8 (int8 dyn)",
+    "lowbit_fp8": "lowbit fp8 dyn",
+}
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=4096,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
+TINY = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
+
+# ---------------------------------------------------------------------------- one variant
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(args, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(TINY if args.tiny else LLAMA3_8B)
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(LlamaConfig(**shape), dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def quantize(model, variant, group_size):
+    if variant == "bf16":
+        return
+    if variant.startswith("lowbit_"):
+        import lowbit
+
+        cfg = {
+            "lowbit_int4": lambda: lowbit.int4_weight_only(group_size=group_size),
+            "lowbit_int8": lowbit.int8_weight_only,
+            "lowbit_w8a8": lowbit.int8_dynamic_activation_int8_weight,
+            "lowbit_fp8": lowbit.float8_dynamic_activation_float8_weight,
+        }[variant]()
+        lowbit.quantize_(model.model, cfg)  # decoder layers; lm_head stays bf16
+        return
+    import torchao.quantization as ao
+
+    cfg = {
+        "ao_int4": lambda: ao.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d"),
+        "ao_fp8": lambda: ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerRow()),
+    }[variant]()
+    ao.quantize_(model.model, cfg)
+
+
+def weight_bytes(model) -> int:
+    total = 0
+    for p in model.parameters():
+        packed = getattr(p, "nbytes_packed", None)
+        if packed is not None:
+            total += packed
+        elif type(p) is torch.Tensor or type(p) is torch.nn.Parameter:
+            total += p.numel() * p.element_size()
+        else:  # other tensor subclasses (torchao): sum their inner tensors
+            names, _ = p.__tensor_flatten__()
+            total += sum(getattr(p, n).numel() * getattr(p, n).element_size() for n in names)
+    return total
+
+
+def run_variant(variant, args) -> dict:
+    device = torch.device("cpu" if args.tiny else "cuda")
+    res = dict(variant=variant, label=LABELS[variant])
+    if variant.startswith("ao_"):
+        if device.type != "cuda":
+            return dict(res, skipped="torchao variants need CUDA")
+        try:
+            import torchao  # noqa: F401
+        except Exception as e:
+            return dict(res, skipped=f"torchao not importable: {type(e).__name__}: {e}")
+    if variant.endswith("fp8") and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        return dict(res, skipped="fp8 needs sm_89+")
+    t0 = time.perf_counter()
+    model = build_model(args, device)
+    sync(device)
+    res["build_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    quantize(model, variant, args.group_size)
+    sync(device)
+    res["quantize_s"] = round(time.perf_counter() - t0, 2)
+    res["weights_GB"] = round(weight_bytes(model) / 1e9, 3)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        do_sample=False,
+        cache_implementation="static",
+        pad_token_id=0,
+    )
+    if args.no_compile:
+        kw["disable_compile"] = True
+    with torch.inference_mode():
+        for batch in args.batches:
+            ids = torch.randint(1, min(vocab, 128000), (batch, args.prompt_tokens), generator=gen).to(device)
+            t0 = time.perf_counter()
+            model.generate(ids, **kw)  # warm-up: compiles the decode step
+            sync(device)
+            res[f"b{batch}_first_generate_s"] = round(time.perf_counter() - t0, 1)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(args.reps):
+                sync(device)
+                t0 = time.perf_counter()
+                out = model.generate(ids, **kw)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            new = out.shape[1] - ids.shape[1]
+            res[f"b{batch}_tok_s"] = round(new / min(times), 2)  # per sequence
+            if device.type == "cuda":
+                res[f"b{batch}_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+            del out
+        if args.prefill:
+            ids = torch.randint(1, min(vocab, 128000), (1, args.prefill), generator=gen).to(device)
+            model(ids, use_cache=False, logits_to_keep=1)
+            times = []
+            for _ in range(args.reps):
+                sync(device)
+                t0 = time.perf_counter()
+                model(ids, use_cache=False, logits_to_keep=1)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            res["prefill_tok_s"] = round(args.prefill / statistics.median(times), 1)
+    return res
+
+
+# ---------------------------------------------------------------------------- driver
+def device_name(args) -> str:
+    if args.tiny or not torch.cuda.is_available():
+        return "cpu-tiny" if args.tiny else "cpu"
+    return "".join(ch if ch.isalnum() else "-" for ch in torch.cuda.get_device_name().lower()).strip("-")
+
+
+def torchao_pythonpath(args) -> str | None:
+    """A folder to put on PYTHONPATH holding torchao unpacked from a wheel, if torchao is not installed."""
+    try:
+        import torchao  # noqa: F401
+
+        return None
+    except Exception:
+        pass
+    dirs = (
+        [args.wheels]
+        if args.wheels
+        else [os.path.join(ROOT, "shared", "wheels"), os.path.join(ROOT, "..", "shared", "wheels")]
+    )
+    for d in dirs:
+        wheels = sorted(glob.glob(os.path.join(d, "torchao-*.whl")))
+        if wheels:
+            target = tempfile.mkdtemp(prefix="lowbit-e2e-torchao-")
+            with zipfile.ZipFile(wheels[-1]) as z:
+                z.extractall(target)
+            print(f"torchao: using {os.path.basename(wheels[-1])} unpacked into {target}", flush=True)
+            return target
+    return None
+
+
+def run_in_subprocess(variant, args, env) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--child-out", path, *args.child_argv]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+        if os.path.getsize(path):
+            with open(path) as f:
+                return json.load(f)
+        return dict(variant=variant, label=LABELS[variant], error=f"exit {p.returncode}: {p.stderr.strip()[-800:]}")
+    except subprocess.TimeoutExpired:
+        return dict(variant=variant, label=LABELS[variant], error=f"timed out after {args.timeout} s")
+    finally:
+        os.unlink(path)
+
+
+def ratio(r, base, key):
+    if base and r.get(key) and base.get(key):
+        return f"{r[key] / base[key]:.2f}x"
+    return "-"
+
+
+def markdown(results, meta) -> str:
+    base = next((r for r in results if r["variant"] == "bf16" and "error" not in r and "skipped" not in r), None)
+    batches = meta["batches"]
+    head = ["variant", "weights GB", "quantize s"]
+    for b in batches:
+        head += [f"b{b} tok/s", f"b{b} x"]
+    head += ["prefill tok/s", "prefill x"] + [f"peak GB b{b}" for b in batches]
+    lines = [
+        f"End to end on {meta['device']} ({meta['date']}): Llama-3-8B shape with random weights"
+        + (f" ({meta['layers']} layers)" if meta.get("layers") else "")
+        + f", Transformers {meta['transformers']} `generate`, static cache, greedy, {meta['new_tokens']} new tokens; "
+        f"prefill = one {meta['prefill']}-token forward. tok/s is per sequence; x = ratio to bf16 in the same run.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (len(head) - 1),
+    ]
+    for r in results:
+        if "error" in r or "skipped" in r:
+            why = f"skipped: {r['skipped']}" if "skipped" in r else f"error: {r['error']}"
+            why = why.replace("|", "/").replace("\n", " ")[:160]
+            lines.append(f"| {r['label']} | {why} |" + " |" * (len(head) - 2))
+            continue
+        cells = [r["label"], r.get("weights_GB", "-"), r.get("quantize_s", "-")]
+        for b in batches:
+            cells += [r.get(f"b{b}_tok_s", "-"), ratio(r, base, f"b{b}_tok_s")]
+        cells += [r.get("prefill_tok_s", "-"), ratio(r, base, "prefill_tok_s")]
+        cells += [r.get(f"b{b}_peak_GB", "-") for b in batches]
+        lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return False
+    base = next((r for r in results if r["variant"] == "bf16" and "b1_tok_s" in r), None)
+    ok = [r for r in results if "error" not in r and "skipped" not in r]
+    if base is None or not ok:
+        return False
+    keys = [k for k in base if k.endswith("_tok_s")]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        ys = [r.get(k, 0) / base[k] for r in ok]
+        ax.bar(
+            [x + i * width for x in range(len(ok))],
+            ys,
+            width,
+            label="prefill" if k == "prefill_tok_s" else "batch " + k[1:].split("_")[0],
+        )
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks([x + width * (len(keys) - 1) / 2 for x in range(len(ok))])
+    ax.set_xticklabels([r["label"] for r in ok], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("speed vs bf16 (same run)")
+    ax.set_title("Llama-3-8B shape, Transformers generate (static cache)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(results, meta, out, name):
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{name}-e2e.json")
+    merged = {}
+    if os.path.exists(path):  # keep variants measured by an earlier command into the same folder
+        try:
+            with open(path) as f:
+                for r in json.load(f).get("results", []):
+                    merged[r["variant"]] = r
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    for r in results:
+        merged[r["variant"]] = dict(r, date=meta["date"])
+    ordered = [merged[v] for v in VARIANTS if v in merged]
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": ordered}, f, indent=1)
+    md = markdown(ordered, meta)
+    with open(os.path.join(out, f"{name}-e2e.md"), "w") as f:
+        f.write(md)
+    plot(ordered, os.path.join(out, f"{name}-e2e.png"))
+    return md
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--out", default=os.path.join(ROOT, "bench", "results"), help="output folder (default: bench/results)"
+    )
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ",".join(VARIANTS))
+    p.add_argument(
+        "--layers", type=int, default=0, help="decoder layers (default: 32, or 2 with --tiny); fewer for a quick check"
+    )
+    p.add_argument("--tiny", action="store_true", help="tiny config on CPU, one process, no compile (smoke check)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default: 256; 8 with --tiny)")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,8; 1,2 with --tiny)")
+    p.add_argument(
+        "--prefill", type=int, default=None, help="prefill length, 0 to skip (default: 2048; 32 with --tiny)"
+    )
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length for decode (default: 16)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions after the warm-up (default: 3)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default: 128)")
+    p.add_argument(
+        "--no-compile", action="store_true", help="eager decode (Transformers compiles static-cache decode by default)"
+    )
+    p.add_argument("--timeout", type=int, default=540, help="seconds per variant process (default: 540)")
+    p.add_argument(
+        "--wheels",
+        default=None,
+        help="folder with a torchao wheel to use when torchao is not installed (default: shared/wheels)",
+    )
+    p.add_argument("--in-process", action="store_true", help="run every variant in this process (default with --tiny)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    if args.new_tokens is None:
+        args.new_tokens = 8 if args.tiny else 256
+    if args.prefill is None:
+        args.prefill = 32 if args.tiny else 2048
+    args.batches = [int(b) for b in (args.batches or ("1,2" if args.tiny else "1,8")).split(",")]
+    if args.tiny:
+        args.no_compile = True
+        args.in_process = True
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variant_list if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variant(s) {bad}; choose from {VARIANTS}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:  # one variant, result to a file (the parent reads it)
+        try:
+            res = run_variant(args.child, args)
+        except Exception as e:
+            res = dict(variant=args.child, label=LABELS[args.child], error=f"{type(e).__name__}: {e}")
+            traceback.print_exc()
+        with open(args.child_out, "w") as f:
+            json.dump(res, f)
+        return 0
+    if not args.tiny and not torch.cuda.is_available():
+        print("bench/e2e.py needs a CUDA GPU (use --tiny for a CPU smoke check)", file=sys.stderr)
+        return 2
+    import transformers
+
+    # drop --variants from what children get: each child gets its own --child
+    child_argv, skip = [], False
+    for a in args.child_argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--variants":
+            skip = True
+            continue
+        if a.startswith("--variants="):
+            continue
+        child_argv.append(a)
+    args.child_argv = child_argv
+    name = device_name(args)
+    meta = dict(
+        device=torch.cuda.get_device_name()
+        if name not in ("cpu", "cpu-tiny")
+        else f"CPU ({platform.machine()}, tiny config)",
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        layers=args.layers or None,
+        new_tokens=args.new_tokens,
+        prefill=args.prefill,
+        batches=args.batches,
+        group_size=args.group_size,
+    )
+    env = dict(os.environ)
+    if not args.in_process and any(v.startswith("ao_") for v in args.variant_list):
+        extra = torchao_pythonpath(args)
+        if extra:
+            env["PYTHONPATH"] = os.pathsep.join([extra, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    try:
+        import lowbit  # noqa: F401
+
+        meta["lowbit"] = lowbit.__version__
+    except Exception:
+        pass
+    print(json.dumps(meta), flush=True)
+    results = []
+    for v in args.variant_list:
+        t0 = time.perf_counter()
+        if args.in_process:
+            try:
+                r = run_variant(v, args)
+            except Exception as e:
+                r = dict(variant=v, label=LABELS[v], error=f"{type(e).__name__}: {e}")
+        else:
+            r = run_in_subprocess(v, args, env)
+        results.append(r)
+        print(f"{v} ({time.perf_counter() - t0:.0f} s): {json.dumps(r)}", flush=True)
+        md = write_outputs(results, meta, args.out, name)
+    print()
+    print(md)
+    print(f"written to {args.out}/{name}-e2e.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The command line end to end on a tiny random Llama (CPU): quantize -> generate -> eval, and usage errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.cli import common as c
+from lowbit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random 2-layer Llama with a byte-level BPE tokenizer trained here on the bundled text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([c.default_text().read_text()], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(fast),
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def run_cli(*argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_generate_eval_end_to_end(tiny_model, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    code, stdout, err = run_cli("quantize", tiny_model, out, "--scheme", "int4", "--group-size", "32", capsys=capsys)
+    assert code == 0, err
+    assert "wrote" in stdout and (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "lowbit"
+
+    # plain from_pretrained reloads it; every decoder linear is int4, the head is not
+    q = AutoModelForCausalLM.from_pretrained(out)
+    fp = AutoModelForCausalLM.from_pretrained(tiny_model)
+    lin = {n: m for n, m in q.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert not isinstance(lin.pop("lm_head").weight, lowbit.QTensor)
+    assert all(isinstance(m.weight, lowbit.Int4Tensor) for m in lin.values())
+    # the checkpoint holds the same function as quantizing the fp model in memory
+    ref = c.quantize_in_memory(fp, "int4", 32)
+    ids = torch.randint(0, fp.config.vocab_size, (1, 24))
+    with torch.inference_mode():
+        torch.testing.assert_close(q(ids).logits, ref(ids).logits)
+
+    code, stdout, err = run_cli(
+        "generate", out, "--prompt", "We hold these truths", "--max-new-tokens", "5", capsys=capsys
+    )
+    assert code == 0, err
+    assert "tokens/s" in stdout
+
+    code, stdout, err = run_cli(
+        "eval",
+        tiny_model,
+        "--schemes",
+        "int4,int8,w8a8",
+        "--group-size",
+        "32",
+        "--ctx",
+        "64",
+        "--max-tokens",
+        "128",
+        capsys=capsys,
+    )
+    assert code == 0, err
+    rows = [line for line in stdout.splitlines() if line.startswith("| ") and "perplexity" not in line]
+    assert [r.split("|")[1].strip().split()[0] for r in rows] == ["full", "int4", "int8", "w8a8"]
+    # a random model is near-uniform over the vocabulary: perplexity within a factor of 2 of it
+    for r in rows:
+        ppl = float(r.split("|")[3])
+        assert fp.config.vocab_size / 2 < ppl < fp.config.vocab_size * 2
+
+    code, stdout, err = run_cli(
+        "eval", out, "--reference", tiny_model, "--ctx", "64", "--max-tokens", "128", capsys=capsys
+    )
+    assert code == 0, err
+    assert "(lowbit)" in stdout
+
+
+def test_perplexity_matches_hand_computation(tiny_model):
+    model = c.load_model(c.ModelSource(str(tiny_model)), torch.float32)
+    tok = c.load_tokenizer(c.ModelSource(str(tiny_model)))
+    ids = c.read_text_ids(tok, c.default_text(), 100)
+    # by hand: two windows of 50, log-softmax, pick the next token, skip each window's first token
+    logps = []
+    with torch.no_grad():
+        for w in (ids[:50], ids[50:100]):
+            logits = model(w[None]).logits[0].double()
+            lp = torch.log_softmax(logits, -1)[:-1].gather(1, w[1:, None])
+            logps.append(lp)
+    expected = math.exp(-torch.cat(logps).mean().item())
+    assert c.perplexity(model, ids, ctx=50) == pytest.approx(expected, rel=1e-4)
+
+
+def test_memory_and_disk_sizes(tiny_model, tmp_path):
+    model = c.load_model(c.ModelSource(str(tiny_model)), torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    assert c.memory_bytes(model) >= params * 2
+    q = c.quantize_in_memory(model, "int8", 128)
+    w = q.model.layers[0].mlp.down_proj.weight
+    assert isinstance(w, lowbit.Int8Tensor)
+    saved = model.model.layers[0].mlp.down_proj.weight.numel() * 2 - w.nbytes_packed
+    assert c.memory_bytes(model) - c.memory_bytes(q) >= saved  # at least this layer's saving
+    assert c.disk_bytes(tiny_model) == (tiny_model / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["quantize", "/nonexistent/model", "OUT"], "does not exist"),
+        (["generate", "/nonexistent/model"], "does not exist"),
+        (["eval", "MODEL", "--schemes", "int3"], "unknown scheme"),
+        (["eval", "MODEL", "--text", "/nonexistent.txt"], "does not exist"),
+        (["generate", "MODEL", "--max-new-tokens", "0"], "at least 1"),
+        (["quantize", "EMPTY", "OUT"], "no config.json"),
+        (["quantize", "CORRUPT", "OUT"], "could not load"),
+        (["quantize", "BADJSON", "OUT"], "not valid JSON"),
+        (["quantize", "NOTGGUF", "OUT"], "not a GGUF file"),
+        (["quantize", "MODEL", "NONEMPTY"], "not empty"),
+        (["generate", "TEXTFILE"], "not a .gguf file"),
+    ],
+)
+def test_usage_errors_are_one_line(argv, message, tiny_model, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((tiny_model / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "config.json").write_text("{oops")
+    (tmp_path / "fake.gguf").write_bytes(b"NOPE" + b"\x00" * 64)
+    (tmp_path / "nonempty").mkdir()
+    (tmp_path / "nonempty" / "x").write_text("x")
+    (tmp_path / "notes.txt").write_text("hello")
+    subst = {
+        "MODEL": tiny_model,
+        "EMPTY": tmp_path / "empty",
+        "CORRUPT": corrupt,
+        "BADJSON": tmp_path / "badjson",
+        "NOTGGUF": tmp_path / "fake.gguf",
+        "NONEMPTY": tmp_path / "nonempty",
+        "TEXTFILE": tmp_path / "notes.txt",
+        "OUT": tmp_path / "out",
+    }
+    code, out, err = run_cli(*[subst.get(a, a) for a in argv], capsys=capsys)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()  # a failed quantize leaves no half-written folder
+
+
+def test_argparse_errors_and_help():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for argv, code in ([[], 2], [["quantize"], 2], [["quantize", "a", "b", "--scheme", "int3"], 2], [["--help"], 0]):
+        p = subprocess.run(
+            [sys.executable, "-m", "lowbit", *argv], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert p.returncode == code, p.stderr
+        assert "Traceback" not in p.stderr
+    assert "quantize" in p.stdout and "generate" in p.stdout and "eval" in p.stdout and "bench" in p.stdout
+
+
+def test_bench_needs_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, out, err = run_cli("bench", "kernels", capsys=capsys)
+    assert code == 1 and "needs a CUDA GPU" in err
+
+
+def test_e2e_bench_tiny_on_cpu(tmp_path):
+    """bench/e2e.py --tiny runs every lowbit variant and bf16, writes JSON + markdown, skips torchao on CPU."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import e2e
+    finally:
+        sys.path.pop(0)
+    assert (
+        e2e.main(
+            ["--tiny", "--out", str(tmp_path), "--reps", "1", "--variants", "bf16,ao_int4,lowbit_int4,lowbit_w8a8"]
+        )
+        == 0
+    )
+    data = json.loads((tmp_path / "cpu-tiny-e2e.json").read_text())
+    by = {r["variant"]: r for r in data["results"]}
+    assert "skipped" in by["ao_int4"]
+    for v in ("bf16", "lowbit_int4", "lowbit_w8a8"):
+        assert by[v]["b1_tok_s"] > 0 and by[v]["b2_tok_s"] > 0 and by[v]["prefill_tok_s"] > 0, by[v]
+    assert by["lowbit_int4"]["weights_GB"] < by["bf16"]["weights_GB"]
+    md = (tmp_path / "cpu-tiny-e2e.md").read_text()
+    assert "lowbit int4 g128" in md and "bf16" in md
