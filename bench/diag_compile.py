@@ -28,7 +28,7 @@ def build(layers):
     return m.eval()
 
 
-def run(name, layers, static):
+def run(name, layers, static, profile=False):
     torch._dynamo.reset()
     m = build(layers)
     if name != "bf16":
@@ -49,6 +49,15 @@ def run(name, layers, static):
         torch.cuda.synchronize()
     tok_s = (out.shape[1] - 16) / (time.time() - t)
     print(f"RESULT {name} static={static} layers={layers}: {tok_s:.1f} tok/s", flush=True)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        kw.update(max_new_tokens=16, min_new_tokens=16)
+        with torch.no_grad(), prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            m.generate(ids, **kw)
+            torch.cuda.synchronize()
+        print(p.key_averages().table(sort_by="device_time_total", row_limit=18, max_name_column_width=70))
 
 
 if __name__ == "__main__":
@@ -56,5 +65,6 @@ if __name__ == "__main__":
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--variant", default="bf16")
     p.add_argument("--static", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print the top kernels of 16 decode steps")
     a = p.parse_args()
-    run(a.variant, a.layers, a.static)
+    run(a.variant, a.layers, a.static, a.profile)

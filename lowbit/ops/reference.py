@@ -51,6 +51,16 @@ FP8_MAX = 448.0
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _div(a: torch.Tensor, c: float) -> torch.Tensor:
+    """``a / c`` rounded the same on every device.
+
+    CUDA divides by a Python scalar as a multiplication by its reciprocal, which
+    rounds differently from the CPU's true division; a tensor divisor is an IEEE
+    division everywhere, so CPU- and GPU-quantized weights are bit-identical.
+    """
+    return a / torch.full((), c, dtype=a.dtype, device=a.device)
+
+
 def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` (fp32) cast to ``dtype`` never below its fp32 value.
 
@@ -70,7 +80,7 @@ def int4_choose_qparams(w: torch.Tensor, group_size: int, qparam_dtype: torch.dt
     wg = w.float().reshape(n, k // group_size, group_size)
     lo = wg.amin(dim=-1)
     hi = wg.amax(dim=-1)
-    scale = _round_up(((hi - lo) / 15.0).clamp_min(SCALE_EPS), qparam_dtype)
+    scale = _round_up(_div(hi - lo, 15.0).clamp_min(SCALE_EPS), qparam_dtype)
     zero = (lo + 8.0 * scale.float()).to(qparam_dtype)
     return scale, zero
 
@@ -113,7 +123,7 @@ def int4_linear(x, qdata, scale, zero, group_size: int, bias=None):
 def int8_choose_qparams(w: torch.Tensor, qparam_dtype: torch.dtype) -> torch.Tensor:
     """Symmetric scale per row of ``w`` [N, K] (or per token of an activation)."""
     amax = w.float().abs().amax(dim=-1)
-    return _round_up((amax / 127.0).clamp_min(SCALE_EPS), qparam_dtype)
+    return _round_up(_div(amax, 127.0).clamp_min(SCALE_EPS), qparam_dtype)
 
 
 def int8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -147,7 +157,7 @@ def int8_dynamic_linear(x, qdata, scale, bias=None):
 # --------------------------------------------------------------------------- fp8
 def fp8_choose_qparams(w: torch.Tensor) -> torch.Tensor:
     amax = w.float().abs().amax(dim=-1)
-    return (amax / FP8_MAX).clamp_min(SCALE_EPS)
+    return _div(amax, FP8_MAX).clamp_min(SCALE_EPS)
 
 
 def fp8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
