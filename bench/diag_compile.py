@@ -28,7 +28,7 @@ def build(layers):
     return m.eval()
 
 
-def run(name, layers, static, profile=False):
+def run(name, layers, static, profile=False, inference_mode=False):
     torch._dynamo.reset()
     m = build(layers)
     if name != "bf16":
@@ -41,20 +41,23 @@ def run(name, layers, static, profile=False):
                         torch._dynamo.mark_static_address(t)
     ids = torch.randint(0, 128000, (1, 16), device="cuda")
     kw = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False, cache_implementation="static")
-    with torch.no_grad():
+    ctx = torch.inference_mode if inference_mode else torch.no_grad
+    with ctx():
         m.generate(ids, **kw)
         torch.cuda.synchronize()
         t = time.time()
         out = m.generate(ids, **kw)
         torch.cuda.synchronize()
     tok_s = (out.shape[1] - 16) / (time.time() - t)
-    print(f"RESULT {name} static={static} layers={layers}: {tok_s:.1f} tok/s", flush=True)
+    print(
+        f"RESULT {name} static={static} inference_mode={inference_mode} layers={layers}: {tok_s:.1f} tok/s", flush=True
+    )
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as prof
 
         kw.update(max_new_tokens=16, min_new_tokens=16)
-        with torch.no_grad(), prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        with ctx(), prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
             m.generate(ids, **kw)
             torch.cuda.synchronize()
         print(p.key_averages().table(sort_by="device_time_total", row_limit=18, max_name_column_width=70))
@@ -66,5 +69,6 @@ if __name__ == "__main__":
     p.add_argument("--variant", default="bf16")
     p.add_argument("--static", action="store_true")
     p.add_argument("--profile", action="store_true", help="print the top kernels of 16 decode steps")
+    p.add_argument("--inference-mode", action="store_true")
     a = p.parse_args()
-    run(a.variant, a.layers, a.static, a.profile)
+    run(a.variant, a.layers, a.static, a.profile, a.inference_mode)

@@ -92,6 +92,7 @@ def int4_cpu_unpack(packed: torch.Tensor, layout: str) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@torch.compiler.assume_constant_result
 @functools.cache
 def int4_cpu_layout() -> str | None:
     """The layout this machine's aten int4 CPU kernel reads, or None if unknown/absent."""
@@ -120,12 +121,12 @@ def interleave_scale_zero(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torc
 
 
 def is_interleaved(scale: torch.Tensor, zero: torch.Tensor) -> bool:
-    n = scale.shape[0]
-    return (
-        scale.stride() == (2, 2 * n)
-        and zero.stride() == (2, 2 * n)
-        and zero.storage_offset() == scale.storage_offset() + 1
-    )
+    n, g = scale.shape
+
+    def ok(t):  # the stride of a size-1 dim is arbitrary
+        return t.stride(0) == 2 and (g == 1 or t.stride(1) == 2 * n)
+
+    return ok(scale) and ok(zero) and zero.storage_offset() == scale.storage_offset() + 1
 
 
 def _scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
