@@ -65,6 +65,9 @@ class QTensor(torch.Tensor):
             raise TypeError(f"{type(self).__name__} missing attributes {sorted(missing)}")
         for name in self.attr_fields:
             setattr(self, name, attrs[name])
+        # built once: torch.compile guards call __tensor_flatten__ on every call of a
+        # compiled model, once per quantized parameter
+        self._flatten_ctx = (tuple(self.shape), dtype, tuple((n, attrs[n]) for n in self.attr_fields))
 
     # ------------------------------------------------------------------ fields
     def _tensors(self) -> list[torch.Tensor]:
@@ -81,12 +84,12 @@ class QTensor(torch.Tensor):
         return type(self)(*[fn(t) for t in self._tensors()], shape=shape, dtype=self.dtype, **attrs)
 
     def __tensor_flatten__(self):
-        return list(self.tensor_fields), (tuple(self.shape), self.dtype, self._attrs())
+        return self.tensor_fields, self._flatten_ctx
 
     @classmethod
     def __tensor_unflatten__(cls, inner_tensors, ctx, outer_size, outer_stride):
         shape, dtype, attrs = ctx
-        return cls(*[inner_tensors[n] for n in cls.tensor_fields], shape=outer_size, dtype=dtype, **attrs)
+        return cls(*[inner_tensors[n] for n in cls.tensor_fields], shape=outer_size, dtype=dtype, **dict(attrs))
 
     def __reduce_ex__(self, protocol):
         # Plain fields + attributes only: safe for torch.load(weights_only=True)
