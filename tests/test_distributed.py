@@ -126,12 +126,16 @@ def _model(dims, config, seed, device, lora=False):
 
 
 def _shard(model):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # name the mesh's device: on a CUDA host FSDP2 would otherwise place gloo shards on the GPU
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for mod in model:
         if isinstance(mod, (nn.Linear, LoRALinear)):
-            fully_shard(mod)
-    fully_shard(model)
+            fully_shard(mod, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
