@@ -89,7 +89,7 @@ def lowbit_layers(ws: list[torch.Tensor]) -> dict:
     q4 = []
     for w in ws:
         s, z = ref.int4_choose_qparams(w, GS, torch.bfloat16)
-        q4.append((ref.int4_pack(ref.int4_quantize(w, s, z, GS), GS), s, z))
+        q4.append((ref.int4_pack(ref.int4_quantize(w, s, z, GS)), s, z))
     out["int4"] = (
         [lambda x, p=p: int4_mm(x, *p, GS) for p in q4],
         lambda x, p=q4[0]: ref.int4_linear(x, *p, GS),

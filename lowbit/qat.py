@@ -94,7 +94,7 @@ def fake_quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype | No
         wd = w.detach()
         scale, zero = ref.int4_choose_qparams(wd, group_size, w.dtype)
         codes = ref.int4_quantize(wd, scale, zero, group_size)
-        w_hat = ref.int4_dequantize(ref.int4_pack(codes, group_size), scale, zero, group_size, dtype or w.dtype)
+        w_hat = ref.int4_dequantize(ref.int4_pack(codes), scale, zero, group_size, dtype or w.dtype)
     return _straight_through(w, w_hat)
 
 

@@ -16,10 +16,7 @@ int4 weight-only (``Int4Tensor``), group-wise asymmetric along K::
     zero  = min + 8 * scale                          the value that q = 8 decodes to
     q     = clamp(round((w - zero) / scale) + 8, 0, 15)   using the *stored* scale/zero
     w_hat = (q - 8) * scale + zero                  in fp32, then cast to the compute dtype
-    qdata [N, K // 2] uint8: the bytes of group g are qdata[n, g*G/2 : (g+1)*G/2], and
-    byte j of it holds q[n, g*G + j] in the low nibble and q[n, g*G + G/2 + j] in the
-    high one (G = group_size). Each half of a group is then a contiguous run of x, which
-    the kernels load with vector loads (no even/odd gathers or shuffles).
+    qdata[n, j] = q[n, 2j] | q[n, 2j + 1] << 4      uint8, shape [N, K // 2]
 
 int8 weight-only (``Int8Tensor``), symmetric per output channel::
 
@@ -93,22 +90,21 @@ def int4_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grou
     return q.clamp_(0, 15).to(torch.uint8).reshape(n, k)
 
 
-def int4_pack(q: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N, K] codes in [0, 15] -> [N, K // 2] uint8 (group-halves layout, see module doc)."""
-    n, k = q.shape
-    halves = q.to(torch.uint8).reshape(n, k // group_size, 2, group_size // 2)
-    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)
+def int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes in [0, 15] -> [N, K // 2] uint8, even k in the low nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
-def int4_unpack(qdata: torch.Tensor, group_size: int) -> torch.Tensor:
+def int4_unpack(qdata: torch.Tensor) -> torch.Tensor:
     """[N, K // 2] uint8 -> [N, K] uint8 codes in [0, 15]."""
-    n, kh = qdata.shape
-    b = qdata.reshape(n, kh * 2 // group_size, 1, group_size // 2)
-    return torch.cat([b & 0x0F, b >> 4], dim=2).reshape(n, kh * 2)
+    lo = qdata & 0x0F
+    hi = qdata >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(qdata.shape[0], qdata.shape[1] * 2)
 
 
 def int4_dequantize(qdata, scale, zero, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    q = int4_unpack(qdata, group_size).float()
+    q = int4_unpack(qdata).float()
     n, k = q.shape
     qg = q.reshape(n, k // group_size, group_size)
     w = (qg - 8.0) * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)

@@ -40,14 +40,14 @@ class Int4Tensor(QTensor):
             raise ValueError(f"int4 group_size {group_size} does not divide in_features K={k}")
         scale, zero = ref.int4_choose_qparams(w, group_size, w.dtype)
         q = ref.int4_quantize(w, scale, zero, group_size)
-        plain = cls(ref.int4_pack(q, group_size), scale, zero, shape=w.shape, dtype=w.dtype, group_size=group_size, packing="plain")
+        plain = cls(ref.int4_pack(q), scale, zero, shape=w.shape, dtype=w.dtype, group_size=group_size, packing="plain")
         return plain.repack(_best_packing(plain.device, n, k, group_size) if packing == "auto" else packing)
 
     # ------------------------------------------------------------------ packing
     def codes(self) -> torch.Tensor:
         """Unpacked codes [N, K] in [0, 15], whatever the packing."""
         if self.packing == "plain":
-            return ref.int4_unpack(self.qdata, self.group_size)
+            return ref.int4_unpack(self.qdata)
         return cpu.int4_cpu_unpack(self.qdata, self.packing)
 
     def repack(self, packing: str) -> Int4Tensor:
@@ -58,7 +58,7 @@ class Int4Tensor(QTensor):
                 f"unknown int4 packing {packing!r}; expected 'plain' or one of {list(cpu.INT4_CPU_LAYOUTS)}"
             )
         q = self.codes()
-        qdata = ref.int4_pack(q, self.group_size) if packing == "plain" else cpu.int4_cpu_pack(q, packing)
+        qdata = ref.int4_pack(q) if packing == "plain" else cpu.int4_cpu_pack(q, packing)
         return Int4Tensor(
             qdata,
             self.scale,
@@ -82,7 +82,7 @@ class Int4Tensor(QTensor):
 
     # ------------------------------------------------------------------ numerics
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        plain = ref.int4_pack(self.codes(), self.group_size) if self.packing != "plain" else self.qdata
+        plain = ref.int4_pack(self.codes()) if self.packing != "plain" else self.qdata
         return ref.int4_dequantize(plain, self.scale, self.zero, self.group_size, dtype or self.dtype)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:

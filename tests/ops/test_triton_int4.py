@@ -22,7 +22,7 @@ def _weight(n, k, gs, qdtype, seed):
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=g) * 0.02).to(DEVICE)
     scale, zero = ref.int4_choose_qparams(w, gs, qdtype)
-    return ref.int4_pack(ref.int4_quantize(w, scale, zero, gs), gs), scale, zero
+    return ref.int4_pack(ref.int4_quantize(w, scale, zero, gs)), scale, zero
 
 
 def _check(m, n, k, gs, dtype, seed):

@@ -3,8 +3,7 @@
 Shapes and math (the spec is ``lowbit.ops.reference.int4_linear``)::
 
     x      [M, K]              bf16 / fp16 / fp32 activations
-    qdata  [N, K // 2] uint8   group-halves layout: byte j of group g holds q[g*gs + j] (low
-                               nibble) and q[g*gs + gs/2 + j] (high nibble)
+    qdata  [N, K // 2] uint8   q[n, 2j] in the low nibble of qdata[n, j], q[n, 2j+1] in the high one
     scale  [N, K // gs]        weight dtype; zero likewise
     w_hat[n, k] = (q[n, k] - 8) * scale[n, k // gs] + zero[n, k // gs]     (fp32, cast to x.dtype)
     y      [M, N] = x @ w_hat.T   accumulated in fp32, returned in x.dtype
@@ -13,9 +12,9 @@ Two paths, picked by M:
 
 * ``_gemm_kernel`` (M < DEQUANT_MIN_M, decode included): tensor-core GEMM; the
   weight tile is unpacked and dequantized in registers inside the main loop
-  (exactly the reference's fp32 formula, cast to x.dtype). The low nibbles of a
-  byte tile pair with one contiguous run of x and the high nibbles with the run
-  gs/2 further on, so two half-depth dots run on plain vector loads of x. For small M the K loop is split
+  (exactly the reference's fp32 formula, cast to x.dtype). Even k live in the
+  low nibbles, so x is split into even/odd columns and two half-depth dots run,
+  keeping the weight path purely elementwise. For small M the K loop is split
   across programs (fp32 atomics into a zeroed buffer) so enough programs stream
   the weight. An FMA GEMV for M = 1 measured slower (bench/KERNEL_NOTES.md).
 * ``_dequant_kernel`` + cuBLAS (M >= DEQUANT_MIN_M, CUDA, bf16/fp16): w_hat is
@@ -107,32 +106,31 @@ def _gemm_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rb = tl.arange(0, BLOCK_K // 2)
+    rk = tl.arange(0, BLOCK_K)
+    rkh = tl.arange(0, BLOCK_K // 2)
     m_ok = rm[:, None] < M
     n_ok = rn < N
     kh = K // 2
     ng = K // GS
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + rb[None, :]
-    q_ptrs = q_ptr + rn[:, None] * kh + rb[None, :]
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    q_ptrs = q_ptr + rn[:, None] * kh + rkh[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # walk the packed bytes: a tile of BLOCK_K // 2 bytes sits inside one group g and pairs
-    # with x[g*GS + j ...] (low nibbles) and x[g*GS + GS/2 + j ...] (high nibbles)
-    for j0 in range(pid_k * (BLOCK_K // 2), kh, (BLOCK_K // 2) * SPLIT_K):
-        g = j0 // (GS // 2)
-        kx = g * GS + j0 % (GS // 2)
-        x_lo = tl.load(x_ptrs + kx, mask=m_ok, other=0.0)
-        x_hi = tl.load(x_ptrs + kx + GS // 2, mask=m_ok, other=0.0)
-        qb = tl.load(q_ptrs + j0, mask=n_ok[:, None], other=0)
-        s = tl.load(s_ptr + rn * ng + g, mask=n_ok, other=0).to(tl.float32)
-        z = tl.load(z_ptr + rn * ng + g, mask=n_ok, other=0).to(tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        x = tl.load(x_ptrs + k0, mask=m_ok, other=0.0)
+        qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
+        s = tl.load(s_ptr + rn * ng + k0 // GS, mask=n_ok, other=0).to(tl.float32)
+        z = tl.load(z_ptr + rn * ng + k0 // GS, mask=n_ok, other=0).to(tl.float32)
+        # even k sit in the low nibbles, odd k in the high ones: split x the same way and
+        # run two half-depth dots, so the weight is only ever touched elementwise
+        xe, xo = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
         lo = ((qb & 15).to(tl.float32) - 8.0) * s[:, None] + z[:, None]
         hi = ((qb >> 4).to(tl.float32) - 8.0) * s[:, None] + z[:, None]
         if DOT_F32:
-            acc = tl.dot(x_lo.to(tl.float32), tl.trans(lo.to(x_lo.dtype).to(tl.float32)), acc)
-            acc = tl.dot(x_hi.to(tl.float32), tl.trans(hi.to(x_lo.dtype).to(tl.float32)), acc)
+            acc = tl.dot(xe.to(tl.float32), tl.trans(lo.to(x.dtype).to(tl.float32)), acc)
+            acc = tl.dot(xo.to(tl.float32), tl.trans(hi.to(x.dtype).to(tl.float32)), acc)
         else:
-            acc = tl.dot(x_lo, tl.trans(lo.to(x_lo.dtype)), acc)
-            acc = tl.dot(x_hi, tl.trans(hi.to(x_lo.dtype)), acc)
+            acc = tl.dot(xe, tl.trans(lo.to(x.dtype)), acc)
+            acc = tl.dot(xo, tl.trans(hi.to(x.dtype)), acc)
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     mask = m_ok & n_ok[None, :]
     if SPLIT_K == 1:
@@ -172,8 +170,8 @@ def _gemv_kernel(
     """One row of x per program column; FMAs on the raw codes, scales applied per group.
 
     sum_k x_k * ((q_k - 8) s + z) = s * sum_k q_k x_k + (z - 8 s) * sum_k x_k over a group,
-    so the inner loop touches each weight with and/shift, convert and FMAs; the low and
-    high nibbles meet the two contiguous halves of the group's x (vector loads).
+    so the inner loop touches each weight with and/shift, convert and two FMAs; even
+    and odd k (low/high nibbles) meet the even/odd entries of x, so no interleave.
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -185,16 +183,15 @@ def _gemv_kernel(
     kh = K // 2
     # [BLOCK_N, GROUPS, GS // 2] bytes of GROUPS consecutive groups
     q_ptrs = q_ptr + rn[:, None, None] * kh + rg[None, :, None] * (GS // 2) + rj[None, None, :]
-    x_ptrs = x_ptr + m * stride_xm + rg[:, None] * GS + rj[None, :]
+    x_ptrs = x_ptr + m * stride_xm + rg[:, None] * GS + 2 * rj[None, :]
     sz_off = rn[:, None] * ng + rg[None, :]
     acc = tl.zeros([BLOCK_N, GROUPS, GS // 2], dtype=tl.float32)
     acc_z = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     for g0 in range(0, ng, GROUPS):
         g_ok = g0 + rg < ng
         qb = tl.load(q_ptrs + g0 * (GS // 2), mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
-        # low nibbles pair with the first half of each group of x, high nibbles with the second
         xe = tl.load(x_ptrs + g0 * GS, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        xo = tl.load(x_ptrs + g0 * GS + GS // 2, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        xo = tl.load(x_ptrs + g0 * GS + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
         s = tl.load(s_ptr + sz_off + g0, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sz_off + g0, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
         if MAGIC:
@@ -225,9 +222,9 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, GS: tl.constexpr, BLOCK_N:
     qb = tl.load(q_ptr + rn[:, None] * (K // 2) + grp * (GS // 2) + rj[None, :], mask=n_ok, other=0)
     s = tl.load(s_ptr + rn * ng + grp, mask=rn < N, other=0).to(tl.float32)[:, None]
     z = tl.load(z_ptr + rn * ng + grp, mask=rn < N, other=0).to(tl.float32)[:, None]
-    row = w_ptr + rn[:, None] * K + grp * GS + rj[None, :]
-    tl.store(row, ((qb & 15).to(tl.float32) - 8.0) * s + z, mask=n_ok)
-    tl.store(row + GS // 2, ((qb >> 4).to(tl.float32) - 8.0) * s + z, mask=n_ok)
+    q = tl.join(qb & 15, qb >> 4).reshape(BLOCK_N, GS)
+    w = ((q.to(tl.float32) - 8.0) * s + z).to(w_ptr.dtype.element_ty)
+    tl.store(w_ptr + rn[:, None] * K + grp * GS + tl.arange(0, GS)[None, :], w, mask=n_ok)
 
 
 # ----------------------------------------------------------------------------- launcher
