@@ -20,12 +20,16 @@ int4 forward therefore runs the plain-layout path (Triton on CUDA, the
 reference on CPU).
 
 N not divisible by the world size: FSDP pads every shard to ``P = ceil(N /
-world)`` rows and requires the all-gather inputs of a padded shard to have the
-weight's padded shape ``[P, K]``. Such layers send each row's packed bytes as
-one row of a ``[P, K]`` tensor of the smallest integer type that holds them
-(int4: uint8, ~2x the packed bytes, still half of bf16; int8/fp8: 2 bytes per
-element, the bf16 size) and unpack after the gather. Evenly divisible layers send exactly
-``nbytes_packed``.
+world)`` rows and requires each all-gather input of a padded shard to have the
+weight's padded shape ``[P, K]``. Such layers send each row's packed bytes
+spread over ``ceil(row_bytes / K)`` uint8 tensors of shape ``[P, K]`` (int4:
+one, ~2x the packed bytes, still half of bf16; int8/fp8: two, the bf16 size)
+and unpack after the gather. Evenly divisible layers send exactly
+``nbytes_packed``. The carriers are uint8 on purpose: when every all-gather
+input of an FSDP group has one float dtype, FSDP copies them with
+``_foreach_copy_``, which on CUDA converts through fp32 and rewrites
+signalling-NaN bit patterns (a float16 carrier corrupted int8/fp8 weights on
+NCCL).
 
 Checkpoints: ``checkpoint_state_dict(model)`` gives ``torch.distributed.checkpoint``
 plain DTensors (one per field) that alias the sharded weights, so
@@ -43,10 +47,6 @@ from torch import nn
 from lowbit.qtensor import QTensor
 
 aten = torch.ops.aten
-
-# Transport dtype for a row of packed bytes, by bytes per element (see the module docstring).
-# Collectives copy bits, so float16 carries 2-byte words: gloo has no int16.
-_ROW_DTYPES = {1: torch.uint8, 2: torch.float16, 4: torch.int32, 8: torch.int64}
 
 
 def _implements(*ops):
@@ -127,7 +127,7 @@ def fsdp_pre_all_gather(self: QTensor, mesh, outer_size, outer_stride, module: n
     if n % world == 0:
         return tuple(fields), ("fields", n)
     padded = -(-n // world)
-    return (_pack_rows(fields, padded, k),), ("rows", n)
+    return _pack_rows(fields, padded, k), ("rows", n)
 
 
 def fsdp_post_all_gather(self: QTensor, outputs, metadata, param_dtype, *, out: QTensor | None = None):
@@ -139,7 +139,7 @@ def fsdp_post_all_gather(self: QTensor, outputs, metadata, param_dtype, *, out: 
     if kind == "fields":
         fields = list(outputs)
     else:
-        fields = _unpack_rows(outputs[0][:n], self._tensors())
+        fields = _unpack_rows([t[:n] for t in outputs], self._tensors())
     if out is not None:
         for dst, src in zip(out._tensors(), fields):
             if kind == "rows":
@@ -156,19 +156,18 @@ def _row_bytes(fields) -> list[torch.Tensor]:
     return [t.reshape(t.shape[0], math.prod(t.shape[1:])).view(torch.uint8) for t in fields]
 
 
-def _pack_rows(fields, padded: int, k: int) -> torch.Tensor:
+def _pack_rows(fields, padded: int, k: int) -> tuple[torch.Tensor, ...]:
+    """Each row's bytes over ``ceil(width / k)`` zero-padded uint8 ``[padded, k]`` tensors."""
     rows = torch.cat(_row_bytes(fields), dim=1)
     width = rows.shape[1]
-    size = next((s for s in _ROW_DTYPES if s * k >= width), None)
-    if size is None:
-        raise NotImplementedError(f"a packed row of {width} bytes does not fit a [rows, {k}] all-gather input")
-    buf = rows.new_zeros(padded, size * k)
+    buf = rows.new_zeros(padded, -(-width // k) * k)
     buf[: rows.shape[0], :width] = rows
-    return buf.view(_ROW_DTYPES[size])
+    return tuple(c.contiguous() for c in buf.split(k, dim=1))
 
 
-def _unpack_rows(buf: torch.Tensor, like) -> list[torch.Tensor]:
-    n, raw = buf.shape[0], buf.view(torch.uint8)
+def _unpack_rows(parts, like) -> list[torch.Tensor]:
+    raw = torch.cat(list(parts), dim=1)
+    n = raw.shape[0]
     fields, start = [], 0
     for t in like:
         width = math.prod(t.shape[1:]) * t.element_size()
