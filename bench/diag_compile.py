@@ -28,11 +28,14 @@ def build(layers):
     return m.eval()
 
 
-def run(name, layers, static, profile=False, inference_mode=False):
+def run(name, layers, static, profile=False, inference_mode=False, cprofile=False):
     torch._dynamo.reset()
     m = build(layers)
+    if name.endswith("_slowmeta"):  # A/B: size()/stride() through __torch_function__ again
+        del lowbit.QTensor.size, lowbit.QTensor.stride
     if name != "bf16":
-        lowbit.quantize_(m.model, lowbit.int4_weight_only(128))
+        config = lowbit.int8_weight_only() if name.startswith("int8") else lowbit.int4_weight_only(128)
+        lowbit.quantize_(m.model, config)
         if static:
             for mod in m.modules():
                 w = getattr(mod, "weight", None)
@@ -52,6 +55,20 @@ def run(name, layers, static, profile=False, inference_mode=False):
     print(
         f"RESULT {name} static={static} inference_mode={inference_mode} layers={layers}: {tok_s:.1f} tok/s", flush=True
     )
+    if cprofile:
+        import cProfile
+        import pstats
+
+        kw.update(max_new_tokens=32, min_new_tokens=32)
+        pr = cProfile.Profile()
+        with ctx():
+            pr.enable()
+            m.generate(ids, **kw)
+            torch.cuda.synchronize()
+            pr.disable()
+        st = pstats.Stats(pr)
+        st.sort_stats("tottime").print_stats(30)
+        st.sort_stats("cumulative").print_stats(40)
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as prof
@@ -70,5 +87,6 @@ if __name__ == "__main__":
     p.add_argument("--static", action="store_true")
     p.add_argument("--profile", action="store_true", help="print the top kernels of 16 decode steps")
     p.add_argument("--inference-mode", action="store_true")
+    p.add_argument("--cprofile", action="store_true", help="cProfile (Python) of 32 decode steps")
     a = p.parse_args()
-    run(a.variant, a.layers, a.static, a.profile, a.inference_mode)
+    run(a.variant, a.layers, a.static, a.profile, a.inference_mode, a.cprofile)

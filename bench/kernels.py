@@ -25,6 +25,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 import triton
+import triton.runtime.autotuner
 from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -117,7 +118,7 @@ def lowbit_layers(ws: list[torch.Tensor]) -> dict:
     return out
 
 
-def torchao_layers(ws: list[torch.Tensor]) -> dict:
+def torchao_layers(ws: list[torch.Tensor], schemes=SCHEMES) -> dict:
     import torchao.quantization as aq
 
     cfgs = {
@@ -128,6 +129,8 @@ def torchao_layers(ws: list[torch.Tensor]) -> dict:
     }
     out = {}
     for name, make in cfgs.items():
+        if name not in schemes:
+            continue
         try:
             mods = []
             for w in ws:
@@ -164,20 +167,21 @@ def time_stack(fns, x) -> tuple[float, str]:
 ALT = {
     "int4": [
         (int4_mod, "DEQUANT_MIN_M", 1 << 30, lambda m: m >= 128),
-        (int4_mod, "GEMV_MAGIC", True, lambda m: m == 1),
+        (int4_mod, "GEMV_PREFETCH", False, lambda m: m == 1),
         (int4_mod, "GEMV_MAX_M", 0, lambda m: m == 1),
+        (int4_mod, "GEMV_MAGIC", True, lambda m: m == 1),
     ],
     "int8_wo": [(w8_mod, "GEMV_MAX_M", 0, lambda m: m <= 8), (w8_mod, "DEQUANT_MIN_M", 1 << 30, lambda m: m >= 128)],
 }
 
 
-def bench_shape(k, n, ms, use_ao, rows, explore=False):
+def bench_shape(k, n, ms, use_ao, rows, explore=False, schemes=SCHEMES):
     n_layers = max(1, math.ceil(1024**3 / (k * n * 2)))
     g = torch.Generator(device="cuda").manual_seed(k * 7 + n)
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(n_layers)]
     t0 = time.time()
-    lb = lowbit_layers(ws)
-    ao = torchao_layers(ws) if use_ao else {}
+    lb = {s: v for s, v in lowbit_layers(ws).items() if s in schemes}
+    ao = torchao_layers(ws, schemes) if use_ao else {}
     log(f"K={k} N={n}: {n_layers} layers, quantized in {time.time() - t0:.1f}s")
     bf16 = [lambda x, w=w: F.linear(x, w) for w in ws]
     for m in ms:
@@ -188,7 +192,7 @@ def bench_shape(k, n, ms, use_ao, rows, explore=False):
         base = dict(K=k, N=n, M=m, layers=n_layers)
         rows.append({**base, "impl": "bf16", "scheme": "bf16", "us": round(t_bf * 1e3, 2), "speedup": 1.0,
                      "GBps": round(k * n * 2 / t_bf / 1e6, 1), "TFLOPs": round(2 * m * k * n / t_bf / 1e9, 1)})  # fmt: skip
-        for scheme in SCHEMES:
+        for scheme in [s for s in SCHEMES if s in lb]:
             impls = [("lowbit", lb[scheme][0], None)]
             if use_ao:
                 impls.append(("torchao", ao.get(scheme, "not run"), None))
@@ -255,6 +259,8 @@ def markdown(info, ceil, rows) -> str:
         for s in SCHEMES:
             lb = idx.get(("lowbit", s) + key, {})
             ao = idx.get(("torchao", s) + key, {})
+            if not lb and not ao:
+                continue
             m = r["M"]
             rate = f"{lb.get('GBps', '-')} GB/s" if m <= 32 else f"{lb.get('TFLOPs', '-')} TF/s" if m >= 512 else "-"
             aox = ao.get("speedup", "err" if "error" in ao else "-")
@@ -304,6 +310,7 @@ def main():
     p.add_argument("--ms", default="1,8,32,128,512,2048")
     p.add_argument("--no-torchao", action="store_true")
     p.add_argument("--explore", action="store_true", help="also time lowbit with the M switches moved")
+    p.add_argument("--schemes", default=",".join(SCHEMES), help="subset of " + ",".join(SCHEMES))
     args = p.parse_args()
     torch.manual_seed(0)
     info = env()
@@ -318,11 +325,17 @@ def main():
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         try:
-            bench_shape(k, n, ms, use_ao, rows, args.explore)
+            bench_shape(k, n, ms, use_ao, rows, args.explore, args.schemes.split(","))
         except Exception:
             traceback.print_exc()
         with open(os.path.join(args.out, f"{tag}-kernels.json"), "w") as f:
             json.dump({"env": info, "ceilings": ceil, "rows": rows}, f, indent=1)
+    tuned = {}
+    for mod in (int4_mod, w8_mod):
+        for name, obj in vars(mod).items():
+            if isinstance(obj, triton.runtime.autotuner.Autotuner):  # key -> the config it picked
+                tuned[f"{mod.__name__}.{name}"] = {str(k): str(v) for k, v in obj.cache.items()}
+    log("autotuned configs: " + json.dumps(tuned, indent=1))
     md = markdown(info, ceil, rows)
     with open(os.path.join(args.out, f"{tag}-kernels.md"), "w") as f:
         f.write(md)

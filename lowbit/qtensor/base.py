@@ -32,6 +32,9 @@ class QTensor(torch.Tensor):
     attr_fields: ClassVar[tuple[str, ...]] = ()
     _aten_table: ClassVar[dict[Any, Callable]] = {}
     _function_table: ClassVar[dict[Any, Callable]] = {}
+    # torch function -> handler or None, (table, aten op) -> likewise: resolved over the
+    # MRO once, cleared on every registration
+    _resolved: ClassVar[dict[tuple[str, Any], Callable | None]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -39,14 +42,32 @@ class QTensor(torch.Tensor):
         # registered on a base later still reaches existing subclasses
         cls._aten_table = {}
         cls._function_table = {}
+        cls._resolved = {}
 
     @classmethod
     def _lookup(cls, table: str, key):
+        # hot: torch.compile's runtime calls size()/stride() on every quantized
+        # parameter on every call, and each goes through __torch_function__
+        slot = key if table == "_function_table" else (table, key)
+        try:
+            return cls._resolved[slot]
+        except KeyError:
+            pass
+        handler = None
         for klass in cls.__mro__:
             handler = klass.__dict__.get(table, {}).get(key)
             if handler is not None:
-                return handler
-        return None
+                break
+        cls._resolved[slot] = handler
+        return handler
+
+    @classmethod
+    def _clear_resolved(cls):
+        todo = [QTensor]
+        while todo:
+            klass = todo.pop()
+            klass._resolved.clear()
+            todo.extend(klass.__subclasses__())
 
     @staticmethod
     def __new__(cls, *tensors: torch.Tensor, shape, dtype: torch.dtype, **attrs):
@@ -68,6 +89,16 @@ class QTensor(torch.Tensor):
         # built once: torch.compile guards call __tensor_flatten__ on every call of a
         # compiled model, once per quantized parameter
         self._flatten_ctx = (tuple(self.shape), dtype, tuple((n, attrs[n]) for n in self.attr_fields))
+        with torch._C.DisableTorchFunctionSubclass():
+            self._size, self._stride = torch.Tensor.size(self), torch.Tensor.stride(self)
+
+    # torch.compile's runtime unwraps every quantized parameter on every call and asks
+    # each for size() and stride(): answered here, they skip __torch_function__ (~2 us each)
+    def size(self, dim=None):
+        return self._size if dim is None else self._size[dim]
+
+    def stride(self, dim=None):
+        return self._stride if dim is None else self._stride[dim]
 
     # ------------------------------------------------------------------ fields
     def _tensors(self) -> list[torch.Tensor]:
@@ -145,6 +176,7 @@ class QTensor(torch.Tensor):
         def register(fn):
             for op in ops:
                 cls._aten_table[op] = fn
+            QTensor._clear_resolved()
             return fn
 
         return register
@@ -156,18 +188,20 @@ class QTensor(torch.Tensor):
         def register(fn):
             for f in funcs:
                 cls._function_table[f] = fn
+            QTensor._clear_resolved()
             return fn
 
         return register
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        handler = cls._lookup("_function_table", func)
+        handler = cls._resolved.get(func, _UNRESOLVED)  # inlined _lookup: size()/stride() land here
+        if handler is _UNRESOLVED:
+            handler = cls._lookup("_function_table", func)
         if handler is not None:
-            return handler(func, types, args, kwargs)
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            return handler(func, types, args, kwargs or {})
+        # the C fallthrough: func with subclass torch functions disabled, no Python context manager
+        return torch._C._disabled_torch_function_impl(func, types, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -182,6 +216,9 @@ class QTensor(torch.Tensor):
                 )
             raise NotImplementedError(f"{cls.__name__} does not support the op {func}; {hint}")
         return handler(func, types, args, kwargs)
+
+
+_UNRESOLVED = object()
 
 
 def _rebuild_qtensor(cls, tensors, shape, dtype, attrs):

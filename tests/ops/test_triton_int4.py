@@ -84,9 +84,29 @@ def test_int4_mm_compile_and_cuda_graph():
 @pytest.mark.parametrize("gs", [32, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("magic", [False, True])
-def test_int4_gemv_path_m1_odd_n_and_group_tail(gs, dtype, magic, monkeypatch):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_int4_gemv_path_m1_odd_n_and_group_tail(gs, dtype, magic, prefetch, monkeypatch):
     # M=1 takes the FMA GEMV; 5 groups exercise a partial GROUPS tile, N=37 the row mask
     import lowbit.ops.triton.int4 as int4_mod
 
     monkeypatch.setattr(int4_mod, "GEMV_MAGIC", magic)
+    monkeypatch.setattr(int4_mod, "GEMV_PREFETCH", prefetch)
     _check(1, 37, 5 * gs, gs, dtype, 11)
+
+
+@pytest.mark.parametrize("magic", [False, True])
+def test_int4_gemv_extreme_codes(magic, monkeypatch):
+    """Codes 0 and 15 only, exact inputs: the GEMV must match float64 math to fp32 rounding."""
+    import lowbit.ops.triton.int4 as int4_mod
+
+    monkeypatch.setattr(int4_mod, "GEMV_MAGIC", magic)
+    n, k, gs = 9, 256, 32
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 2, (n, k), generator=g) * 15
+    q[0] = 15
+    qdata = ref.int4_pack(q.to(torch.uint8)).to(DEVICE)
+    scale = (torch.rand(n, k // gs, generator=g) + 0.5).to(DEVICE, torch.float32)
+    zero = torch.randn(n, k // gs, generator=g).to(DEVICE, torch.float32)
+    x = torch.randn(1, k, generator=g).to(DEVICE)
+    expect = ref.int4_linear(x.double(), qdata, scale.double(), zero.double(), gs)
+    torch.testing.assert_close(int4_mm(x, qdata, scale, zero, gs).double(), expect, rtol=1e-5, atol=1e-5)

@@ -40,6 +40,8 @@ DEQUANT_MIN_M = 256
 GEMV_MAX_M = 1
 # GEMV: convert codes to float with the 2**23 mantissa trick instead of I2F (bench --explore)
 GEMV_MAGIC = False
+# GEMV: load the next GROUPS tile (codes, scales, zeros) before computing on this one
+GEMV_PREFETCH = True
 
 
 # ----------------------------------------------------------------------------- GEMM
@@ -154,6 +156,13 @@ def _gemm_kernel(
                 (32, 4, 8, 2),
                 (64, 1, 4, 4),
                 (64, 2, 8, 3),
+                # probe: more bytes in flight per program
+                (4, 16, 4, 2),
+                (8, 8, 4, 2),
+                (8, 16, 4, 2),
+                (16, 8, 4, 2),
+                (16, 16, 8, 2),
+                (32, 8, 8, 2),
             ]
         ],
         cfg(BLOCK_N=16, GROUPS=1, num_warps=4, num_stages=1),
@@ -165,7 +174,7 @@ def _gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr,
     M, N, K, m_bucket,
     stride_xm, stride_ym,
-    GS: tl.constexpr, MAGIC: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+    GS: tl.constexpr, MAGIC: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
 ):  # fmt: skip
     """One row of x per program column; FMAs on the raw codes, scales applied per group.
 
@@ -187,13 +196,24 @@ def _gemv_kernel(
     sz_off = rn[:, None] * ng + rg[None, :]
     acc = tl.zeros([BLOCK_N, GROUPS, GS // 2], dtype=tl.float32)
     acc_z = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    if PREFETCH:  # the first tile; each iteration then issues the next tile's loads before its math
+        qb_next = tl.load(q_ptrs, mask=n_ok[:, None, None] & (rg < ng)[None, :, None], other=0)
+        s_next = tl.load(s_ptr + sz_off, mask=n_ok[:, None] & (rg < ng)[None, :], other=0.0)
+        z_next = tl.load(z_ptr + sz_off, mask=n_ok[:, None] & (rg < ng)[None, :], other=0.0)
     for g0 in range(0, ng, GROUPS):
         g_ok = g0 + rg < ng
-        qb = tl.load(q_ptrs + g0 * (GS // 2), mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+        if PREFETCH:
+            qb, s, z = qb_next, s_next.to(tl.float32), z_next.to(tl.float32)
+            n_ok2 = n_ok[:, None] & (g0 + GROUPS + rg < ng)[None, :]
+            qb_next = tl.load(q_ptrs + (g0 + GROUPS) * (GS // 2), mask=n_ok2[:, :, None], other=0)
+            s_next = tl.load(s_ptr + sz_off + g0 + GROUPS, mask=n_ok2, other=0.0)
+            z_next = tl.load(z_ptr + sz_off + g0 + GROUPS, mask=n_ok2, other=0.0)
+        else:
+            qb = tl.load(q_ptrs + g0 * (GS // 2), mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+            s = tl.load(s_ptr + sz_off + g0, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz_off + g0, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
         xe = tl.load(x_ptrs + g0 * GS, mask=g_ok[:, None], other=0.0).to(tl.float32)
         xo = tl.load(x_ptrs + g0 * GS + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + sz_off + g0, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + sz_off + g0, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
         if MAGIC:
             # int -> float without the (slow) conversion unit: 2**23 + q has q in the
             # low mantissa bits, so (bits | q) - (2**23 + 8) is exactly q - 8
@@ -271,8 +291,9 @@ def int4_mm(
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
         _gemv_kernel[grid](
-            x, qdata, scale, zero, y, m, n, k, mb, x.stride(0), y.stride(0), GS=group_size, MAGIC=GEMV_MAGIC
-        )
+            x, qdata, scale, zero, y, m, n, k, mb, x.stride(0), y.stride(0),
+            GS=group_size, MAGIC=GEMV_MAGIC, PREFETCH=GEMV_PREFETCH,
+        )  # fmt: skip
         return y
     split = _split_k(m, n, k, group_size, _num_sms(x.device))
     if split > 1:
