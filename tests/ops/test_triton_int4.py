@@ -96,7 +96,7 @@ def test_int4_gemv_path_m1_odd_n_and_group_tail(gs, dtype, magic, prefetch, monk
 
 @pytest.mark.parametrize("magic", [False, True])
 def test_int4_gemv_extreme_codes(magic, monkeypatch):
-    """Codes 0 and 15 only, exact inputs: the GEMV must match float64 math to fp32 rounding."""
+    """Codes 0 and 15 only (every nibble position, both halves of a byte), against float64 math."""
     import lowbit.ops.triton.int4 as int4_mod
 
     monkeypatch.setattr(int4_mod, "GEMV_MAGIC", magic)
@@ -109,4 +109,5 @@ def test_int4_gemv_extreme_codes(magic, monkeypatch):
     zero = torch.randn(n, k // gs, generator=g).to(DEVICE, torch.float32)
     x = torch.randn(1, k, generator=g).to(DEVICE)
     expect = ref.int4_linear(x.double(), qdata, scale.double(), zero.double(), gs)
-    torch.testing.assert_close(int4_mm(x, qdata, scale, zero, gs).double(), expect, rtol=1e-5, atol=1e-5)
+    # fp32 accumulation of 256 terms up to ~20 in size: ~1e-5; one wrong code is off by >= 0.5
+    torch.testing.assert_close(int4_mm(x, qdata, scale, zero, gs).double(), expect, rtol=1e-4, atol=1e-4)
