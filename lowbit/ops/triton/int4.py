@@ -156,13 +156,6 @@ def _gemm_kernel(
                 (32, 4, 8, 2),
                 (64, 1, 4, 4),
                 (64, 2, 8, 3),
-                # probe: more bytes in flight per program
-                (4, 16, 4, 2),
-                (8, 8, 4, 2),
-                (8, 16, 4, 2),
-                (16, 8, 4, 2),
-                (16, 16, 8, 2),
-                (32, 8, 8, 2),
             ]
         ],
         cfg(BLOCK_N=16, GROUPS=1, num_warps=4, num_stages=1),
