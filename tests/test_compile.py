@@ -60,3 +60,54 @@ def test_fullgraph_compile_matches_eager_and_recompiles_at_most_once(name, backe
             out = compiled(x)
             torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
     assert counts["frames"] <= 2, f"compiled {counts['frames']} graphs for 5 batch sizes"
+
+
+def _key(w):
+    return w._stable_hash_for_caching()
+
+
+@pytest.mark.parametrize("name", ["int4", "int8", "w8a8"])
+def test_compile_cache_key_is_metadata_only_and_stable_across_processes(name):
+    """AOT autograd's cache key for a quantized weight: same format/shape/attrs -> same key, values ignored."""
+    import os
+    import subprocess
+    import sys
+
+    def quantized(n, k, seed, config=CONFIGS[name], dtype=torch.bfloat16):
+        torch.manual_seed(seed)
+        m = nn.Linear(k, n, bias=False).to(dtype)
+        lowbit.quantize_(m, config)
+        return m.weight
+
+    a, b = quantized(64, 128, 0), quantized(64, 128, 1)
+    assert not torch.equal(a.dequantize(), b.dequantize())
+    assert _key(a) == _key(b)
+    assert _key(quantized(32, 128, 0)) != _key(a)
+    assert _key(quantized(64, 128, 0, dtype=torch.float16)) != _key(a)
+    if name == "int4":
+        assert _key(quantized(64, 128, 0, config=lowbit.int4_weight_only(group_size=64))) != _key(a)
+    script = (
+        "import torch, lowbit; from lowbit.config import *; from torch import nn; torch.manual_seed(5); "
+        f"m = nn.Linear(128, 64, bias=False).to(torch.bfloat16); lowbit.quantize_(m, {CONFIGS[name]!r}); "
+        "print(m.weight._stable_hash_for_caching())"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+    )
+    assert other.stdout.strip().splitlines()[-1] == _key(a)
+
+
+def test_compile_does_not_warn_about_cache_hashing():
+    import warnings
+
+    torch._dynamo.reset()
+    model = Block().to(torch.bfloat16)
+    lowbit.quantize_(model, CONFIGS["int8"])
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.compile(model, fullgraph=True)(torch.randn(2, 5, 64, dtype=torch.bfloat16))
+    assert not [w for w in caught if "_stable_hash_for_caching" in str(w.message)]

@@ -13,6 +13,7 @@ never a silent dequantize.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -121,6 +122,28 @@ class QTensor(torch.Tensor):
     def __tensor_unflatten__(cls, inner_tensors, ctx, outer_size, outer_stride):
         shape, dtype, attrs = ctx
         return cls(*[inner_tensors[n] for n in cls.tensor_fields], shape=outer_size, dtype=dtype, **dict(attrs))
+
+    def _stable_hash_for_caching(self) -> str:
+        """Cache key for torch.compile's AOT autograd cache: metadata only, stable across processes.
+
+        The class, outer shape/dtype, attributes and each field's shape, stride,
+        dtype and device type; never the values (weights are graph inputs).
+        """
+        fields = [
+            (n, [str(d) for d in t.shape], [str(d) for d in t.stride()], str(t.dtype), t.device.type)
+            for n, t in zip(self.tensor_fields, self._tensors())
+        ]
+        key = repr(
+            (
+                f"{type(self).__module__}.{type(self).__qualname__}",
+                [str(d) for d in self.shape],
+                str(self.dtype),
+                self.requires_grad,
+                sorted(self._attrs().items()),
+                fields,
+            )
+        )
+        return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
     def __reduce_ex__(self, protocol):
         # Plain fields + attributes only: safe for torch.load(weights_only=True)
