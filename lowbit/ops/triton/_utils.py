@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import triton
@@ -11,6 +12,11 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # LOWBIT_TRITON_AUTOTUNE=0 runs the small fixed config on the GPU too (fast test runs).
 AUTOTUNE = not INTERPRET and os.environ.get("LOWBIT_TRITON_AUTOTUNE", "1") != "0"
+
+
+# Autotune results go to Triton's cache dir and are reused by later processes (a model
+# compiles without re-timing every config). Triton >= 3.4 has the option.
+TUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 def m_bucket(m: int) -> int:

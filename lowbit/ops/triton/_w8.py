@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from lowbit.ops.reference import FP8_DTYPE
-from lowbit.ops.triton._utils import INTERPRET, cfg, configs, m_bucket
+from lowbit.ops.triton._utils import INTERPRET, TUNE_CACHE, cfg, configs, m_bucket
 
 GEMV_MAX_M = 1
 # W8A16 from this M on: dequantize once per call, then cuBLAS (bench/KERNEL_NOTES.md).
@@ -46,6 +46,7 @@ DEQUANT_MIN_M = 256
         cfg(BLOCK_N=4, BLOCK_K=128, num_warps=4, num_stages=1),
     ),
     key=["m_bucket", "N", "K", "A_SCALED"],
+    **TUNE_CACHE,
 )
 @triton.jit
 def _gemv_kernel(
@@ -108,6 +109,7 @@ def _prune(configs_, named_args, **kwargs):
         cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
     ),
     key=["m_bucket", "N", "K", "SPLIT_K", "A_SCALED"],
+    **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
     reset_to_zero=["y_ptr"],
 )

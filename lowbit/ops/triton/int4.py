@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from lowbit.compile import kernel_op, linear_out_fake
-from lowbit.ops.triton._utils import INTERPRET, cfg, configs, m_bucket
+from lowbit.ops.triton._utils import INTERPRET, TUNE_CACHE, cfg, configs, m_bucket
 
 # From this M on the weight is dequantized to x.dtype once per call and cuBLAS runs
 # the GEMM: 4 extra bytes per weight cost less than Triton's in-loop dequant loses
@@ -83,6 +83,7 @@ def _prune(configs_, named_args, **kwargs):
         cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
     ),
     key=["m_bucket", "N", "K", "GS", "SPLIT_K"],
+    **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
     reset_to_zero=["y_ptr"],
 )
@@ -161,6 +162,7 @@ def _gemm_kernel(
         cfg(BLOCK_N=16, GROUPS=1, num_warps=4, num_stages=1),
     ),
     key=["m_bucket", "N", "K", "GS"],
+    **TUNE_CACHE,
 )
 @triton.jit
 def _gemv_kernel(
