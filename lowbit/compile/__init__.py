@@ -1,10 +1,18 @@
 """torch.compile support: every kernel entry point becomes an opaque custom op.
 
-``kernel_op`` wraps a launcher in ``torch.library.custom_op`` and registers its
-fake (meta) implementation, so Dynamo/Inductor trace a quantized model with no
-graph break and never look inside the launcher. ``custom_op`` + ``register_fake``
-(rather than ``triton_op``) is used because it also compiles on CPU under the
-Triton interpreter.
+``kernel_op`` registers a launcher as the operator ``lowbit::<name>`` with a fake
+(meta) implementation, so Dynamo/Inductor trace a quantized model with no graph
+break and never look inside the launcher. The launchers are plain Python (Triton
+or aten calls), which also compiles on CPU under the Triton interpreter (unlike
+``triton_op``).
+
+Registered through ``torch.library.Library`` with a ``CompositeExplicitAutograd``
+kernel rather than ``torch.library.custom_op``: the latter wraps every call in
+Python autograd and alias-checking layers (18 us per call against 5 us, measured
+on the CI CPU), which eager models pay once per quantized linear. The ops need no
+autograd formula: they run with gradients off (``_QuantLinearFn`` computes the
+input gradient from the dequantized weight), and they never return an input or
+a view of one.
 """
 
 from __future__ import annotations
@@ -13,18 +21,22 @@ from collections.abc import Callable
 
 import torch
 
+_LIB = torch.library.Library("lowbit", "FRAGMENT")
+
 
 def kernel_op(name: str, *, fake: Callable) -> Callable:
     """Decorator: register ``fn`` as ``lowbit::<name>`` with fake implementation ``fake``.
 
-    ``fn`` must take and return plain tensors (and ints/floats/bools/strs) and
-    must not mutate its inputs.
+    ``fn`` must take and return plain tensors (and ints/floats/bools/strs), must
+    not mutate its inputs and must return fresh tensors. Returns the operator
+    (``torch.ops.lowbit.<name>.default``), called like ``fn``.
     """
 
     def register(fn: Callable):
-        op = torch.library.custom_op(f"lowbit::{name}", mutates_args=())(fn)
-        op.register_fake(fake)
-        return op
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
+        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"lowbit::{name}", fake, lib=_LIB)
+        return getattr(torch.ops.lowbit, name).default
 
     return register
 
