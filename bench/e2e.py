@@ -11,6 +11,8 @@ shared between variants):
   decode step), a 16-token random prompt, exactly ``--new-tokens`` (256) new
   tokens, batch 1 and batch 8; one warm-up call (compilation), then the best of
   ``--reps`` timed calls; tokens/s per sequence and peak memory;
+* step loop (``--step-loop``): the same greedy decode as a plain loop over the
+  compiled forward (``step_loop_decode``), without ``generate``'s per-token work;
 * prefill: one 2048-token forward (logits for the last position only, as
   ``generate`` computes them), median of ``--reps`` after a warm-up.
 
@@ -137,6 +139,35 @@ def weight_bytes(model) -> int:
     return total
 
 
+def step_loop_decode(model, ids, new_tokens, compile_step) -> torch.Tensor:
+    """Greedy decode without ``generate``: a static cache and the model's forward in a loop.
+
+    The prompt runs eagerly (it also sizes the cache); each new token is one call of
+    the forward, compiled with ``mode="reduce-overhead"`` (a CUDA graph per step on a
+    GPU). Nothing in the loop waits for the GPU, so this measures the model step
+    (kernels, plus torch.compile's per-call work) without Transformers' per-token
+    loop, which is CPU-bound at about 10 ms per token on the H100 host.
+    """
+    from transformers import StaticCache
+
+    batch, prompt = ids.shape
+    cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens)
+    positions = torch.arange(prompt + new_tokens, device=ids.device)
+    out = model(ids, past_key_values=cache, cache_position=positions[:prompt], use_cache=True, logits_to_keep=1)
+    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def step(tok, pos):
+        return model(tok, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    if compile_step:
+        step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    toks = [tok]
+    for i in range(new_tokens - 1):
+        tok = step(tok, positions[prompt + i : prompt + i + 1]).argmax(-1, keepdim=True)
+        toks.append(tok)
+    return torch.cat([ids, *toks], dim=1)
+
+
 def run_variant(variant, args) -> dict:
     device = torch.device("cpu" if args.tiny else "cuda")
     res = dict(variant=variant, label=LABELS[variant])
@@ -189,6 +220,19 @@ def run_variant(variant, args) -> dict:
             res[f"b{batch}_tok_s"] = round(new / min(times), 2)  # per sequence
             if device.type == "cuda":
                 res[f"b{batch}_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+            if args.step_loop:
+                step_loop_decode(model, ids, args.new_tokens, not args.no_compile)  # warm-up / compile
+                times = []
+                for _ in range(args.reps):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    loop_out = step_loop_decode(model, ids, args.new_tokens, not args.no_compile)
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+                res[f"b{batch}_step_tok_s"] = round((loop_out.shape[1] - ids.shape[1]) / min(times), 2)
+                if not torch.equal(loop_out, out):
+                    res[f"b{batch}_step_note"] = "tokens differ from generate (near-ties in random-weight logits?)"
+                del loop_out
             del out
         if args.prefill:
             ids = torch.randint(1, min(vocab, 128000), (1, args.prefill), generator=gen).to(device)
@@ -261,8 +305,11 @@ def markdown(results, meta) -> str:
     base = next((r for r in results if r["variant"] == "bf16" and "error" not in r and "skipped" not in r), None)
     batches = meta["batches"]
     head = ["variant", "weights GB", "quantize s"]
+    steps = [b for b in batches if any(f"b{b}_step_tok_s" in r for r in results)]
     for b in batches:
         head += [f"b{b} tok/s", f"b{b} x"]
+    for b in steps:
+        head += [f"b{b} step-loop tok/s", f"b{b} step x"]
     head += ["prefill tok/s", "prefill x"] + [f"peak GB b{b}" for b in batches]
     lines = [
         f"End to end on {meta['device']} ({meta['date']}): Llama-3-8B shape with random weights"
@@ -282,6 +329,8 @@ def markdown(results, meta) -> str:
         cells = [r["label"], r.get("weights_GB", "-"), r.get("quantize_s", "-")]
         for b in batches:
             cells += [r.get(f"b{b}_tok_s", "-"), ratio(r, base, f"b{b}_tok_s")]
+        for b in steps:
+            cells += [r.get(f"b{b}_step_tok_s", "-"), ratio(r, base, f"b{b}_step_tok_s")]
         cells += [r.get("prefill_tok_s", "-"), ratio(r, base, "prefill_tok_s")]
         cells += [r.get(f"b{b}_peak_GB", "-") for b in batches]
         lines.append("| " + " | ".join(str(x) for x in cells) + " |")
@@ -374,6 +423,11 @@ def parse_args(argv=None):
         "--wheels",
         default=None,
         help="folder with a torchao wheel to use when torchao is not installed (default: shared/wheels)",
+    )
+    p.add_argument(
+        "--step-loop",
+        action="store_true",
+        help="also time greedy decode as a plain loop over the compiled forward (no generate): the model step alone",
     )
     p.add_argument("--in-process", action="store_true", help="run every variant in this process (default with --tiny)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
