@@ -111,3 +111,17 @@ def test_compile_does_not_warn_about_cache_hashing():
         warnings.simplefilter("always")
         torch.compile(model, fullgraph=True)(torch.randn(2, 5, 64, dtype=torch.bfloat16))
     assert not [w for w in caught if "_stable_hash_for_caching" in str(w.message)]
+
+
+def test_kernel_op_on_a_tensor_that_requires_grad_raises():
+    """The raw kernel ops have no gradient: a call that would need one fails loudly, F.linear works."""
+    from lowbit.ops import cpu
+
+    w = lowbit.Int8Tensor.from_float(torch.randn(32, 64))
+    x = torch.randn(2, 64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="has no gradient"):
+        cpu.int8_mm(x, w.qdata, w.scale)
+    with torch.no_grad():
+        torch.testing.assert_close(cpu.int8_mm(x, w.qdata, w.scale), F.linear(x, w.dequantize()), rtol=1e-2, atol=1e-2)
+    F.linear(x, w).sum().backward()
+    torch.testing.assert_close(x.grad, w.dequantize().sum(0).expand(2, -1), rtol=1e-5, atol=1e-5)

@@ -11,8 +11,9 @@ kernel rather than ``torch.library.custom_op``: the latter wraps every call in
 Python autograd and alias-checking layers (18 us per call against 5 us, measured
 on the CI CPU), which eager models pay once per quantized linear. The ops need no
 autograd formula: they run with gradients off (``_QuantLinearFn`` computes the
-input gradient from the dequantized weight), and they never return an input or
-a view of one.
+input gradient from the dequantized weight); a small Autograd kernel raises if one
+is called on a tensor that requires grad. They never return an input or a view
+of one.
 """
 
 from __future__ import annotations
@@ -36,7 +37,21 @@ def kernel_op(name: str, *, fake: Callable) -> Callable:
         _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
         _LIB.impl(name, fn, "CompositeExplicitAutograd")
         torch.library.register_fake(f"lowbit::{name}", fake, lib=_LIB)
-        return getattr(torch.ops.lowbit, name).default
+        op = getattr(torch.ops.lowbit, name).default
+
+        def no_gradient(*args, **kwargs):
+            # Without this, a call on a tensor that requires grad would only warn and
+            # leave its .grad empty. Inference mode skips this kernel altogether.
+            if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+                raise RuntimeError(
+                    f"lowbit::{name} has no gradient and got an input that requires grad; call F.linear "
+                    "(or the module) on the quantized weight, which computes the input gradient"
+                )
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args, **kwargs)
+
+        _LIB.impl(name, no_gradient, "Autograd")
+        return op
 
     return register
 
