@@ -14,7 +14,8 @@ shared between variants):
 * step loop (``--step-loop``): the same greedy decode as a plain loop over the
   compiled forward (``step_loop_decode``), without ``generate``'s per-token work;
 * prefill: one 2048-token forward (logits for the last position only, as
-  ``generate`` computes them), median of ``--reps`` after a warm-up.
+  ``generate`` computes them), median of ``--reps`` after a warm-up;
+* prefill profile (``--profile-prefill``): the top ops of one prefill forward.
 
 Variants: bf16; torchao int4 (tinygemm, g128) and fp8 (dynamic, per row) when
 torchao imports (else from a wheel in ``--wheels``; else skipped); lowbit
@@ -245,7 +246,22 @@ def run_variant(variant, args) -> dict:
                 sync(device)
                 times.append(time.perf_counter() - t0)
             res["prefill_tok_s"] = round(args.prefill / statistics.median(times), 1)
+            if args.profile_prefill:
+                res["prefill_profile"] = profile_forward(model, ids, device)
+                print(f"{variant} prefill profile:\n{res['prefill_profile']}", flush=True)
     return res
+
+
+def profile_forward(model, ids, device, rows=15) -> str:
+    """The top ops (by device time on a GPU, CPU time otherwise) of one forward, as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        model(ids, use_cache=False, logits_to_keep=1)
+        sync(device)
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
 # ---------------------------------------------------------------------------- driver
@@ -423,6 +439,11 @@ def parse_args(argv=None):
         "--wheels",
         default=None,
         help="folder with a torchao wheel to use when torchao is not installed (default: shared/wheels)",
+    )
+    p.add_argument(
+        "--profile-prefill",
+        action="store_true",
+        help="also profile one prefill forward per variant (top ops, printed and saved in the JSON)",
     )
     p.add_argument(
         "--step-loop",

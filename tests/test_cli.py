@@ -210,7 +210,7 @@ def test_e2e_bench_tiny_on_cpu(tmp_path):
         sys.path.pop(0)
     assert (
         e2e.main(
-            ["--tiny", "--out", str(tmp_path), "--reps", "1", "--step-loop"]
+            ["--tiny", "--out", str(tmp_path), "--reps", "1", "--step-loop", "--profile-prefill"]
             + ["--variants", "bf16,ao_int4,lowbit_int4,lowbit_w8a8"]
         )
         == 0
@@ -221,6 +221,7 @@ def test_e2e_bench_tiny_on_cpu(tmp_path):
     for v in ("bf16", "lowbit_int4", "lowbit_w8a8"):
         assert by[v]["b1_tok_s"] > 0 and by[v]["b2_tok_s"] > 0 and by[v]["prefill_tok_s"] > 0, by[v]
         assert by[v]["b1_step_tok_s"] > 0 and by[v]["b2_step_tok_s"] > 0, by[v]
+    assert "lowbit::int4_mm_cpu" in by["lowbit_int4"]["prefill_profile"]
     assert by["lowbit_int4"]["weights_GB"] < by["bf16"]["weights_GB"]
     md = (tmp_path / "cpu-tiny-e2e.md").read_text()
     assert "lowbit int4 g128" in md and "bf16" in md and "b1 step-loop tok/s" in md
