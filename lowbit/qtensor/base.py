@@ -92,6 +92,7 @@ class QTensor(torch.Tensor):
         self._flatten_ctx = (tuple(self.shape), dtype, tuple((n, attrs[n]) for n in self.attr_fields))
         with torch._C.DisableTorchFunctionSubclass():
             self._size, self._stride = torch.Tensor.size(self), torch.Tensor.stride(self)
+            self._device = torch.Tensor.device.__get__(self)
 
     # torch.compile's runtime unwraps every quantized parameter on every call and asks
     # each for size() and stride(): answered here, they skip __torch_function__ (~2 us each)
@@ -253,22 +254,28 @@ def check_activation(x: torch.Tensor, w: QTensor) -> None:
     if x.dtype not in _SUPPORTED_ACTIVATIONS:
         names = ", ".join(str(d) for d in _SUPPORTED_ACTIVATIONS)
         raise TypeError(f"{type(w).__name__} linear: activation dtype {x.dtype} is not supported; use one of {names}")
-    if x.shape[-1] != w.shape[1]:
+    # w._size / w._device: cached at construction; w.shape / w.device would each go
+    # through __torch_function__ (~2 us, on every linear call)
+    if x.shape[-1] != w._size[1]:
         raise ValueError(
-            f"{type(w).__name__} linear: input has {x.shape[-1]} features, weight expects {w.shape[1]} "
-            f"(weight shape {tuple(w.shape)})"
+            f"{type(w).__name__} linear: input has {x.shape[-1]} features, weight expects {w._size[1]} "
+            f"(weight shape {tuple(w._size)})"
         )
-    if x.device != w.device:
-        raise ValueError(f"{type(w).__name__} linear: input on {x.device}, weight on {w.device}")
+    if x.device != w._device:
+        raise ValueError(f"{type(w).__name__} linear: input on {x.device}, weight on {w._device}")
 
 
 def _forward(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    n = w._size[0]
+    if x.dim() == 2:
+        x2 = x
+    else:
+        x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0:
-        return x.new_zeros(*lead, w.shape[0])
+        return x.new_zeros(*lead, n)
     y = w.linear(x2.contiguous())
-    return y.reshape(*lead, w.shape[0])
+    return y if x.dim() == 2 else y.reshape(*lead, n)
 
 
 class _QuantLinearFn(torch.autograd.Function):
