@@ -131,6 +131,17 @@ def is_interleaved(scale: torch.Tensor, zero: torch.Tensor) -> bool:
 
 def _scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n, g = scale.shape
+    base = scale._base
+    if (  # the usual case, cheapest to confirm: the views interleave_scale_zero made of its buffer
+        base is not None
+        and zero._base is base
+        and base.dtype == dtype
+        and base.shape == (g, n, 2)
+        and base.is_contiguous()
+        and scale.storage_offset() == base.storage_offset()
+        and is_interleaved(scale, zero)
+    ):
+        return base
     if is_interleaved(scale, zero) and scale.untyped_storage().data_ptr() == zero.untyped_storage().data_ptr():
         sz = torch.as_strided(scale, (g, n, 2), (2 * n, 2, 1), scale.storage_offset())
     else:
