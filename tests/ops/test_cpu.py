@@ -32,3 +32,24 @@ def test_pack_matches_aten(nb, kb, seed):
     q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(seed))
     expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).view(torch.uint8).reshape(n, k // 2)
     assert torch.equal(cpu.int4_cpu_pack(q.to(torch.uint8), LAYOUT), expected)
+
+
+@given(
+    m=st.integers(1, 9),
+    k=st.integers(1, 300),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    zero_row=st.booleans(),
+    seed=st.integers(0, 999),
+)
+def test_int8_rows_as_float_is_the_reference_quantizer(m, k, dtype, zero_row, seed):
+    """The CPU W8A8 fast path's activation quantizer gives the reference's codes and scales bit for bit."""
+    from lowbit.ops import reference as ref
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * torch.logspace(-6, 3, m)[:, None]).to(dtype)
+    if zero_row:
+        x[0] = 0
+    codes, xs = cpu.int8_rows_as_float(x)
+    want_q, want_s = ref.int8_quantize_rows(x)
+    assert torch.equal(xs, want_s)
+    assert torch.equal(codes.to(torch.int8), want_q) and torch.equal(codes, want_q.float())
