@@ -1,7 +1,9 @@
 """lowbit: low-bit quantized weights for PyTorch models."""
 
-from lowbit import distributed  # noqa: F401  (FSDP2 hooks on the QTensor classes)
-from lowbit._transformers_hook import register_with_transformers as _register_with_transformers
+from lowbit import (
+    _transformers_hook,
+    distributed,  # noqa: F401  (FSDP2 hooks on the QTensor classes)
+)
 from lowbit.config import (
     Float8DynamicActivationFloat8WeightConfig,
     Int4WeightOnlyConfig,
@@ -40,4 +42,4 @@ __all__ = [
 ]
 
 
-_register_with_transformers()
+_transformers_hook.register_with_transformers()

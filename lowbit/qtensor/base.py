@@ -33,9 +33,9 @@ class QTensor(torch.Tensor):
     attr_fields: ClassVar[tuple[str, ...]] = ()
     _aten_table: ClassVar[dict[Any, Callable]] = {}
     _function_table: ClassVar[dict[Any, Callable]] = {}
-    # torch function -> handler or None, (table, aten op) -> likewise: resolved over the
-    # MRO once, cleared on every registration
-    _resolved: ClassVar[dict[tuple[str, Any], Callable | None]] = {}
+    # table name -> {func or op -> handler or None}: resolved over the MRO once,
+    # cleared on every registration
+    _resolved: ClassVar[dict[str, dict[Any, Callable | None]]] = {"_aten_table": {}, "_function_table": {}}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -43,31 +43,26 @@ class QTensor(torch.Tensor):
         # registered on a base later still reaches existing subclasses
         cls._aten_table = {}
         cls._function_table = {}
-        cls._resolved = {}
+        cls._resolved = {"_aten_table": {}, "_function_table": {}}
 
     @classmethod
     def _lookup(cls, table: str, key):
         # hot: torch.compile's runtime calls size()/stride() on every quantized
         # parameter on every call, and each goes through __torch_function__
-        slot = key if table == "_function_table" else (table, key)
-        try:
-            return cls._resolved[slot]
-        except KeyError:
-            pass
-        handler = None
-        for klass in cls.__mro__:
-            handler = klass.__dict__.get(table, {}).get(key)
-            if handler is not None:
-                break
-        cls._resolved[slot] = handler
-        return handler
+        resolved = cls._resolved[table]
+        if key not in resolved:
+            resolved[key] = next(
+                (h for klass in cls.__mro__ if (h := klass.__dict__.get(table, {}).get(key)) is not None), None
+            )
+        return resolved[key]
 
     @classmethod
     def _clear_resolved(cls):
         todo = [QTensor]
         while todo:
             klass = todo.pop()
-            klass._resolved.clear()
+            for resolved in klass._resolved.values():
+                resolved.clear()
             todo.extend(klass.__subclasses__())
 
     @staticmethod
@@ -89,10 +84,10 @@ class QTensor(torch.Tensor):
             setattr(self, name, attrs[name])
         # built once: torch.compile guards call __tensor_flatten__ on every call of a
         # compiled model, once per quantized parameter
-        self._flatten_ctx = (tuple(self.shape), dtype, tuple((n, attrs[n]) for n in self.attr_fields))
         with torch._C.DisableTorchFunctionSubclass():
             self._size, self._stride = torch.Tensor.size(self), torch.Tensor.stride(self)
             self._device = torch.Tensor.device.__get__(self)
+        self._flatten_ctx = (tuple(self._size), dtype, tuple((n, attrs[n]) for n in self.attr_fields))
 
     # torch.compile's runtime unwraps every quantized parameter on every call and asks
     # each for size() and stride(): answered here, they skip __torch_function__ (~2 us each)
@@ -219,9 +214,7 @@ class QTensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        handler = cls._resolved.get(func, _UNRESOLVED)  # inlined _lookup: size()/stride() land here
-        if handler is _UNRESOLVED:
-            handler = cls._lookup("_function_table", func)
+        handler = cls._lookup("_function_table", func)
         if handler is not None:
             return handler(func, types, args, kwargs or {})
         # the C fallthrough: func with subclass torch functions disabled, no Python context manager
@@ -240,9 +233,6 @@ class QTensor(torch.Tensor):
                 )
             raise NotImplementedError(f"{cls.__name__} does not support the op {func}; {hint}")
         return handler(func, types, args, kwargs)
-
-
-_UNRESOLVED = object()
 
 
 def _rebuild_qtensor(cls, tensors, shape, dtype, attrs):

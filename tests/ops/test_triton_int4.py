@@ -83,23 +83,17 @@ def test_int4_mm_compile_and_cuda_graph():
 
 @pytest.mark.parametrize("gs", [32, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("magic", [False, True])
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_int4_gemv_path_m1_odd_n_and_group_tail(gs, dtype, magic, prefetch, monkeypatch):
+def test_int4_gemv_path_m1_odd_n_and_group_tail(gs, dtype, prefetch, monkeypatch):
     # M=1 takes the FMA GEMV; 5 groups exercise a partial GROUPS tile, N=37 the row mask
     import lowbit.ops.triton.int4 as int4_mod
 
-    monkeypatch.setattr(int4_mod, "GEMV_MAGIC", magic)
     monkeypatch.setattr(int4_mod, "GEMV_PREFETCH", prefetch)
     _check(1, 37, 5 * gs, gs, dtype, 11)
 
 
-@pytest.mark.parametrize("magic", [False, True])
-def test_int4_gemv_extreme_codes(magic, monkeypatch):
+def test_int4_gemv_extreme_codes():
     """Codes 0 and 15 only (every nibble position, both halves of a byte), against float64 math."""
-    import lowbit.ops.triton.int4 as int4_mod
-
-    monkeypatch.setattr(int4_mod, "GEMV_MAGIC", magic)
     n, k, gs = 9, 256, 32
     g = torch.Generator().manual_seed(3)
     q = torch.randint(0, 2, (n, k), generator=g) * 15

@@ -38,8 +38,6 @@ from lowbit.ops.triton._utils import INTERPRET, TUNE_CACHE, cfg, configs, m_buck
 DEQUANT_MIN_M = 256
 # Up to this M each row of x runs the FMA GEMV (weights re-read from L2 per row).
 GEMV_MAX_M = 1
-# GEMV: convert codes to float with the 2**23 mantissa trick instead of I2F (bench --explore)
-GEMV_MAGIC = False
 # GEMV: load the next GROUPS tile (codes, scales, zeros) before computing on this one
 GEMV_PREFETCH = True
 
@@ -169,7 +167,7 @@ def _gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr,
     M, N, K, m_bucket,
     stride_xm, stride_ym,
-    GS: tl.constexpr, MAGIC: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+    GS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
 ):  # fmt: skip
     """One row of x per program column; FMAs on the raw codes, scales applied per group.
 
@@ -209,18 +207,10 @@ def _gemv_kernel(
             z = tl.load(z_ptr + sz_off + g0, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
         xe = tl.load(x_ptrs + g0 * GS, mask=g_ok[:, None], other=0.0).to(tl.float32)
         xo = tl.load(x_ptrs + g0 * GS + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        if MAGIC:
-            # int -> float without the (slow) conversion unit: 2**23 + q has q in the
-            # low mantissa bits, so (bits | q) - (2**23 + 8) is exactly q - 8
-            lo = ((qb & 15).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-            hi = ((qb >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-            acc += s[:, :, None] * (lo * xe[None, :, :] + hi * xo[None, :, :])
-            acc_z += z * tl.sum(xe + xo, axis=1)[None, :]
-        else:
-            lo = (qb & 15).to(tl.float32)
-            hi = (qb >> 4).to(tl.float32)
-            acc += s[:, :, None] * (lo * xe[None, :, :] + hi * xo[None, :, :])
-            acc_z += (z - 8.0 * s) * tl.sum(xe + xo, axis=1)[None, :]
+        lo = (qb & 15).to(tl.float32)
+        hi = (qb >> 4).to(tl.float32)
+        acc += s[:, :, None] * (lo * xe[None, :, :] + hi * xo[None, :, :])
+        acc_z += (z - 8.0 * s) * tl.sum(xe + xo, axis=1)[None, :]
     y = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_z, axis=1)
     tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
@@ -287,7 +277,7 @@ def int4_mm(
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
         _gemv_kernel[grid](
             x, qdata, scale, zero, y, m, n, k, mb, x.stride(0), y.stride(0),
-            GS=group_size, MAGIC=GEMV_MAGIC, PREFETCH=GEMV_PREFETCH,
+            GS=group_size, PREFETCH=GEMV_PREFETCH,
         )  # fmt: skip
         return y
     split = _split_k(m, n, k, group_size, _num_sms(x.device))
