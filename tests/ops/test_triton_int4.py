@@ -105,3 +105,29 @@ def test_int4_gemv_extreme_codes():
     expect = ref.int4_linear(x.double(), qdata, scale.double(), zero.double(), gs)
     # fp32 accumulation of 256 terms up to ~20 in size: ~1e-5; one wrong code is off by >= 0.5
     torch.testing.assert_close(int4_mm(x, qdata, scale, zero, gs).double(), expect, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("qdtype", ["same", torch.float32])
+def test_int4_gemm_dequant_exact_every_code_and_position(dtype, qdtype):
+    """One-hot rows of x read single weights back through the GEMM path (M = 128).
+
+    Scales are powers of two and zeros small multiples of them, so every weight
+    (q - 8) * s + z is exact in x.dtype: the output must equal the float64
+    dequantization bit for bit, for all 16 codes in both nibbles of every byte
+    of a K tile (on the GPU this is the inline-PTX unpack's lane mapping).
+    """
+    qdtype = dtype if qdtype == "same" else qdtype
+    n, k, gs = 37, 256, 64
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    q[:, :32] = torch.arange(16, dtype=torch.uint8).repeat(2)  # every code at even and odd k
+    scale = 2.0 ** -torch.randint(2, 8, (n, k // gs), generator=g).double()
+    zero = torch.randint(-8, 9, (n, k // gs), generator=g).double() * scale
+    qdata = ref.int4_pack(q).to(DEVICE)
+    want = ((q.double().reshape(n, k // gs, gs) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+    for k0 in (0, 128):
+        x = torch.eye(k, dtype=dtype)[k0 : k0 + 128].to(DEVICE)
+        out = int4_mm(x, qdata, scale.to(DEVICE, qdtype), zero.to(DEVICE, qdtype), gs)
+        got = out.double().cpu().t()  # [n, 128]: column j is weight column k0 + j
+        assert torch.equal(got, want[:, k0 : k0 + 128]), (got - want[:, k0 : k0 + 128]).abs().max()

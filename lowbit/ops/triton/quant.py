@@ -33,7 +33,8 @@ def _kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, QMAX: tl.constexpr, IS
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0) / QMAX, EPS)
+    # IEEE division: Triton's fp32 ``/`` is the approximate one on the GPU (bits differ from torch)
+    scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), QMAX), EPS)
     tl.store(s_ptr + m, scale)
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + rk < K

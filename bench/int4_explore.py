@@ -1,0 +1,251 @@
+"""int4 kernel exploration (GPU): candidate W4A16 kernels against the shipped one and bf16.
+
+    python bench/int4_explore.py [--out DIR] [--shapes 4096x4096,...] [--ms 1,8,32,128]
+
+Candidates (same qdata layout as lowbit: [N, K/2] uint8, even k in the low nibble):
+
+* ``gemm_asm``: lowbit's ``_gemm_kernel`` (x @ W^T, weight tile as the B operand,
+  inline-PTX dequant) at each explicit config and split;
+* ``swap`` / ``swap_asm``: the transposed product y^T = W @ x^T, so the dequantized
+  weight tile is the A operand (wgmma takes it from registers) and x^T the small
+  B operand; fp32 or inline-PTX dequant (``_dequant_tile``). Measured 0.85-0.95x of
+  ``gemm_asm``: the A-fragment layout hands each thread byte pairs that need many prmt.
+
+Every config is checked against ``lowbit.ops.reference.int4_linear`` (relative
+error) and timed as the time per layer over a stack of distinct layers
+(>= 1 GiB of bf16 weights) inside one CUDA graph, median of the replays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lowbit.ops import reference as ref  # noqa: E402
+from lowbit.ops.triton.int4 import _dequant_tile, _gemm_kernel, int4_mm  # noqa: E402
+
+GS = 128
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _swap_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, M, N, K, m_bucket, stride_xm, stride_ym, stride_q,
+    GS: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XCONTIG: tl.constexpr = True,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rkh = tl.arange(0, BLOCK_K // 2)
+    m_ok = rm < M
+    n_ok = rn < N
+    ng = K // GS
+    rk = tl.arange(0, BLOCK_K)
+    if XCONTIG:
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    else:
+        xt_ptrs = x_ptr + rm[None, :] * stride_xm + 2 * rkh[:, None]  # [BLOCK_K/2, BLOCK_M]
+    q_ptrs = q_ptr + rn[:, None] * stride_q + rkh[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        k0 = tl.multiple_of(k0, BLOCK_K)
+        qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
+        s = tl.load(s_ptr + rn * ng + k0 // GS, mask=n_ok, other=0)
+        z = tl.load(z_ptr + rn * ng + k0 // GS, mask=n_ok, other=0)
+        if XCONTIG:
+            x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
+            xe, xo = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
+            xe = tl.trans(xe)
+            xo = tl.trans(xo)
+        else:
+            xe = tl.load(xt_ptrs + k0, mask=m_ok[None, :], other=0.0)
+            xo = tl.load(xt_ptrs + k0 + 1, mask=m_ok[None, :], other=0.0)
+        lo, hi = _dequant_tile(qb, s[:, None], z[:, None], xe.dtype, ASM)
+        acc = tl.dot(lo, xe, acc)
+        acc = tl.dot(hi, xo, acc)
+    offs = rm[None, :] * stride_ym + rn[:, None]
+    mask = n_ok[:, None] & m_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ws_ptr + offs, acc, mask=mask)
+
+
+KERNELS = {"gemm_asm": (_gemm_kernel.fn, True), "swap": (_swap_kernel, False), "swap_asm": (_swap_kernel, True)}
+
+
+def launcher(variant, cfg, split):
+    kern, asm = KERNELS[variant]
+    bm, bn, bk, w, st = cfg
+
+    def run(x, q, s, z):
+        m, k = x.shape
+        n = q.shape[0]
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        ws = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else y
+        grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
+        kern[grid](
+            x, q, s, z, y, ws, m, n, k, m, x.stride(0), y.stride(0), q.stride(0),
+            GS=GS, ASM=asm, DOT_F32=False, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=w, num_stages=st,
+        )  # fmt: skip
+        return y if split == 1 else ws.to(x.dtype)
+
+    return run
+
+
+# ----------------------------------------------------------------------------- timing
+def time_stack(fns, x) -> float:
+    """us per layer: all layers in one CUDA graph, median of 20 replays."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f(x)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f(x)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1000 / len(fns))
+    del g
+    return statistics.median(ts)
+
+
+def configs_for(variant, m):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) to try."""
+    if m <= 64:
+        bm = max(16, triton.next_power_of_2(m))
+        return [
+            (bm, bn, 128, w, st)
+            for bn, w, st in [
+                (16, 4, 6),
+                (32, 4, 4),
+                (32, 4, 6),
+                (32, 4, 8),
+                (64, 4, 6),
+                (64, 4, 8),
+                (64, 8, 6),
+                (128, 8, 4),
+                (128, 8, 6),
+            ]
+            if bm * bn <= 64 * 128
+        ]
+    if m <= 128:
+        return [
+            (64, 64, 128, 4, 4),
+            (128, 64, 128, 4, 3),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 128, 64, 8, 3),
+        ]
+    return [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=".")
+    p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096")
+    p.add_argument("--ms", default="1,16,32,64,128")
+    p.add_argument("--variants", default="gemm_asm")
+    p.add_argument("--dtype", default="bfloat16")
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    ms = [int(v) for v in args.ms.split(",")]
+    variants = args.variants.split(",")
+    rows = []
+    t_start = time.time()
+    print(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)))
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        layers = max(2, math.ceil(2**30 / (n * k * 2)))
+        torch.manual_seed(0)
+        ws = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(layers)]
+        qs = []
+        for w in ws:
+            s, z = ref.int4_choose_qparams(w, GS, dtype)
+            qs.append((ref.int4_pack(ref.int4_quantize(w, s, z, GS)), s, z))
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            want = ref.int4_linear(x, *qs[0], GS).double()
+            t_bf16 = time_stack([lambda x, w=w: F.linear(x, w) for w in ws], x)
+            t_ship = time_stack([lambda x, p=p: int4_mm(x, *p, GS) for p in qs], x)
+            base = dict(K=k, N=n, M=m, bf16_us=round(t_bf16, 2), ship_us=round(t_ship, 2))
+            base["ship_x"] = round(t_bf16 / t_ship, 3)
+            print(json.dumps(base), flush=True)
+            for variant in variants:
+                for cfg in configs_for(variant, m):
+                    splits = [sp for sp in (1, 2, 4, 8) if k // (sp * cfg[2]) >= 2] if m <= 128 else [1]
+                    for split in splits:
+                        row = dict(base, variant=variant, cfg=list(cfg), split=split)
+                        try:
+                            run = launcher(variant, cfg, split)
+                            got = run(x, *qs[0]).double()
+                            row["rel_err"] = float((got - want).norm() / want.norm())
+                            t = time_stack([lambda x, p=p, run=run: run(x, *p) for p in qs], x)
+                            row["us"] = round(t, 2)
+                            row["x_bf16"] = round(t_bf16 / t, 3)
+                            row["x_ship"] = round(t_ship / t, 3)
+                            row["GBps"] = round((n * k * (0.5 + 4 / GS) + 2 * m * (k + n)) / t / 1e3, 1)
+                        except Exception as e:
+                            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                            traceback.print_exc(limit=2)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+            with open(os.path.join(args.out, "int4_explore.json"), "w") as f:
+                json.dump(rows, f)
+        del ws, qs
+        torch.cuda.empty_cache()
+    # summary: best per (shape, M, variant)
+    print("\nK N M | bf16us ship_x | best per variant: x_bf16 (us, cfg, split, err)")
+    keyed = {}
+    for r in rows:
+        if "us" not in r or r["rel_err"] > 1e-2:
+            continue
+        key = (r["K"], r["N"], r["M"], r["variant"])
+        if key not in keyed or r["us"] < keyed[key]["us"]:
+            keyed[key] = r
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        for m in ms:
+            parts = []
+            base = None
+            for v in variants:
+                r = keyed.get((k, n, m, v))
+                if r:
+                    base = r
+                    parts.append(f"{v} {r['x_bf16']}x ({r['us']}us {r['cfg']} s{r['split']} e{r['rel_err']:.1e})")
+            if base:
+                print(f"{k} {n} {m} | {base['bf16_us']} {base['ship_x']}x | " + "; ".join(parts))
+    print(f"total {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
