@@ -35,7 +35,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lowbit.ops import reference as ref  # noqa: E402
-from lowbit.ops.triton.int4 import _dequant_tile, _gemm_kernel, int4_mm  # noqa: E402
+from lowbit.ops.triton.int4 import _dequant_kernel, _dequant_tile, _gemm_kernel, int4_mm  # noqa: E402
 
 GS = 128
 
@@ -90,7 +90,28 @@ def _swap_kernel(
 KERNELS = {"gemm_asm": (_gemm_kernel.fn, True), "swap": (_swap_kernel, False), "swap_asm": (_swap_kernel, True)}
 
 
+def chunked(rows: int):
+    """Large M: dequantize ``rows`` weight rows at a time into one reused buffer (small
+    enough to stay in L2) and run cuBLAS on each chunk into a column slice of y, instead
+    of writing the whole w_hat to HBM and reading it back."""
+
+    def run(x, q, s, z):
+        m, k = x.shape
+        n = q.shape[0]
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        buf = torch.empty(rows, k, device=x.device, dtype=x.dtype)
+        for n0 in range(0, n, rows):
+            r = min(rows, n - n0)
+            _dequant_kernel[(triton.cdiv(r, 32), k // GS)](q[n0:], s[n0:], z[n0:], buf, r, k, GS=GS, BLOCK_N=32)
+            torch.mm(x, buf[:r].t(), out=y[:, n0 : n0 + r])
+        return y
+
+    return run
+
+
 def launcher(variant, cfg, split):
+    if variant == "chunked":
+        return chunked(cfg[0])
     kern, asm = KERNELS[variant]
     bm, bn, bk, w, st = cfg
 
@@ -140,7 +161,9 @@ def time_stack(fns, x) -> float:
 
 
 def configs_for(variant, m):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) to try."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) to try; for ``chunked``, (rows,)."""
+    if variant == "chunked":
+        return [(r, 0, 0, 0, 0) for r in (512, 1024, 2048, 4096)]
     if m <= 64:
         bm = max(16, triton.next_power_of_2(m))
         return [

@@ -59,6 +59,14 @@ def test_int4_mm_dequant_path():  # M >= DEQUANT_MIN_M: dequantize kernel + plai
     _check(260, 37, 256, 32, torch.bfloat16, 7)
 
 
+def test_int4_mm_dequant_path_in_row_chunks(monkeypatch):
+    # 37 rows in chunks of 16: two full chunks and a ragged one, each into its columns of y
+    import lowbit.ops.triton.int4 as int4_mod
+
+    monkeypatch.setattr(int4_mod, "DEQUANT_ROWS", 16)
+    _check(260, 37, 256, 32, torch.bfloat16, 8)
+
+
 def test_int4_mm_empty():
     qdata, scale, zero = _weight(33, 128, 64, torch.bfloat16, 0)
     out = int4_mm(torch.randn(0, 128, device=DEVICE, dtype=torch.bfloat16), qdata, scale, zero, 64)

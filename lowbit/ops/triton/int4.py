@@ -23,7 +23,8 @@ Three paths, picked by M:
   can be split across programs (fp32 atomics into a zeroed buffer); the split is
   autotuned with the tile.
 * ``_dequant_kernel`` + cuBLAS (M >= DEQUANT_MIN_M, CUDA, bf16/fp16): w_hat is
-  written once per call and ``x @ w_hat.T`` runs as a plain GEMM.
+  written DEQUANT_ROWS rows at a time into one buffer and each chunk runs as a plain
+  GEMM into its columns of y.
 
 Numerics: the reference rounds the fp32 ``(q - 8) * s + z`` to x.dtype; the PTX
 path rounds the exact value once (fma), so a weight can differ by one ulp of
@@ -45,6 +46,10 @@ from lowbit.ops.triton._utils import AUTOTUNE, INTERPRET, TUNE_CACHE, cfg, confi
 # the GEMM: 4 extra bytes per weight cost less than Triton's in-loop dequant loses
 # to cuBLAS at these sizes (bench/KERNEL_NOTES.md).
 DEQUANT_MIN_M = 256
+# The dequantize path works on this many weight rows at a time: a smaller buffer than
+# the whole w_hat, and 3-4% faster at M=2048 on N=14336 (H100, bench/int4_explore.py
+# --variants chunked: 0.915x vs 0.88x of bf16).
+DEQUANT_ROWS = 4096
 # Up to this M, and for weights up to GEMV_MAX_NK elements, each row of x runs the
 # FMA GEMV; larger weights stream faster through the GEMM's split-K (H100: 4096x4096
 # GEMV 1.50x bf16 vs GEMM 1.34x; 4096x14336 1.45x vs 1.72x, bench/KERNEL_NOTES.md).
@@ -128,31 +133,28 @@ def _zero_ws(nargs):
 
 
 def _gemm_configs():
-    """Measured on H100 (bench/int4_explore.py): small M wants split-K so that
-    ~2 waves of programs stream the weight; the split is tuned with the tile."""
+    """The tiles and splits that won somewhere in bench/int4_explore.py (H100), and no
+    more: every config is a separate compile on first use of a shape. Small M wants
+    split-K so that ~2 waves of programs stream the weight; the split is tuned with
+    the tile. (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, splits)."""
     small = [
-        (16, 64, 128, 4, 6),
-        (16, 128, 128, 8, 4),
-        (16, 32, 128, 4, 4),
-        (32, 64, 128, 4, 6),
-        (32, 128, 128, 8, 4),
-        (64, 32, 128, 4, 8),
-        (64, 64, 128, 4, 8),
+        (16, 64, 128, 4, 6, (1, 2)),
+        (16, 128, 128, 8, 4, (4, 8)),
+        (16, 32, 128, 4, 4, (4,)),
+        (32, 64, 128, 4, 6, (1, 4)),
+        (32, 128, 128, 8, 4, (1, 8)),
+        (64, 32, 128, 4, 8, (1, 2)),
+        (64, 64, 128, 4, 8, (1,)),
+        (128, 64, 128, 4, 3, (1, 4)),
+        (64, 64, 128, 4, 4, (1,)),
+        (128, 128, 64, 8, 3, (1,)),
     ]
-    mid = [(128, 64, 128, 4, 3), (64, 64, 128, 4, 4), (128, 128, 64, 8, 3)]
     large = [(64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4)]
     out = []
-    for bm, bn, bk, w, st in small + mid:
-        for split in (1, 2, 4, 8):
-            pre = _zero_ws if split > 1 else None
-            out.append(
-                triton.Config(
-                    dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split),
-                    num_warps=w,
-                    num_stages=st,
-                    pre_hook=pre,
-                )
-            )
+    for bm, bn, bk, w, st, splits in small:
+        for split in splits:
+            meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split)
+            out.append(triton.Config(meta, num_warps=w, num_stages=st, pre_hook=_zero_ws if split > 1 else None))
     out += [
         cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=w, num_stages=st) for bm, bn, bk, w, st in large
     ]
@@ -341,9 +343,18 @@ def int4_mm(
     qdata, scale, zero = qdata.contiguous(), scale.contiguous(), zero.contiguous()
     mb = m_bucket(m)
     if m >= DEQUANT_MIN_M and (x.is_cuda or INTERPRET) and x.dtype != torch.float32:
-        w = torch.empty(n, k, device=x.device, dtype=x.dtype)
-        _dequant_kernel[(triton.cdiv(n, 32), k // group_size)](qdata, scale, zero, w, n, k, GS=group_size, BLOCK_N=32)
-        return x @ w.t()
+        # DEQUANT_ROWS weight rows at a time into one reused buffer, each chunk's GEMM
+        # written straight into its column slice of y (cuBLAS takes the row stride)
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        rows = min(n, DEQUANT_ROWS)
+        w = torch.empty(rows, k, device=x.device, dtype=x.dtype)
+        for n0 in range(0, n, rows):
+            r = min(rows, n - n0)
+            _dequant_kernel[(triton.cdiv(r, 32), k // group_size)](
+                qdata[n0:], scale[n0:], zero[n0:], w, r, k, GS=group_size, BLOCK_N=32
+            )
+            torch.mm(x, w[:r].t(), out=y[:, n0 : n0 + r])
+        return y
     if m <= GEMV_MAX_M and n * k <= GEMV_MAX_NK:
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
