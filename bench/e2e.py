@@ -324,15 +324,18 @@ def markdown(results, meta) -> str:
     batches = meta["batches"]
     head = ["variant", "weights GB", "quantize s"]
     steps = [b for b in batches if any(f"b{b}_step_tok_s" in r for r in results)]
-    for b in batches:
+    gens = [b for b in batches if any(f"b{b}_tok_s" in r for r in results)]
+    for b in gens:
         head += [f"b{b} tok/s", f"b{b} x"]
     for b in steps:
         head += [f"b{b} step-loop tok/s", f"b{b} step x"]
-    head += ["prefill tok/s", "prefill x"] + [f"peak GB b{b}" for b in batches]
+    head += ["prefill tok/s", "prefill x"] + [f"peak GB b{b}" for b in gens]
     lines = [
         f"End to end on {meta['device']} ({meta['date']}): Llama-3-8B shape with random weights"
         + (f" ({meta['layers']} layers)" if meta.get("layers") else "")
-        + f", Transformers {meta['transformers']} `generate`, static cache, greedy, {meta['new_tokens']} new tokens; "
+        + f", Transformers {meta['transformers']} "
+        + ("`generate`" if gens else "step loop (compiled forward, no `generate`)")
+        + f", static cache, greedy, {meta['new_tokens']} new tokens; "
         f"prefill = one {meta['prefill']}-token forward. tok/s is per sequence; x = ratio to bf16 in the same run.",
         "",
         "| " + " | ".join(head) + " |",
@@ -345,12 +348,12 @@ def markdown(results, meta) -> str:
             lines.append(f"| {r['label']} | {why} |" + " |" * (len(head) - 2))
             continue
         cells = [r["label"], r.get("weights_GB", "-"), r.get("quantize_s", "-")]
-        for b in batches:
+        for b in gens:
             cells += [r.get(f"b{b}_tok_s", "-"), ratio(r, base, f"b{b}_tok_s")]
         for b in steps:
             cells += [r.get(f"b{b}_step_tok_s", "-"), ratio(r, base, f"b{b}_step_tok_s")]
         cells += [r.get("prefill_tok_s", "-"), ratio(r, base, "prefill_tok_s")]
-        cells += [r.get(f"b{b}_peak_GB", "-") for b in batches]
+        cells += [r.get(f"b{b}_peak_GB", "-") for b in gens]
         lines.append("| " + " | ".join(str(x) for x in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -363,7 +366,7 @@ def plot(results, path) -> bool:
         import matplotlib.pyplot as plt
     except Exception:
         return False
-    base = next((r for r in results if r["variant"] == "bf16" and "b1_tok_s" in r), None)
+    base = next((r for r in results if r["variant"] == "bf16" and "error" not in r and "skipped" not in r), None)
     ok = [r for r in results if "error" not in r and "skipped" not in r]
     if base is None or not ok:
         return False
@@ -376,13 +379,15 @@ def plot(results, path) -> bool:
             [x + i * width for x in range(len(ok))],
             ys,
             width,
-            label="prefill" if k == "prefill_tok_s" else "batch " + k[1:].split("_")[0],
+            label="prefill"
+            if k == "prefill_tok_s"
+            else "batch " + k[1:].split("_")[0] + (" step loop" if "_step_" in k else " generate"),
         )
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xticks([x + width * (len(keys) - 1) / 2 for x in range(len(ok))])
     ax.set_xticklabels([r["label"] for r in ok], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("speed vs bf16 (same run)")
-    ax.set_title("Llama-3-8B shape, Transformers generate (static cache)")
+    ax.set_title("Llama-3-8B shape, static cache, greedy decode and 2048-token prefill")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
