@@ -34,6 +34,7 @@ x.dtype where the fp32 result sat exactly on a rounding midpoint.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import triton
@@ -307,6 +308,9 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, GS: tl.constexpr, BLOCK_N:
 
 
 # ----------------------------------------------------------------------------- launcher
+_LAUNCH_LOCK = threading.Lock()
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -372,9 +376,12 @@ def int4_mm(
         fixed = {"SPLIT_K": _split_k(m, n, k, group_size, _num_sms(x.device))}
         ws = torch.zeros(m, n, device=x.device, dtype=torch.float32) if fixed["SPLIT_K"] > 1 else y
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
-    _gemm_kernel[grid](
-        x, qdata, scale, zero, y, ws, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0),
-        GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, **fixed,
-    )  # fmt: skip
-    split = fixed["SPLIT_K"] if fixed else _gemm_kernel.best_config.kwargs["SPLIT_K"]
+    # The autotuner records the config it launched in ``best_config``; the lock keeps
+    # another thread's launch from replacing it before it is read.
+    with _LAUNCH_LOCK:
+        _gemm_kernel[grid](
+            x, qdata, scale, zero, y, ws, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0),
+            GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, **fixed,
+        )  # fmt: skip
+        split = fixed["SPLIT_K"] if fixed else _gemm_kernel.best_config.kwargs["SPLIT_K"]
     return y if split == 1 else ws.to(x.dtype)
