@@ -227,6 +227,22 @@ def test_e2e_bench_tiny_on_cpu(tmp_path):
     assert "lowbit int4 g128" in md and "bf16" in md and "b1 step-loop tok/s" in md
 
 
+def test_e2e_bench_step_loop_only(tmp_path):
+    """--no-generate: decode timed by the step loop alone; the table has no generate columns."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import e2e
+    finally:
+        sys.path.pop(0)
+    argv = ["--tiny", "--out", str(tmp_path), "--reps", "1", "--step-loop", "--no-generate"]
+    assert e2e.main(argv + ["--variants", "bf16,lowbit_int4", "--batches", "1"]) == 0
+    by = {r["variant"]: r for r in json.loads((tmp_path / "cpu-tiny-e2e.json").read_text())["results"]}
+    for v in ("bf16", "lowbit_int4"):
+        assert by[v]["b1_step_tok_s"] > 0 and "b1_tok_s" not in by[v] and "b1_first_generate_s" not in by[v], by[v]
+    md = (tmp_path / "cpu-tiny-e2e.md").read_text()
+    assert "b1 step-loop tok/s" in md and "b1 tok/s" not in md and "no `generate`" in md, md
+
+
 def test_e2e_step_loop_decodes_like_generate():
     """The bench's generate-free decode loop produces generate's greedy tokens (fp32 tiny Llama, batch 2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
