@@ -59,6 +59,17 @@ def test_int4_mm_dequant_path():  # M >= DEQUANT_MIN_M: dequantize kernel + plai
     _check(260, 37, 256, 32, torch.bfloat16, 7)
 
 
+@pytest.mark.parametrize("split", [2, 3, 8])
+def test_int4_gemm_split_k_partials_sum_to_the_reference(split, monkeypatch):
+    # every split stores its partial sums into its own workspace slice; one sum reduces them
+    import lowbit.ops.triton.int4 as int4_mod
+
+    if int4_mod.AUTOTUNE:
+        pytest.skip("the split is chosen by the autotuner here")
+    monkeypatch.setattr(int4_mod, "_split_k", lambda *a: split)
+    _check(5, 37, 1024, 64, torch.bfloat16, split)
+
+
 def test_int4_mm_dequant_path_in_row_chunks(monkeypatch):
     # 37 rows in chunks of 16: two full chunks and a ragged one, each into its columns of y
     import lowbit.ops.triton.int4 as int4_mod
@@ -139,3 +150,37 @@ def test_int4_gemm_dequant_exact_every_code_and_position(dtype, qdtype):
         out = int4_mm(x, qdata, scale.to(DEVICE, qdtype), zero.to(DEVICE, qdtype), gs)
         got = out.double().cpu().t()  # [n, 128]: column j is weight column k0 + j
         assert torch.equal(got, want[:, k0 : k0 + 128]), (got - want[:, k0 : k0 + 128]).abs().max()
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    gs=st.sampled_from(ref.INT4_GROUP_SIZES),
+    m=st.integers(1, 5000),
+    k_groups=st.integers(1, 200),
+    n=st.sampled_from([1, 37, 4096, 14336, 128256]),
+)
+def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, n):
+    """Every config the GPU autotuner may try keeps the kernel's assumptions.
+
+    The kernel loads one scale per K tile, so BLOCK_K must divide the group size
+    (a config with BLOCK_K 128 at group size 32 computes wrong results); a split
+    config stores partial sums into the [SPLIT_K, M, N] fp32 workspace, which the
+    launcher sizes from the largest split kept and allocates only for M <= 128 within
+    MAX_WORKSPACE; each split needs two K tiles of work; no config carries a
+    pre_hook (Triton's autotune disk cache skips kernels whose configs have one).
+    Checked on the GPU search space even where (CPU CI) only the fixed config runs.
+    """
+    import lowbit.ops.triton.int4 as int4_mod
+    from lowbit.ops.triton._utils import m_bucket
+
+    k = k_groups * gs
+    mb = m_bucket(m)
+    kept = int4_mod._prune(int4_mod._gemm_configs(), dict(GS=gs, m_bucket=mb, K=k, N=n))
+    assert kept, (gs, m, k)
+    for c in kept:
+        meta = c.kwargs
+        assert gs % meta["BLOCK_K"] == 0, (gs, meta)
+        assert c.pre_hook is None, meta
+        if meta["SPLIT_K"] > 1:
+            assert mb <= 128 and k // (meta["SPLIT_K"] * meta["BLOCK_K"]) >= 2, (meta, mb, k)
+            assert meta["SPLIT_K"] * m * n * 4 <= int4_mod.MAX_WORKSPACE, (meta, m, n)

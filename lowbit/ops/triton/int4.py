@@ -20,7 +20,8 @@ Three paths, picked by M:
   ``(q - 8) * s + z`` to x.dtype); elsewhere the reference's fp32 formula. Even k
   live in the low nibbles, so x is split into even/odd columns and two half-depth
   dots run, keeping the weight path purely elementwise. For small M the K loop
-  can be split across programs (fp32 atomics into a zeroed buffer); the split is
+  can be split across programs (each split stores its fp32 partial sums into its
+  own slice of a workspace, which one sum reduces; no atomics, no zeroing); the split is
   autotuned with the tile.
 * ``_dequant_kernel`` + cuBLAS (M >= DEQUANT_MIN_M, CUDA, bf16/fp16): w_hat is
   written DEQUANT_ROWS rows at a time into one buffer and each chunk runs as a plain
@@ -51,6 +52,8 @@ DEQUANT_MIN_M = 256
 # the whole w_hat, and 3-4% faster at M=2048 on N=14336 (H100, bench/int4_explore.py
 # --variants chunked: 0.915x vs 0.88x of bf16).
 DEQUANT_ROWS = 4096
+# Split-K workspace ([SPLIT_K, M, N] fp32 partial sums) never larger than this.
+MAX_WORKSPACE = 64 << 20
 # Up to this M, and for weights up to GEMV_MAX_NK elements, each row of x runs the
 # FMA GEMV; larger weights stream faster through the GEMM's split-K (H100: 4096x4096
 # GEMV 1.50x bf16 vs GEMM 1.34x; 4096x14336 1.45x vs 1.72x, bench/KERNEL_NOTES.md).
@@ -117,20 +120,26 @@ def _dequant_tile(qb, s, z, dtype: tl.constexpr, ASM: tl.constexpr):
 
 # ----------------------------------------------------------------------------- GEMM
 def _prune(configs_, named_args, **kwargs):
+    """The configs that fit this call: BLOCK_K is cut to the group size (one scale per
+    tile), splits only for M <= 128 with >= 2 K tiles per split and a workspace of at
+    most MAX_WORKSPACE bytes, BLOCK_M by M bucket."""
     a = {**named_args, **kwargs}
-    gs, mb, k = a["GS"], a["m_bucket"], a["K"]
-    out = []
+    gs, mb, k, n = a["GS"], a["m_bucket"], a["K"], a["N"]
+    out, seen = [], set()
     for c in configs_:
-        bm, bk, split = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs.get("SPLIT_K", 1)
-        if bk > gs or (split > 1 and (mb > 128 or k // (split * bk) < 2)):
+        meta = {**c.kwargs, "BLOCK_K": min(c.kwargs["BLOCK_K"], gs)}
+        bm, bk, split = meta["BLOCK_M"], meta["BLOCK_K"], meta.get("SPLIT_K", 1)
+        if split > 1 and (mb > 128 or k // (split * bk) < 2 or split * mb * n * 4 > MAX_WORKSPACE):
             continue
-        if (bm <= max(16, mb) and 2 * bm > min(mb, 64)) if mb <= 64 else bm >= 64:
-            out.append(c)
-    return out or configs_[:1]
-
-
-def _zero_ws(nargs):
-    nargs["ws_ptr"].zero_()
+        if not ((bm <= max(16, mb) and 2 * bm > min(mb, 64)) if mb <= 64 else bm >= 64):
+            continue
+        key = (tuple(sorted(meta.items())), c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages))
+    if not out:  # unreachable with the list below (every bucket has a split-1 tile); stay valid anyway
+        out = [cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=min(32, gs), SPLIT_K=1, num_warps=4, num_stages=2)]
+    return out
 
 
 def _gemm_configs():
@@ -156,7 +165,8 @@ def _gemm_configs():
     for bm, bn, bk, w, st, splits in small:
         for split in splits:
             meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split)
-            out.append(triton.Config(meta, num_warps=w, num_stages=st, pre_hook=_zero_ws if split > 1 else None))
+            # no pre_hook anywhere: Triton's autotune disk cache skips kernels whose configs have one
+            out.append(triton.Config(meta, num_warps=w, num_stages=st))
     out += [
         cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=w, num_stages=st) for bm, bn, bk, w, st in large
     ]
@@ -178,8 +188,8 @@ def _gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # BLOCK_K divides GS (pruned), and GS divides K: no K masks, one group per tile.
-    # SPLIT_K > 1: programs along axis 1 take every SPLIT_K-th K tile and add fp32
-    # partials into ws (zeroed by the config's pre_hook); else y is stored directly.
+    # SPLIT_K > 1: programs along axis 1 take every SPLIT_K-th K tile and store their
+    # fp32 partial sums into ws[pid_k] ([SPLIT_K, M, N]); else y is stored directly.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -213,7 +223,7 @@ def _gemm_kernel(
     if SPLIT_K == 1:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(ws_ptr + offs, acc, mask=mask)
+        tl.store(ws_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
 
 
 # ----------------------------------------------------------------------------- GEMV
@@ -327,7 +337,16 @@ def _split_k(m: int, n: int, k: int, group_size: int, sms: int) -> int:
     split = 1
     while tiles * split < 2 * sms and k // (2 * split * min(group_size, 128)) >= 2:
         split *= 2
+    while split > 1 and split * m * n * 4 > MAX_WORKSPACE:
+        split //= 2
     return split
+
+
+@functools.lru_cache(maxsize=1024)
+def _max_split(mb: int, n: int, k: int, group_size: int) -> int:
+    """The largest SPLIT_K among the configs the autotuner may try for this call."""
+    space = _prune(_gemm_configs(), dict(GS=group_size, m_bucket=mb, K=k, N=n))
+    return max(c.kwargs["SPLIT_K"] for c in space)
 
 
 @kernel_op("int4_mm_triton", fake=linear_out_fake)
@@ -370,12 +389,14 @@ def int4_mm(
         return y
     asm = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and scale.dtype == zero.dtype == x.dtype
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if AUTOTUNE:  # the split is tuned with the tile; split configs zero ws in their pre_hook
-        ws = torch.empty(m, n, device=x.device, dtype=torch.float32) if m <= 128 else y
+    if AUTOTUNE:  # the split is tuned with the tile: room for the largest split it may pick
         fixed = {}
+        most = _max_split(mb, n, k, group_size)
     else:  # one fixed config: the split comes from the heuristic
         fixed = {"SPLIT_K": _split_k(m, n, k, group_size, _num_sms(x.device))}
-        ws = torch.zeros(m, n, device=x.device, dtype=torch.float32) if fixed["SPLIT_K"] > 1 else y
+        most = fixed["SPLIT_K"]
+    # fp32 even when unused (split 1), so the kernel is compiled once per config
+    ws = torch.empty((most, m, n) if most > 1 else (1,), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
     # The autotuner records the config it launched in ``best_config``; the lock keeps
     # another thread's launch from replacing it before it is read.
@@ -385,4 +406,4 @@ def int4_mm(
             GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, **fixed,
         )  # fmt: skip
         split = fixed["SPLIT_K"] if fixed else _gemm_kernel.best_config.kwargs["SPLIT_K"]
-    return y if split == 1 else ws.to(x.dtype)
+    return y if split == 1 else ws[:split].sum(0).to(x.dtype)
