@@ -6,10 +6,9 @@ Candidates (same qdata layout as lowbit: [N, K/2] uint8, even k in the low nibbl
 
 * ``gemm_asm``: lowbit's ``_gemm_kernel`` (x @ W^T, weight tile as the B operand,
   inline-PTX dequant) at each explicit config and split;
-* ``swap`` / ``swap_asm``: the transposed product y^T = W @ x^T, so the dequantized
-  weight tile is the A operand (wgmma takes it from registers) and x^T the small
-  B operand; fp32 or inline-PTX dequant (``_dequant_tile``). Measured 0.85-0.95x of
-  ``gemm_asm``: the A-fragment layout hands each thread byte pairs that need many prmt.
+* (removed after measuring; in git at commit 0a94bdc) ``swap`` / ``swap_asm``: the
+  transposed product y^T = W @ x^T with the weight tile as wgmma's register A operand,
+  0.85-0.95x of ``gemm_asm`` (``bench/results/h100-int4-explore.json``).
 
 Every config is checked against ``lowbit.ops.reference.int4_linear`` (relative
 error) and timed as the time per layer over a stack of distinct layers
@@ -30,64 +29,16 @@ import traceback
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lowbit.ops import reference as ref  # noqa: E402
-from lowbit.ops.triton.int4 import _dequant_kernel, _dequant_tile, _gemm_kernel, int4_mm  # noqa: E402
+from lowbit.ops.triton.int4 import _dequant_kernel, _gemm_kernel, int4_mm  # noqa: E402
 
 GS = 128
 
 
-# ----------------------------------------------------------------------------- kernels
-@triton.jit
-def _swap_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, M, N, K, m_bucket, stride_xm, stride_ym, stride_q,
-    GS: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XCONTIG: tl.constexpr = True,
-):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rkh = tl.arange(0, BLOCK_K // 2)
-    m_ok = rm < M
-    n_ok = rn < N
-    ng = K // GS
-    rk = tl.arange(0, BLOCK_K)
-    if XCONTIG:
-        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-    else:
-        xt_ptrs = x_ptr + rm[None, :] * stride_xm + 2 * rkh[:, None]  # [BLOCK_K/2, BLOCK_M]
-    q_ptrs = q_ptr + rn[:, None] * stride_q + rkh[None, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        k0 = tl.multiple_of(k0, BLOCK_K)
-        qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
-        s = tl.load(s_ptr + rn * ng + k0 // GS, mask=n_ok, other=0)
-        z = tl.load(z_ptr + rn * ng + k0 // GS, mask=n_ok, other=0)
-        if XCONTIG:
-            x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
-            xe, xo = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
-            xe = tl.trans(xe)
-            xo = tl.trans(xo)
-        else:
-            xe = tl.load(xt_ptrs + k0, mask=m_ok[None, :], other=0.0)
-            xo = tl.load(xt_ptrs + k0 + 1, mask=m_ok[None, :], other=0.0)
-        lo, hi = _dequant_tile(qb, s[:, None], z[:, None], xe.dtype, ASM)
-        acc = tl.dot(lo, xe, acc)
-        acc = tl.dot(hi, xo, acc)
-    offs = rm[None, :] * stride_ym + rn[:, None]
-    mask = n_ok[:, None] & m_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(ws_ptr + offs, acc, mask=mask)
-
-
-KERNELS = {"gemm_asm": (_gemm_kernel.fn, True), "swap": (_swap_kernel, False), "swap_asm": (_swap_kernel, True)}
+KERNELS = {"gemm_asm": (_gemm_kernel.fn, True)}
 
 
 def chunked(rows: int):
@@ -119,14 +70,14 @@ def launcher(variant, cfg, split):
         m, k = x.shape
         n = q.shape[0]
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        ws = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else y
+        ws = torch.empty((split, m, n) if split > 1 else (1,), device=x.device, dtype=torch.float32)
         grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
         kern[grid](
             x, q, s, z, y, ws, m, n, k, m, x.stride(0), y.stride(0), q.stride(0),
             GS=GS, ASM=asm, DOT_F32=False, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             num_warps=w, num_stages=st,
         )  # fmt: skip
-        return y if split == 1 else ws.to(x.dtype)
+        return y if split == 1 else ws.sum(0).to(x.dtype)
 
     return run
 

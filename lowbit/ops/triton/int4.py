@@ -173,8 +173,11 @@ def _gemm_configs():
     return out
 
 
+_GEMM_CONFIGS = _gemm_configs()
+
+
 @triton.autotune(
-    configs=configs(_gemm_configs(), cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)),
+    configs=configs(_GEMM_CONFIGS, cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)),
     key=["m_bucket", "N", "K", "GS"],
     **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
@@ -345,7 +348,7 @@ def _split_k(m: int, n: int, k: int, group_size: int, sms: int) -> int:
 @functools.lru_cache(maxsize=1024)
 def _max_split(mb: int, n: int, k: int, group_size: int) -> int:
     """The largest SPLIT_K among the configs the autotuner may try for this call."""
-    space = _prune(_gemm_configs(), dict(GS=group_size, m_bucket=mb, K=k, N=n))
+    space = _prune(_GEMM_CONFIGS, dict(GS=group_size, m_bucket=mb, K=k, N=n))
     return max(c.kwargs["SPLIT_K"] for c in space)
 
 
