@@ -33,7 +33,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lowbit.ops import reference as ref  # noqa: E402
-from lowbit.ops.triton.int4 import _dequant_kernel, _gemm_kernel, int4_mm  # noqa: E402
+from lowbit.ops.triton.int4 import _dequant_kernel, _gemm_kernel, _tile_counters, int4_mm  # noqa: E402
 
 GS = 128
 
@@ -71,13 +71,14 @@ def launcher(variant, cfg, split):
         n = q.shape[0]
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         ws = torch.empty((split, m, n) if split > 1 else (1,), device=x.device, dtype=torch.float32)
+        cnt = _tile_counters(x.device, triton.cdiv(m, bm) * triton.cdiv(n, bn))
         grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
         kern[grid](
-            x, q, s, z, y, ws, m, n, k, m, x.stride(0), y.stride(0), q.stride(0),
+            x, q, s, z, y, ws, cnt, m, n, k, m, x.stride(0), y.stride(0), q.stride(0),
             GS=GS, ASM=asm, DOT_F32=False, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             num_warps=w, num_stages=st,
         )  # fmt: skip
-        return y if split == 1 else ws.sum(0).to(x.dtype)
+        return y  # split > 1: the last split of each tile reduces in the kernel
 
     return run
 
@@ -122,6 +123,8 @@ def configs_for(variant, m):
             for bn, w, st in [
                 (16, 4, 6),
                 (32, 4, 4),
+                (32, 2, 6),
+                (64, 2, 6),
                 (32, 4, 6),
                 (32, 4, 8),
                 (64, 4, 6),
@@ -150,7 +153,11 @@ def main():
     p.add_argument("--ms", default="1,16,32,64,128")
     p.add_argument("--variants", default="gemm_asm")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--cfgs", default=None, help="BLOCK_N,warps,stages;... for M <= 64 (BLOCK_M follows M)")
+    p.add_argument("--splits", default="1,2,4,8")
     args = p.parse_args()
+    splits_all = [int(v) for v in args.splits.split(",")]
+    only = [tuple(int(v) for v in c.split(",")) for c in args.cfgs.split(";")] if args.cfgs else None
     dtype = getattr(torch, args.dtype)
     ms = [int(v) for v in args.ms.split(",")]
     variants = args.variants.split(",")
@@ -176,7 +183,9 @@ def main():
             print(json.dumps(base), flush=True)
             for variant in variants:
                 for cfg in configs_for(variant, m):
-                    splits = [sp for sp in (1, 2, 4, 8) if k // (sp * cfg[2]) >= 2] if m <= 128 else [1]
+                    if only and m <= 64 and variant != "chunked" and (cfg[1], cfg[3], cfg[4]) not in only:
+                        continue
+                    splits = [sp for sp in splits_all if k // (sp * cfg[2]) >= 2] if m <= 128 else [1]
                     for split in splits:
                         row = dict(base, variant=variant, cfg=list(cfg), split=split)
                         try:

@@ -60,14 +60,23 @@ def test_int4_mm_dequant_path():  # M >= DEQUANT_MIN_M: dequantize kernel + plai
 
 
 @pytest.mark.parametrize("split", [2, 3, 8])
-def test_int4_gemm_split_k_partials_sum_to_the_reference(split, monkeypatch):
-    # every split stores its partial sums into its own workspace slice; one sum reduces them
+def test_int4_gemm_split_k_reduces_in_kernel(split, monkeypatch):
+    # every split stores its partial sums into its own workspace slice; the last split of
+    # each output tile (a counter per tile) adds them in a fixed order and resets the counter
     import lowbit.ops.triton.int4 as int4_mod
 
     if int4_mod.AUTOTUNE:
         pytest.skip("the split is chosen by the autotuner here")
     monkeypatch.setattr(int4_mod, "_split_k", lambda *a: split)
-    _check(5, 37, 1024, 64, torch.bfloat16, split)
+    qdata, scale, zero = _weight(37, 1024, 64, torch.bfloat16, split)
+    x = torch.randn(40, 1024, generator=torch.Generator().manual_seed(split)).to(DEVICE, torch.bfloat16)
+    expect = ref.int4_linear(x, qdata, scale, zero, 64).double()
+    runs = [int4_mm(x, qdata, scale, zero, 64) for _ in range(3)]  # the counters are reused
+    for out in runs:
+        assert (out.double() - expect).norm() / expect.norm() < TOL[torch.bfloat16]
+        assert torch.equal(out, runs[0]), "split-K reduction is not deterministic"
+    counters = int4_mod._COUNTERS[x.device]
+    assert int(counters.count_nonzero()) == 0, "a tile counter was left non-zero"
 
 
 def test_int4_mm_dequant_path_in_row_chunks(monkeypatch):

@@ -35,7 +35,6 @@ x.dtype where the fp32 result sat exactly on a rounding midpoint.
 from __future__ import annotations
 
 import functools
-import threading
 
 import torch
 import triton
@@ -184,7 +183,7 @@ _GEMM_CONFIGS = _gemm_configs()
 )
 @triton.jit
 def _gemm_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
+    x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, m_bucket,
     stride_xm, stride_ym, stride_q,
     GS: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -192,7 +191,8 @@ def _gemm_kernel(
 ):  # fmt: skip
     # BLOCK_K divides GS (pruned), and GS divides K: no K masks, one group per tile.
     # SPLIT_K > 1: programs along axis 1 take every SPLIT_K-th K tile and store their
-    # fp32 partial sums into ws[pid_k] ([SPLIT_K, M, N]); else y is stored directly.
+    # fp32 partial sums into ws[pid_k] ([SPLIT_K, M, N]); the last one to finish a tile
+    # (an int32 counter per output tile in cnt, zero between launches) reduces them.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -223,10 +223,23 @@ def _gemm_kernel(
             acc = tl.dot(xo, tl.trans(hi), acc)
     offs = rm[:, None] * stride_ym + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K > 1:
+        # Store this split's partial sums, then count it in on the tile's counter; the
+        # split that arrives last adds the SPLIT_K slices in a fixed order (deterministic),
+        # stores y and resets the counter for the next launch.
+        ws_offs = rm[:, None] * N + rn[None, :]
+        tl.store(ws_ptr + pid_k * M * N + ws_offs, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        tile = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for i in tl.static_range(SPLIT_K):  # .cg: read the other SMs' partials from L2
+                acc += tl.load(ws_ptr + i * M * N + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")
     else:
-        tl.store(ws_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- GEMV
@@ -322,9 +335,6 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, GS: tl.constexpr, BLOCK_N:
 
 
 # ----------------------------------------------------------------------------- launcher
-_LAUNCH_LOCK = threading.Lock()
-
-
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -343,6 +353,25 @@ def _split_k(m: int, n: int, k: int, group_size: int, sms: int) -> int:
     while split > 1 and split * m * n * 4 > MAX_WORKSPACE:
         split //= 2
     return split
+
+
+_COUNTERS: dict = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """int32 zeros, one per output tile of a split-K launch.
+
+    The kernel leaves every counter it used at zero again, so one buffer per device is
+    reused by the launches that follow each other on a stream. While a CUDA graph is
+    being captured, memory allocated belongs to the graph, so a buffer that does not
+    exist yet is made for that launch alone (its zeroing is captured with it)."""
+    buf = _COUNTERS.get(device)
+    if buf is not None and buf.numel() >= tiles:
+        return buf
+    buf = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _COUNTERS[device] = buf
+    return buf
 
 
 @functools.lru_cache(maxsize=1024)
@@ -400,13 +429,11 @@ def int4_mm(
         most = fixed["SPLIT_K"]
     # fp32 even when unused (split 1), so the kernel is compiled once per config
     ws = torch.empty((most, m, n) if most > 1 else (1,), device=x.device, dtype=torch.float32)
+    # one counter per output tile; BLOCK_M, BLOCK_N >= 16 in every config
+    cnt = _tile_counters(x.device, triton.cdiv(m, 16) * triton.cdiv(n, 16) if most > 1 else 1)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
-    # The autotuner records the config it launched in ``best_config``; the lock keeps
-    # another thread's launch from replacing it before it is read.
-    with _LAUNCH_LOCK:
-        _gemm_kernel[grid](
-            x, qdata, scale, zero, y, ws, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0),
-            GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, **fixed,
-        )  # fmt: skip
-        split = fixed["SPLIT_K"] if fixed else _gemm_kernel.best_config.kwargs["SPLIT_K"]
-    return y if split == 1 else ws[:split].sum(0).to(x.dtype)
+    _gemm_kernel[grid](
+        x, qdata, scale, zero, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0),
+        GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, **fixed,
+    )  # fmt: skip
+    return y
