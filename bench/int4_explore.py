@@ -112,14 +112,15 @@ def time_stack(fns, x) -> float:
     return statistics.median(ts)
 
 
-def configs_for(variant, m):
+def configs_for(variant, m, bks=(128,)):
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) to try; for ``chunked``, (rows,)."""
     if variant == "chunked":
         return [(r, 0, 0, 0, 0) for r in (512, 1024, 2048, 4096)]
     if m <= 64:
         bm = max(16, triton.next_power_of_2(m))
         return [
-            (bm, bn, 128, w, st)
+            (bm, bn, bk, w, st)
+            for bk in bks
             for bn, w, st in [
                 (16, 4, 6),
                 (32, 4, 4),
@@ -155,6 +156,7 @@ def main():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--cfgs", default=None, help="BLOCK_N,warps,stages;... for M <= 64 (BLOCK_M follows M)")
     p.add_argument("--splits", default="1,2,4,8")
+    p.add_argument("--bks", default="128", help="BLOCK_K values for M <= 64")
     args = p.parse_args()
     splits_all = [int(v) for v in args.splits.split(",")]
     only = [tuple(int(v) for v in c.split(",")) for c in args.cfgs.split(";")] if args.cfgs else None
@@ -182,7 +184,7 @@ def main():
             base["ship_x"] = round(t_bf16 / t_ship, 3)
             print(json.dumps(base), flush=True)
             for variant in variants:
-                for cfg in configs_for(variant, m):
+                for cfg in configs_for(variant, m, [int(v) for v in args.bks.split(",")]):
                     if only and m <= 64 and variant != "chunked" and (cfg[1], cfg[3], cfg[4]) not in only:
                         continue
                     splits = [sp for sp in splits_all if k // (sp * cfg[2]) >= 2] if m <= 128 else [1]

@@ -54,10 +54,11 @@ DEQUANT_ROWS = 4096
 # Split-K workspace ([SPLIT_K, M, N] fp32 partial sums) never larger than this.
 MAX_WORKSPACE = 64 << 20
 # Up to this M, and for weights up to GEMV_MAX_NK elements, each row of x runs the
-# FMA GEMV; larger weights stream faster through the GEMM's split-K (H100: 4096x4096
-# GEMV 1.50x bf16 vs GEMM 1.34x; 4096x14336 1.45x vs 1.72x, bench/KERNEL_NOTES.md).
+# FMA GEMV; larger weights stream faster through the GEMM's split-K (H100, M=1: 4096x4096
+# GEMV 1.40x bf16 vs GEMM 1.62x since the split-K reduction moved into the GEMM;
+# bench/KERNEL_NOTES.md).
 GEMV_MAX_M = 1
-GEMV_MAX_NK = 4096 * 4096
+GEMV_MAX_NK = 4096 * 2048
 # GEMV: load the next GROUPS tile (codes, scales, zeros) before computing on this one
 GEMV_PREFETCH = True
 
@@ -147,9 +148,9 @@ def _gemm_configs():
     split-K so that ~2 waves of programs stream the weight; the split is tuned with
     the tile. (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, splits)."""
     small = [
-        (16, 64, 128, 4, 6, (1, 2)),
-        (16, 128, 128, 4, 4, (1,)),  # 3.2 SASS instr/weight (vs 3.9) at 128 registers; not yet timed
-        (16, 128, 128, 8, 4, (4, 8)),
+        (16, 32, 128, 2, 6, (1, 4)),
+        (16, 64, 128, 4, 6, (1, 2, 8)),
+        (16, 128, 128, 8, 4, (2, 4, 8)),
         (16, 32, 128, 4, 4, (4,)),
         (32, 64, 128, 4, 6, (1, 4)),
         (32, 128, 128, 8, 4, (1, 8)),
