@@ -167,8 +167,6 @@ def time_stack(fns, x) -> tuple[float, str]:
 ALT = {
     "int4": [
         (int4_mod, "DEQUANT_MIN_M", 1 << 30, lambda m: m >= 128),
-        (int4_mod, "GEMV_PREFETCH", False, lambda m: m == 1),
-        (int4_mod, "GEMV_MAX_M", 0, lambda m: m == 1),
     ],
     "int8_wo": [(w8_mod, "GEMV_MAX_M", 0, lambda m: m <= 8), (w8_mod, "DEQUANT_MIN_M", 1 << 30, lambda m: m >= 128)],
 }

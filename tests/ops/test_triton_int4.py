@@ -75,7 +75,7 @@ def test_int4_gemm_split_k_reduces_in_kernel(split, monkeypatch):
     for out in runs:
         assert (out.double() - expect).norm() / expect.norm() < TOL[torch.bfloat16]
         assert torch.equal(out, runs[0]), "split-K reduction is not deterministic"
-    counters = int4_mod._COUNTERS[x.device]
+    counters = int4_mod._tile_counters(x.device, 1)
     assert int(counters.count_nonzero()) == 0, "a tile counter was left non-zero"
 
 
@@ -109,19 +109,53 @@ def test_int4_mm_compile_and_cuda_graph():
     torch.testing.assert_close(out, ref.int4_linear(x, qdata, scale, zero, 128), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("gs", [32, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_int4_gemv_path_m1_odd_n_and_group_tail(gs, dtype, prefetch, monkeypatch):
-    # M=1 takes the FMA GEMV; 5 groups exercise a partial GROUPS tile, N=37 the row mask
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and streams need a GPU")
+def test_int4_split_k_counters_in_cuda_graph_and_concurrent_streams(monkeypatch):
     import lowbit.ops.triton.int4 as int4_mod
 
-    monkeypatch.setattr(int4_mod, "GEMV_PREFETCH", prefetch)
+    if int4_mod.AUTOTUNE:
+        pytest.skip("the split is chosen by the autotuner here")
+    monkeypatch.setattr(int4_mod, "_split_k", lambda *a: 4)
+    qdata, scale, zero = _weight(1000, 2048, 128, torch.bfloat16, 5)
+    xs = [torch.randn(3, 2048, device=DEVICE, dtype=torch.bfloat16) for _ in range(2)]
+    want = [ref.int4_linear(x, qdata, scale, zero, 128) for x in xs]
+    int4_mm(xs[0], qdata, scale, zero, 128)  # compile outside the capture
+    # a stream's first split-K launch inside a capture: its counters come from the graph
+    stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(graph, stream=stream):
+        out = int4_mm(xs[0], qdata, scale, zero, 128)
+    for _ in range(3):
+        graph.replay()
+        torch.testing.assert_close(out, want[0], rtol=2e-2, atol=2e-2)
+    del graph
+    # many launches on two streams at once: each stream has its own counters
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    outs = [[], []]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    for _ in range(20):
+        for i, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                outs[i].append(int4_mm(xs[i], qdata, scale, zero, 128))
+    torch.cuda.synchronize()
+    for i in range(2):
+        for o in outs[i]:
+            torch.testing.assert_close(o, want[i], rtol=2e-2, atol=2e-2)
+    with torch.cuda.stream(stream):  # the graph's buffer outlives the graph
+        torch.testing.assert_close(int4_mm(xs[1], qdata, scale, zero, 128), want[1], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("gs", [32, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_mm_m1_odd_n_and_few_groups(gs, dtype):
+    # one token, N=37 exercises the row mask, 5 groups an odd number of K tiles
     _check(1, 37, 5 * gs, gs, dtype, 11)
 
 
-def test_int4_gemv_extreme_codes():
-    """Codes 0 and 15 only (every nibble position, both halves of a byte), against float64 math."""
+def test_int4_mm_m1_extreme_codes_fp32():
+    """Codes 0 and 15 only (every nibble position, both halves of a byte), fp32 x and
+    qparams, against float64 math: fp32 inputs get fp32 products (not TF32)."""
     n, k, gs = 9, 256, 32
     g = torch.Generator().manual_seed(3)
     q = torch.randint(0, 2, (n, k), generator=g) * 15

@@ -8,21 +8,20 @@ Shapes and math (the spec is ``lowbit.ops.reference.int4_linear``)::
     w_hat[n, k] = (q[n, k] - 8) * scale[n, k // gs] + zero[n, k // gs]     (fp32, cast to x.dtype)
     y      [M, N] = x @ w_hat.T   accumulated in fp32, returned in x.dtype
 
-Three paths, picked by M:
+Two paths, picked by M:
 
-* ``_gemv_kernel`` (M = 1, weights up to GEMV_MAX_NK elements): FMAs on the raw
-  codes, one row of x per program column.
 * ``_gemm_kernel`` (M < DEQUANT_MIN_M): tensor-core GEMM; the weight tile is
   unpacked and dequantized in registers inside the main loop. On the GPU (bf16 /
   fp16 activations with qparams of the same dtype) one inline-PTX block turns 4
-  code bytes into 8 weights (``_unpack_bf16``: prmt + lop3 with a magic exponent,
+  code bytes into 8 weights (``_unpack_ptx``: prmt + lop3 with a magic exponent,
   then two packed fma: about 2 instructions per weight, single rounding of
   ``(q - 8) * s + z`` to x.dtype); elsewhere the reference's fp32 formula. Even k
   live in the low nibbles, so x is split into even/odd columns and two half-depth
   dots run, keeping the weight path purely elementwise. For small M the K loop
-  can be split across programs (each split stores its fp32 partial sums into its
-  own slice of a workspace, which one sum reduces; no atomics, no zeroing); the split is
-  autotuned with the tile.
+  can be split across programs: each split stores its fp32 partial sums into its
+  own slice of a workspace and counts itself in on a per-tile counter; the last
+  split of a tile adds the slices in a fixed order and stores y (one launch,
+  deterministic). The split is autotuned with the tile.
 * ``_dequant_kernel`` + cuBLAS (M >= DEQUANT_MIN_M, CUDA, bf16/fp16): w_hat is
   written DEQUANT_ROWS rows at a time into one buffer and each chunk runs as a plain
   GEMM into its columns of y.
@@ -53,14 +52,6 @@ DEQUANT_MIN_M = 256
 DEQUANT_ROWS = 4096
 # Split-K workspace ([SPLIT_K, M, N] fp32 partial sums) never larger than this.
 MAX_WORKSPACE = 64 << 20
-# Up to this M, and for weights up to GEMV_MAX_NK elements, each row of x runs the
-# FMA GEMV; larger weights stream faster through the GEMM's split-K (H100, M=1: 4096x4096
-# GEMV 1.40x bf16 vs GEMM 1.62x since the split-K reduction moved into the GEMM;
-# bench/KERNEL_NOTES.md).
-GEMV_MAX_M = 1
-GEMV_MAX_NK = 4096 * 2048
-# GEMV: load the next GROUPS tile (codes, scales, zeros) before computing on this one
-GEMV_PREFETCH = True
 
 
 # ----------------------------------------------------------------------------- dequant (PTX)
@@ -219,6 +210,9 @@ def _gemm_kernel(
         if DOT_F32:
             acc = tl.dot(xe.to(tl.float32), tl.trans(lo.to(tl.float32)), acc)
             acc = tl.dot(xo.to(tl.float32), tl.trans(hi.to(tl.float32)), acc)
+        elif x.dtype == tl.float32:  # fp32 math as F.linear does by default, not TF32
+            acc = tl.dot(xe, tl.trans(lo), acc, input_precision="ieee")
+            acc = tl.dot(xo, tl.trans(hi), acc, input_precision="ieee")
         else:
             acc = tl.dot(xe, tl.trans(lo), acc)
             acc = tl.dot(xo, tl.trans(hi), acc)
@@ -241,81 +235,6 @@ def _gemm_kernel(
             tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")
     else:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-# ----------------------------------------------------------------------------- GEMV
-@triton.autotune(
-    configs=configs(
-        [
-            cfg(BLOCK_N=bn, GROUPS=gp, num_warps=w, num_stages=st)
-            for bn, gp, w, st in [
-                (8, 4, 4, 3),
-                (16, 2, 4, 3),
-                (16, 4, 4, 3),
-                (16, 4, 8, 3),
-                (32, 2, 4, 3),
-                (32, 2, 8, 4),
-                (32, 4, 8, 2),
-                (64, 1, 4, 4),
-                (64, 2, 8, 3),
-            ]
-        ],
-        cfg(BLOCK_N=16, GROUPS=1, num_warps=4, num_stages=1),
-    ),
-    key=["m_bucket", "N", "K", "GS"],
-    **TUNE_CACHE,
-)
-@triton.jit
-def _gemv_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, y_ptr,
-    M, N, K, m_bucket,
-    stride_xm, stride_ym,
-    GS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-):  # fmt: skip
-    """One row of x per program column; FMAs on the raw codes, scales applied per group.
-
-    sum_k x_k * ((q_k - 8) s + z) = s * sum_k q_k x_k + (z - 8 s) * sum_k x_k over a group,
-    so the inner loop touches each weight with and/shift, convert and two FMAs; even
-    and odd k (low/high nibbles) meet the even/odd entries of x, so no interleave.
-    """
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    rg = tl.arange(0, GROUPS)
-    rj = tl.arange(0, GS // 2)
-    ng = K // GS
-    kh = K // 2
-    # [BLOCK_N, GROUPS, GS // 2] bytes of GROUPS consecutive groups
-    q_ptrs = q_ptr + rn[:, None, None] * kh + rg[None, :, None] * (GS // 2) + rj[None, None, :]
-    x_ptrs = x_ptr + m * stride_xm + rg[:, None] * GS + 2 * rj[None, :]
-    sz_off = rn[:, None] * ng + rg[None, :]
-    acc = tl.zeros([BLOCK_N, GROUPS, GS // 2], dtype=tl.float32)
-    acc_z = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
-    if PREFETCH:  # the first tile; each iteration then issues the next tile's loads before its math
-        qb_next = tl.load(q_ptrs, mask=n_ok[:, None, None] & (rg < ng)[None, :, None], other=0)
-        s_next = tl.load(s_ptr + sz_off, mask=n_ok[:, None] & (rg < ng)[None, :], other=0.0)
-        z_next = tl.load(z_ptr + sz_off, mask=n_ok[:, None] & (rg < ng)[None, :], other=0.0)
-    for g0 in range(0, ng, GROUPS):
-        g_ok = g0 + rg < ng
-        if PREFETCH:
-            qb, s, z = qb_next, s_next.to(tl.float32), z_next.to(tl.float32)
-            n_ok2 = n_ok[:, None] & (g0 + GROUPS + rg < ng)[None, :]
-            qb_next = tl.load(q_ptrs + (g0 + GROUPS) * (GS // 2), mask=n_ok2[:, :, None], other=0)
-            s_next = tl.load(s_ptr + sz_off + g0 + GROUPS, mask=n_ok2, other=0.0)
-            z_next = tl.load(z_ptr + sz_off + g0 + GROUPS, mask=n_ok2, other=0.0)
-        else:
-            qb = tl.load(q_ptrs + g0 * (GS // 2), mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
-            s = tl.load(s_ptr + sz_off + g0, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + sz_off + g0, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
-        xe = tl.load(x_ptrs + g0 * GS, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        xo = tl.load(x_ptrs + g0 * GS + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        lo = (qb & 15).to(tl.float32)
-        hi = (qb >> 4).to(tl.float32)
-        acc += s[:, :, None] * (lo * xe[None, :, :] + hi * xo[None, :, :])
-        acc_z += (z - 8.0 * s) * tl.sum(xe + xo, axis=1)[None, :]
-    y = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_z, axis=1)
-    tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 # ----------------------------------------------------------------------------- dequant
@@ -360,18 +279,18 @@ _COUNTERS: dict = {}
 
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """int32 zeros, one per output tile of a split-K launch.
+    """int32 zeros, one per output tile of a split-K launch, one buffer per stream.
 
-    The kernel leaves every counter it used at zero again, so one buffer per device is
-    reused by the launches that follow each other on a stream. While a CUDA graph is
-    being captured, memory allocated belongs to the graph, so a buffer that does not
-    exist yet is made for that launch alone (its zeroing is captured with it)."""
-    buf = _COUNTERS.get(device)
-    if buf is not None and buf.numel() >= tiles:
-        return buf
-    buf = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        _COUNTERS[device] = buf
+    The kernel leaves every counter it used at zero again, so the launches that follow
+    each other on a stream share one buffer; launches on different streams (which may
+    run at the same time) get different ones. A buffer first made while a CUDA graph is
+    being captured comes from the graph's memory and its zeroing is captured too (one
+    memset per graph); it stays valid after the graph is gone, because it is held here."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    buf = _COUNTERS.get((device, stream))
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
+        _COUNTERS[(device, stream)] = buf
     return buf
 
 
@@ -411,14 +330,6 @@ def int4_mm(
                 qdata[n0:], scale[n0:], zero[n0:], w, r, k, GS=group_size, BLOCK_N=32
             )
             torch.mm(x, w[:r].t(), out=y[:, n0 : n0 + r])
-        return y
-    if m <= GEMV_MAX_M and n * k <= GEMV_MAX_NK:
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
-        _gemv_kernel[grid](
-            x, qdata, scale, zero, y, m, n, k, mb, x.stride(0), y.stride(0),
-            GS=group_size, PREFETCH=GEMV_PREFETCH,
-        )  # fmt: skip
         return y
     asm = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and scale.dtype == zero.dtype == x.dtype
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
