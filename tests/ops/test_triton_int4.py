@@ -62,7 +62,7 @@ def test_int4_mm_dequant_path():  # M >= DEQUANT_MIN_M: dequantize kernel + plai
 @pytest.mark.parametrize("split", [2, 3, 8])
 def test_int4_gemm_split_k_reduces_in_kernel(split, monkeypatch):
     # every split stores its partial sums into its own workspace slice; the last split of
-    # each output tile (a counter per tile) adds them in a fixed order and resets the counter
+    # each output tile (a zeroed counter per tile) adds them in a fixed order and resets it
     import lowbit.ops.triton.int4 as int4_mod
 
     if int4_mod.AUTOTUNE:
@@ -71,12 +71,23 @@ def test_int4_gemm_split_k_reduces_in_kernel(split, monkeypatch):
     qdata, scale, zero = _weight(37, 1024, 64, torch.bfloat16, split)
     x = torch.randn(40, 1024, generator=torch.Generator().manual_seed(split)).to(DEVICE, torch.bfloat16)
     expect = ref.int4_linear(x, qdata, scale, zero, 64).double()
-    runs = [int4_mm(x, qdata, scale, zero, 64) for _ in range(3)]  # the counters are reused
+    zeros = torch.zeros
+    made = []
+
+    def spy(*a, **kw):  # the launcher's zeroed counters, to see them after the launch
+        t = zeros(*a, **kw)
+        if t.dtype == torch.int32:
+            made.append(t)
+        return t
+
+    monkeypatch.setattr(torch, "zeros", spy)
+    runs = [int4_mm(x, qdata, scale, zero, 64) for _ in range(3)]
+    monkeypatch.setattr(torch, "zeros", zeros)
     for out in runs:
         assert (out.double() - expect).norm() / expect.norm() < TOL[torch.bfloat16]
         assert torch.equal(out, runs[0]), "split-K reduction is not deterministic"
-    counters = int4_mod._tile_counters(x.device, 1)
-    assert int(counters.count_nonzero()) == 0, "a tile counter was left non-zero"
+    # each launch leaves its counters at zero (the autotuner relaunches on one buffer)
+    assert len(made) == 3 and all(int(c.count_nonzero()) == 0 for c in made)
 
 
 def test_int4_mm_dequant_path_in_row_chunks(monkeypatch):
@@ -120,7 +131,7 @@ def test_int4_split_k_counters_in_cuda_graph_and_concurrent_streams(monkeypatch)
     xs = [torch.randn(3, 2048, device=DEVICE, dtype=torch.bfloat16) for _ in range(2)]
     want = [ref.int4_linear(x, qdata, scale, zero, 128) for x in xs]
     int4_mm(xs[0], qdata, scale, zero, 128)  # compile outside the capture
-    # a stream's first split-K launch inside a capture: its counters come from the graph
+    # captured split-K: the graph replays the zeroing of its counters
     stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.graph(graph, stream=stream):
@@ -129,7 +140,7 @@ def test_int4_split_k_counters_in_cuda_graph_and_concurrent_streams(monkeypatch)
         graph.replay()
         torch.testing.assert_close(out, want[0], rtol=2e-2, atol=2e-2)
     del graph
-    # many launches on two streams at once: each stream has its own counters
+    # many launches on two streams at once: each launch has its own counters
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     outs = [[], []]
     for s in streams:
@@ -142,8 +153,23 @@ def test_int4_split_k_counters_in_cuda_graph_and_concurrent_streams(monkeypatch)
     for i in range(2):
         for o in outs[i]:
             torch.testing.assert_close(o, want[i], rtol=2e-2, atol=2e-2)
-    with torch.cuda.stream(stream):  # the graph's buffer outlives the graph
-        torch.testing.assert_close(int4_mm(xs[1], qdata, scale, zero, 128), want[1], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_int4_split_k_under_compile_reduce_overhead(monkeypatch):
+    # cudagraph trees reject any tensor an op keeps alive in the graph pool (a cached
+    # workspace did that once); warm-up, recording and replays must all be right
+    import lowbit.ops.triton.int4 as int4_mod
+
+    if int4_mod.AUTOTUNE:
+        pytest.skip("the split is chosen by the autotuner here")
+    monkeypatch.setattr(int4_mod, "_split_k", lambda *a: 4)
+    qdata, scale, zero = _weight(1000, 2048, 128, torch.bfloat16, 6)
+    fn = torch.compile(lambda x: int4_mm(x, qdata, scale, zero, 128) * 2, mode="reduce-overhead")
+    for _ in range(4):
+        x = torch.randn(2, 2048, device=DEVICE, dtype=torch.bfloat16)
+        want = ref.int4_linear(x, qdata, scale, zero, 128) * 2
+        torch.testing.assert_close(fn(x).clone(), want, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("gs", [32, 128])

@@ -34,6 +34,7 @@ x.dtype where the fp32 result sat exactly on a rounding midpoint.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import triton
@@ -184,7 +185,7 @@ def _gemm_kernel(
     # BLOCK_K divides GS (pruned), and GS divides K: no K masks, one group per tile.
     # SPLIT_K > 1: programs along axis 1 take every SPLIT_K-th K tile and store their
     # fp32 partial sums into ws[pid_k] ([SPLIT_K, M, N]); the last one to finish a tile
-    # (an int32 counter per output tile in cnt, zero between launches) reduces them.
+    # (an int32 counter per output tile in cnt, zeroed by the launcher) reduces them.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -219,9 +220,9 @@ def _gemm_kernel(
     offs = rm[:, None] * stride_ym + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K > 1:
-        # Store this split's partial sums, then count it in on the tile's counter; the
-        # split that arrives last adds the SPLIT_K slices in a fixed order (deterministic),
-        # stores y and resets the counter for the next launch.
+        # Store this split's partial sums, then count it in on the tile's counter (zeroed
+        # by the launcher); the split that arrives last adds the SPLIT_K slices in a fixed
+        # order (deterministic), stores y and puts the counter back to zero.
         ws_offs = rm[:, None] * N + rn[None, :]
         tl.store(ws_ptr + pid_k * M * N + ws_offs, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the release below
@@ -232,6 +233,7 @@ def _gemm_kernel(
             for i in tl.static_range(SPLIT_K):  # .cg: read the other SMs' partials from L2
                 acc += tl.load(ws_ptr + i * M * N + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            # back to zero: the autotuner launches every config many times on one buffer
             tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")
     else:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -275,23 +277,9 @@ def _split_k(m: int, n: int, k: int, group_size: int, sms: int) -> int:
     return split
 
 
-_COUNTERS: dict = {}
-
-
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """int32 zeros, one per output tile of a split-K launch, one buffer per stream.
-
-    The kernel leaves every counter it used at zero again, so the launches that follow
-    each other on a stream share one buffer; launches on different streams (which may
-    run at the same time) get different ones. A buffer first made while a CUDA graph is
-    being captured comes from the graph's memory and its zeroing is captured too (one
-    memset per graph); it stays valid after the graph is gone, because it is held here."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    buf = _COUNTERS.get((device, stream))
-    if buf is None or buf.numel() < tiles:
-        buf = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
-        _COUNTERS[(device, stream)] = buf
-    return buf
+# (m_bucket, N, K, group size, x dtype, qparams dtype) -> the split the autotuner picked
+_TUNED_SPLIT: dict = {}
+_LAUNCH_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -339,13 +327,24 @@ def int4_mm(
     else:  # one fixed config: the split comes from the heuristic
         fixed = {"SPLIT_K": _split_k(m, n, k, group_size, _num_sms(x.device))}
         most = fixed["SPLIT_K"]
-    # fp32 even when unused (split 1), so the kernel is compiled once per config
-    ws = torch.empty((most, m, n) if most > 1 else (1,), device=x.device, dtype=torch.float32)
-    # one counter per output tile; BLOCK_M, BLOCK_N >= 16 in every config
-    cnt = _tile_counters(x.device, triton.cdiv(m, 16) * triton.cdiv(n, 16) if most > 1 else 1)
+    key = (mb, n, k, group_size, x.dtype, scale.dtype)
+    split = _TUNED_SPLIT.get(key, most)  # before the first launch: any split up to ``most``
+    # fp32 partial sums and one zeroed int32 counter per output tile (BLOCK_M, BLOCK_N >= 16
+    # in every config); both are allocated per call, so a CUDA graph replays its own zeroing
+    # and concurrent streams never share them. Same dtypes when unused (split 1): one compile.
+    ws = torch.empty((most, m, n) if split > 1 else (1,), device=x.device, dtype=torch.float32)
+    if split > 1:
+        cnt = torch.zeros(triton.cdiv(m, 16) * triton.cdiv(n, 16), device=x.device, dtype=torch.int32)
+    else:
+        cnt = torch.empty(1, device=x.device, dtype=torch.int32)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
-    _gemm_kernel[grid](
-        x, qdata, scale, zero, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0),
-        GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, **fixed,
-    )  # fmt: skip
+    # The autotuner records the config it launched in ``best_config``; the lock keeps
+    # another thread's launch from replacing it before it is read.
+    with _LAUNCH_LOCK:
+        _gemm_kernel[grid](
+            x, qdata, scale, zero, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0),
+            GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, **fixed,
+        )  # fmt: skip
+        if AUTOTUNE:
+            _TUNED_SPLIT[key] = _gemm_kernel.best_config.kwargs["SPLIT_K"]
     return y
