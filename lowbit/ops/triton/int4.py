@@ -185,7 +185,7 @@ def _gemm_kernel(
     # BLOCK_K divides GS (pruned), and GS divides K: no K masks, one group per tile.
     # SPLIT_K > 1: programs along axis 1 take every SPLIT_K-th K tile and store their
     # fp32 partial sums into ws[pid_k] ([SPLIT_K, M, N]); the last one to finish a tile
-    # (an int32 counter per output tile in cnt, zeroed by the launcher) reduces them.
+    # (an int32 counter per output tile in cnt, zero at launch) reduces them.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -220,9 +220,9 @@ def _gemm_kernel(
     offs = rm[:, None] * stride_ym + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K > 1:
-        # Store this split's partial sums, then count it in on the tile's counter (zeroed
-        # by the launcher); the split that arrives last adds the SPLIT_K slices in a fixed
-        # order (deterministic), stores y and puts the counter back to zero.
+        # Store this split's partial sums, then count it in on the tile's counter (zero at
+        # launch); the split that arrives last adds the SPLIT_K slices in a fixed order
+        # (deterministic), stores y and puts the counter back to zero.
         ws_offs = rm[:, None] * N + rn[None, :]
         tl.store(ws_ptr + pid_k * M * N + ws_offs, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the release below
@@ -233,7 +233,7 @@ def _gemm_kernel(
             for i in tl.static_range(SPLIT_K):  # .cg: read the other SMs' partials from L2
                 acc += tl.load(ws_ptr + i * M * N + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-            # back to zero: the autotuner launches every config many times on one buffer
+            # back to zero for the next launch on this stream (the launcher caches the buffer)
             tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")
     else:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -280,6 +280,53 @@ def _split_k(m: int, n: int, k: int, group_size: int, sms: int) -> int:
 # (m_bucket, N, K, group size, x dtype, qparams dtype) -> the split the autotuner picked
 _TUNED_SPLIT: dict = {}
 _LAUNCH_LOCK = threading.Lock()
+# (device, stream) -> int32 split-K tile counters; splits only run for M <= 128, so 65536
+# counters (16x16 tiles) cover N up to 131072.
+_COUNTERS: dict = {}
+_COUNTERS_SIZE = 1 << 16
+
+
+def _zeros_outside_pools(device: torch.device, n: int) -> torch.Tensor:
+    """torch.zeros from a plain thread: torch.compile's cudagraph trees route the calling
+    thread's allocations into their pool during warm-up and reject tensors an op keeps
+    alive there; a cache must not live in that pool."""
+    box: list = []
+
+    def make():
+        try:
+            box.append(torch.zeros(n, device=device, dtype=torch.int32))
+            torch.cuda.synchronize(device)
+        except BaseException as e:  # re-raised in the caller
+            box.append(e)
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 counters for one split-K launch, one cached buffer per stream.
+
+    The kernel puts every counter it used back to zero, so the launches that follow each
+    other on a stream share a buffer; concurrent streams get their own. Made outside any
+    CUDA graph (from a plain thread, see ``_zeros_outside_pools``), or, for a stream first
+    seen inside a capture, by that graph (its zeroing is captured once). A launch that
+    needs more counters than the cache holds gets fresh zeros."""
+    on_gpu = device.type == "cuda"
+    key = (device, torch.cuda.current_stream(device).cuda_stream if on_gpu else 0)
+    buf = _COUNTERS.get(key)
+    if buf is None and tiles <= _COUNTERS_SIZE:
+        if on_gpu and not torch.cuda.is_current_stream_capturing():
+            buf = _zeros_outside_pools(device, _COUNTERS_SIZE)
+        else:
+            buf = torch.zeros(_COUNTERS_SIZE, device=device, dtype=torch.int32)
+        _COUNTERS[key] = buf
+    if buf is None or buf.numel() < tiles:
+        return torch.zeros(tiles, device=device, dtype=torch.int32)
+    return buf
 
 
 @functools.lru_cache(maxsize=1024)
@@ -329,12 +376,11 @@ def int4_mm(
         most = fixed["SPLIT_K"]
     key = (mb, n, k, group_size, x.dtype, scale.dtype)
     split = _TUNED_SPLIT.get(key, most)  # before the first launch: any split up to ``most``
-    # fp32 partial sums and one zeroed int32 counter per output tile (BLOCK_M, BLOCK_N >= 16
-    # in every config); both are allocated per call, so a CUDA graph replays its own zeroing
-    # and concurrent streams never share them. Same dtypes when unused (split 1): one compile.
+    # fp32 partial sums and a zeroed int32 counter per output tile (BLOCK_M, BLOCK_N >= 16
+    # in every config); the same dtypes when unused (split 1), so one compile per config
     ws = torch.empty((most, m, n) if split > 1 else (1,), device=x.device, dtype=torch.float32)
     if split > 1:
-        cnt = torch.zeros(triton.cdiv(m, 16) * triton.cdiv(n, 16), device=x.device, dtype=torch.int32)
+        cnt = _tile_counters(x.device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
     else:
         cnt = torch.empty(1, device=x.device, dtype=torch.int32)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
