@@ -59,15 +59,21 @@ def test_int4_mm_dequant_path():  # M >= DEQUANT_MIN_M: dequantize kernel + plai
     _check(260, 37, 256, 32, torch.bfloat16, 7)
 
 
-@pytest.mark.parametrize("split", [2, 3, 8])
-def test_int4_gemm_split_k_reduces_in_kernel(split, monkeypatch):
-    # every split stores its partial sums into its own workspace slice; the last split of
-    # each output tile (a zeroed counter per tile) adds them in a fixed order and resets it
+def _force_split(monkeypatch, split):
+    """Run the split-K path with ``split`` (fixed-config mode; skipped where the autotuner picks)."""
     import lowbit.ops.triton.int4 as int4_mod
 
     if int4_mod.AUTOTUNE:
         pytest.skip("the split is chosen by the autotuner here")
     monkeypatch.setattr(int4_mod, "_split_k", lambda *a: split)
+    return int4_mod
+
+
+@pytest.mark.parametrize("split", [2, 3, 8])
+def test_int4_gemm_split_k_reduces_in_kernel(split, monkeypatch):
+    # every split stores its partial sums into its own workspace slice; the last split of
+    # each output tile (a zeroed counter per tile) adds them in a fixed order and resets it
+    int4_mod = _force_split(monkeypatch, split)
     qdata, scale, zero = _weight(37, 1024, 64, torch.bfloat16, split)
     x = torch.randn(40, 1024, generator=torch.Generator().manual_seed(split)).to(DEVICE, torch.bfloat16)
     expect = ref.int4_linear(x, qdata, scale, zero, 64).double()
@@ -112,11 +118,7 @@ def test_int4_mm_compile_and_cuda_graph():
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and streams need a GPU")
 def test_int4_split_k_counters_in_cuda_graph_and_concurrent_streams(monkeypatch):
-    import lowbit.ops.triton.int4 as int4_mod
-
-    if int4_mod.AUTOTUNE:
-        pytest.skip("the split is chosen by the autotuner here")
-    monkeypatch.setattr(int4_mod, "_split_k", lambda *a: 4)
+    _force_split(monkeypatch, 4)
     qdata, scale, zero = _weight(1000, 2048, 128, torch.bfloat16, 5)
     xs = [torch.randn(3, 2048, device=DEVICE, dtype=torch.bfloat16) for _ in range(2)]
     want = [ref.int4_linear(x, qdata, scale, zero, 128) for x in xs]
@@ -151,11 +153,7 @@ def test_int4_split_k_counters_in_cuda_graph_and_concurrent_streams(monkeypatch)
 def test_int4_split_k_under_compile_reduce_overhead(monkeypatch):
     # cudagraph trees reject any tensor an op keeps alive in their pool: the cached
     # counters are made outside it; warm-up, recording and replays must all be right
-    import lowbit.ops.triton.int4 as int4_mod
-
-    if int4_mod.AUTOTUNE:
-        pytest.skip("the split is chosen by the autotuner here")
-    monkeypatch.setattr(int4_mod, "_split_k", lambda *a: 4)
+    _force_split(monkeypatch, 4)
     qdata, scale, zero = _weight(1000, 2048, 128, torch.bfloat16, 6)
     fn = torch.compile(lambda x: int4_mm(x, qdata, scale, zero, 128) * 2, mode="reduce-overhead")
     for _ in range(4):

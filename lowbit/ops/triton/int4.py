@@ -277,9 +277,6 @@ def _split_k(m: int, n: int, k: int, group_size: int, sms: int) -> int:
     return split
 
 
-# (m_bucket, N, K, group size, x dtype, qparams dtype) -> the split the autotuner picked
-_TUNED_SPLIT: dict = {}
-_LAUNCH_LOCK = threading.Lock()
 # (device, stream) -> int32 split-K tile counters; splits only run for M <= 128, so 65536
 # counters (16x16 tiles) cover N up to 131072.
 _COUNTERS: dict = {}
@@ -315,18 +312,16 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     CUDA graph (from a plain thread, see ``_zeros_outside_pools``), or, for a stream first
     seen inside a capture, by that graph (its zeroing is captured once). A launch that
     needs more counters than the cache holds gets fresh zeros."""
+    if tiles > _COUNTERS_SIZE:
+        return torch.zeros(tiles, device=device, dtype=torch.int32)
     on_gpu = device.type == "cuda"
     key = (device, torch.cuda.current_stream(device).cuda_stream if on_gpu else 0)
-    buf = _COUNTERS.get(key)
-    if buf is None and tiles <= _COUNTERS_SIZE:
+    if key not in _COUNTERS:
         if on_gpu and not torch.cuda.is_current_stream_capturing():
-            buf = _zeros_outside_pools(device, _COUNTERS_SIZE)
+            _COUNTERS[key] = _zeros_outside_pools(device, _COUNTERS_SIZE)
         else:
-            buf = torch.zeros(_COUNTERS_SIZE, device=device, dtype=torch.int32)
-        _COUNTERS[key] = buf
-    if buf is None or buf.numel() < tiles:
-        return torch.zeros(tiles, device=device, dtype=torch.int32)
-    return buf
+            _COUNTERS[key] = torch.zeros(_COUNTERS_SIZE, device=device, dtype=torch.int32)
+    return _COUNTERS[key]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -374,23 +369,16 @@ def int4_mm(
     else:  # one fixed config: the split comes from the heuristic
         fixed = {"SPLIT_K": _split_k(m, n, k, group_size, _num_sms(x.device))}
         most = fixed["SPLIT_K"]
-    key = (mb, n, k, group_size, x.dtype, scale.dtype)
-    split = _TUNED_SPLIT.get(key, most)  # before the first launch: any split up to ``most``
     # fp32 partial sums and a zeroed int32 counter per output tile (BLOCK_M, BLOCK_N >= 16
     # in every config); the same dtypes when unused (split 1), so one compile per config
-    ws = torch.empty((most, m, n) if split > 1 else (1,), device=x.device, dtype=torch.float32)
-    if split > 1:
+    ws = torch.empty((most, m, n) if most > 1 else (1,), device=x.device, dtype=torch.float32)
+    if most > 1:
         cnt = _tile_counters(x.device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
     else:
         cnt = torch.empty(1, device=x.device, dtype=torch.int32)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
-    # The autotuner records the config it launched in ``best_config``; the lock keeps
-    # another thread's launch from replacing it before it is read.
-    with _LAUNCH_LOCK:
-        _gemm_kernel[grid](
-            x, qdata, scale, zero, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0),
-            GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, **fixed,
-        )  # fmt: skip
-        if AUTOTUNE:
-            _TUNED_SPLIT[key] = _gemm_kernel.best_config.kwargs["SPLIT_K"]
+    _gemm_kernel[grid](
+        x, qdata, scale, zero, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0),
+        GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, **fixed,
+    )  # fmt: skip
     return y
