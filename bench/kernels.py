@@ -87,13 +87,17 @@ def device_tag() -> str:
 def lowbit_layers(ws: list[torch.Tensor]) -> dict:
     """Per scheme: (list of per-layer callables x -> y, reference fn on layer 0)."""
     out = {}
-    q4 = []
+    q4, q4_mma = [], []
     for w in ws:
         s, z = ref.int4_choose_qparams(w, GS, torch.bfloat16)
-        q4.append((ref.int4_pack(ref.int4_quantize(w, s, z, GS)), s, z))
+        q = ref.int4_quantize(w, s, z, GS)
+        q4.append((ref.int4_pack(q), s, z))
+        q4_mma.append((ref.int4_mma_pack(q), s, z))
+    # CUDA Int4Tensors hold the "mma" byte order; the plain one is timed with --int4-plain
     out["int4"] = (
-        [lambda x, p=p: int4_mm(x, *p, GS) for p in q4],
+        [lambda x, p=p: int4_mm(x, *p, GS, "mma") for p in q4_mma],
         lambda x, p=q4[0]: ref.int4_linear(x, *p, GS),
+        [lambda x, p=p: int4_mm(x, *p, GS, "plain") for p in q4],
     )
     q8 = []
     for w in ws:
@@ -172,7 +176,7 @@ ALT = {
 }
 
 
-def bench_shape(k, n, ms, use_ao, rows, explore=False, schemes=SCHEMES):
+def bench_shape(k, n, ms, use_ao, rows, explore=False, schemes=SCHEMES, int4_plain=False):
     n_layers = max(1, math.ceil(1024**3 / (k * n * 2)))
     g = torch.Generator(device="cuda").manual_seed(k * 7 + n)
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(n_layers)]
@@ -193,6 +197,8 @@ def bench_shape(k, n, ms, use_ao, rows, explore=False, schemes=SCHEMES):
             impls = [("lowbit", lb[scheme][0], None)]
             if use_ao:
                 impls.append(("torchao", ao.get(scheme, "not run"), None))
+            if int4_plain and scheme == "int4":
+                impls.append(("lowbit_plain", lb[scheme][2], None))
             for mod, attr, val, when in ALT.get(scheme, []) if explore else []:
                 if when(m):
                     impls.append((f"lowbit_{attr}={val}", lb[scheme][0], (mod, attr, val)))
@@ -265,6 +271,15 @@ def markdown(info, ceil, rows) -> str:
                 f"| {r['K']} | {r['N']} | {m} | {r['us']} | {s} | {lb.get('speedup', 'err')} | {aox} | {rate} "
                 f"| {lb.get('sqnr_vs_bf16_db', '-')} | {lb.get('rel_err_vs_ref', '-')} |"
             )
+    plain = [r for r in rows if r["impl"] == "lowbit_plain"]
+    if plain:
+        lines += ["", "int4 byte order (`--int4-plain`), speedup over bf16 in the same run:", "",
+                  "| K | N | M | mma (shipped) | plain | torchao |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in plain:
+            key = (r["K"], r["N"], r["M"])
+            mma, ao = idx.get(("lowbit", "int4") + key, {}), idx.get(("torchao", "int4") + key, {})
+            lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {mma.get('speedup', 'err')} "
+                         f"| {r.get('speedup', 'err')} | {ao.get('speedup', '-')} |")  # fmt: skip
     errs = [r for r in rows if "error" in r]
     if errs:
         lines += ["", "## Errors", ""] + [f"- {r['impl']} {r['scheme']} K={r['K']} N={r['N']} M={r['M']}: {r['error'].splitlines()[0]}" for r in errs]  # fmt: skip
@@ -308,6 +323,7 @@ def main():
     p.add_argument("--no-torchao", action="store_true")
     p.add_argument("--explore", action="store_true", help="also time lowbit with the M switches moved")
     p.add_argument("--schemes", default=",".join(SCHEMES), help="subset of " + ",".join(SCHEMES))
+    p.add_argument("--int4-plain", action="store_true", help="also time int4 with the plain byte order")
     args = p.parse_args()
     torch.manual_seed(0)
     info = env()
@@ -322,7 +338,7 @@ def main():
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         try:
-            bench_shape(k, n, ms, use_ao, rows, args.explore, args.schemes.split(","))
+            bench_shape(k, n, ms, use_ao, rows, args.explore, args.schemes.split(","), args.int4_plain)
         except Exception:
             traceback.print_exc()
         with open(os.path.join(args.out, f"{tag}-kernels.json"), "w") as f:

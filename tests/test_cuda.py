@@ -60,6 +60,7 @@ def test_cpu_quantized_model_moves_to_cuda_and_back(name):
     assert torch.equal(back, want)
     if name == "int4":
         assert m[0].weight.packing != "plain" or not lowbit.ops.cpu.int4_cpu_supported(1024, 512, 128)
+        assert m.cuda()[0].weight.packing == "plain"  # the default CUDA packing
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -103,3 +104,28 @@ def test_int4_sqnr_on_cuda_matches_cpu_numerics():
     with torch.no_grad():
         out = F.linear(x.cuda().bfloat16(), qc).float().cpu()
     assert ref.sqnr(F.linear(x, w), out) > 19
+
+
+@pytest.mark.parametrize("m_tokens", [1, 17, 70, 300])
+def test_int4_mma_packing_opt_in(monkeypatch, tmp_path, m_tokens):
+    """LOWBIT_INT4_CUDA_PACKING=mma: CUDA int4 weights hold the mma byte order (word path
+    for small M, reordered x on the byte path for mid M, dequantize for large M), they
+    compute the reference function, compile, and round-trip through a checkpoint."""
+    import lowbit.safetensors as lst
+
+    monkeypatch.setenv("LOWBIT_INT4_CUDA_PACKING", "mma")
+    m = lowbit.quantize_(model().cuda(), CONFIGS["int4"])
+    assert m[0].weight.packing == "mma"
+    x = torch.randn(m_tokens, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast = m(x)
+        with lowbit.use_backend("reference"):
+            want = m(x)
+        compiled = torch.compile(m, fullgraph=True)(x)
+    err = float((fast.double() - want.double()).norm() / want.double().norm())
+    assert err < 1.5e-2, err
+    torch.testing.assert_close(compiled, fast, rtol=2e-2, atol=2e-2)
+    lst.save_file(m.state_dict(), tmp_path / "m.safetensors")
+    assert lst.read_header(tmp_path / "m.safetensors")[1]  # metadata written
+    back = lst.load_file(tmp_path / "m.safetensors", device="cuda")
+    assert back["0.weight"].packing == "mma" and torch.equal(back["0.weight"].codes(), m[0].weight.codes())

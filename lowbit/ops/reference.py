@@ -103,6 +103,36 @@ def int4_unpack(qdata: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(qdata.shape[0], qdata.shape[1] * 2)
 
 
+def _mma_view(t: torch.Tensor, n: int) -> torch.Tensor:
+    # k = 32 ch + 16 c + 8 b + 2 t + a  ->  axes (n, ch, c, b, t, a)
+    return t.reshape(n, -1, 2, 2, 4, 2)
+
+
+def int4_mma_pack(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes (K % 32 == 0) -> [N, K // 2] uint8 in the ``"mma"`` byte order.
+
+    The order the CUDA kernel reads (``Int4Tensor`` packing ``"mma"``): in each run of
+    32 k, write ``k = 16 c + 8 b + 2 t + a`` (a, b, c in {0, 1}, t in 0..3); the code
+    sits in byte ``4 t + 2 c + a`` of the run's 16 bytes, in the low nibble for b = 0
+    and the high one for b = 1. So one little-endian 32-bit word t holds exactly the k
+    that thread t of a quad feeds into two m16n8k16 mma steps (k = 2t, 2t + 1, 2t + 8,
+    2t + 9 and the same + 16), already paired as the bf16x2 registers the mma takes.
+    """
+    n, k = q.shape
+    if k % 32:
+        raise ValueError(f"int4 'mma' packing needs K % 32 == 0, got K={k}")
+    v = _mma_view(q.to(torch.uint8), n).permute(0, 1, 4, 2, 5, 3)  # n, ch, t, c, a, b
+    return (v[..., 0] | (v[..., 1] << 4)).reshape(n, k // 2)
+
+
+def int4_mma_unpack(qdata: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``int4_mma_pack``: [N, K // 2] uint8 -> [N, K] codes."""
+    n, kh = qdata.shape
+    v = qdata.reshape(n, kh // 16, 4, 2, 2)  # n, ch, t, c, a
+    v = torch.stack([v & 0x0F, v >> 4], dim=-1)  # n, ch, t, c, a, b
+    return v.permute(0, 1, 3, 5, 2, 4).reshape(n, kh * 2)
+
+
 def int4_dequantize(qdata, scale, zero, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     q = int4_unpack(qdata).float()
     n, k = q.shape

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lowbit.ops import cpu
@@ -15,16 +17,19 @@ class Int4Tensor(QTensor):
 
     Fields: ``qdata`` uint8 [N, K // 2]; ``scale``, ``zero`` [N, K // group_size]
     in the weight's dtype. ``packing`` names the byte order of ``qdata``:
-    ``"plain"`` (the reference layout, used on CUDA and in checkpoints) or one
-    of ``lowbit.ops.cpu.INT4_CPU_LAYOUTS`` (what the CPU kernel reads on this
-    machine; chosen automatically for CPU weights).
+    ``"plain"`` (the reference layout, used in checkpoints and FSDP shards),
+    ``"mma"`` (``reference.int4_mma_pack``: the CUDA kernel's fast decode order,
+    opted into with ``LOWBIT_INT4_CUDA_PACKING=mma``, see ``cuda_packing``) or one of
+    ``lowbit.ops.cpu.INT4_CPU_LAYOUTS`` (what the CPU kernel reads on this
+    machine; chosen automatically for CPU weights). "plain" and "mma" keep each
+    row's bytes in that row, so row slices are views.
     """
 
     tensor_fields = ("qdata", "scale", "zero")
     attr_fields = ("group_size", "packing")
 
     def __init__(self, qdata, scale, zero, *, shape, dtype, group_size: int, packing: str):
-        if packing != "plain" and not cpu.is_interleaved(scale, zero):
+        if packing in cpu.INT4_CPU_LAYOUTS and not cpu.is_interleaved(scale, zero):
             # the CPU kernel reads (scale, zero) interleaved as [G, N, 2]: keep them so
             scale, zero = cpu.interleave_scale_zero(scale, zero)
         super().__init__(qdata, scale, zero, shape=shape, dtype=dtype, group_size=group_size, packing=packing)
@@ -48,17 +53,24 @@ class Int4Tensor(QTensor):
         """Unpacked codes [N, K] in [0, 15], whatever the packing."""
         if self.packing == "plain":
             return ref.int4_unpack(self.qdata)
+        if self.packing == "mma":
+            return ref.int4_mma_unpack(self.qdata)
         return cpu.int4_cpu_unpack(self.qdata, self.packing)
 
     def repack(self, packing: str) -> Int4Tensor:
         if packing == self.packing:
             return self
-        if packing != "plain" and packing not in cpu.INT4_CPU_LAYOUTS:
+        if packing not in ("plain", "mma") and packing not in cpu.INT4_CPU_LAYOUTS:
             raise ValueError(
-                f"unknown int4 packing {packing!r}; expected 'plain' or one of {list(cpu.INT4_CPU_LAYOUTS)}"
+                f"unknown int4 packing {packing!r}; expected 'plain', 'mma' or one of {list(cpu.INT4_CPU_LAYOUTS)}"
             )
         q = self.codes()
-        qdata = ref.int4_pack(q) if packing == "plain" else cpu.int4_cpu_pack(q, packing)
+        if packing == "plain":
+            qdata = ref.int4_pack(q)
+        elif packing == "mma":
+            qdata = ref.int4_mma_pack(q)
+        else:
+            qdata = cpu.int4_cpu_pack(q, packing)
         return Int4Tensor(
             qdata,
             self.scale,
@@ -92,13 +104,16 @@ class Int4Tensor(QTensor):
         if backend == "triton":
             from lowbit.ops.triton import int4 as triton_int4
 
-            w = self.repack("plain")
-            return triton_int4.int4_mm(x, w.qdata, w.scale, w.zero, self.group_size)
+            w = self if self.packing in ("plain", "mma") else self.repack("mma")
+            return triton_int4.int4_mm(x, w.qdata, w.scale, w.zero, self.group_size, w.packing)
         return ref.int4_linear(x, self.repack("plain").qdata, self.scale, self.zero, self.group_size)
 
     # ------------------------------------------------------------------ slicing
     def slice_rows(self, start: int, end: int) -> Int4Tensor:
-        if self.packing == "plain":  # a view, as for a plain tensor (FSDP writes shards through narrow().copy_())
+        if self.packing in (
+            "plain",
+            "mma",
+        ):  # a view, as for a plain tensor (FSDP writes shards through narrow().copy_())
             return QTensor.slice_rows(self, start, end)
         plain = self.repack("plain")
         out = QTensor.slice_rows(plain, start, end)
@@ -126,4 +141,18 @@ class Int4Tensor(QTensor):
 def _best_packing(device: torch.device, n: int, k: int, group_size: int) -> str:
     if device.type == "cpu" and cpu.int4_cpu_supported(n, k, group_size):
         return cpu.int4_cpu_layout()
+    if device.type == "cuda":
+        return cuda_packing()
     return "plain"
+
+
+def cuda_packing() -> str:
+    """The packing CUDA int4 weights get: ``LOWBIT_INT4_CUDA_PACKING`` ("plain" by default).
+
+    "mma" is faster for M <= 32 (decode) and slower for 64 <= M < 256 (both measured on
+    H100 with Triton 3.9 code, bench/results/h100-aot39-int4.md), and only Triton >= 3.8
+    compiles its word path well; so it is an opt-in for decode-heavy serving."""
+    name = os.environ.get("LOWBIT_INT4_CUDA_PACKING", "plain")
+    if name not in ("plain", "mma"):
+        raise ValueError(f"LOWBIT_INT4_CUDA_PACKING must be 'plain' or 'mma', got {name!r}")
+    return name

@@ -32,6 +32,28 @@ def test_int4_pack_unpack_round_trip(q, seed):
     assert torch.equal(packed & 0xF, codes[:, 0::2]) and torch.equal(packed >> 4, codes[:, 1::2])
 
 
+@given(n=st.integers(1, 6), runs=st.integers(1, 4), seed=st.integers(0, 1000))
+def test_int4_mma_pack_byte_order(n, runs, seed):
+    """Round trip, and the documented order read back one code at a time with ints:
+    k = 32 ch + 16 c + 8 b + 2 t + a sits in byte 16 ch + 4 t + 2 c + a, nibble b."""
+    k = 32 * runs
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    packed = ref.int4_mma_pack(codes)
+    assert packed.shape == (n, k // 2) and packed.dtype == torch.uint8
+    assert torch.equal(ref.int4_mma_unpack(packed), codes)
+    rows, flat = packed.tolist(), codes.tolist()
+    for r in range(n):
+        for kk in range(k):
+            ch, c, b, t, a = kk // 32, kk // 16 % 2, kk // 8 % 2, kk // 2 % 4, kk % 2
+            byte = rows[r][16 * ch + 4 * t + 2 * c + a]
+            assert (byte >> 4 if b else byte & 0xF) == flat[r][kk], (r, kk)
+
+
+def test_int4_mma_pack_needs_k_multiple_of_32():
+    with pytest.raises(ValueError, match="K % 32 == 0, got K=48"):
+        ref.int4_mma_pack(torch.zeros(2, 48, dtype=torch.uint8))
+
+
 @given(w=weights(k_multiple=32), gs=st.sampled_from([32]))
 def test_int4_error_within_half_step(w, gs):
     scale, zero = ref.int4_choose_qparams(w, gs, w.dtype)

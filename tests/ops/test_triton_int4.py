@@ -18,18 +18,23 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 2e-3}
 
 
-def _weight(n, k, gs, qdtype, seed):
+PACK = {"plain": ref.int4_pack, "mma": ref.int4_mma_pack}
+
+
+def _weight(n, k, gs, qdtype, seed, packing="plain"):
+    """(qdata in ``packing``, scale, zero, qdata in the plain order for the reference)."""
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=g) * 0.02).to(DEVICE)
     scale, zero = ref.int4_choose_qparams(w, gs, qdtype)
-    return ref.int4_pack(ref.int4_quantize(w, scale, zero, gs)), scale, zero
+    q = ref.int4_quantize(w, scale, zero, gs)
+    return PACK[packing](q), scale, zero, ref.int4_pack(q)
 
 
-def _check(m, n, k, gs, dtype, seed):
-    qdata, scale, zero = _weight(n, k, gs, dtype, seed)
+def _check(m, n, k, gs, dtype, seed, packing="mma"):
+    qdata, scale, zero, plain = _weight(n, k, gs, dtype, seed, packing)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
-    out = int4_mm(x, qdata, scale, zero, gs)
-    expect = ref.int4_linear(x, qdata, scale, zero, gs)
+    out = int4_mm(x, qdata, scale, zero, gs, packing)
+    expect = ref.int4_linear(x, plain, scale, zero, gs)
     assert out.shape == (m, n) and out.dtype == dtype
     err = (out.double() - expect.double()).norm() / expect.double().norm()
     assert err < TOL[dtype], f"rel err {err:.2e} for M={m} N={n} K={k} gs={gs} {dtype}"
@@ -43,20 +48,50 @@ def _check(m, n, k, gs, dtype, seed):
     gs=st.sampled_from(ref.INT4_GROUP_SIZES),
     dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
     seed=st.integers(0, 2**16),
+    packing=st.sampled_from(["mma", "plain"]),
 )
-def test_int4_mm_matches_reference(m, n, groups, gs, dtype, seed):
-    _check(m, n, groups * max(gs, 64), gs, dtype, seed)
+def test_int4_mm_matches_reference(m, n, groups, gs, dtype, seed, packing):
+    _check(m, n, groups * max(gs, 64), gs, dtype, seed, packing)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="large tiles are for the GPU")
 @pytest.mark.parametrize("m", [31, 64, 200, 1000])
 @pytest.mark.parametrize("gs", [32, 128, 256])
-def test_int4_mm_large_m_cuda(m, gs):
-    _check(m, 4096 + 5, 2048, gs, torch.bfloat16, m)
+@pytest.mark.parametrize("packing", ["mma", "plain"])
+def test_int4_mm_large_m_cuda(m, gs, packing):
+    _check(m, 4096 + 5, 2048, gs, torch.bfloat16, m, packing)
 
 
-def test_int4_mm_dequant_path():  # M >= DEQUANT_MIN_M: dequantize kernel + plain matmul
-    _check(260, 37, 256, 32, torch.bfloat16, 7)
+@pytest.mark.parametrize("packing", ["mma", "plain"])
+def test_int4_mm_dequant_path(packing):  # M >= DEQUANT_MIN_M: dequantize kernel + plain matmul
+    _check(260, 37, 256, 32, torch.bfloat16, 7, packing)
+
+
+@pytest.mark.parametrize("packing", ["mma", "plain"])
+def test_int4_mm_mid_m_byte_path(packing):
+    # M in [64, 256): "mma" codes go through the byte path with x's columns reordered
+    _check(70, 37, 256, 64, torch.bfloat16, 9, packing)
+
+
+def test_int4_pair_order_matches_the_mma_byte_order():
+    """Column 2 j + b of the reordered x is the k whose code sits in byte j, nibble b."""
+    from lowbit.ops.triton.int4 import _pair_order
+
+    k = 96
+    ks = torch.arange(k).repeat(2, 1).float()  # x[m, k] = k
+    codes = torch.arange(k).remainder(16).repeat(3, 1).to(torch.uint8)  # any codes
+    packed = ref.int4_mma_pack(codes)
+    placed = _pair_order(ks)[0].long()  # which k each column holds
+    nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(3, k)  # column 2 j + b
+    assert sorted(placed.tolist()) == list(range(k))
+    assert torch.equal(nibbles[0], codes[0, placed])
+
+
+def test_int4_mm_rejects_unknown_packing():
+    qdata, scale, zero, _ = _weight(8, 64, 32, torch.bfloat16, 0)
+    x = torch.randn(1, 64, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="packing must be 'plain' or 'mma', got 'cpu'"):
+        int4_mm(x, qdata, scale, zero, 32, "cpu")
 
 
 def _force_split(monkeypatch, split):
@@ -74,10 +109,10 @@ def test_int4_gemm_split_k_reduces_in_kernel(split, monkeypatch):
     # every split stores its partial sums into its own workspace slice; the last split of
     # each output tile (a zeroed counter per tile) adds them in a fixed order and resets it
     int4_mod = _force_split(monkeypatch, split)
-    qdata, scale, zero = _weight(37, 1024, 64, torch.bfloat16, split)
+    qdata, scale, zero, plain = _weight(37, 1024, 64, torch.bfloat16, split, "mma")
     x = torch.randn(40, 1024, generator=torch.Generator().manual_seed(split)).to(DEVICE, torch.bfloat16)
-    expect = ref.int4_linear(x, qdata, scale, zero, 64).double()
-    runs = [int4_mm(x, qdata, scale, zero, 64) for _ in range(3)]  # one cached counter buffer
+    expect = ref.int4_linear(x, plain, scale, zero, 64).double()
+    runs = [int4_mm(x, qdata, scale, zero, 64, "mma") for _ in range(3)]  # one cached counter buffer
     for out in runs:
         assert (out.double() - expect).norm() / expect.norm() < TOL[torch.bfloat16]
         assert torch.equal(out, runs[0]), "split-K reduction is not deterministic"
@@ -95,39 +130,39 @@ def test_int4_mm_dequant_path_in_row_chunks(monkeypatch):
 
 
 def test_int4_mm_empty():
-    qdata, scale, zero = _weight(33, 128, 64, torch.bfloat16, 0)
-    out = int4_mm(torch.randn(0, 128, device=DEVICE, dtype=torch.bfloat16), qdata, scale, zero, 64)
+    qdata, scale, zero, plain = _weight(33, 128, 64, torch.bfloat16, 0, "mma")
+    out = int4_mm(torch.randn(0, 128, device=DEVICE, dtype=torch.bfloat16), qdata, scale, zero, 64, "mma")
     assert out.shape == (0, 33)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="compile and CUDA graphs need a GPU")
 def test_int4_mm_compile_and_cuda_graph():
-    qdata, scale, zero = _weight(256, 512, 128, torch.bfloat16, 0)
+    qdata, scale, zero, plain = _weight(256, 512, 128, torch.bfloat16, 0, "mma")
     x = torch.randn(8, 512, device=DEVICE, dtype=torch.bfloat16)
-    expect = ref.int4_linear(x, qdata, scale, zero, 128)
-    fn = torch.compile(lambda x: int4_mm(x, qdata, scale, zero, 128), fullgraph=True)
+    expect = ref.int4_linear(x, plain, scale, zero, 128)
+    fn = torch.compile(lambda x: int4_mm(x, qdata, scale, zero, 128, "mma"), fullgraph=True)
     torch.testing.assert_close(fn(x), expect, rtol=2e-2, atol=2e-2)
-    int4_mm(x, qdata, scale, zero, 128)  # autotune outside the capture
+    int4_mm(x, qdata, scale, zero, 128, "mma")  # autotune outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = int4_mm(x, qdata, scale, zero, 128)
+        out = int4_mm(x, qdata, scale, zero, 128, "mma")
     x.copy_(torch.randn_like(x))
     graph.replay()
-    torch.testing.assert_close(out, ref.int4_linear(x, qdata, scale, zero, 128), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ref.int4_linear(x, plain, scale, zero, 128), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and streams need a GPU")
 def test_int4_split_k_counters_in_cuda_graph_and_concurrent_streams(monkeypatch):
     _force_split(monkeypatch, 4)
-    qdata, scale, zero = _weight(1000, 2048, 128, torch.bfloat16, 5)
+    qdata, scale, zero, plain = _weight(1000, 2048, 128, torch.bfloat16, 5, "mma")
     xs = [torch.randn(3, 2048, device=DEVICE, dtype=torch.bfloat16) for _ in range(2)]
-    want = [ref.int4_linear(x, qdata, scale, zero, 128) for x in xs]
-    int4_mm(xs[0], qdata, scale, zero, 128)  # compile outside the capture
+    want = [ref.int4_linear(x, plain, scale, zero, 128) for x in xs]
+    int4_mm(xs[0], qdata, scale, zero, 128, "mma")  # compile outside the capture
     # a stream whose first split-K launch is captured: its counters come from the graph
     stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.graph(graph, stream=stream):
-        out = int4_mm(xs[0], qdata, scale, zero, 128)
+        out = int4_mm(xs[0], qdata, scale, zero, 128, "mma")
     for _ in range(3):
         graph.replay()
         torch.testing.assert_close(out, want[0], rtol=2e-2, atol=2e-2)
@@ -140,13 +175,13 @@ def test_int4_split_k_counters_in_cuda_graph_and_concurrent_streams(monkeypatch)
     for _ in range(20):
         for i, s in enumerate(streams):
             with torch.cuda.stream(s):
-                outs[i].append(int4_mm(xs[i], qdata, scale, zero, 128))
+                outs[i].append(int4_mm(xs[i], qdata, scale, zero, 128, "mma"))
     torch.cuda.synchronize()
     for i in range(2):
         for o in outs[i]:
             torch.testing.assert_close(o, want[i], rtol=2e-2, atol=2e-2)
     with torch.cuda.stream(stream):  # the graph-made counters outlive the graph
-        torch.testing.assert_close(int4_mm(xs[1], qdata, scale, zero, 128), want[1], rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(int4_mm(xs[1], qdata, scale, zero, 128, "mma"), want[1], rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
@@ -154,11 +189,11 @@ def test_int4_split_k_under_compile_reduce_overhead(monkeypatch):
     # cudagraph trees reject any tensor an op keeps alive in their pool: the cached
     # counters are made outside it; warm-up, recording and replays must all be right
     _force_split(monkeypatch, 4)
-    qdata, scale, zero = _weight(1000, 2048, 128, torch.bfloat16, 6)
-    fn = torch.compile(lambda x: int4_mm(x, qdata, scale, zero, 128) * 2, mode="reduce-overhead")
+    qdata, scale, zero, plain = _weight(1000, 2048, 128, torch.bfloat16, 6, "mma")
+    fn = torch.compile(lambda x: int4_mm(x, qdata, scale, zero, 128, "mma") * 2, mode="reduce-overhead")
     for _ in range(4):
         x = torch.randn(2, 2048, device=DEVICE, dtype=torch.bfloat16)
-        want = ref.int4_linear(x, qdata, scale, zero, 128) * 2
+        want = ref.int4_linear(x, plain, scale, zero, 128) * 2
         torch.testing.assert_close(fn(x).clone(), want, rtol=2e-2, atol=2e-2)
 
 
@@ -169,25 +204,28 @@ def test_int4_mm_m1_odd_n_and_few_groups(gs, dtype):
     _check(1, 37, 5 * gs, gs, dtype, 11)
 
 
-def test_int4_mm_m1_extreme_codes_fp32():
+@pytest.mark.parametrize("packing", ["mma", "plain"])
+def test_int4_mm_m1_extreme_codes_fp32(packing):
     """Codes 0 and 15 only (every nibble position, both halves of a byte), fp32 x and
     qparams, against float64 math: fp32 inputs get fp32 products (not TF32)."""
     n, k, gs = 9, 256, 32
     g = torch.Generator().manual_seed(3)
     q = torch.randint(0, 2, (n, k), generator=g) * 15
     q[0] = 15
-    qdata = ref.int4_pack(q.to(torch.uint8)).to(DEVICE)
+    qdata = PACK[packing](q.to(torch.uint8)).to(DEVICE)
     scale = (torch.rand(n, k // gs, generator=g) + 0.5).to(DEVICE, torch.float32)
     zero = torch.randn(n, k // gs, generator=g).to(DEVICE, torch.float32)
     x = torch.randn(1, k, generator=g).to(DEVICE)
-    expect = ref.int4_linear(x.double(), qdata, scale.double(), zero.double(), gs)
+    expect = ref.int4_linear(x.double(), ref.int4_pack(q.to(torch.uint8)).to(DEVICE), scale.double(), zero.double(), gs)
     # fp32 accumulation of 256 terms up to ~20 in size: ~1e-5; one wrong code is off by >= 0.5
-    torch.testing.assert_close(int4_mm(x, qdata, scale, zero, gs).double(), expect, rtol=1e-4, atol=1e-4)
+    out = int4_mm(x, qdata, scale, zero, gs, packing)
+    torch.testing.assert_close(out.double(), expect, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("qdtype", ["same", torch.float32])
-def test_int4_gemm_dequant_exact_every_code_and_position(dtype, qdtype):
+@pytest.mark.parametrize("packing", ["mma", "plain"])
+def test_int4_gemm_dequant_exact_every_code_and_position(dtype, qdtype, packing):
     """One-hot rows of x read single weights back through the GEMM path (M = 128).
 
     Scales are powers of two and zeros small multiples of them, so every weight
@@ -202,11 +240,11 @@ def test_int4_gemm_dequant_exact_every_code_and_position(dtype, qdtype):
     q[:, :32] = torch.arange(16, dtype=torch.uint8).repeat(2)  # every code at even and odd k
     scale = 2.0 ** -torch.randint(2, 8, (n, k // gs), generator=g).double()
     zero = torch.randint(-8, 9, (n, k // gs), generator=g).double() * scale
-    qdata = ref.int4_pack(q).to(DEVICE)
+    qdata = PACK[packing](q).to(DEVICE)
     want = ((q.double().reshape(n, k // gs, gs) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
     for k0 in (0, 128):
         x = torch.eye(k, dtype=dtype)[k0 : k0 + 128].to(DEVICE)
-        out = int4_mm(x, qdata, scale.to(DEVICE, qdtype), zero.to(DEVICE, qdtype), gs)
+        out = int4_mm(x, qdata, scale.to(DEVICE, qdtype), zero.to(DEVICE, qdtype), gs, packing)
         got = out.double().cpu().t()  # [n, 128]: column j is weight column k0 + j
         assert torch.equal(got, want[:, k0 : k0 + 128]), (got - want[:, k0 : k0 + 128]).abs().max()
 
@@ -243,3 +281,21 @@ def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, 
         if meta["SPLIT_K"] > 1:
             assert mb <= 128 and k // (meta["SPLIT_K"] * meta["BLOCK_K"]) >= 2, (meta, mb, k)
             assert meta["SPLIT_K"] * m * n * 4 <= int4_mod.MAX_WORKSPACE, (meta, m, n)
+
+
+def test_int4_tensor_every_packing_through_the_triton_backend():
+    """Int4Tensor.linear on the Triton path in each byte order: "plain" and "mma" run as
+    they are, a CPU layout is repacked to "mma"; all equal the reference function."""
+    import torch.nn.functional as F
+
+    import lowbit
+    from lowbit.ops import cpu
+
+    w = torch.randn(40, 256, generator=torch.Generator().manual_seed(2)) * 0.02
+    plain = lowbit.Int4Tensor.from_float(w.to(DEVICE, torch.bfloat16), group_size=64, packing="plain")
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
+    want = ref.int4_linear(x, plain.qdata, plain.scale, plain.zero, 64).double()
+    for packing in ["plain", "mma", *cpu.INT4_CPU_LAYOUTS]:
+        with lowbit.use_backend("triton"), torch.no_grad():
+            got = F.linear(x, plain.repack(packing)).double()
+        assert (got - want).norm() / want.norm() < TOL[torch.bfloat16], packing

@@ -155,8 +155,9 @@ def test_int4_packings_compute_the_same_function():
     w = torch.randn(64, 128) * 0.02
     plain = Int4Tensor.from_float(w, group_size=32, packing="plain")
     x = torch.randn(3, 128)
-    for packing in ["plain", *__import__("lowbit.ops.cpu", fromlist=["x"]).INT4_CPU_LAYOUTS]:
+    for packing in ["plain", "mma", *__import__("lowbit.ops.cpu", fromlist=["x"]).INT4_CPU_LAYOUTS]:
         other = plain.repack(packing)
+        assert other.packing == packing and torch.equal(other.codes(), plain.codes())
         assert torch.equal(other.dequantize(), plain.dequantize())
         assert torch.equal(other.repack("plain").qdata, plain.qdata)
         torch.testing.assert_close(F.linear(x, other), F.linear(x, plain), rtol=1e-5, atol=1e-6)
@@ -171,3 +172,15 @@ def test_copy_into_other_packing_and_mismatch_errors():
         dst.copy_(Int4Tensor.from_float(w, group_size=64))
     with pytest.raises(ValueError, match="same shape and attributes"):
         dst.copy_(Int8Tensor.from_float(w))
+
+
+def test_int4_cuda_packing_is_an_opt_in(monkeypatch):
+    from lowbit.qtensor.int4 import cuda_packing
+
+    monkeypatch.delenv("LOWBIT_INT4_CUDA_PACKING", raising=False)
+    assert cuda_packing() == "plain"
+    monkeypatch.setenv("LOWBIT_INT4_CUDA_PACKING", "mma")
+    assert cuda_packing() == "mma"
+    monkeypatch.setenv("LOWBIT_INT4_CUDA_PACKING", "tile")
+    with pytest.raises(ValueError, match="LOWBIT_INT4_CUDA_PACKING must be 'plain' or 'mma', got 'tile'"):
+        cuda_packing()

@@ -3,7 +3,9 @@
 Shapes and math (the spec is ``lowbit.ops.reference.int4_linear``)::
 
     x      [M, K]              bf16 / fp16 / fp32 activations
-    qdata  [N, K // 2] uint8   q[n, 2j] in the low nibble of qdata[n, j], q[n, 2j+1] in the high one
+    qdata  [N, K // 2] uint8   two codes per byte, in one of two byte orders (``packing``):
+                               "plain": q[n, 2j] in the low nibble of qdata[n, j], q[n, 2j+1] high
+                               "mma": ``reference.int4_mma_pack`` (CUDA weights use this one)
     scale  [N, K // gs]        weight dtype; zero likewise
     w_hat[n, k] = (q[n, k] - 8) * scale[n, k // gs] + zero[n, k // gs]     (fp32, cast to x.dtype)
     y      [M, N] = x @ w_hat.T   accumulated in fp32, returned in x.dtype
@@ -12,19 +14,23 @@ Two paths, picked by M:
 
 * ``_gemm_kernel`` (M < DEQUANT_MIN_M): tensor-core GEMM; the weight tile is
   unpacked and dequantized in registers inside the main loop. On the GPU (bf16 /
-  fp16 activations with qparams of the same dtype) one inline-PTX block turns 4
-  code bytes into 8 weights (``_unpack_ptx``: prmt + lop3 with a magic exponent,
-  then two packed fma: about 2 instructions per weight, single rounding of
-  ``(q - 8) * s + z`` to x.dtype); elsewhere the reference's fp32 formula. Even k
-  live in the low nibbles, so x is split into even/odd columns and two half-depth
-  dots run, keeping the weight path purely elementwise. For small M the K loop
-  can be split across programs: each split stores its fp32 partial sums into its
-  own slice of a workspace and counts itself in on a per-tile counter; the last
-  split of a tile adds the slices in a fixed order and stores y (one launch,
-  deterministic). The split is autotuned with the tile.
-* ``_dequant_kernel`` + cuBLAS (M >= DEQUANT_MIN_M, CUDA, bf16/fp16): w_hat is
-  written DEQUANT_ROWS rows at a time into one buffer and each chunk runs as a plain
-  GEMM into its columns of y.
+  fp16 activations with qparams of the same dtype) inline PTX turns 4 code bytes
+  into 8 weights (prmt + lop3 with a magic exponent, then two packed fma: about 2
+  instructions per weight, single rounding of ``(q - 8) * s + z`` to x.dtype);
+  elsewhere the reference's fp32 formula.
+  "mma" codes (``_dequant_words``): each int32 word unpacks into exactly the bf16x2
+  registers one thread feeds to the m16n8k16 mma, in k order, so one full-depth dot
+  takes x straight from ldmatrix (offline SASS, 16x64x128 tile: 213 instructions
+  per main-loop iteration against 248, 64 registers against 95).
+  "plain" codes (``_dequant_tile``): even k live in the low nibbles, so x is split
+  into even/odd columns and two half-depth dots run.
+  For small M the K loop can be split across programs: each split stores its fp32
+  partial sums into its own slice of a workspace and counts itself in on a per-tile
+  counter; the last split of a tile adds the slices in a fixed order and stores y
+  (one launch, deterministic). The split is autotuned with the tile.
+* ``_dequant_kernel`` + cuBLAS (M >= DEQUANT_MIN_M, CUDA, bf16/fp16; and fp32 x
+  with "mma" codes at any M): w_hat is written DEQUANT_ROWS rows at a time into one
+  buffer and each chunk runs as a plain GEMM into its columns of y.
 
 Numerics: the reference rounds the fp32 ``(q - 8) * s + z`` to x.dtype; the PTX
 path rounds the exact value once (fma), so a weight can differ by one ulp of
@@ -84,6 +90,34 @@ _PTX_F16 = tl.constexpr(_unpack_ptx("0x64006400", "0x3C003C00", "0xE408E408", "f
 _PTX_REGS = tl.constexpr("=r,=r,=r,=r,r,r,r,r,r")  # 4 outputs; code bytes, s and z
 
 
+def _unpack_word_ptx(magic: str, one: str, neg: str, ty: str) -> str:
+    """PTX for one ``"mma"``-packed 32-bit word ($8) -> its 8 weights ($0..$7, 16-bit each).
+
+    Same arithmetic as ``_unpack_ptx`` (s is $9, z is $10, one value each). Output
+    4 c + 2 b + a is the weight at k = 16 c + 8 b + 2 t + a of the word's 32-k run (see
+    ``reference.int4_mma_pack``): bytes 0, 1 hold c = 0, bytes 2, 3 c = 1, the low
+    nibbles b = 0 and the high ones b = 1, so each bf16x2 result is one mma register.
+    """
+    lanes = "\n".join(
+        f"lop3.b32 v{i}, {src}, 0x000F000F, {magic}, 0xEA; fma.rn.{ty} v{i}, v{i}, one, c;"
+        f" fma.rn.{ty} v{i}, v{i}, s2, z2; mov.b32 {{${2 * i}, ${2 * i + 1}}}, v{i};"
+        for i, src in enumerate(("t0", "h0", "t1", "h1"))
+    )
+    return f"""{{
+    .reg .b32 t0, t1, h0, h1, v0, v1, v2, v3, zr, one, c, s2, z2;
+    mov.b32 zr, 0; mov.b32 one, {one}; mov.b32 c, {neg};
+    mov.b32 s2, {{$9, $9}}; mov.b32 z2, {{$10, $10}};
+    prmt.b32 t0, $8, zr, 0x4140; prmt.b32 t1, $8, zr, 0x4342;
+    shr.u32 h0, t0, 4; shr.u32 h1, t1, 4;
+    {lanes}
+    }}"""
+
+
+_PTX_WORD_BF16 = tl.constexpr(_unpack_word_ptx("0x43004300", "0x3F803F80", "0xC308C308", "bf16x2"))
+_PTX_WORD_F16 = tl.constexpr(_unpack_word_ptx("0x64006400", "0x3C003C00", "0xE408E408", "f16x2"))
+_PTX_WORD_REGS = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,h,h")  # 8 weights; code word, s and z
+
+
 @triton.jit
 def _dequant_tile(qb, s, z, dtype: tl.constexpr, ASM: tl.constexpr):
     """qb [R, C] uint8 codes, s / z [R, 1] -> (lo, hi) [R, C] weights in ``dtype``.
@@ -108,6 +142,40 @@ def _dequant_tile(qb, s, z, dtype: tl.constexpr, ASM: tl.constexpr):
         lo = (((qb & 15).to(tl.float32) - 8.0) * sf + zf).to(dtype)
         hi = (((qb >> 4).to(tl.float32) - 8.0) * sf + zf).to(dtype)
     return lo, hi
+
+
+@triton.jit
+def _dequant_words(qw, s, z, dtype: tl.constexpr, ASM: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """qw [R, C // 8] int32 words in the ``"mma"`` order, s / z [R, 1] -> [R, C] weights in
+    ``dtype``, k in natural order (C % 32 == 0). ASM: the PTX unpack (s / z in ``dtype``)."""
+    if ASM:
+        sb = tl.broadcast_to(s, qw.shape)
+        zb = tl.broadcast_to(z, qw.shape)
+        if dtype == tl.bfloat16:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _PTX_WORD_BF16, _PTX_WORD_REGS, [qw, sb, zb], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1
+            )
+        else:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _PTX_WORD_F16, _PTX_WORD_REGS, [qw, sb, zb], dtype=(tl.float16,) * 8, is_pure=True, pack=1
+            )
+    else:  # the reference's fp32 formula; nibble 4 c + 2 b + a sits at bit 8 (2 c + a) + 4 b
+        sf = s.to(tl.float32)
+        zf = z.to(tl.float32)
+        w0 = ((((qw >> 0) & 15).to(tl.float32) - 8.0) * sf + zf).to(dtype)
+        w1 = ((((qw >> 8) & 15).to(tl.float32) - 8.0) * sf + zf).to(dtype)
+        w2 = ((((qw >> 4) & 15).to(tl.float32) - 8.0) * sf + zf).to(dtype)
+        w3 = ((((qw >> 12) & 15).to(tl.float32) - 8.0) * sf + zf).to(dtype)
+        w4 = ((((qw >> 16) & 15).to(tl.float32) - 8.0) * sf + zf).to(dtype)
+        w5 = ((((qw >> 24) & 15).to(tl.float32) - 8.0) * sf + zf).to(dtype)
+        w6 = ((((qw >> 20) & 15).to(tl.float32) - 8.0) * sf + zf).to(dtype)
+        w7 = ((((qw >> 28) & 15).to(tl.float32) - 8.0) * sf + zf).to(dtype)
+    # output 4 c + 2 b + a of word (ch, t) is k = 32 ch + 16 c + 8 b + 2 t + a; the joins and
+    # the permute only rename registers on Triton >= 3.8 (3.6 / 3.7 go through shared memory)
+    c0 = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # [R, C // 8, a, b]
+    c1 = tl.join(tl.join(w4, w5), tl.join(w6, w7))
+    w = tl.reshape(tl.join(c0, c1), [R, C // 32, 4, 2, 2, 2])  # r, ch, t, a, b, c
+    return tl.reshape(tl.permute(w, [0, 1, 5, 4, 2, 3]), [R, C])
 
 
 # ----------------------------------------------------------------------------- GEMM
@@ -170,7 +238,7 @@ _GEMM_CONFIGS = _gemm_configs()
 
 @triton.autotune(
     configs=configs(_GEMM_CONFIGS, cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)),
-    key=["m_bucket", "N", "K", "GS"],
+    key=["m_bucket", "N", "K", "GS", "MMA"],
     **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
 )
@@ -179,7 +247,7 @@ def _gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, m_bucket,
     stride_xm, stride_ym, stride_q,
-    GS: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_K: tl.constexpr,
+    GS: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr, MMA: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # BLOCK_K divides GS (pruned), and GS divides K: no K masks, one group per tile.
@@ -191,32 +259,48 @@ def _gemm_kernel(
     pid_m = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rkh = tl.arange(0, BLOCK_K // 2)
     m_ok = rm < M
     n_ok = rn < N
     ng = K // GS
     x_ptrs = x_ptr + rm[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
-    q_ptrs = q_ptr + rn[:, None] * stride_q + rkh[None, :]
+    # MMA: "mma" codes read as int32 words, unpacked straight into the mma.sync operand
+    # registers in k order (one full-depth dot, x from ldmatrix; the launcher uses it for
+    # BLOCK_M < 64). Otherwise bytes: low / high nibbles are two halves of k, x is split
+    # the same way and two half-depth dots run.
+    if MMA:
+        q_ptrs = (
+            q_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None] * (stride_q // 4) + tl.arange(0, BLOCK_K // 8)[None, :]
+        )
+    else:
+        q_ptrs = q_ptr + rn[:, None] * stride_q + tl.arange(0, BLOCK_K // 2)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        k0 = tl.multiple_of(k0, BLOCK_K)  # lets the byte loads vectorize
-        qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
+        k0 = tl.multiple_of(k0, BLOCK_K)  # lets the code loads vectorize
         s = tl.load(s_ptr + rn * ng + k0 // GS, mask=n_ok, other=0)
         z = tl.load(z_ptr + rn * ng + k0 // GS, mask=n_ok, other=0)
         x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
-        # even k sit in the low nibbles, odd k in the high ones: split x the same way and
-        # run two half-depth dots, so the weight is only ever touched elementwise
-        xe, xo = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
-        lo, hi = _dequant_tile(qb, s[:, None], z[:, None], x.dtype, ASM)
-        if DOT_F32:
-            acc = tl.dot(xe.to(tl.float32), tl.trans(lo.to(tl.float32)), acc)
-            acc = tl.dot(xo.to(tl.float32), tl.trans(hi.to(tl.float32)), acc)
-        elif x.dtype == tl.float32:  # fp32 math as F.linear does by default, not TF32
-            acc = tl.dot(xe, tl.trans(lo), acc, input_precision="ieee")
-            acc = tl.dot(xo, tl.trans(hi), acc, input_precision="ieee")
+        if MMA:
+            qw = tl.load(q_ptrs + k0 // 8, mask=n_ok[:, None], other=0)
+            w = _dequant_words(qw, s[:, None], z[:, None], x.dtype, ASM, BLOCK_N, BLOCK_K)
+            if DOT_F32:
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+            elif x.dtype == tl.float32:  # fp32 math as F.linear does by default, not TF32
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
         else:
-            acc = tl.dot(xe, tl.trans(lo), acc)
-            acc = tl.dot(xo, tl.trans(hi), acc)
+            qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
+            xe, xo = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
+            lo, hi = _dequant_tile(qb, s[:, None], z[:, None], x.dtype, ASM)
+            if DOT_F32:
+                acc = tl.dot(xe.to(tl.float32), tl.trans(lo.to(tl.float32)), acc)
+                acc = tl.dot(xo.to(tl.float32), tl.trans(hi.to(tl.float32)), acc)
+            elif x.dtype == tl.float32:
+                acc = tl.dot(xe, tl.trans(lo), acc, input_precision="ieee")
+                acc = tl.dot(xo, tl.trans(hi), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xe, tl.trans(lo), acc)
+                acc = tl.dot(xo, tl.trans(hi), acc)
     offs = rm[:, None] * stride_ym + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K > 1:
@@ -241,18 +325,24 @@ def _gemm_kernel(
 
 # ----------------------------------------------------------------------------- dequant
 @triton.jit
-def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, GS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, GS: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr):
     """w_hat [N, K] in w's dtype, one group (GS columns) of BLOCK_N rows per program."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     grp = tl.program_id(1)
     ng = K // GS
     n_ok = rn[:, None] < N
-    rj = tl.arange(0, GS // 2)
-    qb = tl.load(q_ptr + rn[:, None] * (K // 2) + grp * (GS // 2) + rj[None, :], mask=n_ok, other=0)
-    s = tl.load(s_ptr + rn * ng + grp, mask=rn < N, other=0).to(tl.float32)[:, None]
-    z = tl.load(z_ptr + rn * ng + grp, mask=rn < N, other=0).to(tl.float32)[:, None]
-    q = tl.join(qb & 15, qb >> 4).reshape(BLOCK_N, GS)
-    w = ((q.to(tl.float32) - 8.0) * s + z).to(w_ptr.dtype.element_ty)
+    s = tl.load(s_ptr + rn * ng + grp, mask=rn < N, other=0)[:, None]
+    z = tl.load(z_ptr + rn * ng + grp, mask=rn < N, other=0)[:, None]
+    if MMA:
+        rj = tl.arange(0, GS // 8)
+        qw_ptr = q_ptr.to(tl.pointer_type(tl.int32))
+        qw = tl.load(qw_ptr + rn[:, None] * (K // 8) + grp * (GS // 8) + rj[None, :], mask=n_ok, other=0)
+        w = _dequant_words(qw, s, z, w_ptr.dtype.element_ty, False, BLOCK_N, GS)
+    else:
+        rj = tl.arange(0, GS // 2)
+        qb = tl.load(q_ptr + rn[:, None] * (K // 2) + grp * (GS // 2) + rj[None, :], mask=n_ok, other=0)
+        q = tl.join(qb & 15, qb >> 4).reshape(BLOCK_N, GS)
+        w = ((q.to(tl.float32) - 8.0) * s.to(tl.float32) + z.to(tl.float32)).to(w_ptr.dtype.element_ty)
     tl.store(w_ptr + rn[:, None] * K + grp * GS + tl.arange(0, GS)[None, :], w, mask=n_ok)
 
 
@@ -324,6 +414,14 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return _COUNTERS[key]
 
 
+def _pair_order(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with its columns reordered so that the byte path reads "mma" codes right:
+    column 2 j + b holds the k of byte j's nibble b, i.e. column 32 ch + 8 t + 4 c + 2 a + b
+    holds k = 32 ch + 16 c + 8 b + 2 t + a (``reference.int4_mma_pack``). One copy of x."""
+    m, k = x.shape
+    return x.view(m, k // 32, 2, 2, 4, 2).permute(0, 1, 4, 2, 5, 3).reshape(m, k)
+
+
 @functools.lru_cache(maxsize=1024)
 def _max_split(mb: int, n: int, k: int, group_size: int) -> int:
     """The largest SPLIT_K among the configs the autotuner may try for this call."""
@@ -333,9 +431,18 @@ def _max_split(mb: int, n: int, k: int, group_size: int) -> int:
 
 @kernel_op("int4_mm_triton", fake=linear_out_fake)
 def int4_mm(
-    x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    packing: str = "plain",
 ) -> torch.Tensor:
-    """``x [M, K] @ dequant(qdata, scale, zero).T -> [M, N]`` in x.dtype (see module doc)."""
+    """``x [M, K] @ dequant(qdata, scale, zero).T -> [M, N]`` in x.dtype (see module doc).
+
+    ``packing``: the byte order of qdata, ``"plain"`` (``reference.int4_pack``) or
+    ``"mma"`` (``reference.int4_mma_pack``, what CUDA weights use; fewer instructions).
+    """
     m, k = x.shape
     n = qdata.shape[0]
     if k != qdata.shape[1] * 2 or k % group_size or scale.shape != (n, k // group_size):
@@ -343,21 +450,27 @@ def int4_mm(
             f"int4_mm: x {tuple(x.shape)}, qdata {tuple(qdata.shape)}, scale "
             f"{tuple(scale.shape)} do not match group_size {group_size}"
         )
+    if packing not in ("plain", "mma"):
+        raise ValueError(f"int4_mm: packing must be 'plain' or 'mma', got {packing!r}")
     if m == 0:
         return x.new_empty(0, n)
     x = x.contiguous()
     qdata, scale, zero = qdata.contiguous(), scale.contiguous(), zero.contiguous()
+    mma = packing == "mma"  # the kernels read these bytes as int32 words (K % 32 == 0)
     mb = m_bucket(m)
-    if m >= DEQUANT_MIN_M and (x.is_cuda or INTERPRET) and x.dtype != torch.float32:
+    fp32 = x.dtype == torch.float32
+    if (x.is_cuda or INTERPRET) and (m >= DEQUANT_MIN_M and not fp32 or mma and fp32):
         # DEQUANT_ROWS weight rows at a time into one reused buffer, each chunk's GEMM
-        # written straight into its column slice of y (cuBLAS takes the row stride)
+        # written straight into its column slice of y (cuBLAS takes the row stride). fp32
+        # x with "mma" codes comes here at any M: the GEMM's fp32 (FMA) dot needs the
+        # words' registers rearranged and spills (offline SASS: 255 registers + stack).
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         rows = min(n, DEQUANT_ROWS)
         w = torch.empty(rows, k, device=x.device, dtype=x.dtype)
         for n0 in range(0, n, rows):
             r = min(rows, n - n0)
             _dequant_kernel[(triton.cdiv(r, 32), k // group_size)](
-                qdata[n0:], scale[n0:], zero[n0:], w, r, k, GS=group_size, BLOCK_N=32
+                qdata[n0:], scale[n0:], zero[n0:], w, r, k, GS=group_size, MMA=mma, BLOCK_N=32
             )
             torch.mm(x, w[:r].t(), out=y[:, n0 : n0 + r])
         return y
@@ -376,9 +489,14 @@ def int4_mm(
         cnt = _tile_counters(x.device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
     else:
         cnt = torch.empty(1, device=x.device, dtype=torch.int32)
+    # "mma" codes: the word path for mma.sync tiles; wgmma tiles (BLOCK_M >= 64, every tile
+    # _prune keeps from M bucket 64 on) measured faster on the byte path with x reordered
+    words = mma and mb < 64
+    if mma and not words:
+        x = _pair_order(x)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
     _gemm_kernel[grid](
         x, qdata, scale, zero, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0),
-        GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, **fixed,
+        GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, MMA=words, **fixed,
     )  # fmt: skip
     return y
