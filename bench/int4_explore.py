@@ -33,7 +33,8 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lowbit.ops import reference as ref  # noqa: E402
-from lowbit.ops.triton.int4 import _dequant_kernel, _gemm_kernel, _tile_counters, int4_mm  # noqa: E402
+from lowbit.ops.triton._utils import tile_counters  # noqa: E402
+from lowbit.ops.triton.int4 import _dequant_kernel, _gemm_kernel, int4_mm  # noqa: E402
 
 GS = 128
 
@@ -71,7 +72,7 @@ def launcher(variant, cfg, split):
         n = q.shape[0]
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         ws = torch.empty((split, m, n) if split > 1 else (1,), device=x.device, dtype=torch.float32)
-        cnt = _tile_counters(x.device, triton.cdiv(m, bm) * triton.cdiv(n, bn))
+        cnt = tile_counters(x.device, triton.cdiv(m, bm) * triton.cdiv(n, bn))
         grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
         kern[grid](
             x, q, s, z, y, ws, cnt, m, n, k, m, x.stride(0), y.stride(0), q.stride(0),

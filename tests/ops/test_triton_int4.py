@@ -108,7 +108,7 @@ def _force_split(monkeypatch, split):
 def test_int4_gemm_split_k_reduces_in_kernel(split, monkeypatch):
     # every split stores its partial sums into its own workspace slice; the last split of
     # each output tile (a zeroed counter per tile) adds them in a fixed order and resets it
-    int4_mod = _force_split(monkeypatch, split)
+    _force_split(monkeypatch, split)
     qdata, scale, zero, plain = _weight(37, 1024, 64, torch.bfloat16, split, "mma")
     x = torch.randn(40, 1024, generator=torch.Generator().manual_seed(split)).to(DEVICE, torch.bfloat16)
     expect = ref.int4_linear(x, plain, scale, zero, 64).double()
@@ -116,8 +116,10 @@ def test_int4_gemm_split_k_reduces_in_kernel(split, monkeypatch):
     for out in runs:
         assert (out.double() - expect).norm() / expect.norm() < TOL[torch.bfloat16]
         assert torch.equal(out, runs[0]), "split-K reduction is not deterministic"
-    counters = int4_mod._tile_counters(x.device, 1)
-    assert counters.numel() == int4_mod._COUNTERS_SIZE
+    from lowbit.ops.triton import _utils
+
+    counters = _utils.tile_counters(x.device, 1)
+    assert counters.numel() == _utils.COUNTERS_SIZE
     assert int(counters.count_nonzero()) == 0, "a tile counter was left non-zero"
 
 

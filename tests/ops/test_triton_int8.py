@@ -114,3 +114,54 @@ def test_int8_compile_and_cuda_graph(op):
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(out, op(x, qdata, scale))
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("scheme", ["wo", "dyn", "fp8"])
+def test_w8_gemm_split_k_reduces_in_kernel(split, scheme, monkeypatch):
+    """Each split stores raw partial sums (int32 bits for W8A8, so the sum stays exact);
+    the last split of a tile adds them in a fixed order, scales and stores y: bitwise the
+    same on every call, and the shared per-stream tile counters are back at zero."""
+    import lowbit.ops.triton._w8 as w8_mod
+    from lowbit.ops.triton import _utils
+    from lowbit.ops.triton.fp8 import fp8_dyn_mm
+
+    if w8_mod.AUTOTUNE:
+        pytest.skip("the split is chosen by the autotuner here")
+    monkeypatch.setattr(w8_mod, "_split_k", lambda *a: split)
+    w = _rand(37, 1024, seed=split, std=0.02)
+    x = _rand(40, 1024, seed=split + 1, dtype=torch.bfloat16)
+    if scheme == "fp8":
+        scale = ref.fp8_choose_qparams(w)
+        qdata = ref.fp8_quantize(w, scale)
+        op, want = fp8_dyn_mm, ref.fp8_dynamic_linear(x, qdata, scale)
+    else:
+        scale = ref.int8_choose_qparams(w, torch.float32 if scheme == "dyn" else torch.bfloat16)
+        qdata = ref.int8_quantize(w, scale)
+        op = int8_dyn_mm if scheme == "dyn" else int8_mm
+        want = (ref.int8_dynamic_linear if scheme == "dyn" else ref.int8_weight_only_linear)(x, qdata, scale)
+    runs = [op(x, qdata, scale) for _ in range(3)]
+    for out in runs:
+        assert _rel(out, want) < TOL[torch.bfloat16]
+        assert torch.equal(out, runs[0]), "split-K reduction is not deterministic"
+    assert int(_utils.tile_counters(x.device, 1).count_nonzero()) == 0, "a tile counter was left non-zero"
+
+
+@settings(deadline=None, max_examples=60)
+@given(m=st.integers(1, 5000), k=st.integers(16, 20000), n=st.sampled_from([1, 37, 4096, 14336, 128256]))
+def test_w8_gemm_autotune_space_respects_the_kernel_contract(m, k, n):
+    """Every config the GPU autotuner may try fits the launcher's workspace (sized from the
+    largest split kept, at most MAX_WORKSPACE), gives each split two K tiles, splits only
+    for M <= 128, and carries no pre_hook (Triton's autotune disk cache skips those)."""
+    import lowbit.ops.triton._w8 as w8_mod
+    from lowbit.ops.triton._utils import m_bucket
+
+    mb = m_bucket(m)
+    kept = w8_mod._prune(w8_mod._gemm_configs(), dict(m_bucket=mb, K=k, N=n))
+    assert kept
+    for c in kept:
+        split = c.kwargs["SPLIT_K"]
+        assert c.pre_hook is None
+        if split > 1:
+            assert mb <= 128 and k // (split * c.kwargs["BLOCK_K"]) >= 2, (c.kwargs, mb, k)
+            assert split * m * n * 4 <= w8_mod.MAX_WORKSPACE, (c.kwargs, m, n)

@@ -11,7 +11,11 @@ Shapes and math::
 The product is accumulated in int32 for int8 x int8 (exact), else in fp32;
 the scales are applied once in the epilogue (``x @ (q * s).T == (x @ q.T) * s``).
 ``_gemv_kernel`` serves tiny M with FMAs, ``_gemm_kernel`` everything else with
-``tl.dot`` (split-K with fp32 atomics for small M).
+``tl.dot``. For M <= 128 the K loop can be split across programs (autotuned with the
+tile): each split stores its raw partial sums (int32 bits for int8 x int8, else fp32)
+into its own slice of a workspace and counts itself in on the output tile's counter;
+the last split adds the slices in a fixed order (exact for int32), applies the
+scales and stores y: one launch, deterministic, as in ``int4.py``.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ import triton
 import triton.language as tl
 
 from lowbit.ops.reference import FP8_DTYPE
-from lowbit.ops.triton._utils import INTERPRET, TUNE_CACHE, cfg, configs, m_bucket
+from lowbit.ops.triton._utils import AUTOTUNE, INTERPRET, TUNE_CACHE, cfg, configs, m_bucket, num_sms, tile_counters
 
 GEMV_MAX_M = 1
 # W8A16 from this M on: dequantize once per call, then cuBLAS (bench/KERNEL_NOTES.md).
 DEQUANT_MIN_M = 256
+# Split-K workspace ([SPLIT_K, M, N] x 4 bytes) never larger than this.
+MAX_WORKSPACE = 64 << 20
 
 
 @triton.autotune(
@@ -78,44 +84,60 @@ def _gemv_kernel(
 
 
 def _prune(configs_, named_args, **kwargs):
-    mb = {**named_args, **kwargs}["m_bucket"]
-    small = [c for c in configs_ if c.kwargs["BLOCK_M"] <= max(16, mb)]
-    return (small if mb <= 64 else [c for c in configs_ if c.kwargs["BLOCK_M"] >= 64]) or configs_[:1]
+    """BLOCK_M by M bucket; splits only for M <= 128, >= 2 K tiles per split and a
+    workspace of at most MAX_WORKSPACE bytes."""
+    a = {**named_args, **kwargs}
+    mb, k, n = a["m_bucket"], a["K"], a["N"]
+    out = []
+    for c in configs_:
+        bm, bk, split = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs.get("SPLIT_K", 1)
+        if split > 1 and (mb > 128 or k // (split * bk) < 2 or split * mb * n * 4 > MAX_WORKSPACE):
+            continue
+        if bm <= max(16, mb) if mb <= 64 else bm >= 64:
+            out.append(c)
+    return out or [c for c in configs_ if c.kwargs.get("SPLIT_K", 1) == 1][:1]
+
+
+def _gemm_configs():
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, splits); small M wants split-K so that
+    ~2 waves of programs stream the weight (4096 x 4096 at M = 128 is 32-128 tiles)."""
+    tiles = [
+        (16, 64, 128, 4, 4, (1, 2, 4, 8)),
+        (16, 128, 128, 4, 4, (1, 4, 8)),
+        (16, 64, 256, 4, 3, (1, 4)),
+        (32, 64, 128, 4, 4, (1, 2, 4)),
+        (32, 128, 128, 4, 3, (1, 4)),
+        (64, 64, 128, 4, 3, (1, 2, 4)),
+        (64, 128, 128, 4, 3, (1, 2, 4)),
+        (128, 128, 64, 8, 4, (1, 2)),
+        (128, 128, 128, 8, 3, (1, 2)),
+        (128, 256, 64, 8, 3, (1,)),
+        (128, 256, 128, 8, 3, (1,)),
+        (256, 128, 128, 8, 3, (1,)),
+        (64, 256, 128, 4, 3, (1,)),
+        (128, 256, 128, 8, 4, (1,)),
+        (256, 128, 128, 8, 4, (1,)),
+        (128, 128, 256, 8, 3, (1,)),
+    ]
+    return [
+        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=sp, num_warps=w, num_stages=st)
+        for bm, bn, bk, w, st, splits in tiles
+        for sp in splits
+    ]
+
+
+_GEMM_CONFIGS = _gemm_configs()
 
 
 @triton.autotune(
-    configs=configs(
-        [
-            cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in [
-                (16, 64, 128, 4, 4),
-                (16, 128, 128, 4, 4),
-                (16, 64, 256, 4, 3),
-                (32, 64, 128, 4, 4),
-                (32, 128, 128, 4, 3),
-                (64, 64, 128, 4, 3),
-                (64, 128, 128, 4, 3),
-                (128, 128, 64, 8, 4),
-                (128, 128, 128, 8, 3),
-                (128, 256, 64, 8, 3),
-                (128, 256, 128, 8, 3),
-                (256, 128, 128, 8, 3),
-                (64, 256, 128, 4, 3),
-                (128, 256, 128, 8, 4),
-                (256, 128, 128, 8, 4),
-                (128, 128, 256, 8, 3),
-            ]
-        ],
-        cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
-    ),
-    key=["m_bucket", "N", "K", "SPLIT_K", "A_SCALED"],
+    configs=configs(_GEMM_CONFIGS, cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)),
+    key=["m_bucket", "N", "K", "A_SCALED"],
     **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
-    reset_to_zero=["y_ptr"],
 )
 @triton.jit
 def _gemm_kernel(
-    x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr,
+    x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr, part_ptr, cnt_ptr,
     M, N, K, m_bucket,
     stride_xm, stride_ym,
     A_SCALED: tl.constexpr, INT_ACC: tl.constexpr, FP8: tl.constexpr,
@@ -154,15 +176,27 @@ def _gemm_kernel(
             acc = tl.dot(x, tl.trans(w), acc, out_dtype=acc_t)
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    mask = m_ok & (rn[None, :] < N)
+    if SPLIT_K > 1:
+        # raw partial sums into part[pid_k] (int32 bits travel in the fp32 buffer, so the
+        # int8 sum stays exact); the split that counts in last adds the SPLIT_K slices in a
+        # fixed order, applies the scales below and resets the tile's counter
+        p_offs = rm[:, None] * N + rn[None, :]
+        tl.store(part_ptr + pid_k * M * N + p_offs, acc.to(tl.float32, bitcast=True), mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        tile = cnt_ptr + pid
+        arrived = tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu")
+        if arrived != SPLIT_K - 1:
+            return
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_t)
+        for i in tl.static_range(SPLIT_K):  # .cg: read the other SMs' partials from L2
+            part = tl.load(part_ptr + i * M * N + p_offs, mask=mask, other=0.0, cache_modifier=".cg")
+            acc += part.to(acc_t, bitcast=True)
+        tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")
     y = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
     if A_SCALED:
         y = y * tl.load(xs_ptr + rm, mask=rm < M, other=0)[:, None]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    mask = m_ok & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(y_ptrs, y, mask=mask)
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -178,21 +212,23 @@ def _dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: t
     )
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small, so CPU tests exercise the split-K path
-
-
 def _split_k(m: int, n: int, k: int, sms: int) -> int:
+    """The split for the fixed config (autotuning off): ~2 waves of programs at small M."""
     if m > 64:
         return 1
     tiles = triton.cdiv(n, 64)
     split = 1
     while tiles * split < 2 * sms and k // (split * 256) >= 2:
         split *= 2
+    while split > 1 and split * m * n * 4 > MAX_WORKSPACE:
+        split //= 2
     return split
+
+
+@functools.lru_cache(maxsize=1024)
+def _max_split(mb: int, n: int, k: int) -> int:
+    """The largest SPLIT_K among the configs the autotuner may try for this call."""
+    return max(c.kwargs["SPLIT_K"] for c in _prune(_GEMM_CONFIGS, dict(m_bucket=mb, K=k, N=n)))
 
 
 def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
@@ -222,13 +258,21 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
             x, w, ws, xs_arg, y, m, n, k, mb, x.stride(0), y.stride(0), A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8
         )
         return y
-    split = _split_k(m, n, k, _num_sms(x.device))
-    y = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else None
-    if y is None:
-        y = torch.empty(m, n, device=x.device, dtype=out_dtype)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    if AUTOTUNE:  # the split is tuned with the tile: room for the largest split it may pick
+        fixed = {}
+        most = _max_split(mb, n, k)
+    else:
+        fixed = {"SPLIT_K": _split_k(m, n, k, num_sms(x.device))}
+        most = fixed["SPLIT_K"]
+    y = torch.empty(m, n, device=x.device, dtype=out_dtype)
+    part = torch.empty((most, m, n) if most > 1 else (1,), device=x.device, dtype=torch.float32)
+    if most > 1:
+        cnt = tile_counters(x.device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
+    else:
+        cnt = torch.empty(1, device=x.device, dtype=torch.int32)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     _gemm_kernel[grid](
-        x, w, ws, xs_arg, y, m, n, k, mb, x.stride(0), y.stride(0),
-        A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, SPLIT_K=split, DOT_F32=INTERPRET,
+        x, w, ws, xs_arg, y, part, cnt, m, n, k, mb, x.stride(0), y.stride(0),
+        A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, DOT_F32=INTERPRET, **fixed,
     )  # fmt: skip
-    return y if split == 1 else y.to(out_dtype)
+    return y

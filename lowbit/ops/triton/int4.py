@@ -40,14 +40,22 @@ x.dtype where the fp32 result sat exactly on a rounding midpoint.
 from __future__ import annotations
 
 import functools
-import threading
 
 import torch
 import triton
 import triton.language as tl
 
 from lowbit.compile import kernel_op, linear_out_fake
-from lowbit.ops.triton._utils import AUTOTUNE, INTERPRET, TUNE_CACHE, cfg, configs, m_bucket
+from lowbit.ops.triton._utils import (
+    AUTOTUNE,
+    INTERPRET,
+    TUNE_CACHE,
+    cfg,
+    configs,
+    m_bucket,
+    num_sms,
+    tile_counters,
+)
 
 # From this M on the weight is dequantized to x.dtype once per call and cuBLAS runs
 # the GEMM: 4 extra bytes per weight cost less than Triton's in-loop dequant loses
@@ -347,13 +355,6 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, GS: tl.constexpr, MMA: tl.
 
 
 # ----------------------------------------------------------------------------- launcher
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small, so CPU tests exercise the split-K path
-
-
 def _split_k(m: int, n: int, k: int, group_size: int, sms: int) -> int:
     """Split K for small M so the weight is streamed by >= ~2 waves of programs."""
     if m > 64:
@@ -365,53 +366,6 @@ def _split_k(m: int, n: int, k: int, group_size: int, sms: int) -> int:
     while split > 1 and split * m * n * 4 > MAX_WORKSPACE:
         split //= 2
     return split
-
-
-# (device, stream) -> int32 split-K tile counters; splits only run for M <= 128, so 65536
-# counters (16x16 tiles) cover N up to 131072.
-_COUNTERS: dict = {}
-_COUNTERS_SIZE = 1 << 16
-
-
-def _zeros_outside_pools(device: torch.device, n: int) -> torch.Tensor:
-    """torch.zeros from a plain thread: torch.compile's cudagraph trees route the calling
-    thread's allocations into their pool during warm-up and reject tensors an op keeps
-    alive there; a cache must not live in that pool."""
-    box: list = []
-
-    def make():
-        try:
-            box.append(torch.zeros(n, device=device, dtype=torch.int32))
-            torch.cuda.synchronize(device)
-        except BaseException as e:  # re-raised in the caller
-            box.append(e)
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0]
-
-
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters for one split-K launch, one cached buffer per stream.
-
-    The kernel puts every counter it used back to zero, so the launches that follow each
-    other on a stream share a buffer; concurrent streams get their own. Made outside any
-    CUDA graph (from a plain thread, see ``_zeros_outside_pools``), or, for a stream first
-    seen inside a capture, by that graph (its zeroing is captured once). A launch that
-    needs more counters than the cache holds gets fresh zeros."""
-    if tiles > _COUNTERS_SIZE:
-        return torch.zeros(tiles, device=device, dtype=torch.int32)
-    on_gpu = device.type == "cuda"
-    key = (device, torch.cuda.current_stream(device).cuda_stream if on_gpu else 0)
-    if key not in _COUNTERS:
-        if on_gpu and not torch.cuda.is_current_stream_capturing():
-            _COUNTERS[key] = _zeros_outside_pools(device, _COUNTERS_SIZE)
-        else:
-            _COUNTERS[key] = torch.zeros(_COUNTERS_SIZE, device=device, dtype=torch.int32)
-    return _COUNTERS[key]
 
 
 def _pair_order(x: torch.Tensor) -> torch.Tensor:
@@ -480,13 +434,13 @@ def int4_mm(
         fixed = {}
         most = _max_split(mb, n, k, group_size)
     else:  # one fixed config: the split comes from the heuristic
-        fixed = {"SPLIT_K": _split_k(m, n, k, group_size, _num_sms(x.device))}
+        fixed = {"SPLIT_K": _split_k(m, n, k, group_size, num_sms(x.device))}
         most = fixed["SPLIT_K"]
     # fp32 partial sums and a zeroed int32 counter per output tile (BLOCK_M, BLOCK_N >= 16
     # in every config); the same dtypes when unused (split 1), so one compile per config
     ws = torch.empty((most, m, n) if most > 1 else (1,), device=x.device, dtype=torch.float32)
     if most > 1:
-        cnt = _tile_counters(x.device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
+        cnt = tile_counters(x.device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
     else:
         cnt = torch.empty(1, device=x.device, dtype=torch.int32)
     # "mma" codes: the word path for mma.sync tiles; wgmma tiles (BLOCK_M >= 64, every tile
