@@ -90,6 +90,14 @@ def test_int8_mm_dequant_path():  # M >= DEQUANT_MIN_M: dequantize kernel + plai
     _check_wo(260, 37, 301, torch.float16, 7)
 
 
+def test_int8_mm_dequant_path_in_row_chunks(monkeypatch):
+    # 37 rows in chunks of 16: two full chunks and a ragged one, each into its columns of y
+    import lowbit.ops.triton._w8 as w8_mod
+
+    monkeypatch.setattr(w8_mod, "DEQUANT_ROWS", 16)
+    _check_wo(260, 37, 256, torch.bfloat16, 8)
+
+
 def test_int8_empty():
     qdata = torch.ones(33, 64, dtype=torch.int8, device=DEVICE)
     scale = torch.ones(33, device=DEVICE)
