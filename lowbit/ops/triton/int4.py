@@ -5,7 +5,7 @@ Shapes and math (the spec is ``lowbit.ops.reference.int4_linear``)::
     x      [M, K]              bf16 / fp16 / fp32 activations
     qdata  [N, K // 2] uint8   two codes per byte, in one of two byte orders (``packing``):
                                "plain": q[n, 2j] in the low nibble of qdata[n, j], q[n, 2j+1] high
-                               "mma": ``reference.int4_mma_pack`` (CUDA weights use this one)
+                               "mma": ``reference.int4_mma_pack`` (opt-in for CUDA weights)
     scale  [N, K // gs]        weight dtype; zero likewise
     w_hat[n, k] = (q[n, k] - 8) * scale[n, k // gs] + zero[n, k // gs]     (fp32, cast to x.dtype)
     y      [M, N] = x @ w_hat.T   accumulated in fp32, returned in x.dtype
@@ -18,12 +18,15 @@ Two paths, picked by M:
   into 8 weights (prmt + lop3 with a magic exponent, then two packed fma: about 2
   instructions per weight, single rounding of ``(q - 8) * s + z`` to x.dtype);
   elsewhere the reference's fp32 formula.
-  "mma" codes (``_dequant_words``): each int32 word unpacks into exactly the bf16x2
-  registers one thread feeds to the m16n8k16 mma, in k order, so one full-depth dot
-  takes x straight from ldmatrix (offline SASS, 16x64x128 tile: 213 instructions
-  per main-loop iteration against 248, 64 registers against 95).
+  "mma" codes, M < 64 (``_dequant_words``): each int32 word unpacks into exactly the
+  bf16x2 registers one thread feeds to the m16n8k16 mma, in k order, so one full-depth
+  dot takes x straight from ldmatrix (Triton >= 3.8, offline SASS, 16x64x128 tile: 213
+  instructions per main-loop iteration against 248, 64 registers against 95; Triton
+  3.6 / 3.7 stage the tile through shared memory and are slower than "plain").
   "plain" codes (``_dequant_tile``): even k live in the low nibbles, so x is split
-  into even/odd columns and two half-depth dots run.
+  into even/odd columns and two half-depth dots run. "mma" codes from M = 64 (wgmma
+  tiles) take this byte path too, with x's columns reordered once per call
+  (``_pair_order``) so that byte j's nibbles meet their k.
   For small M the K loop can be split across programs: each split stores its fp32
   partial sums into its own slice of a workspace and counts itself in on a per-tile
   counter; the last split of a tile adds the slices in a fixed order and stores y
