@@ -27,15 +27,25 @@ import triton
 import triton.language as tl
 
 from lowbit.ops.reference import FP8_DTYPE
-from lowbit.ops.triton._utils import AUTOTUNE, INTERPRET, TUNE_CACHE, cfg, configs, m_bucket, num_sms, tile_counters
+from lowbit.ops.triton._utils import (
+    AUTOTUNE,
+    INTERPRET,
+    MAX_WORKSPACE,
+    TUNE_CACHE,
+    cfg,
+    chunked_dequant_mm,
+    configs,
+    m_bucket,
+    num_sms,
+    split_k_buffers,
+    split_k_reduce,
+)
 
 GEMV_MAX_M = 1
 # W8A16 from this M on: dequantize once per call, then cuBLAS (bench/KERNEL_NOTES.md).
 DEQUANT_MIN_M = 256
 # ... DEQUANT_ROWS weight rows at a time (int4.py measured 4096 best on H100).
 DEQUANT_ROWS = 4096
-# Split-K workspace ([SPLIT_K, M, N] x 4 bytes) never larger than this.
-MAX_WORKSPACE = 64 << 20
 
 
 @triton.autotune(
@@ -179,22 +189,12 @@ def _gemm_kernel(
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     mask = m_ok & (rn[None, :] < N)
-    if SPLIT_K > 1:
-        # raw partial sums into part[pid_k] (int32 bits travel in the fp32 buffer, so the
-        # int8 sum stays exact); the split that counts in last adds the SPLIT_K slices in a
-        # fixed order, applies the scales below and resets the tile's counter
-        p_offs = rm[:, None] * N + rn[None, :]
-        tl.store(part_ptr + pid_k * M * N + p_offs, acc.to(tl.float32, bitcast=True), mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        tile = cnt_ptr + pid
-        arrived = tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu")
-        if arrived != SPLIT_K - 1:
+    if SPLIT_K > 1:  # raw sums (int32 for W8A8: exact); only the split that finishes the tile stores it
+        acc, last = split_k_reduce(
+            acc, part_ptr, cnt_ptr + pid, pid_k, rm[:, None] * N + rn[None, :], mask, M * N, SPLIT_K
+        )
+        if last == 0:  # another split finishes this tile
             return
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_t)
-        for i in tl.static_range(SPLIT_K):  # .cg: read the other SMs' partials from L2
-            part = tl.load(part_ptr + i * M * N + p_offs, mask=mask, other=0.0, cache_modifier=".cg")
-            acc += part.to(acc_t, bitcast=True)
-        tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")
     y = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
     if A_SCALED:
         y = y * tl.load(xs_ptr + rm, mask=rm < M, other=0)[:, None]
@@ -250,18 +250,13 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     int_acc = x.dtype == torch.int8
     mb = m_bucket(m)
     if not a_scaled and m >= DEQUANT_MIN_M and (x.is_cuda or INTERPRET) and x.dtype != torch.float32:
-        # DEQUANT_ROWS weight rows at a time into one reused buffer, each chunk's GEMM written
-        # straight into its columns of y (as int4.py does: a smaller temporary than all of w_hat)
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        rows = min(n, DEQUANT_ROWS)
-        wd = torch.empty(rows, k, device=x.device, dtype=x.dtype)
-        for n0 in range(0, n, rows):
-            r = min(rows, n - n0)
+
+        def fill(n0, r, buf):
             _dequant_kernel[(triton.cdiv(r, 16), triton.cdiv(k, 256))](
-                w[n0:], ws[n0:], wd, r, k, BLOCK_N=16, BLOCK_K=256
+                w[n0:], ws[n0:], buf, r, k, BLOCK_N=16, BLOCK_K=256
             )
-            torch.mm(x, wd[:r].t(), out=y[:, n0 : n0 + r])
-        return y
+
+        return chunked_dequant_mm(x, n, DEQUANT_ROWS, fill)
     if m <= GEMV_MAX_M:
         y = torch.empty(m, n, device=x.device, dtype=out_dtype)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
@@ -276,11 +271,7 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
         fixed = {"SPLIT_K": _split_k(m, n, k, num_sms(x.device))}
         most = fixed["SPLIT_K"]
     y = torch.empty(m, n, device=x.device, dtype=out_dtype)
-    part = torch.empty((most, m, n) if most > 1 else (1,), device=x.device, dtype=torch.float32)
-    if most > 1:
-        cnt = tile_counters(x.device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
-    else:
-        cnt = torch.empty(1, device=x.device, dtype=torch.int32)
+    part, cnt = split_k_buffers(x.device, m, n, most)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     _gemm_kernel[grid](
         x, w, ws, xs_arg, y, part, cnt, m, n, k, mb, x.stride(0), y.stride(0),

@@ -52,12 +52,15 @@ from lowbit.compile import kernel_op, linear_out_fake
 from lowbit.ops.triton._utils import (
     AUTOTUNE,
     INTERPRET,
+    MAX_WORKSPACE,
     TUNE_CACHE,
     cfg,
+    chunked_dequant_mm,
     configs,
     m_bucket,
     num_sms,
-    tile_counters,
+    split_k_buffers,
+    split_k_reduce,
 )
 
 # From this M on the weight is dequantized to x.dtype once per call and cuBLAS runs
@@ -68,8 +71,6 @@ DEQUANT_MIN_M = 256
 # the whole w_hat, and 3-4% faster at M=2048 on N=14336 (H100, bench/int4_explore.py
 # --variants chunked: 0.915x vs 0.88x of bf16).
 DEQUANT_ROWS = 4096
-# Split-K workspace ([SPLIT_K, M, N] fp32 partial sums) never larger than this.
-MAX_WORKSPACE = 64 << 20
 
 
 # ----------------------------------------------------------------------------- dequant (PTX)
@@ -312,26 +313,13 @@ def _gemm_kernel(
             else:
                 acc = tl.dot(xe, tl.trans(lo), acc)
                 acc = tl.dot(xo, tl.trans(hi), acc)
-    offs = rm[:, None] * stride_ym + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K > 1:
-        # Store this split's partial sums, then count it in on the tile's counter (zero at
-        # launch); the split that arrives last adds the SPLIT_K slices in a fixed order
-        # (deterministic), stores y and puts the counter back to zero.
-        ws_offs = rm[:, None] * N + rn[None, :]
-        tl.store(ws_ptr + pid_k * M * N + ws_offs, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the release below
+    if SPLIT_K > 1:  # only the split that finishes the tile goes on
         tile = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
-        arrived = tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for i in tl.static_range(SPLIT_K):  # .cg: read the other SMs' partials from L2
-                acc += tl.load(ws_ptr + i * M * N + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-            # back to zero for the next launch on this stream (the launcher caches the buffer)
-            tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")
-    else:
-        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        acc, last = split_k_reduce(acc, ws_ptr, tile, pid_k, rm[:, None] * N + rn[None, :], mask, M * N, SPLIT_K)
+        if last == 0:  # another split finishes this tile
+            return
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- dequant
@@ -398,7 +386,7 @@ def int4_mm(
     """``x [M, K] @ dequant(qdata, scale, zero).T -> [M, N]`` in x.dtype (see module doc).
 
     ``packing``: the byte order of qdata, ``"plain"`` (``reference.int4_pack``) or
-    ``"mma"`` (``reference.int4_mma_pack``, what CUDA weights use; fewer instructions).
+    ``"mma"`` (``reference.int4_mma_pack``; the opt-in CUDA order, see ``cuda_packing``).
     """
     m, k = x.shape
     n = qdata.shape[0]
@@ -417,20 +405,14 @@ def int4_mm(
     mb = m_bucket(m)
     fp32 = x.dtype == torch.float32
     if (x.is_cuda or INTERPRET) and (m >= DEQUANT_MIN_M and not fp32 or mma and fp32):
-        # DEQUANT_ROWS weight rows at a time into one reused buffer, each chunk's GEMM
-        # written straight into its column slice of y (cuBLAS takes the row stride). fp32
-        # x with "mma" codes comes here at any M: the GEMM's fp32 (FMA) dot needs the
-        # words' registers rearranged and spills (offline SASS: 255 registers + stack).
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        rows = min(n, DEQUANT_ROWS)
-        w = torch.empty(rows, k, device=x.device, dtype=x.dtype)
-        for n0 in range(0, n, rows):
-            r = min(rows, n - n0)
+        # fp32 x with "mma" codes comes here at any M: the GEMM's fp32 (FMA) dot needs the
+        # words' registers rearranged and spills (offline SASS: 255 registers + stack)
+        def fill(n0, r, buf):
             _dequant_kernel[(triton.cdiv(r, 32), k // group_size)](
-                qdata[n0:], scale[n0:], zero[n0:], w, r, k, GS=group_size, MMA=mma, BLOCK_N=32
+                qdata[n0:], scale[n0:], zero[n0:], buf, r, k, GS=group_size, MMA=mma, BLOCK_N=32
             )
-            torch.mm(x, w[:r].t(), out=y[:, n0 : n0 + r])
-        return y
+
+        return chunked_dequant_mm(x, n, DEQUANT_ROWS, fill)
     asm = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and scale.dtype == zero.dtype == x.dtype
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if AUTOTUNE:  # the split is tuned with the tile: room for the largest split it may pick
@@ -439,13 +421,7 @@ def int4_mm(
     else:  # one fixed config: the split comes from the heuristic
         fixed = {"SPLIT_K": _split_k(m, n, k, group_size, num_sms(x.device))}
         most = fixed["SPLIT_K"]
-    # fp32 partial sums and a zeroed int32 counter per output tile (BLOCK_M, BLOCK_N >= 16
-    # in every config); the same dtypes when unused (split 1), so one compile per config
-    ws = torch.empty((most, m, n) if most > 1 else (1,), device=x.device, dtype=torch.float32)
-    if most > 1:
-        cnt = tile_counters(x.device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
-    else:
-        cnt = torch.empty(1, device=x.device, dtype=torch.int32)
+    ws, cnt = split_k_buffers(x.device, m, n, most)
     # "mma" codes: the word path for mma.sync tiles; wgmma tiles (BLOCK_M >= 64, every tile
     # _prune keeps from M bucket 64 on) measured faster on the byte path with x reordered
     words = mma and mb < 64
