@@ -127,7 +127,7 @@ def time_all(d: str, out: str, shapes: str, ms: str) -> None:
     from triton.testing import do_bench_cudagraph
 
     from lowbit.ops import reference as ref
-    from lowbit.ops.triton._utils import tile_counters
+    from lowbit.ops.triton._utils import split_k_buffers
     from lowbit.ops.triton.int4 import _pair_order, int4_mm
 
     meta = json.load(open(os.path.join(d, "index.json")))
@@ -147,8 +147,7 @@ def time_all(d: str, out: str, shapes: str, ms: str) -> None:
         if e["packing"] == "mma" and bm >= 64:  # as the launcher does: the byte path, x reordered
             x = _pair_order(x)
         y = torch.empty(m, n, device="cuda", dtype=x.dtype)
-        ws = torch.empty((split, m, n) if split > 1 else (1,), device="cuda", dtype=torch.float32)
-        cnt = tile_counters(x.device, triton_cdiv(m, 16) * triton_cdiv(n, 16))
+        ws, cnt = split_k_buffers(x.device, m, n, split)
         ptrs = [ctypes.c_uint64(t.data_ptr()) for t in (x, q, s, z, y, ws, cnt)]
         ints = [ctypes.c_int32(v) for v in (m, n, k, m, x.stride(0), y.stride(0), q.stride(0))]
         params = ptrs + ints + [ctypes.c_uint64(0), ctypes.c_uint64(0)]

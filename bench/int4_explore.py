@@ -33,7 +33,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lowbit.ops import reference as ref  # noqa: E402
-from lowbit.ops.triton._utils import tile_counters  # noqa: E402
+from lowbit.ops.triton._utils import chunked_dequant_mm, split_k_buffers  # noqa: E402
 from lowbit.ops.triton.int4 import _dequant_kernel, _gemm_kernel, int4_mm  # noqa: E402
 
 GS = 128
@@ -48,15 +48,14 @@ def chunked(rows: int):
     of writing the whole w_hat to HBM and reading it back."""
 
     def run(x, q, s, z):
-        m, k = x.shape
-        n = q.shape[0]
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        buf = torch.empty(rows, k, device=x.device, dtype=x.dtype)
-        for n0 in range(0, n, rows):
-            r = min(rows, n - n0)
-            _dequant_kernel[(triton.cdiv(r, 32), k // GS)](q[n0:], s[n0:], z[n0:], buf, r, k, GS=GS, BLOCK_N=32)
-            torch.mm(x, buf[:r].t(), out=y[:, n0 : n0 + r])
-        return y
+        k = x.shape[1]
+
+        def fill(n0, r, buf):
+            _dequant_kernel[(triton.cdiv(r, 32), k // GS)](
+                q[n0:], s[n0:], z[n0:], buf, r, k, GS=GS, MMA=False, BLOCK_N=32
+            )
+
+        return chunked_dequant_mm(x, q.shape[0], rows, fill)
 
     return run
 
@@ -71,12 +70,11 @@ def launcher(variant, cfg, split):
         m, k = x.shape
         n = q.shape[0]
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        ws = torch.empty((split, m, n) if split > 1 else (1,), device=x.device, dtype=torch.float32)
-        cnt = tile_counters(x.device, triton.cdiv(m, bm) * triton.cdiv(n, bn))
+        ws, cnt = split_k_buffers(x.device, m, n, split)
         grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
         kern[grid](
             x, q, s, z, y, ws, cnt, m, n, k, m, x.stride(0), y.stride(0), q.stride(0),
-            GS=GS, ASM=asm, DOT_F32=False, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            GS=GS, ASM=asm, DOT_F32=False, MMA=False, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             num_warps=w, num_stages=st,
         )  # fmt: skip
         return y  # split > 1: the last split of each tile reduces in the kernel
