@@ -11,6 +11,10 @@ from lowbit.ops import reference as ref
 from lowbit.ops.backend import resolve
 from lowbit.qtensor.base import QTensor
 
+# Packings that keep each row's bytes in that row (the Triton kernel reads both; row
+# slices are views): name -> (pack codes [N, K], unpack qdata [N, K // 2]).
+ROW_PACKINGS = {"plain": (ref.int4_pack, ref.int4_unpack), "mma": (ref.int4_mma_pack, ref.int4_mma_unpack)}
+
 
 class Int4Tensor(QTensor):
     """Two 4-bit codes per byte, one (scale, zero) pair per group of K.
@@ -51,26 +55,19 @@ class Int4Tensor(QTensor):
     # ------------------------------------------------------------------ packing
     def codes(self) -> torch.Tensor:
         """Unpacked codes [N, K] in [0, 15], whatever the packing."""
-        if self.packing == "plain":
-            return ref.int4_unpack(self.qdata)
-        if self.packing == "mma":
-            return ref.int4_mma_unpack(self.qdata)
+        if self.packing in ROW_PACKINGS:
+            return ROW_PACKINGS[self.packing][1](self.qdata)
         return cpu.int4_cpu_unpack(self.qdata, self.packing)
 
     def repack(self, packing: str) -> Int4Tensor:
         if packing == self.packing:
             return self
-        if packing not in ("plain", "mma") and packing not in cpu.INT4_CPU_LAYOUTS:
+        if packing not in ROW_PACKINGS and packing not in cpu.INT4_CPU_LAYOUTS:
             raise ValueError(
                 f"unknown int4 packing {packing!r}; expected 'plain', 'mma' or one of {list(cpu.INT4_CPU_LAYOUTS)}"
             )
         q = self.codes()
-        if packing == "plain":
-            qdata = ref.int4_pack(q)
-        elif packing == "mma":
-            qdata = ref.int4_mma_pack(q)
-        else:
-            qdata = cpu.int4_cpu_pack(q, packing)
+        qdata = ROW_PACKINGS[packing][0](q) if packing in ROW_PACKINGS else cpu.int4_cpu_pack(q, packing)
         return Int4Tensor(
             qdata,
             self.scale,
@@ -104,16 +101,13 @@ class Int4Tensor(QTensor):
         if backend == "triton":
             from lowbit.ops.triton import int4 as triton_int4
 
-            w = self if self.packing in ("plain", "mma") else self.repack("mma")
+            w = self if self.packing in ROW_PACKINGS else self.repack("mma")
             return triton_int4.int4_mm(x, w.qdata, w.scale, w.zero, self.group_size, w.packing)
         return ref.int4_linear(x, self.repack("plain").qdata, self.scale, self.zero, self.group_size)
 
     # ------------------------------------------------------------------ slicing
     def slice_rows(self, start: int, end: int) -> Int4Tensor:
-        if self.packing in (
-            "plain",
-            "mma",
-        ):  # a view, as for a plain tensor (FSDP writes shards through narrow().copy_())
+        if self.packing in ROW_PACKINGS:  # a view, as for a plain tensor (FSDP writes shards through narrow().copy_())
             return QTensor.slice_rows(self, start, end)
         plain = self.repack("plain")
         out = QTensor.slice_rows(plain, start, end)
@@ -153,6 +147,6 @@ def cuda_packing() -> str:
     H100 with Triton 3.9 code, bench/results/h100-aot39-int4.md), and only Triton >= 3.8
     compiles its word path well; so it is an opt-in for decode-heavy serving."""
     name = os.environ.get("LOWBIT_INT4_CUDA_PACKING", "plain")
-    if name not in ("plain", "mma"):
+    if name not in ROW_PACKINGS:
         raise ValueError(f"LOWBIT_INT4_CUDA_PACKING must be 'plain' or 'mma', got {name!r}")
     return name
