@@ -36,10 +36,12 @@ from lowbit.ops.triton import int4 as int4_mod
 from lowbit.ops.triton.fp8 import fp8_dyn_mm  # noqa: E402
 from lowbit.ops.triton.int4 import int4_mm  # noqa: E402
 from lowbit.ops.triton.int8 import int8_dyn_mm, int8_mm  # noqa: E402
+from lowbit.qtensor.int4 import cuda_packing  # noqa: E402
 
 GS = 128
 BYTES_PER_W = {"bf16": 2.0, "int4": 0.5 + 4 / GS, "int8_wo": 1.0, "int8_dyn": 1.0, "fp8": 1.0}
 SCHEMES = ["int4", "int8_wo", "int8_dyn", "fp8"]
+SHIPPED_INT4 = cuda_packing()
 
 
 def log(*a):
@@ -87,17 +89,20 @@ def device_tag() -> str:
 def lowbit_layers(ws: list[torch.Tensor]) -> dict:
     """Per scheme: (list of per-layer callables x -> y, reference fn on layer 0)."""
     out = {}
-    q4, q4_mma = [], []
+    packed = {"plain": [], "mma": []}
+    q4 = []
     for w in ws:
         s, z = ref.int4_choose_qparams(w, GS, torch.bfloat16)
         q = ref.int4_quantize(w, s, z, GS)
         q4.append((ref.int4_pack(q), s, z))
-        q4_mma.append((ref.int4_mma_pack(q), s, z))
-    # CUDA Int4Tensors hold the "mma" byte order; the plain one is timed with --int4-plain
+        packed["plain"].append(q4[-1])
+        packed["mma"].append((ref.int4_mma_pack(q), s, z))
+    # "lowbit" is the byte order CUDA Int4Tensors get (cuda_packing()); --int4-other times the other
+    other = "mma" if SHIPPED_INT4 == "plain" else "plain"
     out["int4"] = (
-        [lambda x, p=p: int4_mm(x, *p, GS, "mma") for p in q4_mma],
+        [lambda x, p=p: int4_mm(x, *p, GS, SHIPPED_INT4) for p in packed[SHIPPED_INT4]],
         lambda x, p=q4[0]: ref.int4_linear(x, *p, GS),
-        [lambda x, p=p: int4_mm(x, *p, GS, "plain") for p in q4],
+        [lambda x, p=p: int4_mm(x, *p, GS, other) for p in packed[other]],
     )
     q8 = []
     for w in ws:
@@ -176,7 +181,7 @@ ALT = {
 }
 
 
-def bench_shape(k, n, ms, use_ao, rows, explore=False, schemes=SCHEMES, int4_plain=False):
+def bench_shape(k, n, ms, use_ao, rows, explore=False, schemes=SCHEMES, int4_other=False):
     n_layers = max(1, math.ceil(1024**3 / (k * n * 2)))
     g = torch.Generator(device="cuda").manual_seed(k * 7 + n)
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(n_layers)]
@@ -197,8 +202,8 @@ def bench_shape(k, n, ms, use_ao, rows, explore=False, schemes=SCHEMES, int4_pla
             impls = [("lowbit", lb[scheme][0], None)]
             if use_ao:
                 impls.append(("torchao", ao.get(scheme, "not run"), None))
-            if int4_plain and scheme == "int4":
-                impls.append(("lowbit_plain", lb[scheme][2], None))
+            if int4_other and scheme == "int4":
+                impls.append(("lowbit_other", lb[scheme][2], None))
             for mod, attr, val, when in ALT.get(scheme, []) if explore else []:
                 if when(m):
                     impls.append((f"lowbit_{attr}={val}", lb[scheme][0], (mod, attr, val)))
@@ -271,10 +276,11 @@ def markdown(info, ceil, rows) -> str:
                 f"| {r['K']} | {r['N']} | {m} | {r['us']} | {s} | {lb.get('speedup', 'err')} | {aox} | {rate} "
                 f"| {lb.get('sqnr_vs_bf16_db', '-')} | {lb.get('rel_err_vs_ref', '-')} |"
             )
-    plain = [r for r in rows if r["impl"] == "lowbit_plain"]
+    plain = [r for r in rows if r["impl"] == "lowbit_other"]
     if plain:
-        lines += ["", "int4 byte order (`--int4-plain`), speedup over bf16 in the same run:", "",
-                  "| K | N | M | mma (shipped) | plain | torchao |", "|---|---|---|---|---|---|"]  # fmt: skip
+        other = "mma" if SHIPPED_INT4 == "plain" else "plain"
+        lines += ["", "int4 byte order (`--int4-other`), speedup over bf16 in the same run:", "",
+                  f"| K | N | M | {SHIPPED_INT4} (shipped) | {other} | torchao |", "|---|---|---|---|---|---|"]  # fmt: skip
         for r in plain:
             key = (r["K"], r["N"], r["M"])
             mma, ao = idx.get(("lowbit", "int4") + key, {}), idx.get(("torchao", "int4") + key, {})
@@ -323,7 +329,7 @@ def main():
     p.add_argument("--no-torchao", action="store_true")
     p.add_argument("--explore", action="store_true", help="also time lowbit with the M switches moved")
     p.add_argument("--schemes", default=",".join(SCHEMES), help="subset of " + ",".join(SCHEMES))
-    p.add_argument("--int4-plain", action="store_true", help="also time int4 with the plain byte order")
+    p.add_argument("--int4-other", action="store_true", help="also time int4 in the byte order not shipped")
     args = p.parse_args()
     torch.manual_seed(0)
     info = env()
@@ -338,7 +344,7 @@ def main():
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         try:
-            bench_shape(k, n, ms, use_ao, rows, args.explore, args.schemes.split(","), args.int4_plain)
+            bench_shape(k, n, ms, use_ao, rows, args.explore, args.schemes.split(","), args.int4_other)
         except Exception:
             traceback.print_exc()
         with open(os.path.join(args.out, f"{tag}-kernels.json"), "w") as f:

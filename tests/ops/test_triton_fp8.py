@@ -52,7 +52,11 @@ def test_fp8_dyn_mm_matches_reference(m, n, k, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_quantize_rows_fp8_exact(dtype):
+@pytest.mark.parametrize("one_pass_max_k", [128, 32768])  # rows read twice / once
+def test_quantize_rows_fp8_exact(dtype, one_pass_max_k, monkeypatch):
+    import lowbit.ops.triton.quant as quant_mod
+
+    monkeypatch.setattr(quant_mod, "ONE_PASS_MAX_K", one_pass_max_k)
     x = _rand(7, 301, seed=3, dtype=dtype) * 3
     x[2] = 0
     x[4, :5] = torch.tensor([1e-4, -3e-3, 0.5, 2.0**-9, -100.0])  # subnormal range after scaling
@@ -63,11 +67,26 @@ def test_quantize_rows_fp8_exact(dtype):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="large tiles are for the GPU")
-@pytest.mark.parametrize("m", [31, 64, 200, 1000])
+@pytest.mark.parametrize("m", [31, 64, 200, 1000, 2055])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fp8_large_m_cuda(m, dtype):
     _check(m, 4096 + 16, 2048, dtype, m)  # bf16: the _scaled_mm path from M=128
     _check(m, 4096 + 5, 2048 + 3, dtype, m)  # odd shapes: the Triton path
+
+
+@pytest.mark.parametrize("m, n, k", [(256, 45, 80), (300, 70, 96), (261, 33, 50), (255, 40, 64)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fp8_persistent_tma_gemm(m, n, k, dtype, monkeypatch):
+    """From TMA_MIN_M rows with K a multiple of 16 the persistent TMA GEMM runs (tiles
+    zero-filled past M, N, K; more tiles than programs); other shapes the pointer GEMM.
+    fp16/fp32 x keeps torch._scaled_mm out of the way."""
+    import lowbit.ops.triton._w8 as w8_mod
+
+    calls = []
+    real = w8_mod._tma_mm
+    monkeypatch.setattr(w8_mod, "_tma_mm", lambda *a: calls.append(1) or real(*a))
+    _check(m, n, k, dtype, m)
+    assert len(calls) == (m >= w8_mod.TMA_MIN_M and k % 16 == 0)
 
 
 def test_fp8_empty():
@@ -77,12 +96,12 @@ def test_fp8_empty():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="compile and CUDA graphs need a GPU")
-@pytest.mark.parametrize("m", [8, 256])
-def test_fp8_compile_and_cuda_graph(m):
+@pytest.mark.parametrize("m, dtype", [(8, torch.bfloat16), (256, torch.bfloat16), (300, torch.float16)])
+def test_fp8_compile_and_cuda_graph(m, dtype):  # M=256 bf16: torch._scaled_mm; M=300 fp16: the TMA GEMM
     w = _rand(256, 512, seed=0, std=0.02)
     scale = ref.fp8_choose_qparams(w)
     qdata = ref.fp8_quantize(w, scale)
-    x = _rand(m, 512, seed=1, dtype=torch.bfloat16)
+    x = _rand(m, 512, seed=1, dtype=dtype)
     expect = fp8_dyn_mm(x, qdata, scale)
     fn = torch.compile(lambda x: fp8_dyn_mm(x, qdata, scale), fullgraph=True)
     torch.testing.assert_close(fn(x), expect)

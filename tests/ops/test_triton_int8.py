@@ -70,7 +70,11 @@ def test_int8_dyn_mm_matches_reference(m, n, k, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_quantize_rows_int8_exact(dtype):
+@pytest.mark.parametrize("one_pass_max_k", [128, 32768])  # rows read twice / once
+def test_quantize_rows_int8_exact(dtype, one_pass_max_k, monkeypatch):
+    import lowbit.ops.triton.quant as quant_mod
+
+    monkeypatch.setattr(quant_mod, "ONE_PASS_MAX_K", one_pass_max_k)
     x = _rand(7, 301, seed=3, dtype=dtype) * 3
     x[2] = 0  # an all-zero row: scale floors at SCALE_EPS, codes are zero
     xq, xs = quantize_rows(x, torch.int8)

@@ -46,6 +46,8 @@ GEMV_MAX_M = 1
 DEQUANT_MIN_M = 256
 # ... DEQUANT_ROWS weight rows at a time (int4.py measured 4096 best on H100).
 DEQUANT_ROWS = 4096
+# FP8 W8A8 from this M on: the persistent TMA GEMM (sm_90+, K a multiple of 16 for TMA's strides).
+TMA_MIN_M = 256
 
 
 @triton.autotune(
@@ -202,6 +204,45 @@ def _gemm_kernel(
 
 
 @triton.jit
+def _gemm_tma_kernel(
+    x_desc, w_desc, ws_ptr, xs_ptr, y_ptr,
+    M, N, K, stride_ym,
+    DOT_F32: tl.constexpr, NUM_PROGS: tl.constexpr, ACC_PROMOTE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """FP8 W8A8 for large M: NUM_PROGS persistent programs walk the output tiles (grouped
+    along M for L2 reuse); x and w tiles arrive by TMA (zero-filled past M, N, K) and feed
+    wgmma from shared memory. ACC_PROMOTE > 0 adds the tensor core's partial sums into the
+    fp32 accumulator every ACC_PROMOTE products (Triton's ``max_num_imprecise_acc``);
+    0 keeps Triton's sm_90 default (accumulate in the tensor core's reduced precision)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    width = GROUP_M * num_n
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS, flatten=True):
+        first_m = (tile // width) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % width) % size_m
+        pid_n = (tile % width) // size_m
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for ki in range(k_tiles):
+            x = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            if DOT_F32:
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+            elif ACC_PROMOTE > 0:
+                acc = tl.dot(x, tl.trans(w), acc, max_num_imprecise_acc=ACC_PROMOTE)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        y = acc * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
+        y = y * tl.load(xs_ptr + rm, mask=rm < M, other=0)[:, None]
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """w_hat [N, K] = q * s[:, None] in w's dtype."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -212,6 +253,40 @@ def _dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: t
     tl.store(
         w_ptr + rn[:, None] * K + rk[None, :], (q.to(tl.float32) * s[:, None]).to(w_ptr.dtype.element_ty), mask=mask
     )
+
+
+def tma_config(m: int, n: int, k: int, device: torch.device) -> dict:
+    """Tile and launch shape of ``_gemm_tma_kernel``: 128x256 tiles once they fill every SM,
+    else 128x128 (bench/results/h100-w8-large-m.md)."""
+    if INTERPRET:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1, ACC_PROMOTE=0)
+    if triton.cdiv(m, 128) * triton.cdiv(n, 256) >= num_sms(device):
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, ACC_PROMOTE=0)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, ACC_PROMOTE=0)
+
+
+def use_tma(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """FP8 W8A8 with M >= TMA_MIN_M on sm_90+ (or the interpreter) and TMA-legal strides."""
+    m, k = x.shape
+    if w.dtype != FP8_DTYPE or m < TMA_MIN_M or k % 16 or x.data_ptr() % 16 or w.data_ptr() % 16:
+        return False
+    return INTERPRET or (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+def _tma_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = x.shape
+    n = w.shape[0]
+    c = tma_config(m, n, k, x.device)
+    bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    y = torch.empty(m, n, device=x.device, dtype=out_dtype)
+    progs = min(num_sms(x.device), triton.cdiv(m, bm) * triton.cdiv(n, bn))
+    _gemm_tma_kernel[(progs,)](
+        TensorDescriptor(x, [m, k], [k, 1], [bm, bk]), TensorDescriptor(w, [n, k], [k, 1], [bn, bk]),
+        ws, xs, y, m, n, k, y.stride(0), DOT_F32=INTERPRET, NUM_PROGS=progs, **c,
+    )  # fmt: skip
+    return y
 
 
 def _split_k(m: int, n: int, k: int, sms: int) -> int:
@@ -242,10 +317,12 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     if m == 0:
         return torch.empty(0, n, device=x.device, dtype=out_dtype)
     x, w, ws = x.contiguous(), w.contiguous(), ws.contiguous()
+    a_scaled = xs is not None
+    if a_scaled and use_tma(x, w):
+        return _tma_mm(x, w, ws, xs, out_dtype)
     fp8 = w.dtype == FP8_DTYPE
     if fp8:  # fp8 travels as bytes: masked loads need a zero ``other``, which fp8 types refuse
         x, w = x.view(torch.uint8), w.view(torch.uint8)
-    a_scaled = xs is not None
     xs_arg = xs if a_scaled else ws
     int_acc = x.dtype == torch.int8
     mb = m_bucket(m)
