@@ -16,6 +16,8 @@ shared between variants):
 * prefill: one 2048-token forward (logits for the last position only, as
   ``generate`` computes them), median of ``--reps`` after a warm-up;
 * prefill profile (``--profile-prefill``): the top ops of one prefill forward.
+* ``--compile-prefill``: prefill through ``torch.compile`` (default mode) instead of eager,
+  which takes the per-linear host cost of eager dispatch out of the measurement.
 
 Variants: bf16; torchao int4 (tinygemm, g128) and fp8 (dynamic, per row) when
 torchao imports (else from a wheel in ``--wheels``; else skipped); lowbit
@@ -239,17 +241,19 @@ def run_variant(variant, args) -> dict:
             del out
         if args.prefill:
             ids = torch.randint(1, min(vocab, 128000), (1, args.prefill), generator=gen).to(device)
-            model(ids, use_cache=False, logits_to_keep=1)
+            # eager by default (as generate runs it); --compile-prefill: Inductor, no CUDA graphs
+            fwd = torch.compile(model) if args.compile_prefill else model
+            fwd(ids, use_cache=False, logits_to_keep=1)
             times = []
             for _ in range(args.reps):
                 sync(device)
                 t0 = time.perf_counter()
-                model(ids, use_cache=False, logits_to_keep=1)
+                fwd(ids, use_cache=False, logits_to_keep=1)
                 sync(device)
                 times.append(time.perf_counter() - t0)
             res["prefill_tok_s"] = round(args.prefill / statistics.median(times), 1)
             if args.profile_prefill:
-                res["prefill_profile"] = profile_forward(model, ids, device)
+                res["prefill_profile"] = profile_forward(fwd, ids, device)
                 print(f"{variant} prefill profile:\n{res['prefill_profile']}", flush=True)
     return res
 
@@ -334,9 +338,11 @@ def markdown(results, meta) -> str:
         f"End to end on {meta['device']} ({meta['date']}): Llama-3-8B shape with random weights"
         + (f" ({meta['layers']} layers)" if meta.get("layers") else "")
         + f", Transformers {meta['transformers']} "
-        + ("`generate`" if gens else "step loop (compiled forward, no `generate`)")
+        + ("`generate`" if gens else "step loop (compiled forward, no `generate`)" if steps else "prefill only")
         + f", static cache, greedy, {meta['new_tokens']} new tokens; "
-        f"prefill = one {meta['prefill']}-token forward. tok/s is per sequence; x = ratio to bf16 in the same run.",
+        f"prefill = one {meta['prefill']}-token forward"
+        + (" compiled (`torch.compile`, default mode)" if meta.get("prefill_compiled") else " (eager)")
+        + ". tok/s is per sequence; x = ratio to bf16 in the same run.",
         "",
         "| " + " | ".join(head) + " |",
         "|---|" + "---:|" * (len(head) - 1),
@@ -453,6 +459,11 @@ def parse_args(argv=None):
         help="also profile one prefill forward per variant (top ops, printed and saved in the JSON)",
     )
     p.add_argument(
+        "--compile-prefill",
+        action="store_true",
+        help="time prefill through torch.compile (default mode, no CUDA graphs) instead of eager",
+    )
+    p.add_argument(
         "--step-loop",
         action="store_true",
         help="also time greedy decode as a plain loop over the compiled forward (no generate): the model step alone",
@@ -522,6 +533,7 @@ def main(argv=None) -> int:
         layers=args.layers or None,
         new_tokens=args.new_tokens,
         prefill=args.prefill,
+        prefill_compiled=args.compile_prefill,
         batches=args.batches,
         group_size=args.group_size,
     )

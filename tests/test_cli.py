@@ -201,13 +201,19 @@ def test_bench_needs_cuda(capsys):
     assert code == 1 and "needs a CUDA GPU" in err
 
 
-def test_e2e_bench_tiny_on_cpu(tmp_path):
-    """bench/e2e.py --tiny runs every lowbit variant and bf16, writes JSON + markdown, skips torchao on CPU."""
+def _e2e_module():
+    """bench/e2e.py as a module (bench/ is not a package)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import e2e
     finally:
         sys.path.pop(0)
+    return e2e
+
+
+def test_e2e_bench_tiny_on_cpu(tmp_path):
+    """bench/e2e.py --tiny runs every lowbit variant and bf16, writes JSON + markdown, skips torchao on CPU."""
+    e2e = _e2e_module()
     assert (
         e2e.main(
             ["--tiny", "--out", str(tmp_path), "--reps", "1", "--step-loop", "--profile-prefill"]
@@ -229,11 +235,7 @@ def test_e2e_bench_tiny_on_cpu(tmp_path):
 
 def test_e2e_bench_step_loop_only(tmp_path):
     """--no-generate: decode timed by the step loop alone; the table has no generate columns."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import e2e
-    finally:
-        sys.path.pop(0)
+    e2e = _e2e_module()
     argv = ["--tiny", "--out", str(tmp_path), "--reps", "1", "--step-loop", "--no-generate"]
     assert e2e.main(argv + ["--variants", "bf16,lowbit_int4", "--batches", "1"]) == 0
     by = {r["variant"]: r for r in json.loads((tmp_path / "cpu-tiny-e2e.json").read_text())["results"]}
@@ -243,15 +245,23 @@ def test_e2e_bench_step_loop_only(tmp_path):
     assert "b1 step-loop tok/s" in md and "b1 tok/s" not in md and "no `generate`" in md, md
 
 
+def test_e2e_bench_compiled_prefill(tmp_path):
+    """--compile-prefill times prefill through torch.compile (a quantized model compiles) and says so."""
+    e2e = _e2e_module()
+    argv = ["--tiny", "--out", str(tmp_path), "--reps", "1", "--no-generate", "--compile-prefill"]
+    assert e2e.main(argv + ["--variants", "lowbit_w8a8", "--batches", "1"]) == 0
+    data = json.loads((tmp_path / "cpu-tiny-e2e.json").read_text())
+    assert data["meta"]["prefill_compiled"] is True
+    assert data["results"][0]["prefill_tok_s"] > 0, data["results"][0]
+    md = (tmp_path / "cpu-tiny-e2e.md").read_text()
+    assert "compiled (`torch.compile`" in md and "prefill only" in md, md
+
+
 def test_e2e_step_loop_decodes_like_generate():
     """The bench's generate-free decode loop produces generate's greedy tokens (fp32 tiny Llama, batch 2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import e2e
-    finally:
-        sys.path.pop(0)
+    e2e = _e2e_module()
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(LlamaConfig(**e2e.TINY), dtype=torch.float32).eval()
     with torch.no_grad():  # large weights: logits depend on every position, so a slip in the cache shows

@@ -49,6 +49,12 @@ def num_sms(device: torch.device) -> int:
     return 4  # interpreter: small, so CPU tests exercise the split-K path
 
 
+@functools.cache
+def is_sm90_or_newer(device: torch.device) -> bool:
+    """Hopper or newer (wgmma, TMA); cached: the query costs 2-5 us per eager call."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 # (device, stream) -> int32 split-K tile counters, shared by every split-K GEMM (int4, 8-bit):
 # launches on a stream run in order and each leaves its counters at zero. Splits only run
 # for M <= 128, so 65536 counters (16x16 tiles) cover N up to 131072.

@@ -35,6 +35,7 @@ from lowbit.ops.triton._utils import (
     cfg,
     chunked_dequant_mm,
     configs,
+    is_sm90_or_newer,
     m_bucket,
     num_sms,
     split_k_buffers,
@@ -270,7 +271,7 @@ def use_tma(x: torch.Tensor, w: torch.Tensor) -> bool:
     m, k = x.shape
     if w.dtype != FP8_DTYPE or m < TMA_MIN_M or k % 16 or x.data_ptr() % 16 or w.data_ptr() % 16:
         return False
-    return INTERPRET or (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    return INTERPRET or is_sm90_or_newer(x.device)
 
 
 def _tma_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 
 from lowbit.compile import kernel_op, linear_out_fake
 from lowbit.ops.reference import FP8_DTYPE
+from lowbit.ops.triton._utils import is_sm90_or_newer
 from lowbit.ops.triton._w8 import w8_mm
 from lowbit.ops.triton.quant import quantize_rows
 
@@ -43,7 +44,7 @@ def _use_scaled_mm(x: torch.Tensor, n: int) -> bool:
         and m >= SCALED_MM_MIN_M
         and k % 16 == 0
         and n % 16 == 0
-        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        and is_sm90_or_newer(x.device)
     )
 
 
