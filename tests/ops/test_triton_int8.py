@@ -83,6 +83,34 @@ def test_quantize_rows_int8_exact(dtype, one_pass_max_k, monkeypatch):
     assert torch.equal(xq, rq)
 
 
+@settings(deadline=None, max_examples=12)
+@given(
+    k=st.integers(1, 1100),
+    one_pass_max_k=st.sampled_from([128, 512, 32768]),
+    qdtype=st.sampled_from(["int8", "fp8"]),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_quantize_rows_one_and_two_pass_exact_any_k(k, one_pass_max_k, qdtype, dtype, seed):
+    """Rows kept in registers (one read) or read twice, every K (block edges included):
+    scales and codes bit-identical to the reference."""
+    import lowbit.ops.triton.quant as quant_mod
+
+    saved = quant_mod.ONE_PASS_MAX_K
+    quant_mod.ONE_PASS_MAX_K = one_pass_max_k
+    try:
+        x = _rand(3, k, seed=seed, dtype=dtype) * 5
+        if qdtype == "int8":
+            (xq, xs), (rq, rs) = quantize_rows(x, torch.int8), ref.int8_quantize_rows(x)
+        else:
+            (xq, xs), (rq, rs) = quantize_rows(x, ref.FP8_DTYPE), ref.fp8_quantize_rows(x)
+            xq, rq = xq.view(torch.uint8), rq.view(torch.uint8)
+    finally:
+        quant_mod.ONE_PASS_MAX_K = saved
+    assert torch.equal(xs, rs)
+    assert torch.equal(xq, rq)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="large tiles are for the GPU")
 @pytest.mark.parametrize("m", [31, 64, 200, 1000])
 def test_int8_large_m_cuda(m):
