@@ -90,18 +90,16 @@ def lowbit_layers(ws: list[torch.Tensor]) -> dict:
     """Per scheme: (list of per-layer callables x -> y, reference fn on layer 0)."""
     out = {}
     packed = {"plain": [], "mma": []}
-    q4 = []
     for w in ws:
         s, z = ref.int4_choose_qparams(w, GS, torch.bfloat16)
         q = ref.int4_quantize(w, s, z, GS)
-        q4.append((ref.int4_pack(q), s, z))
-        packed["plain"].append(q4[-1])
+        packed["plain"].append((ref.int4_pack(q), s, z))
         packed["mma"].append((ref.int4_mma_pack(q), s, z))
     # "lowbit" is the byte order CUDA Int4Tensors get (cuda_packing()); --int4-other times the other
     other = "mma" if SHIPPED_INT4 == "plain" else "plain"
     out["int4"] = (
         [lambda x, p=p: int4_mm(x, *p, GS, SHIPPED_INT4) for p in packed[SHIPPED_INT4]],
-        lambda x, p=q4[0]: ref.int4_linear(x, *p, GS),
+        lambda x, p=packed["plain"][0]: ref.int4_linear(x, *p, GS),
         [lambda x, p=p: int4_mm(x, *p, GS, other) for p in packed[other]],
     )
     q8 = []

@@ -34,11 +34,11 @@ from lowbit.ops.triton import quant as quant_mod  # noqa: E402
 from lowbit.ops.triton.fp8 import fp8_dyn_mm  # noqa: E402
 from lowbit.ops.triton.int8 import int8_dyn_mm  # noqa: E402
 
-# fp8 TMA tiles: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, ACC_PROMOTE)
+# fp8 TMA tiles: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
 TILES = [
-    (128, 256, 128, 8, 8, 4, 0),
-    (128, 128, 128, 8, 4, 4, 0),
-]  # ACC_PROMOTE=128 cost 25-35% (results/h100-w8-large-m-promote.md)
+    (128, 256, 128, 8, 8, 4),
+    (128, 128, 128, 8, 4, 4),
+]  # exact accumulation (max_num_imprecise_acc=128, commit 10bcb8e) cost 25-35%: results/h100-w8-large-m-promote.md
 
 
 def variants(scheme):
@@ -48,8 +48,7 @@ def variants(scheme):
         out["scaled_mm_exact_acc"] = {(fp8_mod, "SCALED_MM_FAST_ACCUM"): False}
         for t in TILES:
             c = dict(BLOCK_M=t[0], BLOCK_N=t[1], BLOCK_K=t[2], GROUP_M=t[3], num_warps=t[4], num_stages=t[5])
-            c["ACC_PROMOTE"] = t[6]
-            name = "tma_" + "x".join(map(str, t[:3])) + f"_w{t[4]}_s{t[5]}_p{t[6]}"
+            name = "tma_" + "x".join(map(str, t[:3])) + f"_w{t[4]}_s{t[5]}"
             out[name] = {(w8_mod, "tma_config"): lambda *a, c=c: c, (fp8_mod, "SCALED_MM_MIN_M"): 1 << 30}
     return out
 

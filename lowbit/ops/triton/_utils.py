@@ -119,6 +119,16 @@ def split_k_buffers(device: torch.device, m: int, n: int, most: int) -> tuple[to
 
 
 @triton.jit
+def grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """Output tile ``tile`` -> (pid_m, pid_n), walking GROUP_M row-tiles at a time down each
+    column so that consecutive tiles share weight tiles in L2."""
+    width = GROUP_M * num_n
+    first_m = (tile // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % width) % size_m, (tile % width) // size_m
+
+
+@triton.jit
 def split_k_reduce(acc, part_ptr, tile_ptr, pid_k, offs, mask, MN, SPLIT_K: tl.constexpr):
     """One split's share of an in-kernel split-K reduction -> (sum of all splits, last).
 

@@ -35,6 +35,7 @@ from lowbit.ops.triton._utils import (
     cfg,
     chunked_dequant_mm,
     configs,
+    grouped_tile,
     is_sm90_or_newer,
     m_bucket,
     num_sms,
@@ -163,11 +164,7 @@ def _gemm_kernel(
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -208,31 +205,24 @@ def _gemm_kernel(
 def _gemm_tma_kernel(
     x_desc, w_desc, ws_ptr, xs_ptr, y_ptr,
     M, N, K, stride_ym,
-    DOT_F32: tl.constexpr, NUM_PROGS: tl.constexpr, ACC_PROMOTE: tl.constexpr,
+    DOT_F32: tl.constexpr, NUM_PROGS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """FP8 W8A8 for large M: NUM_PROGS persistent programs walk the output tiles (grouped
     along M for L2 reuse); x and w tiles arrive by TMA (zero-filled past M, N, K) and feed
-    wgmma from shared memory. ACC_PROMOTE > 0 adds the tensor core's partial sums into the
-    fp32 accumulator every ACC_PROMOTE products (Triton's ``max_num_imprecise_acc``);
-    0 keeps Triton's sm_90 default (accumulate in the tensor core's reduced precision)."""
+    wgmma from shared memory, accumulating as Triton does on sm_90 (each wgmma in the tensor
+    core's reduced precision; exact promotion cost 25-35%, bench/KERNEL_NOTES.md)."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    width = GROUP_M * num_n
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS, flatten=True):
-        first_m = (tile // width) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % width) % size_m
-        pid_n = (tile % width) // size_m
+        pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for ki in range(k_tiles):
             x = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
             w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
             if DOT_F32:
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-            elif ACC_PROMOTE > 0:
-                acc = tl.dot(x, tl.trans(w), acc, max_num_imprecise_acc=ACC_PROMOTE)
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -260,10 +250,10 @@ def tma_config(m: int, n: int, k: int, device: torch.device) -> dict:
     """Tile and launch shape of ``_gemm_tma_kernel``: 128x256 tiles once they fill every SM,
     else 128x128 (bench/results/h100-w8-large-m.md)."""
     if INTERPRET:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1, ACC_PROMOTE=0)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
     if triton.cdiv(m, 128) * triton.cdiv(n, 256) >= num_sms(device):
-        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, ACC_PROMOTE=0)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, ACC_PROMOTE=0)
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
 
 
 def use_tma(x: torch.Tensor, w: torch.Tensor) -> bool:
