@@ -175,7 +175,12 @@ ALT = {
     "int4": [
         (int4_mod, "DEQUANT_MIN_M", 1 << 30, lambda m: m >= 128),
     ],
-    "int8_wo": [(w8_mod, "GEMV_MAX_M", 0, lambda m: m <= 8), (w8_mod, "DEQUANT_MIN_M", 1 << 30, lambda m: m >= 128)],
+    "int8_wo": [
+        (w8_mod, "GEMV_MAX_M", 0, lambda m: m <= 8),
+        (w8_mod, "DEQUANT_MIN_M", 1 << 30, lambda m: m >= 128),
+        (w8_mod, "GEMV_CVT", "i2f", lambda m: m <= w8_mod.GEMV_MAX_M),
+        (w8_mod, "GEMV_CVT", "alu", lambda m: m <= w8_mod.GEMV_MAX_M),
+    ],
 }
 
 

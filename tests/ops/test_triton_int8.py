@@ -205,3 +205,67 @@ def test_w8_gemm_autotune_space_respects_the_kernel_contract(m, k, n):
         if split > 1:
             assert mb <= 128 and k // (split * c.kwargs["BLOCK_K"]) >= 2, (c.kwargs, mb, k)
             assert split * m * n * 4 <= w8_mod.MAX_WORKSPACE, (c.kwargs, m, n)
+
+
+@pytest.mark.parametrize("m, n, k", [(256, 45, 80), (300, 70, 96), (261, 33, 50)])
+def test_int8_persistent_tma_gemm(m, n, k, monkeypatch):
+    """W8A8 int8 through the persistent TMA GEMM (int32 accumulation; not the shipped
+    route, bench variants use it); K not a multiple of 16 falls back to the pointer GEMM."""
+    import lowbit.ops.triton._w8 as w8_mod
+
+    monkeypatch.setattr(w8_mod, "TMA_DTYPES", (torch.int8,))
+    calls = []
+    real = w8_mod._tma_mm
+    monkeypatch.setattr(w8_mod, "_tma_mm", lambda *a: calls.append(1) or real(*a))
+    for dtype in (torch.bfloat16, torch.float16):
+        _check_dyn(m, n, k, dtype, m)
+    assert len(calls) == 2 * (k % 16 == 0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="inline PTX runs on the GPU only")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, k", [(37, 301), (4096 + 5, 1024 + 8)])
+def test_w8a16_gemv_alu_int8_conversion_is_exact(n, k, dtype, monkeypatch):
+    """The GEMV's int8 -> fp32 by byte permute and subtract gives the same bits as the
+    hardware conversion, for every code -127..127 (and -128, which the format never
+    holds), and matches the reference."""
+    import lowbit.ops.triton._w8 as w8_mod
+
+    qdata = torch.randint(-128, 128, (n, k), generator=torch.Generator().manual_seed(n), dtype=torch.int8)
+    qdata[0, :256] = torch.arange(-128, 128, dtype=torch.int8)
+    qdata = qdata.to(DEVICE)
+    scale = (torch.rand(n, generator=torch.Generator().manual_seed(k)) * 0.01 + 1e-3).to(DEVICE, dtype)
+    x = _rand(1, k, seed=k, dtype=dtype)
+    out = {}
+    for mode in ("alu", "i2f"):
+        monkeypatch.setattr(w8_mod, "GEMV_CVT", mode)
+        out[mode] = int8_mm(x, qdata, scale)
+    if not w8_mod.AUTOTUNE:  # the same tile for both: the same sums in the same order
+        assert torch.equal(out["alu"], out["i2f"])
+    assert _rel(out["alu"], ref.int8_weight_only_linear(x, qdata, scale)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+@pytest.mark.parametrize("autotune", [False, True])
+def test_gemv_conversion_choice(interpret, autotune, monkeypatch):
+    """The GEMV's ALU int8 conversion (inline PTX) is offered for W8A16 on the GPU only,
+    never for W8A8 / fp8 or under the interpreter; GEMV_CVT "alu" / "i2f" force one
+    kind, "tuned" leaves both to the autotuner; one config when autotuning is off."""
+    import lowbit.ops.triton._w8 as w8_mod
+    from lowbit.ops.triton._utils import cfg
+
+    monkeypatch.setattr(w8_mod, "INTERPRET", interpret)
+    monkeypatch.setattr(w8_mod, "AUTOTUNE", autotune)
+    space = [cfg(BLOCK_N=bn, BLOCK_K=256, ALU_CVT=alu) for bn in (4, 8) for alu in (False, True)]
+    for mode, code in w8_mod._CVT_MODES.items():
+        for a_scaled in (False, True):
+            kept = w8_mod._gemv_prune(space, dict(CVT_MODE=code, A_SCALED=a_scaled))
+            alu = {c.kwargs["ALU_CVT"] for c in kept}
+            no_alu = a_scaled or interpret or mode == "i2f"
+            assert len(kept) == (1 if not autotune else 4 if mode == "tuned" and not no_alu else 2)
+            if a_scaled or interpret or mode == "i2f":
+                assert alu == {False}
+            elif mode == "alu":
+                assert alu == {True}
+            elif autotune:
+                assert alu == {False, True}

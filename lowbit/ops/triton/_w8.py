@@ -48,36 +48,77 @@ GEMV_MAX_M = 1
 DEQUANT_MIN_M = 256
 # ... DEQUANT_ROWS weight rows at a time (int4.py measured 4096 best on H100).
 DEQUANT_ROWS = 4096
-# FP8 W8A8 from this M on: the persistent TMA GEMM (sm_90+, K a multiple of 16 for TMA's strides).
+# W8A8 from this M on: the persistent TMA GEMM (sm_90+, K a multiple of 16 for TMA's strides),
+# for these weight dtypes (int8 ties the autotuned pointer GEMM, bench/KERNEL_NOTES.md).
 TMA_MIN_M = 256
+TMA_DTYPES = (FP8_DTYPE,)
+# W8A16 GEMV int8 -> fp32: "tuned" lets the autotuner pick per shape between I2F (a quarter
+# of the FMA rate on sm_90) and a byte permute + subtract on the ALU pipes (each wins on
+# some shapes, bench/KERNEL_NOTES.md); "alu" / "i2f" force one. The interpreter runs I2F.
+GEMV_CVT = "tuned"
+_CVT_MODES = {"tuned": 0, "alu": 1, "i2f": 2}
+
+# byte b of $4 (int8 q) -> fp32 bits 0x4B0000uu with uu = q + 128 (flip the sign bit), i.e.
+# 2**23 + q + 128; minus 2**23 + 128 it is q, exactly. Four weights per 32-bit register.
+_I8_TO_F32_PTX = tl.constexpr(
+    "{ .reg .b32 t; xor.b32 t, $4, 0x80808080;\n"
+    + "\n".join(f"prmt.b32 ${i}, t, 0x4B000000, 0x754{i}; sub.f32 ${i}, ${i}, 0f4B000080;" for i in range(4))
+    + "}"
+)
+
+
+@triton.jit
+def _i8_to_f32(q):
+    """int8 -> fp32 on the ALU pipes (PRMT + FADD per weight) instead of I2F."""
+    return tl.inline_asm_elementwise(_I8_TO_F32_PTX, "=r,=r,=r,=r,r", [q], dtype=tl.float32, is_pure=True, pack=4)
+
+
+def _gemv_prune(configs_, named_args, **kwargs):
+    """The ALU int8 conversion only for W8A16 (int8 weight, float x) on the GPU, as GEMV_CVT
+    allows; one config when autotuning is off."""
+    a = {**named_args, **kwargs}
+    mode = a["CVT_MODE"]
+    alu_ok = not INTERPRET and not a["A_SCALED"] and mode != _CVT_MODES["i2f"]
+    out = [c for c in configs_ if alu_ok or not c.kwargs["ALU_CVT"]]
+    if alu_ok and mode == _CVT_MODES["alu"]:
+        out = [c for c in out if c.kwargs["ALU_CVT"]]
+    return out if AUTOTUNE else out[:1]
+
+
+# (BLOCK_N, BLOCK_K, warps, stages)
+_GEMV_TILES = [
+    (2, 1024, 4, 2),
+    (2, 2048, 4, 2),
+    (4, 1024, 4, 2),
+    (4, 2048, 8, 2),
+    (8, 512, 4, 2),
+    (8, 512, 4, 3),
+    (8, 1024, 8, 2),
+    (16, 256, 4, 2),
+    (16, 512, 8, 2),
+    (32, 256, 8, 2),
+]
 
 
 @triton.autotune(
-    configs=configs(
-        [
-            cfg(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
-            for bn, bk, w, s in [
-                (4, 1024, 4, 2),
-                (8, 512, 4, 2),
-                (8, 1024, 8, 2),
-                (16, 256, 4, 2),
-                (16, 512, 8, 2),
-                (32, 256, 8, 2),
-            ]
-        ],
-        cfg(BLOCK_N=4, BLOCK_K=128, num_warps=4, num_stages=1),
-    ),
-    key=["m_bucket", "N", "K", "A_SCALED"],
+    configs=[
+        cfg(BLOCK_N=bn, BLOCK_K=bk, ALU_CVT=alu, num_warps=w, num_stages=s)
+        for bn, bk, w, s in (_GEMV_TILES if AUTOTUNE else [(4, 128, 4, 1)])
+        for alu in (False, True)
+    ],
+    key=["m_bucket", "N", "K", "A_SCALED", "CVT_MODE"],
+    prune_configs_by={"early_config_prune": _gemv_prune},
     **TUNE_CACHE,
 )
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr,
-    M, N, K, m_bucket,
+    M, N, K, m_bucket, CVT_MODE,
     stride_xm, stride_ym,
     A_SCALED: tl.constexpr, INT_ACC: tl.constexpr, FP8: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALU_CVT: tl.constexpr,
 ):  # fmt: skip
+    # CVT_MODE (GEMV_CVT) only keys the autotuner; ALU_CVT: the ALU int8 -> fp32 (``_i8_to_f32``)
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -92,7 +133,10 @@ def _gemv_kernel(
         if FP8:
             w = w.to(tl.float8e4nv, bitcast=True)
             x = x.to(tl.float8e4nv, bitcast=True)
-        acc += w.to(acc_t) * x.to(acc_t)[None, :]
+        if ALU_CVT:
+            acc += _i8_to_f32(w) * x.to(acc_t)[None, :]
+        else:
+            acc += w.to(acc_t) * x.to(acc_t)[None, :]
     y = tl.sum(acc, axis=1).to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)
     if A_SCALED:
         y = y * tl.load(xs_ptr + m)
@@ -205,29 +249,31 @@ def _gemm_kernel(
 def _gemm_tma_kernel(
     x_desc, w_desc, ws_ptr, xs_ptr, y_ptr,
     M, N, K, stride_ym,
-    DOT_F32: tl.constexpr, NUM_PROGS: tl.constexpr,
+    INT_ACC: tl.constexpr, DOT_F32: tl.constexpr, NUM_PROGS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """FP8 W8A8 for large M: NUM_PROGS persistent programs walk the output tiles (grouped
-    along M for L2 reuse); x and w tiles arrive by TMA (zero-filled past M, N, K) and feed
-    wgmma from shared memory, accumulating as Triton does on sm_90 (each wgmma in the tensor
-    core's reduced precision; exact promotion cost 25-35%, bench/KERNEL_NOTES.md)."""
+    """W8A8 for large M: NUM_PROGS persistent programs walk the output tiles (grouped along
+    M for L2 reuse); x and w tiles arrive by TMA (zero-filled past M, N, K) and feed wgmma
+    from shared memory. int8 accumulates in exact int32, fp8 as Triton does on sm_90 (each
+    wgmma in the tensor core's reduced precision; exact promotion cost 25-35%,
+    bench/KERNEL_NOTES.md)."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
+    acc_t: tl.constexpr = tl.int32 if (INT_ACC and not DOT_F32) else tl.float32
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS, flatten=True):
         pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_t)
         for ki in range(k_tiles):
             x = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
             w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
             if DOT_F32:
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
             else:
-                acc = tl.dot(x, tl.trans(w), acc)
+                acc = tl.dot(x, tl.trans(w), acc, out_dtype=acc_t)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        y = acc * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
+        y = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
         y = y * tl.load(xs_ptr + rm, mask=rm < M, other=0)[:, None]
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -257,9 +303,9 @@ def tma_config(m: int, n: int, k: int, device: torch.device) -> dict:
 
 
 def use_tma(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """FP8 W8A8 with M >= TMA_MIN_M on sm_90+ (or the interpreter) and TMA-legal strides."""
+    """W8A8 in TMA_DTYPES with M >= TMA_MIN_M on sm_90+ (or the interpreter) and TMA-legal strides."""
     m, k = x.shape
-    if w.dtype != FP8_DTYPE or m < TMA_MIN_M or k % 16 or x.data_ptr() % 16 or w.data_ptr() % 16:
+    if w.dtype not in TMA_DTYPES or m < TMA_MIN_M or k % 16 or x.data_ptr() % 16 or w.data_ptr() % 16:
         return False
     return INTERPRET or is_sm90_or_newer(x.device)
 
@@ -275,7 +321,7 @@ def _tma_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     progs = min(num_sms(x.device), triton.cdiv(m, bm) * triton.cdiv(n, bn))
     _gemm_tma_kernel[(progs,)](
         TensorDescriptor(x, [m, k], [k, 1], [bm, bk]), TensorDescriptor(w, [n, k], [k, 1], [bn, bk]),
-        ws, xs, y, m, n, k, y.stride(0), DOT_F32=INTERPRET, NUM_PROGS=progs, **c,
+        ws, xs, y, m, n, k, y.stride(0), INT_ACC=x.dtype == torch.int8, DOT_F32=INTERPRET, NUM_PROGS=progs, **c,
     )  # fmt: skip
     return y
 
@@ -329,8 +375,9 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
         y = torch.empty(m, n, device=x.device, dtype=out_dtype)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
         _gemv_kernel[grid](
-            x, w, ws, xs_arg, y, m, n, k, mb, x.stride(0), y.stride(0), A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8
-        )
+            x, w, ws, xs_arg, y, m, n, k, mb, _CVT_MODES[GEMV_CVT], x.stride(0), y.stride(0),
+            A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8,
+        )  # fmt: skip
         return y
     if AUTOTUNE:  # the split is tuned with the tile: room for the largest split it may pick
         fixed = {}
