@@ -6,7 +6,10 @@
   layout is detected once by packing a probe with aten and comparing it with
   the candidates below. Packing in pure torch (rather than calling aten's
   converter, ~20x slower than a matmul) lets us unpack exactly as well.
-* int8 weight-only: ``aten._weight_int8pack_mm``.
+* int8 weight-only: ``aten._weight_int8pack_mm``. Its bf16 kernel needs K % 8 == 0:
+  other K read past the rows (wrong results at M = 1, a segfault at M > 1; torch
+  2.11 and 2.13, AVX2 and AMX machines, ``bench/cpu_kernel_probe.py``), so bf16
+  activations with such K run the fp32 kernel and round once at the end.
 * W8A8: ``torch._int_mm`` (int8 x int8 -> int32) after per-token quantization.
 
 Each entry point is an opaque custom op (``lowbit.compile.kernel_op``). The
@@ -161,7 +164,15 @@ def int4_mm(
 @kernel_op("int8_mm_cpu", fake=linear_out_fake)
 def int8_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """W8A16: x [M, K] @ (qdata * scale).T."""
+    if not int8pack_ok(x.dtype, x.shape[-1]):
+        return aten._weight_int8pack_mm(x.float(), qdata, scale.float()).to(x.dtype)
     return aten._weight_int8pack_mm(x, qdata, scale.to(x.dtype))
+
+
+def int8pack_ok(dtype: torch.dtype, k: int) -> bool:
+    """Whether ``aten._weight_int8pack_mm`` computes [M, K] activations of ``dtype`` correctly:
+    its bf16 kernel needs K % 8 == 0 (module docstring); fp16 and fp32 take any K."""
+    return dtype != torch.bfloat16 or k % 8 == 0
 
 
 @kernel_op("int8_dyn_mm_cpu", fake=linear_out_fake)
@@ -180,7 +191,10 @@ def int8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> to
         y = torch._int_mm(xq, qdata.t()).float() * scale.float()
     else:
         codes, xs = int8_rows_as_float(x)
-        y = aten._weight_int8pack_mm(codes.to(torch.bfloat16), qdata, scale.to(torch.bfloat16)).float()
+        if int8pack_ok(torch.bfloat16, codes.shape[-1]):
+            y = aten._weight_int8pack_mm(codes.to(torch.bfloat16), qdata, scale.to(torch.bfloat16)).float()
+        else:  # the fp32 kernel on the same exact codes (fp32 scale, no bf16 operand rounding)
+            y = aten._weight_int8pack_mm(codes, qdata, scale.float())
     return (y * xs.unsqueeze(-1)).to(x.dtype)
 
 
@@ -194,5 +208,6 @@ def int8_rows_as_float(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with x converted once and no int8 round trip: eager CPU pays ~3-5 us per op.
     """
     xf = x.float()
-    xs = (xf.abs().amax(dim=-1) / _QMAX).clamp_min(ref.SCALE_EPS)
-    return torch.round(xf / xs.unsqueeze(-1)).clamp_(-127, 127), xs
+    amax = xf.abs().amax(dim=-1)
+    xs = torch.where(torch.isfinite(amax), (amax / _QMAX).clamp_min(ref.SCALE_EPS), torch.nan)
+    return torch.round(xf / xs.unsqueeze(-1)).clamp_(-127, 127).nan_to_num_(0.0), xs

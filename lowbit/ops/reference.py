@@ -34,6 +34,11 @@ fp8 values accumulated in fp32 or better, then rescaled.
 
 Scales are floored at ``SCALE_EPS`` (a power of two, exact in fp16/bf16/fp32)
 so an all-zero row or group dequantizes to exact zeros, never NaN.
+
+A row holding a NaN or an infinity has no scale: its symmetric scale is NaN and its
+codes are 0. Weights never get there (``quantize_`` rejects non-finite weights); an
+activation row (token) that does makes its W8A8 / fp8 output row all NaN, as a NaN
+input makes a NaN output in ``F.linear``, where a finite scale would quietly clamp it.
 """
 
 from __future__ import annotations
@@ -149,12 +154,17 @@ def int4_linear(x, qdata, scale, zero, group_size: int, bias=None):
 def int8_choose_qparams(w: torch.Tensor, qparam_dtype: torch.dtype) -> torch.Tensor:
     """Symmetric scale per row of ``w`` [N, K] (or per token of an activation)."""
     amax = w.float().abs().amax(dim=-1)
-    return _round_up(_div(amax, 127.0).clamp_min(SCALE_EPS), qparam_dtype)
+    return _round_up(_no_scale_if_nonfinite(_div(amax, 127.0).clamp_min(SCALE_EPS), amax), qparam_dtype)
+
+
+def _no_scale_if_nonfinite(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """NaN for rows whose amax is NaN or infinite (see the module docstring)."""
+    return torch.where(torch.isfinite(amax), scale, torch.nan)
 
 
 def int8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     q = torch.round(w.float() / scale.float().unsqueeze(-1))
-    return q.clamp_(-127, 127).to(torch.int8)
+    return q.clamp_(-127, 127).nan_to_num_(0.0).to(torch.int8)  # NaN: rows without a scale
 
 
 def int8_dequantize(qdata, scale, dtype: torch.dtype) -> torch.Tensor:
@@ -183,11 +193,12 @@ def int8_dynamic_linear(x, qdata, scale, bias=None):
 # --------------------------------------------------------------------------- fp8
 def fp8_choose_qparams(w: torch.Tensor) -> torch.Tensor:
     amax = w.float().abs().amax(dim=-1)
-    return _div(amax, FP8_MAX).clamp_min(SCALE_EPS)
+    return _no_scale_if_nonfinite(_div(amax, FP8_MAX).clamp_min(SCALE_EPS), amax)
 
 
 def fp8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (w.float() / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    v = (w.float() / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX)
+    return v.nan_to_num_(0.0).to(FP8_DTYPE)  # NaN: rows without a scale
 
 
 def fp8_dequantize(qdata, scale, dtype: torch.dtype) -> torch.Tensor:

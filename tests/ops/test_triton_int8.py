@@ -89,17 +89,21 @@ def test_quantize_rows_int8_exact(dtype, one_pass_max_k, monkeypatch):
     one_pass_max_k=st.sampled_from([128, 512, 32768]),
     qdtype=st.sampled_from(["int8", "fp8"]),
     dtype=st.sampled_from(DTYPES),
+    bad=st.sampled_from([None, float("nan"), float("inf"), -float("inf")]),
     seed=st.integers(0, 2**16),
 )
-def test_quantize_rows_one_and_two_pass_exact_any_k(k, one_pass_max_k, qdtype, dtype, seed):
+def test_quantize_rows_one_and_two_pass_exact_any_k(k, one_pass_max_k, qdtype, dtype, bad, seed):
     """Rows kept in registers (one read) or read twice, every K (block edges included):
-    scales and codes bit-identical to the reference."""
+    scales and codes bit-identical to the reference, also for a row holding a NaN or an
+    infinity (NaN scale, zero codes)."""
     import lowbit.ops.triton.quant as quant_mod
 
     saved = quant_mod.ONE_PASS_MAX_K
     quant_mod.ONE_PASS_MAX_K = one_pass_max_k
     try:
         x = _rand(3, k, seed=seed, dtype=dtype) * 5
+        if bad is not None:
+            x[1, seed % k] = bad
         if qdtype == "int8":
             (xq, xs), (rq, rs) = quantize_rows(x, torch.int8), ref.int8_quantize_rows(x)
         else:
@@ -107,7 +111,8 @@ def test_quantize_rows_one_and_two_pass_exact_any_k(k, one_pass_max_k, qdtype, d
             xq, rq = xq.view(torch.uint8), rq.view(torch.uint8)
     finally:
         quant_mod.ONE_PASS_MAX_K = saved
-    assert torch.equal(xs, rs)
+    assert torch.equal(xs.isnan(), rs.isnan()) and (bad is None) != bool(xs[1].isnan())
+    assert torch.equal(xs.nan_to_num(), rs.nan_to_num())
     assert torch.equal(xq, rq)
 
 
@@ -269,3 +274,34 @@ def test_gemv_conversion_choice(interpret, autotune, monkeypatch):
                 assert alu == {True}
             elif autotune:
                 assert alu == {False, True}
+
+
+@pytest.mark.parametrize("m", [1, 5, 300])  # the GEMV, the split-K GEMM, the large-M path
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_nonfinite_activation_rows_give_nan_rows(scheme, m, dtype):
+    """W8A8 int8 and fp8: a token holding a NaN or an infinity makes its whole output row
+    NaN, as in the reference (on the GPU through every path: GEMV, split-K GEMM, the int8
+    large-M GEMM, ``_scaled_mm`` and the TMA GEMM for fp8); the other rows are untouched."""
+    if scheme == "fp8" and DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs sm_89+")
+    from lowbit.ops.triton.fp8 import fp8_dyn_mm
+
+    w = _rand(48, 96, seed=1, std=0.02)
+    if scheme == "int8":
+        scale = ref.int8_choose_qparams(w, torch.float32)
+        qdata, op, spec = ref.int8_quantize(w, scale), int8_dyn_mm, ref.int8_dynamic_linear
+    else:
+        scale = ref.fp8_choose_qparams(w)
+        qdata, op, spec = ref.fp8_quantize(w, scale), fp8_dyn_mm, ref.fp8_dynamic_linear
+    x = _rand(m, 96, seed=2, dtype=dtype)
+    bad_rows = {0: float("nan"), m // 2 + 1: float("inf"), m - 1: -float("inf")} if m > 2 else {0: float("nan")}
+    for r, v in bad_rows.items():
+        x[r, 7 + r % 50] = v
+    out, expect = op(x, qdata, scale), spec(x, qdata, scale)
+    bad = torch.zeros(m, dtype=torch.bool, device=DEVICE)
+    bad[list(bad_rows)] = True
+    assert out[bad].isnan().all() and expect[bad].isnan().all()
+    assert not out[~bad].isnan().any()
+    if (~bad).any():
+        assert _rel(out[~bad], expect[~bad]) < TOL[dtype]

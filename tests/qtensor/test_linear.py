@@ -184,3 +184,24 @@ def test_int4_cuda_packing_is_an_opt_in(monkeypatch):
     monkeypatch.setenv("LOWBIT_INT4_CUDA_PACKING", "tile")
     with pytest.raises(ValueError, match="LOWBIT_INT4_CUDA_PACKING must be 'plain' or 'mma', got 'tile'"):
         cuda_packing()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_nonfinite_activation_rows_stay_nonfinite(fmt, backend):
+    """A token holding a NaN or an infinity never comes out as finite numbers: its output
+    row is NaN for the dynamic-activation formats (no scale represents it) and follows
+    F.linear's own arithmetic for the weight-only ones; the other rows are unchanged."""
+    torch.manual_seed(0)
+    w = torch.randn(24, 64) * 0.02
+    qw = make(fmt, w)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    clean = x.clone()
+    x[0, 3], x[2, 60] = float("nan"), float("inf")
+    with lowbit.use_backend(backend):
+        out, out_clean = F.linear(x, qw), F.linear(clean, qw)
+    for r in (0, 2):
+        assert not out[r].isfinite().any(), (fmt, backend, r)
+    if fmt in ("w8a8", "fp8"):
+        assert out[[0, 2]].isnan().all()
+    assert torch.equal(out[[1, 3]], out_clean[[1, 3]])

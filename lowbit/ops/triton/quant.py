@@ -8,7 +8,9 @@ Shapes and math (the spec is ``reference.int8_quantize_rows`` / ``fp8_quantize_r
     returns (xq [M, K] int8 or float8_e4m3fn, xs [M] fp32)
 
 One program per row finds the row's amax, then divides with IEEE round-to-nearest
-(``tl.div_rn``, as torch does) and stores. Rows up to ONE_PASS_MAX_K elements stay
+(``tl.div_rn``, as torch does) and stores. A row holding a NaN or an infinity gets a
+NaN scale and zero codes (the reference's rule: its output row is NaN); ``tl.max``
+alone would skip a NaN and quantize the row with a finite scale. Rows up to ONE_PASS_MAX_K elements stay
 in registers between the two steps (x is read once); longer rows are read twice
 (the second time from L2).
 """
@@ -41,6 +43,21 @@ def _quantize(x, scale, QMAX: tl.constexpr, IS_INT: tl.constexpr):
 
 
 @triton.jit
+def _row_scale(amax, poison, QMAX: tl.constexpr, EPS: tl.constexpr):
+    """max(amax / QMAX, EPS), or NaN when ``poison`` (the row's sum of x * 0) is not 0,
+    i.e. the row holds a NaN or an infinity. IEEE division: Triton's fp32 ``/`` is the
+    approximate one on the GPU (bits differ from torch)."""
+    scale = tl.maximum(tl.div_rn(amax, QMAX), EPS)
+    return tl.where(poison == 0.0, scale, float("nan"))
+
+
+@triton.jit
+def _codes(x, scale, QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    """``_quantize``, with zeros for a row without a scale."""
+    return tl.where(scale == scale, _quantize(x, scale, QMAX, IS_INT), 0.0)
+
+
+@triton.jit
 def _kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, QMAX: tl.constexpr, IS_INT: tl.constexpr,
             EPS: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):  # fmt: skip
     m = tl.program_id(0)
@@ -49,21 +66,22 @@ def _kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, QMAX: tl.constexpr, IS
     q_row = q_ptr + m * stride_qm
     if ONE_PASS:  # BLOCK_K >= K: the row stays in registers
         x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), QMAX), EPS)
+        scale = _row_scale(tl.max(tl.abs(x), axis=0), tl.sum(x * 0.0, axis=0), QMAX, EPS)
         tl.store(s_ptr + m, scale)
-        tl.store(q_row + rk, _quantize(x, scale, QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=rk < K)
+        tl.store(q_row + rk, _codes(x, scale, QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=rk < K)
     else:
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        poison = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        # IEEE division: Triton's fp32 ``/`` is the approximate one on the GPU (bits differ from torch)
-        scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), QMAX), EPS)
+            poison += x * 0.0
+        scale = _row_scale(tl.max(amax, axis=0), tl.sum(poison, axis=0), QMAX, EPS)
         tl.store(s_ptr + m, scale)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + rk < K
             x = tl.load(x_row + k0 + rk, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_row + k0 + rk, _quantize(x, scale, QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
+            tl.store(q_row + k0 + rk, _codes(x, scale, QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def quantize_rows(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
