@@ -6,10 +6,11 @@
   layout is detected once by packing a probe with aten and comparing it with
   the candidates below. Packing in pure torch (rather than calling aten's
   converter, ~20x slower than a matmul) lets us unpack exactly as well.
-* int8 weight-only: ``aten._weight_int8pack_mm``. Its bf16 kernel needs K % 8 == 0:
-  other K read past the rows (wrong results at M = 1, a segfault at M > 1; torch
-  2.11 and 2.13, AVX2 and AMX machines, ``bench/cpu_kernel_probe.py``), so bf16
-  activations with such K run the fp32 kernel and round once at the end.
+* int8 weight-only: ``aten._weight_int8pack_mm``. Its bf16 kernel has no K tail: K
+  not a multiple of the vector width reads past the rows (wrong results at M = 1, a
+  segfault at M > 1; K % 8 != 0 on AVX2 with torch 2.13, K = 8, 24, ... too on AVX-512
+  with torch 2.11, ``bench/cpu_kernel_probe.py``), so bf16 activations run it only for
+  K % 32 == 0 and otherwise take the fp32 kernel and round once at the end.
 * W8A8: ``torch._int_mm`` (int8 x int8 -> int32) after per-token quantization.
 
 Each entry point is an opaque custom op (``lowbit.compile.kernel_op``). The
@@ -171,27 +172,31 @@ def int8_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.
 
 def int8pack_ok(dtype: torch.dtype, k: int) -> bool:
     """Whether ``aten._weight_int8pack_mm`` computes [M, K] activations of ``dtype`` correctly:
-    its bf16 kernel needs K % 8 == 0 (module docstring); fp16 and fp32 take any K."""
-    return dtype != torch.bfloat16 or k % 8 == 0
+    its bf16 kernel needs K to be a multiple of the vector width, 32 covers AVX2 and
+    AVX-512 (module docstring); fp16 and fp32 take any K."""
+    return dtype != torch.bfloat16 or k % 32 == 0
 
 
 @kernel_op("int8_dyn_mm_cpu", fake=linear_out_fake)
 def int8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """W8A8: per-token int8 activations, then rescale.
 
-    fp32 activations: ``torch._int_mm`` (exact int32 accumulation). bf16/fp16
+    fp32 activations: ``torch._int_mm`` (exact int32 accumulation) for K % 32 == 0 (on
+    torch 2.11 with AVX-512 it returned garbage at K = 1, ``bench/cpu_kernel_probe.py``),
+    else the fp32 int8-weight kernel on the exact codes. bf16/fp16
     activations: the int8 codes are exact in bf16, so the product runs through
     the int8-weight kernel with bf16 operands (fp32 accumulation inside); on
     CPUs without VNNI that is 10-15x faster than ``_int_mm``. Its one extra
     rounding (the weight-scaled product to bf16) is the size of the final cast
     to the activation dtype.
     """
-    if x.dtype == torch.float32:
+    k = x.shape[-1]
+    if x.dtype == torch.float32 and k % 32 == 0:
         xq, xs = ref.int8_quantize_rows(x)
         y = torch._int_mm(xq, qdata.t()).float() * scale.float()
     else:
         codes, xs = int8_rows_as_float(x)
-        if int8pack_ok(torch.bfloat16, codes.shape[-1]):
+        if x.dtype != torch.float32 and int8pack_ok(torch.bfloat16, k):
             y = aten._weight_int8pack_mm(codes.to(torch.bfloat16), qdata, scale.to(torch.bfloat16)).float()
         else:  # the fp32 kernel on the same exact codes (fp32 scale, no bf16 operand rounding)
             y = aten._weight_int8pack_mm(codes, qdata, scale.float())
