@@ -264,6 +264,8 @@ def _forward(x: torch.Tensor, w: QTensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, n)
+    if x2.stride(-1) != 1:  # e.g. K = 1 sliced with a step: "contiguous" to torch, not to aten's kernels
+        x2 = x2.clone(memory_format=torch.contiguous_format)
     y = w.linear(x2.contiguous())
     return y if x.dim() == 2 else y.reshape(*lead, n)
 

@@ -205,3 +205,19 @@ def test_nonfinite_activation_rows_stay_nonfinite(fmt, backend):
     if fmt in ("w8a8", "fp8"):
         assert out[[0, 2]].isnan().all()
     assert torch.equal(out[[1, 3]], out_clean[[1, 3]])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "w8a8", "fp8"])
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+@pytest.mark.parametrize("xdtype", ACT_DTYPES)
+def test_single_feature_strided_input(fmt, backend, xdtype):
+    """K = 1 taken with a step: torch calls it contiguous (size-1 dims), aten's CPU int8
+    kernel rejects its last-dim stride of 2; the layer must still compute the spec."""
+    w = torch.randn(5, 1) * 0.02
+    qw = make(fmt, w)
+    x = torch.randn(1, 2).to(xdtype)[..., ::2]
+    assert x.is_contiguous() and x.stride(-1) == 2
+    with lowbit.use_backend(backend), torch.no_grad():
+        out = F.linear(x, qw)
+    want = spec_linear(fmt, x.contiguous(), qw, None)
+    assert rel_err(out, want) < (TOL[xdtype] if fmt == "int8" else 2e-2)
