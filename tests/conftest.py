@@ -12,22 +12,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile(
-    "lowbit",
-    deadline=None,
-    max_examples=25,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("lowbit", max_examples=25, derandomize=True, **_COMMON)
 # HYPOTHESIS_PROFILE=deep: a fuzzing run (random draws, 1000 examples per test). CI's
 # derandomized 25 draws missed aten's bf16 int8 CPU kernel failing for K % 8 != 0 (session 7).
-settings.register_profile(
-    "deep",
-    deadline=None,
-    max_examples=1000,
-    derandomize=False,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+settings.register_profile("deep", max_examples=1000, derandomize=False, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "lowbit"))
 
 
