@@ -305,3 +305,14 @@ def test_nonfinite_activation_rows_give_nan_rows(scheme, m, dtype):
     assert not out[~bad].isnan().any()
     if (~bad).any():
         assert _rel(out[~bad], expect[~bad]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [2, 17, 300])  # split-K GEMM, GEMM, large M (fp32 skips the dequantize path)
+def test_w8a16_fp32_activations_are_ieee_not_tf32(m):
+    """fp32 activations get fp32 products, as F.linear does by default: tl.dot's default
+    TF32 (10-bit mantissa) was 5e-4 off on the GPU, which a 2e-3 tolerance let through."""
+    w = _rand(33, 64, seed=4, std=0.02)
+    scale = ref.int8_choose_qparams(w, torch.float32)
+    qdata = ref.int8_quantize(w, scale)
+    x = _rand(m, 64, seed=5)
+    assert _rel(int8_mm(x, qdata, scale), ref.int8_weight_only_linear(x, qdata, scale)) < 1e-5

@@ -230,6 +230,8 @@ def _gemm_kernel(
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
         elif A_SCALED:
             acc = tl.dot(x, tl.trans(w), acc, out_dtype=acc_t)
+        elif x.dtype == tl.float32:  # fp32 math as F.linear does by default: tl.dot's default is TF32
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     mask = m_ok & (rn[None, :] < N)
