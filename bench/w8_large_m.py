@@ -1,6 +1,7 @@
 """W8A8 (int8, fp8) at large M, one GPU command: the shipped ops against bf16 F.linear,
 the two-pass activation quantizer, torch._scaled_mm with exact accumulation and fixed
-tiles of the fp8 TMA GEMM (bf16 x, which the shipped op sends to torch._scaled_mm).
+tiles of the TMA GEMM (fp8 with bf16 x, which the shipped op sends to torch._scaled_mm;
+int8, which it sends to the pointer GEMM).
 
     python bench/w8_large_m.py [--out DIR] [--ms 2048,512] [--shapes 4096x4096,...]
 
@@ -46,10 +47,13 @@ def variants(scheme):
     out = {"shipped": {}, "two_pass_quant": {(quant_mod, "ONE_PASS_MAX_K"): 1}}
     if scheme == "fp8":
         out["scaled_mm_exact_acc"] = {(fp8_mod, "SCALED_MM_FAST_ACCUM"): False}
-        for t in TILES:
-            c = dict(BLOCK_M=t[0], BLOCK_N=t[1], BLOCK_K=t[2], GROUP_M=t[3], num_warps=t[4], num_stages=t[5])
-            name = "tma_" + "x".join(map(str, t[:3])) + f"_w{t[4]}_s{t[5]}"
-            out[name] = {(w8_mod, "tma_config"): lambda *a, c=c: c, (fp8_mod, "SCALED_MM_MIN_M"): 1 << 30}
+        route = (fp8_mod, "SCALED_MM_MIN_M"), 1 << 30  # bf16 x off torch._scaled_mm
+    else:
+        route = (w8_mod, "TMA_DTYPES"), (torch.int8,)  # int8 weights into the TMA GEMM
+    for t in TILES:
+        c = dict(BLOCK_M=t[0], BLOCK_N=t[1], BLOCK_K=t[2], GROUP_M=t[3], num_warps=t[4], num_stages=t[5])
+        name = "tma_" + "x".join(map(str, t[:3])) + f"_w{t[4]}_s{t[5]}"
+        out[name] = {(w8_mod, "tma_config"): lambda *a, c=c: c, route[0]: route[1]}
     return out
 
 

@@ -172,9 +172,15 @@ def int8_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.
 
 def int8pack_ok(dtype: torch.dtype, k: int) -> bool:
     """Whether ``aten._weight_int8pack_mm`` computes [M, K] activations of ``dtype`` correctly:
-    its bf16 kernel needs K to be a multiple of the vector width, 32 covers AVX2 and
-    AVX-512 (module docstring); fp16 and fp32 take any K."""
-    return dtype != torch.bfloat16 or k % 32 == 0
+    its bf16 kernel needs K to be a multiple of the vector width (module docstring); fp16
+    and fp32 take any K."""
+    return dtype != torch.bfloat16 or _k_vector_ok(k)
+
+
+def _k_vector_ok(k: int) -> bool:
+    """K a multiple of 32: covers the AVX2 and AVX-512 widths of aten's bf16 int8 kernel,
+    and ``torch._int_mm`` (garbage at K = 1 on torch 2.11 with AVX-512)."""
+    return k % 32 == 0
 
 
 @kernel_op("int8_dyn_mm_cpu", fake=linear_out_fake)
@@ -190,13 +196,13 @@ def int8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> to
     rounding (the weight-scaled product to bf16) is the size of the final cast
     to the activation dtype.
     """
-    k = x.shape[-1]
-    if x.dtype == torch.float32 and k % 32 == 0:
+    k_ok = _k_vector_ok(x.shape[-1])
+    if x.dtype == torch.float32 and k_ok:
         xq, xs = ref.int8_quantize_rows(x)
         y = torch._int_mm(xq, qdata.t()).float() * scale.float()
     else:
         codes, xs = int8_rows_as_float(x)
-        if x.dtype != torch.float32 and int8pack_ok(torch.bfloat16, k):
+        if x.dtype != torch.float32 and k_ok:
             y = aten._weight_int8pack_mm(codes.to(torch.bfloat16), qdata, scale.to(torch.bfloat16)).float()
         else:  # the fp32 kernel on the same exact codes (fp32 scale, no bf16 operand rounding)
             y = aten._weight_int8pack_mm(codes, qdata, scale.float())
@@ -214,5 +220,5 @@ def int8_rows_as_float(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    xs = torch.where(torch.isfinite(amax), (amax / _QMAX).clamp_min(ref.SCALE_EPS), torch.nan)
+    xs = ref.nan_scale_if_nonfinite((amax / _QMAX).clamp_min(ref.SCALE_EPS), amax)
     return torch.round(xf / xs.unsqueeze(-1)).clamp_(-127, 127).nan_to_num_(0.0), xs

@@ -154,10 +154,10 @@ def int4_linear(x, qdata, scale, zero, group_size: int, bias=None):
 def int8_choose_qparams(w: torch.Tensor, qparam_dtype: torch.dtype) -> torch.Tensor:
     """Symmetric scale per row of ``w`` [N, K] (or per token of an activation)."""
     amax = w.float().abs().amax(dim=-1)
-    return _round_up(_no_scale_if_nonfinite(_div(amax, 127.0).clamp_min(SCALE_EPS), amax), qparam_dtype)
+    return _round_up(nan_scale_if_nonfinite(_div(amax, 127.0).clamp_min(SCALE_EPS), amax), qparam_dtype)
 
 
-def _no_scale_if_nonfinite(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+def nan_scale_if_nonfinite(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """NaN for rows whose amax is NaN or infinite (see the module docstring)."""
     return torch.where(torch.isfinite(amax), scale, torch.nan)
 
@@ -193,7 +193,7 @@ def int8_dynamic_linear(x, qdata, scale, bias=None):
 # --------------------------------------------------------------------------- fp8
 def fp8_choose_qparams(w: torch.Tensor) -> torch.Tensor:
     amax = w.float().abs().amax(dim=-1)
-    return _no_scale_if_nonfinite(_div(amax, FP8_MAX).clamp_min(SCALE_EPS), amax)
+    return nan_scale_if_nonfinite(_div(amax, FP8_MAX).clamp_min(SCALE_EPS), amax)
 
 
 def fp8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

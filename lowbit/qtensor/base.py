@@ -264,9 +264,9 @@ def _forward(x: torch.Tensor, w: QTensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, n)
-    if x2.stride(-1) != 1:  # e.g. K = 1 sliced with a step: "contiguous" to torch, not to aten's kernels
+    if not x2.is_contiguous() or x2.stride(-1) != 1:  # K = 1 sliced with a step is "contiguous" to torch
         x2 = x2.clone(memory_format=torch.contiguous_format)
-    y = w.linear(x2.contiguous())
+    y = w.linear(x2)
     return y if x.dim() == 2 else y.reshape(*lead, n)
 
 

@@ -215,7 +215,7 @@ def test_w8_gemm_autotune_space_respects_the_kernel_contract(m, k, n):
 @pytest.mark.parametrize("m, n, k", [(256, 45, 80), (300, 70, 96), (261, 33, 50)])
 def test_int8_persistent_tma_gemm(m, n, k, monkeypatch):
     """W8A8 int8 through the persistent TMA GEMM (int32 accumulation; not the shipped
-    route, bench variants use it); K not a multiple of 16 falls back to the pointer GEMM."""
+    route; bench/w8_large_m.py times it); K not a multiple of 16 falls back to the pointer GEMM."""
     import lowbit.ops.triton._w8 as w8_mod
 
     monkeypatch.setattr(w8_mod, "TMA_DTYPES", (torch.int8,))
