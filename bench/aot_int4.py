@@ -44,7 +44,7 @@ TILES = [
     (128, 128, 64, 4, 4, (1,)),
 ]
 ARGS = ["x_ptr", "q_ptr", "s_ptr", "z_ptr", "y_ptr", "ws_ptr", "cnt_ptr"]
-INTS = ["M", "N", "K", "m_bucket", "stride_xm", "stride_ym", "stride_q"]
+INTS = ["M", "N", "K", "m_bucket", "stride_xm", "stride_ym", "stride_q", "SWAP_MODE"]
 
 
 def build(out: str) -> None:
@@ -62,7 +62,7 @@ def build(out: str) -> None:
     for packing in ("mma", "plain"):
         for bm, bn, bk, warps, stages, splits in TILES:
             for split in splits:
-                ce = dict(GS=GS, ASM=True, DOT_F32=False, MMA=packing == "mma" and bm < 64, SPLIT_K=split)
+                ce = dict(GS=GS, ASM=True, DOT_F32=False, MMA=packing == "mma" and bm < 64, SPLIT_K=split, SWAP=False)
                 ce.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
                 sig = {a: "i32" for a in names}
                 sig.update(x_ptr="*bf16", q_ptr="*u8", s_ptr="*bf16")
@@ -149,7 +149,7 @@ def time_all(d: str, out: str, shapes: str, ms: str) -> None:
         y = torch.empty(m, n, device="cuda", dtype=x.dtype)
         ws, cnt = split_k_buffers(x.device, m, n, split)
         ptrs = [ctypes.c_uint64(t.data_ptr()) for t in (x, q, s, z, y, ws, cnt)]
-        ints = [ctypes.c_int32(v) for v in (m, n, k, m, x.stride(0), y.stride(0), q.stride(0))]
+        ints = [ctypes.c_int32(v) for v in (m, n, k, m, x.stride(0), y.stride(0), q.stride(0), 0)]
         params = ptrs + ints + [ctypes.c_uint64(0), ctypes.c_uint64(0)]
         grid = (triton_cdiv(n, bn), split, triton_cdiv(m, bm))
         drv.launch(e["fn"], grid, 32 * e["num_warps"], e["shared"], torch.cuda.current_stream().cuda_stream, params)

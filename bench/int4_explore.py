@@ -6,9 +6,12 @@ Candidates (same qdata layout as lowbit: [N, K/2] uint8, even k in the low nibbl
 
 * ``gemm_asm``: lowbit's ``_gemm_kernel`` (x @ W^T, weight tile as the B operand,
   inline-PTX dequant) at each explicit config and split;
-* (removed after measuring; in git at commit 0a94bdc) ``swap`` / ``swap_asm``: the
-  transposed product y^T = W @ x^T with the weight tile as wgmma's register A operand,
-  0.85-0.95x of ``gemm_asm`` (``bench/results/h100-int4-explore.json``).
+* ``gemm_swap``: the same kernel's swapped tiles (``SWAP=True``, y^T = W @ x^T with the
+  dequantized tile as wgmma's register A operand and x^T straight from shared memory;
+  session 8, untimed);
+* (removed after measuring; in git at commit 0a94bdc) ``swap`` / ``swap_asm``: an earlier
+  transposed product that split x in registers, 0.85-0.95x of ``gemm_asm``
+  (``bench/results/h100-int4-explore.json``).
 
 Every config is checked against ``lowbit.ops.reference.int4_linear`` (relative
 error) and timed as the time per layer over a stack of distinct layers
@@ -39,7 +42,8 @@ from lowbit.ops.triton.int4 import _dequant_kernel, _gemm_kernel, int4_mm  # noq
 GS = 128
 
 
-KERNELS = {"gemm_asm": (_gemm_kernel.fn, True)}
+# variant -> (kernel, inline-PTX dequant, swapped tiles: y.T = w_hat @ x.T, int4.GEMM_SWAP)
+KERNELS = {"gemm_asm": (_gemm_kernel.fn, True, False), "gemm_swap": (_gemm_kernel.fn, True, True)}
 
 
 def chunked(rows: int):
@@ -63,7 +67,7 @@ def chunked(rows: int):
 def launcher(variant, cfg, split):
     if variant == "chunked":
         return chunked(cfg[0])
-    kern, asm = KERNELS[variant]
+    kern, asm, swap = KERNELS[variant]
     bm, bn, bk, w, st = cfg
 
     def run(x, q, s, z):
@@ -73,8 +77,8 @@ def launcher(variant, cfg, split):
         ws, cnt = split_k_buffers(x.device, m, n, split)
         grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
         kern[grid](
-            x, q, s, z, y, ws, cnt, m, n, k, m, x.stride(0), y.stride(0), q.stride(0),
-            GS=GS, ASM=asm, DOT_F32=False, MMA=False, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            x, q, s, z, y, ws, cnt, m, n, k, m, x.stride(0), y.stride(0), q.stride(0), 0,
+            GS=GS, ASM=asm, DOT_F32=False, MMA=False, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SWAP=swap,
             num_warps=w, num_stages=st,
         )  # fmt: skip
         return y  # split > 1: the last split of each tile reduces in the kernel

@@ -171,15 +171,19 @@ def time_stack(fns, x) -> tuple[float, str]:
 
 
 # lowbit variants with the algorithm switch moved, to measure crossovers (--explore)
+# (module, {attribute: value, ...}, when): the attributes are set for that row only
 ALT = {
     "int4": [
-        (int4_mod, "DEQUANT_MIN_M", 1 << 30, lambda m: m >= 128),
+        (int4_mod, {"DEQUANT_MIN_M": 1 << 30}, lambda m: m >= 128),
+        (int4_mod, {"GEMM_SWAP": "on"}, lambda m: 64 <= m < int4_mod.DEQUANT_MIN_M),
+        (int4_mod, {"GEMM_SWAP": "tuned"}, lambda m: 64 <= m < int4_mod.DEQUANT_MIN_M),
+        (int4_mod, {"DEQUANT_MIN_M": 1 << 30, "GEMM_SWAP": "on"}, lambda m: m >= int4_mod.DEQUANT_MIN_M),
     ],
     "int8_wo": [
-        (w8_mod, "GEMV_MAX_M", 0, lambda m: m <= 8),
-        (w8_mod, "DEQUANT_MIN_M", 1 << 30, lambda m: m >= 128),
-        (w8_mod, "GEMV_CVT", "i2f", lambda m: m <= w8_mod.GEMV_MAX_M),
-        (w8_mod, "GEMV_CVT", "alu", lambda m: m <= w8_mod.GEMV_MAX_M),
+        (w8_mod, {"GEMV_MAX_M": 0}, lambda m: m <= 8),
+        (w8_mod, {"DEQUANT_MIN_M": 1 << 30}, lambda m: m >= 128),
+        (w8_mod, {"GEMV_CVT": "i2f"}, lambda m: m <= w8_mod.GEMV_MAX_M),
+        (w8_mod, {"GEMV_CVT": "alu"}, lambda m: m <= w8_mod.GEMV_MAX_M),
     ],
 }
 
@@ -207,19 +211,21 @@ def bench_shape(k, n, ms, use_ao, rows, explore=False, schemes=SCHEMES, int4_oth
                 impls.append(("torchao", ao.get(scheme, "not run"), None))
             if int4_other and scheme == "int4":
                 impls.append(("lowbit_other", lb[scheme][2], None))
-            for mod, attr, val, when in ALT.get(scheme, []) if explore else []:
+            for mod, change, when in ALT.get(scheme, []) if explore else []:
                 if when(m):
-                    impls.append((f"lowbit_{attr}={val}", lb[scheme][0], (mod, attr, val)))
+                    name = "lowbit_" + ",".join(f"{a}={v}" for a, v in change.items())
+                    impls.append((name, lb[scheme][0], (mod, change)))
             for impl, fns, alt in impls:
                 row = {**base, "impl": impl, "scheme": scheme}
                 if isinstance(fns, str):
                     row["error"] = fns
                     rows.append(row)
                     continue
-                saved = None
+                saved = {}
                 if alt:
-                    saved = getattr(alt[0], alt[1])
-                    setattr(alt[0], alt[1], alt[2])
+                    saved = {a: getattr(alt[0], a) for a in alt[1]}
+                    for a, v in alt[1].items():
+                        setattr(alt[0], a, v)
                 try:
                     with torch.no_grad():
                         y = fns[0](x)
@@ -235,8 +241,8 @@ def bench_shape(k, n, ms, use_ao, rows, explore=False, schemes=SCHEMES, int4_oth
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                     log(f"{impl} {scheme} K={k} N={n} M={m}: {row['error']}")
                 finally:
-                    if alt:
-                        setattr(alt[0], alt[1], saved)
+                    for a, v in saved.items():
+                        setattr(alt[0], a, v)
                 rows.append(row)
         log(
             f"K={k} N={n} M={m}: "

@@ -40,9 +40,8 @@ def _check(m, n, k, gs, dtype, seed, packing="mma"):
     assert err < TOL[dtype], f"rel err {err:.2e} for M={m} N={n} K={k} gs={gs} {dtype}"
 
 
-@settings(deadline=None, max_examples=10)
-@given(
-    m=st.integers(1, 17),
+# odd shapes, every group size, dtype and byte order (M drawn by each test)
+CASES = dict(
     n=st.sampled_from([5, 33, 123]),
     groups=st.integers(1, 3),
     gs=st.sampled_from(ref.INT4_GROUP_SIZES),
@@ -50,6 +49,10 @@ def _check(m, n, k, gs, dtype, seed, packing="mma"):
     seed=st.integers(0, 2**16),
     packing=st.sampled_from(["mma", "plain"]),
 )
+
+
+@settings(deadline=None, max_examples=10)
+@given(m=st.integers(1, 17), **CASES)
 def test_int4_mm_matches_reference(m, n, groups, gs, dtype, seed, packing):
     _check(m, n, groups * max(gs, 64), gs, dtype, seed, packing)
 
@@ -224,17 +227,22 @@ def test_int4_mm_m1_extreme_codes_fp32(packing):
     torch.testing.assert_close(out.double(), expect, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("swap", ["off", "on"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("qdtype", ["same", torch.float32])
 @pytest.mark.parametrize("packing", ["mma", "plain"])
-def test_int4_gemm_dequant_exact_every_code_and_position(dtype, qdtype, packing):
+def test_int4_gemm_dequant_exact_every_code_and_position(dtype, qdtype, packing, swap, monkeypatch):
     """One-hot rows of x read single weights back through the GEMM path (M = 128).
 
     Scales are powers of two and zeros small multiples of them, so every weight
     (q - 8) * s + z is exact in x.dtype: the output must equal the float64
     dequantization bit for bit, for all 16 codes in both nibbles of every byte
-    of a K tile (on the GPU this is the inline-PTX unpack's lane mapping).
+    of a K tile (on the GPU this is the inline-PTX unpack's lane mapping), on the plain
+    and the swapped tiles (``GEMM_SWAP``: the nibbles joined back into k order).
     """
+    import lowbit.ops.triton.int4 as int4_mod
+
+    monkeypatch.setattr(int4_mod, "GEMM_SWAP", swap)
     qdtype = dtype if qdtype == "same" else qdtype
     n, k, gs = 37, 256, 64
     g = torch.Generator().manual_seed(5)
@@ -257,8 +265,9 @@ def test_int4_gemm_dequant_exact_every_code_and_position(dtype, qdtype, packing)
     m=st.integers(1, 5000),
     k_groups=st.integers(1, 200),
     n=st.sampled_from([1, 37, 4096, 14336, 128256]),
+    swap=st.sampled_from(["off", "tuned", "on"]),
 )
-def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, n):
+def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, n, swap):
     """Every config the GPU autotuner may try keeps the kernel's assumptions.
 
     The kernel loads one scale per K tile, so BLOCK_K must divide the group size
@@ -267,6 +276,8 @@ def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, 
     launcher sizes from the largest split kept and allocates only for M <= 128 within
     MAX_WORKSPACE; each split needs two K tiles of work; no config carries a
     pre_hook (Triton's autotune disk cache skips kernels whose configs have one).
+    Swapped tiles appear only as ``GEMM_SWAP`` allows (never when "off"; from M bucket
+    64, alone when "on"), with BLOCK_M no larger than the bucket.
     Checked on the GPU search space even where (CPU CI) only the fixed config runs.
     """
     import lowbit.ops.triton.int4 as int4_mod
@@ -274,15 +285,74 @@ def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, 
 
     k = k_groups * gs
     mb = m_bucket(m)
-    kept = int4_mod._prune(int4_mod._gemm_configs(), dict(GS=gs, m_bucket=mb, K=k, N=n))
+    mode = int4_mod._SWAP_MODES[swap]
+    kept = int4_mod._prune(int4_mod._gemm_configs(), dict(GS=gs, m_bucket=mb, K=k, N=n, SWAP_MODE=mode))
     assert kept, (gs, m, k)
+    swapped = [c.kwargs["SWAP"] for c in kept]
+    if swap == "off" or mb < 64:
+        assert not any(swapped), (swap, mb)
+    elif swap == "on":
+        assert all(swapped), mb
+    else:
+        assert any(swapped) and not all(swapped), mb
     for c in kept:
         meta = c.kwargs
         assert gs % meta["BLOCK_K"] == 0, (gs, meta)
         assert c.pre_hook is None, meta
+        if meta["SWAP"]:
+            assert meta["BLOCK_M"] <= mb, (meta, mb)
         if meta["SPLIT_K"] > 1:
             assert mb <= 128 and k // (meta["SPLIT_K"] * meta["BLOCK_K"]) >= 2, (meta, mb, k)
             assert meta["SPLIT_K"] * m * n * 4 <= int4_mod.MAX_WORKSPACE, (meta, m, n)
+
+
+@settings(deadline=None, max_examples=12)
+@given(m=st.integers(1, 80), split=st.sampled_from([1, 2, 3]), **CASES)
+def test_int4_swapped_gemm_matches_reference(m, n, groups, gs, dtype, seed, packing, split):
+    """GEMM_SWAP="on": y.T = w_hat @ x.T tiles (the dequantized weight as the MMA's A
+    operand) on odd shapes, every dtype and byte order ("mma" codes with x reordered from
+    M bucket 64), with and without split-K (forced where one fixed config runs)."""
+    import lowbit.ops.triton.int4 as int4_mod
+
+    saved = int4_mod.GEMM_SWAP, int4_mod._split_k
+    int4_mod.GEMM_SWAP = "on"
+    if not int4_mod.AUTOTUNE:
+        int4_mod._split_k = lambda *a: split
+    try:
+        _check(m, n, groups * max(gs, 64), gs, dtype, seed, packing)
+    finally:
+        int4_mod.GEMM_SWAP, int4_mod._split_k = saved
+
+
+@pytest.mark.parametrize("mb", [64, 128, 256])
+def test_every_swapped_gpu_config_matches_reference(mb):
+    """Each swapped tile of the GPU search space, launched as it is (big tiles, masks on
+    N and M, its split), against the reference: on the GPU the real wgmma code, on the
+    interpreter the same program logic."""
+    import triton
+
+    import lowbit.ops.triton.int4 as int4_mod
+    from lowbit.ops.triton._utils import INTERPRET, split_k_buffers
+
+    gs, n, k = 64, 133, 512
+    m = mb - 27
+    qdata, scale, zero, plain = _weight(n, k, gs, torch.bfloat16, mb, "plain")
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(mb)).to(DEVICE, torch.bfloat16)
+    want = ref.int4_linear(x, plain, scale, zero, gs).double()
+    space = int4_mod._prune(int4_mod._gemm_configs(), dict(GS=gs, m_bucket=mb, K=k, N=n, SWAP_MODE=2))
+    assert space and all(c.kwargs["SWAP"] for c in space)
+    for c in space:
+        meta = c.kwargs
+        y = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
+        ws, cnt = split_k_buffers(x.device, m, n, meta["SPLIT_K"])
+        grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))
+        int4_mod._gemm_kernel.fn[grid](
+            x, qdata, scale, zero, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0), 2,
+            GS=gs, ASM=not INTERPRET, DOT_F32=INTERPRET, MMA=False, **meta,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )  # fmt: skip
+        err = (y.double() - want).norm() / want.norm()
+        assert err < TOL[torch.bfloat16], (meta, c.num_warps, float(err))
 
 
 def test_int4_tensor_every_packing_through_the_triton_backend():

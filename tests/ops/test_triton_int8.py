@@ -193,23 +193,89 @@ def test_w8_gemm_split_k_reduces_in_kernel(split, scheme, monkeypatch):
 
 
 @settings(deadline=None, max_examples=60)
-@given(m=st.integers(1, 5000), k=st.integers(16, 20000), n=st.sampled_from([1, 37, 4096, 14336, 128256]))
-def test_w8_gemm_autotune_space_respects_the_kernel_contract(m, k, n):
+@given(
+    m=st.integers(1, 5000),
+    k=st.integers(16, 20000),
+    n=st.sampled_from([1, 37, 4096, 14336, 128256]),
+    a_scaled=st.booleans(),
+    swap=st.sampled_from(["off", "tuned", "on"]),
+)
+def test_w8_gemm_autotune_space_respects_the_kernel_contract(m, k, n, a_scaled, swap):
     """Every config the GPU autotuner may try fits the launcher's workspace (sized from the
     largest split kept, at most MAX_WORKSPACE), gives each split two K tiles, splits only
-    for M <= 128, and carries no pre_hook (Triton's autotune disk cache skips those)."""
+    for M <= 128, and carries no pre_hook (Triton's autotune disk cache skips those).
+    Swapped tiles only for W8A16 as ``GEMM_SWAP`` allows (never "off", from M bucket 64,
+    alone when "on"), with BLOCK_M no larger than the bucket."""
     import lowbit.ops.triton._w8 as w8_mod
     from lowbit.ops.triton._utils import m_bucket
 
     mb = m_bucket(m)
-    kept = w8_mod._prune(w8_mod._gemm_configs(), dict(m_bucket=mb, K=k, N=n))
+    mode = w8_mod._SWAP_MODES[swap]
+    kept = w8_mod._prune(w8_mod._gemm_configs(), dict(m_bucket=mb, K=k, N=n, A_SCALED=a_scaled, SWAP_MODE=mode))
     assert kept
+    swapped = [c.kwargs["SWAP"] for c in kept]
+    if swap == "off" or a_scaled or mb < 64:
+        assert not any(swapped), (swap, a_scaled, mb)
+    elif swap == "on":
+        assert all(swapped), mb
+    else:
+        assert any(swapped) and not all(swapped), mb
     for c in kept:
         split = c.kwargs["SPLIT_K"]
         assert c.pre_hook is None
+        if c.kwargs["SWAP"]:
+            assert c.kwargs["BLOCK_M"] <= mb, (c.kwargs, mb)
         if split > 1:
             assert mb <= 128 and k // (split * c.kwargs["BLOCK_K"]) >= 2, (c.kwargs, mb, k)
             assert split * m * n * 4 <= w8_mod.MAX_WORKSPACE, (c.kwargs, m, n)
+
+
+@settings(deadline=None, max_examples=12)
+@given(**{**common, "m": st.integers(1, 80)}, split=st.sampled_from([1, 2, 3]), scheme=st.sampled_from(["wo", "dyn"]))
+def test_w8_swapped_gemm_matches_reference(m, n, k, dtype, seed, split, scheme):
+    """GEMM_SWAP="on": W8A16 runs y.T = w @ x.T tiles (the converted weight as the MMA's A
+    operand) on odd shapes and K tails, with and without split-K; W8A8 is unaffected."""
+    import lowbit.ops.triton._w8 as w8_mod
+
+    saved = w8_mod.GEMM_SWAP, w8_mod._split_k
+    w8_mod.GEMM_SWAP = "on"
+    if not w8_mod.AUTOTUNE:
+        w8_mod._split_k = lambda *a: split
+    try:
+        (_check_wo if scheme == "wo" else _check_dyn)(m, n, k, dtype, seed)
+    finally:
+        w8_mod.GEMM_SWAP, w8_mod._split_k = saved
+
+
+@pytest.mark.parametrize("mb", [64, 128, 256])
+def test_every_swapped_w8a16_gpu_config_matches_reference(mb):
+    """Each swapped tile of the GPU search space, launched as it is (big tiles, masks on
+    N, M and a K tail, its split), against the reference: real wgmma code on the GPU,
+    the same program logic on the interpreter."""
+    import triton
+
+    import lowbit.ops.triton._w8 as w8_mod
+    from lowbit.ops.triton._utils import INTERPRET, split_k_buffers
+
+    n, k, m = 133, 520, mb - 27
+    w = _rand(n, k, seed=mb, std=0.02)
+    scale = ref.int8_choose_qparams(w, torch.bfloat16)
+    qdata = ref.int8_quantize(w, scale)
+    x = _rand(m, k, seed=mb + 1, dtype=torch.bfloat16)
+    want = ref.int8_weight_only_linear(x, qdata, scale)
+    space = w8_mod._prune(w8_mod._gemm_configs(), dict(m_bucket=mb, K=k, N=n, A_SCALED=False, SWAP_MODE=2))
+    assert space and all(c.kwargs["SWAP"] for c in space)
+    for c in space:
+        meta = c.kwargs
+        y = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
+        part, cnt = split_k_buffers(x.device, m, n, meta["SPLIT_K"])
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+        w8_mod._gemm_kernel.fn[grid](
+            x, qdata, scale, scale, y, part, cnt, m, n, k, mb, x.stride(0), y.stride(0), 2,
+            A_SCALED=False, INT_ACC=False, FP8=False, DOT_F32=INTERPRET, **meta,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )  # fmt: skip
+        assert _rel(y, want) < TOL[torch.bfloat16], (meta, c.num_warps)
 
 
 @pytest.mark.parametrize("m, n, k", [(256, 45, 80), (300, 70, 96), (261, 33, 50)])

@@ -57,6 +57,11 @@ TMA_DTYPES = (FP8_DTYPE,)
 # some shapes, bench/KERNEL_NOTES.md); "alu" / "i2f" force one. The interpreter runs I2F.
 GEMV_CVT = "tuned"
 _CVT_MODES = {"tuned": 0, "alu": 1, "i2f": 2}
+# W8A16 "swapped" GEMM tiles (y.T = w @ x.T: the converted weight tile is the MMA's register
+# A operand, no shared-memory round trip; int4.GEMM_SWAP has the details). Not yet timed on
+# a GPU, so opt-in: "off" (default), "tuned" (the autotuner chooses from M bucket 64), "on".
+GEMM_SWAP = "off"
+_SWAP_MODES = {"off": 0, "tuned": 1, "on": 2}
 
 # byte b of $4 (int8 q) -> fp32 bits 0x4B0000uu with uu = q + 128 (flip the sign bit), i.e.
 # 2**23 + q + 128; minus 2**23 + 128 it is q, exactly. Four weights per 32-bit register.
@@ -145,17 +150,24 @@ def _gemv_kernel(
 
 def _prune(configs_, named_args, **kwargs):
     """BLOCK_M by M bucket; splits only for M <= 128, >= 2 K tiles per split and a
-    workspace of at most MAX_WORKSPACE bytes."""
+    workspace of at most MAX_WORKSPACE bytes; swapped tiles only for W8A16 as SWAP_MODE
+    says (``GEMM_SWAP``), from M bucket 64 and with BLOCK_M <= the bucket."""
     a = {**named_args, **kwargs}
     mb, k, n = a["m_bucket"], a["K"], a["N"]
+    swap_mode = _SWAP_MODES["off"] if a.get("A_SCALED") else a.get("SWAP_MODE", _SWAP_MODES["off"])
     out = []
     for c in configs_:
         bm, bk, split = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs.get("SPLIT_K", 1)
         if split > 1 and (mb > 128 or k // (split * bk) < 2 or split * mb * n * 4 > MAX_WORKSPACE):
             continue
-        if bm <= max(16, mb) if mb <= 64 else bm >= 64:
+        if c.kwargs.get("SWAP", False):
+            if swap_mode != _SWAP_MODES["off"] and mb >= 64 and bm <= mb:
+                out.append(c)
+        elif swap_mode == _SWAP_MODES["on"] and mb >= 64:
+            continue
+        elif bm <= max(16, mb) if mb <= 64 else bm >= 64:
             out.append(c)
-    return out or [c for c in configs_ if c.kwargs.get("SPLIT_K", 1) == 1][:1]
+    return out or [c for c in configs_ if c.kwargs.get("SPLIT_K", 1) == 1 and not c.kwargs.get("SWAP")][:1]
 
 
 def _gemm_configs():
@@ -179,9 +191,20 @@ def _gemm_configs():
         (256, 128, 128, 8, 4, (1,)),
         (128, 128, 256, 8, 3, (1,)),
     ]
+    # swapped (W8A16, GEMM_SWAP): BLOCK_N is the wgmma M (64 per warpgroup), BLOCK_M its N.
+    # Not yet timed; kept: the tiles whose wgmmas ptxas does not serialize on Triton 3.6
+    # (bench/offline_sass.py --kernel w8: every split > 1 and BLOCK_K 128 from BLOCK_N 128 are)
+    swapped = [
+        (64, 64, 128, 4, 4, (1,)),
+        (64, 64, 64, 4, 4, (1,)),
+        (64, 128, 64, 8, 4, (1,)),
+        (128, 128, 64, 8, 4, (1,)),
+        (256, 128, 64, 8, 3, (1,)),
+    ]
     return [
-        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=sp, num_warps=w, num_stages=st)
-        for bm, bn, bk, w, st, splits in tiles
+        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=sp, SWAP=swap, num_warps=w, num_stages=st)
+        for group, swap in ((tiles, False), (swapped, True))
+        for bm, bn, bk, w, st, splits in group
         for sp in splits
     ]
 
@@ -191,7 +214,7 @@ _GEMM_CONFIGS = _gemm_configs()
 
 @triton.autotune(
     configs=configs(_GEMM_CONFIGS, cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)),
-    key=["m_bucket", "N", "K", "A_SCALED"],
+    key=["m_bucket", "N", "K", "A_SCALED", "SWAP_MODE"],
     **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
 )
@@ -199,11 +222,14 @@ _GEMM_CONFIGS = _gemm_configs()
 def _gemm_kernel(
     x_ptr, w_ptr, ws_ptr, xs_ptr, y_ptr, part_ptr, cnt_ptr,
     M, N, K, m_bucket,
-    stride_xm, stride_ym,
+    stride_xm, stride_ym, SWAP_MODE,
     A_SCALED: tl.constexpr, INT_ACC: tl.constexpr, FP8: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP: tl.constexpr,
 ):  # fmt: skip
+    # SWAP (W8A16 only): acc is the tile of y.T = w @ x.T, the converted weight tile the
+    # dot's register A operand and x.T (k-major) its B; SWAP_MODE only keys the autotuner.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -218,33 +244,54 @@ def _gemm_kernel(
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
     w_ptrs = w_ptr + rn[:, None] * K + rk[None, :]
     acc_t: tl.constexpr = tl.int32 if (INT_ACC and not DOT_F32) else tl.float32
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_t)
+    if SWAP:
+        xt_ptrs = x_ptr + rm[None, :] * stride_xm + rk[:, None]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=acc_t)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_t)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         k_ok = (k0 + rk)[None, :] < K
-        x = tl.load(x_ptrs + k0, mask=m_ok & k_ok, other=0)
-        w = tl.load(w_ptrs + k0, mask=n_ok & k_ok, other=0)
-        if FP8:
-            x = x.to(tl.float8e4nv, bitcast=True)
-            w = w.to(tl.float8e4nv, bitcast=True)
-        if DOT_F32:
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-        elif A_SCALED:
-            acc = tl.dot(x, tl.trans(w), acc, out_dtype=acc_t)
-        elif x.dtype == tl.float32:  # fp32 math as F.linear does by default: tl.dot's default is TF32
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+        if SWAP:
+            w = tl.load(w_ptrs + k0, mask=n_ok & k_ok, other=0)
+            xt = tl.load(xt_ptrs + k0, mask=(rm[None, :] < M) & ((k0 + rk)[:, None] < K), other=0)
+            if DOT_F32:
+                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
+            elif xt.dtype == tl.float32:
+                acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w.to(xt.dtype), xt, acc)
         else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-    mask = m_ok & (rn[None, :] < N)
+            x = tl.load(x_ptrs + k0, mask=m_ok & k_ok, other=0)
+            w = tl.load(w_ptrs + k0, mask=n_ok & k_ok, other=0)
+            if FP8:
+                x = x.to(tl.float8e4nv, bitcast=True)
+                w = w.to(tl.float8e4nv, bitcast=True)
+            if DOT_F32:
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+            elif A_SCALED:
+                acc = tl.dot(x, tl.trans(w), acc, out_dtype=acc_t)
+            elif x.dtype == tl.float32:  # fp32 math as F.linear does by default: tl.dot's default is TF32
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    if SWAP:  # rows of the tile are columns of y (not tl.trans(acc), see int4._gemm_kernel)
+        mask = (rn[:, None] < N) & (rm[None, :] < M)
+        offs = rn[:, None] + rm[None, :] * N
+    else:
+        mask = m_ok & (rn[None, :] < N)
+        offs = rm[:, None] * N + rn[None, :]
     if SPLIT_K > 1:  # raw sums (int32 for W8A8: exact); only the split that finishes the tile stores it
-        acc, last = split_k_reduce(
-            acc, part_ptr, cnt_ptr + pid, pid_k, rm[:, None] * N + rn[None, :], mask, M * N, SPLIT_K
-        )
+        acc, last = split_k_reduce(acc, part_ptr, cnt_ptr + pid, pid_k, offs, mask, M * N, SPLIT_K)
         if last == 0:  # another split finishes this tile
             return
-    y = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
-    if A_SCALED:
-        y = y * tl.load(xs_ptr + rm, mask=rm < M, other=0)[:, None]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    if SWAP:
+        y = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)[:, None]
+        tl.store(y_ptr + rn[:, None] + rm[None, :] * stride_ym, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        y = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
+        if A_SCALED:
+            y = y * tl.load(xs_ptr + rm, mask=rm < M, other=0)[:, None]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -342,9 +389,10 @@ def _split_k(m: int, n: int, k: int, sms: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _max_split(mb: int, n: int, k: int) -> int:
+def _max_split(mb: int, n: int, k: int, a_scaled: bool, swap_mode: int) -> int:
     """The largest SPLIT_K among the configs the autotuner may try for this call."""
-    return max(c.kwargs["SPLIT_K"] for c in _prune(_GEMM_CONFIGS, dict(m_bucket=mb, K=k, N=n)))
+    space = _prune(_GEMM_CONFIGS, dict(m_bucket=mb, K=k, N=n, A_SCALED=a_scaled, SWAP_MODE=swap_mode))
+    return max(c.kwargs["SPLIT_K"] for c in space)
 
 
 def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
@@ -383,15 +431,15 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
         return y
     if AUTOTUNE:  # the split is tuned with the tile: room for the largest split it may pick
         fixed = {}
-        most = _max_split(mb, n, k)
-    else:
-        fixed = {"SPLIT_K": _split_k(m, n, k, num_sms(x.device))}
+        most = _max_split(mb, n, k, a_scaled, _SWAP_MODES[GEMM_SWAP])
+    else:  # one fixed config: the split from the heuristic, swapped (W8A16) when forced
+        fixed = {"SPLIT_K": _split_k(m, n, k, num_sms(x.device)), "SWAP": GEMM_SWAP == "on" and not a_scaled}
         most = fixed["SPLIT_K"]
     y = torch.empty(m, n, device=x.device, dtype=out_dtype)
     part, cnt = split_k_buffers(x.device, m, n, most)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     _gemm_kernel[grid](
-        x, w, ws, xs_arg, y, part, cnt, m, n, k, mb, x.stride(0), y.stride(0),
+        x, w, ws, xs_arg, y, part, cnt, m, n, k, mb, x.stride(0), y.stride(0), _SWAP_MODES[GEMM_SWAP],
         A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, DOT_F32=INTERPRET, **fixed,
     )  # fmt: skip
     return y

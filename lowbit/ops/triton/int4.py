@@ -71,6 +71,15 @@ DEQUANT_MIN_M = 256
 # the whole w_hat, and 3-4% faster at M=2048 on N=14336 (H100, bench/int4_explore.py
 # --variants chunked: 0.915x vs 0.88x of bf16).
 DEQUANT_ROWS = 4096
+# "Swapped" GEMM tiles compute y.T = w_hat @ x.T, so the dequantized weight tile is the MMA's
+# A operand and stays in registers (Hopper wgmma takes A from registers, B only from shared
+# memory); the plain tiles rebuild it in shared memory every K step as the B operand.
+# Offline SASS (Triton 3.6, sm_90, 128 x 256 x 64 tile): HGMMA.64x256x16 with A in
+# registers, no shared-memory store in the main loop, 231 instructions per K step.
+# Not yet timed on a GPU, so opt-in: "off" (default) never uses them, "tuned" lets the
+# autotuner choose among plain and swapped tiles from M bucket 64, "on" only swapped ones.
+GEMM_SWAP = "off"
+_SWAP_MODES = {"off": 0, "tuned": 1, "on": 2}
 
 
 # ----------------------------------------------------------------------------- dequant (PTX)
@@ -194,23 +203,30 @@ def _dequant_words(qw, s, z, dtype: tl.constexpr, ASM: tl.constexpr, R: tl.const
 def _prune(configs_, named_args, **kwargs):
     """The configs that fit this call: BLOCK_K is cut to the group size (one scale per
     tile), splits only for M <= 128 with >= 2 K tiles per split and a workspace of at
-    most MAX_WORKSPACE bytes, BLOCK_M by M bucket."""
+    most MAX_WORKSPACE bytes, BLOCK_M by M bucket; swapped tiles as SWAP_MODE says
+    (``GEMM_SWAP``), from M bucket 64 and with BLOCK_M <= the bucket."""
     a = {**named_args, **kwargs}
     gs, mb, k, n = a["GS"], a["m_bucket"], a["K"], a["N"]
+    swap_mode = a.get("SWAP_MODE", _SWAP_MODES["off"])
     out, seen = [], set()
     for c in configs_:
         meta = {**c.kwargs, "BLOCK_K": min(c.kwargs["BLOCK_K"], gs)}
         bm, bk, split = meta["BLOCK_M"], meta["BLOCK_K"], meta.get("SPLIT_K", 1)
         if split > 1 and (mb > 128 or k // (split * bk) < 2 or split * mb * n * 4 > MAX_WORKSPACE):
             continue
-        if not ((bm <= max(16, mb) and 2 * bm > min(mb, 64)) if mb <= 64 else bm >= 64):
+        if meta.get("SWAP", False):
+            if swap_mode == _SWAP_MODES["off"] or mb < 64 or bm > mb:
+                continue
+        elif swap_mode == _SWAP_MODES["on"] and mb >= 64:
+            continue
+        elif not ((bm <= max(16, mb) and 2 * bm > min(mb, 64)) if mb <= 64 else bm >= 64):
             continue
         key = (tuple(sorted(meta.items())), c.num_warps, c.num_stages)
         if key not in seen:
             seen.add(key)
             out.append(triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages))
     if not out:  # unreachable with the list below (every bucket has a split-1 tile); stay valid anyway
-        out = [cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=min(32, gs), SPLIT_K=1, num_warps=4, num_stages=2)]
+        out = [cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=min(32, gs), SPLIT_K=1, SWAP=False, num_warps=4, num_stages=2)]
     return out
 
 
@@ -233,15 +249,23 @@ def _gemm_configs():
         (128, 128, 64, 8, 3, (1,)),
     ]
     large = [(64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4)]
-    out = []
-    for bm, bn, bk, w, st, splits in small:
-        for split in splits:
-            meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split)
-            # no pre_hook anywhere: Triton's autotune disk cache skips kernels whose configs have one
-            out.append(triton.Config(meta, num_warps=w, num_stages=st))
-    out += [
-        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=w, num_stages=st) for bm, bn, bk, w, st in large
+    # swapped (GEMM_SWAP): BLOCK_N is the wgmma M (64 per warpgroup of 4 warps), BLOCK_M its N.
+    # Not yet timed; kept: the tiles whose wgmmas ptxas does not serialize on Triton 3.6
+    # (bench/offline_sass.py; 3.9 serializes none of these)
+    swapped = [
+        (64, 64, 128, 4, 4, (1, 2, 4)),
+        (64, 128, 64, 8, 4, (1,)),
+        (128, 128, 64, 8, 4, (1,)),
+        (128, 64, 128, 4, 4, (1,)),
+        (256, 128, 64, 8, 3, (1,)),
     ]
+    out = []
+    for tiles, swap in ((small, False), ([(*t, (1,)) for t in large], False), (swapped, True)):
+        for bm, bn, bk, w, st, splits in tiles:
+            for split in splits:
+                meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, SWAP=swap)
+                # no pre_hook anywhere: Triton's autotune disk cache skips kernels whose configs have one
+                out.append(triton.Config(meta, num_warps=w, num_stages=st))
     return out
 
 
@@ -250,7 +274,7 @@ _GEMM_CONFIGS = _gemm_configs()
 
 @triton.autotune(
     configs=configs(_GEMM_CONFIGS, cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)),
-    key=["m_bucket", "N", "K", "GS", "MMA"],
+    key=["m_bucket", "N", "K", "GS", "MMA", "SWAP_MODE"],
     **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
 )
@@ -258,14 +282,17 @@ _GEMM_CONFIGS = _gemm_configs()
 def _gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, m_bucket,
-    stride_xm, stride_ym, stride_q,
+    stride_xm, stride_ym, stride_q, SWAP_MODE,
     GS: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr, MMA: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
 ):  # fmt: skip
     # BLOCK_K divides GS (pruned), and GS divides K: no K masks, one group per tile.
     # SPLIT_K > 1: programs along axis 1 take every SPLIT_K-th K tile and store their
     # fp32 partial sums into ws[pid_k] ([SPLIT_K, M, N]); the last one to finish a tile
     # (an int32 counter per output tile in cnt, zero at launch) reduces them.
+    # SWAP (MMA false): y.T = w_hat @ x.T, the nibbles joined back into k order so that one
+    # full-depth dot takes the dequantized tile as its register A operand and x.T (loaded
+    # k-major, straight into shared memory) as B; SWAP_MODE only keys the autotuner.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -285,41 +312,66 @@ def _gemm_kernel(
         )
     else:
         q_ptrs = q_ptr + rn[:, None] * stride_q + tl.arange(0, BLOCK_K // 2)[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP:  # acc is the tile of y.T
+        xt_ptrs = x_ptr + rm[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         k0 = tl.multiple_of(k0, BLOCK_K)  # lets the code loads vectorize
         s = tl.load(s_ptr + rn * ng + k0 // GS, mask=n_ok, other=0)
         z = tl.load(z_ptr + rn * ng + k0 // GS, mask=n_ok, other=0)
-        x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
-        if MMA:
-            qw = tl.load(q_ptrs + k0 // 8, mask=n_ok[:, None], other=0)
-            w = _dequant_words(qw, s[:, None], z[:, None], x.dtype, ASM, BLOCK_N, BLOCK_K)
-            if DOT_F32:
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-            elif x.dtype == tl.float32:  # fp32 math as F.linear does by default, not TF32
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
-        else:
+        if SWAP:
             qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
-            xe, xo = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
-            lo, hi = _dequant_tile(qb, s[:, None], z[:, None], x.dtype, ASM)
+            xt = tl.load(xt_ptrs + k0, mask=m_ok[None, :], other=0.0)
+            lo, hi = _dequant_tile(qb, s[:, None], z[:, None], xt.dtype, ASM)
+            w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])  # k order: byte j holds k = 2j, 2j + 1
             if DOT_F32:
-                acc = tl.dot(xe.to(tl.float32), tl.trans(lo.to(tl.float32)), acc)
-                acc = tl.dot(xo.to(tl.float32), tl.trans(hi.to(tl.float32)), acc)
-            elif x.dtype == tl.float32:
-                acc = tl.dot(xe, tl.trans(lo), acc, input_precision="ieee")
-                acc = tl.dot(xo, tl.trans(hi), acc, input_precision="ieee")
+                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
+            elif xt.dtype == tl.float32:
+                acc = tl.dot(w, xt, acc, input_precision="ieee")
             else:
-                acc = tl.dot(xe, tl.trans(lo), acc)
-                acc = tl.dot(xo, tl.trans(hi), acc)
-    mask = m_ok[:, None] & n_ok[None, :]
+                acc = tl.dot(w, xt, acc)
+        else:  # the plain tiles, as before SWAP existed
+            x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
+            if MMA:
+                qw = tl.load(q_ptrs + k0 // 8, mask=n_ok[:, None], other=0)
+                w = _dequant_words(qw, s[:, None], z[:, None], x.dtype, ASM, BLOCK_N, BLOCK_K)
+                if DOT_F32:
+                    acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+                elif x.dtype == tl.float32:  # fp32 math as F.linear does by default, not TF32
+                    acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, tl.trans(w), acc)
+            else:
+                qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
+                xe, xo = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
+                lo, hi = _dequant_tile(qb, s[:, None], z[:, None], x.dtype, ASM)
+                if DOT_F32:
+                    acc = tl.dot(xe.to(tl.float32), tl.trans(lo.to(tl.float32)), acc)
+                    acc = tl.dot(xo.to(tl.float32), tl.trans(hi.to(tl.float32)), acc)
+                elif x.dtype == tl.float32:
+                    acc = tl.dot(xe, tl.trans(lo), acc, input_precision="ieee")
+                    acc = tl.dot(xo, tl.trans(hi), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xe, tl.trans(lo), acc)
+                    acc = tl.dot(xo, tl.trans(hi), acc)
+    # (not tl.trans(acc): ptxas then serializes the wgmmas, "non wgmma instructions defining
+    # accumulator registers", offline on Triton 3.6)
+    if SWAP:  # rows of the tile are columns of y
+        mask = n_ok[:, None] & m_ok[None, :]
+        offs = rn[:, None] + rm[None, :] * N
+        y_ptrs = y_ptr + rn[:, None] + rm[None, :] * stride_ym
+    else:
+        mask = m_ok[:, None] & n_ok[None, :]
+        offs = rm[:, None] * N + rn[None, :]
+        y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     if SPLIT_K > 1:  # only the split that finishes the tile goes on
         tile = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
-        acc, last = split_k_reduce(acc, ws_ptr, tile, pid_k, rm[:, None] * N + rn[None, :], mask, M * N, SPLIT_K)
+        acc, last = split_k_reduce(acc, ws_ptr, tile, pid_k, offs, mask, M * N, SPLIT_K)
         if last == 0:  # another split finishes this tile
             return
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- dequant
@@ -368,9 +420,9 @@ def _pair_order(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=1024)
-def _max_split(mb: int, n: int, k: int, group_size: int) -> int:
+def _max_split(mb: int, n: int, k: int, group_size: int, swap_mode: int) -> int:
     """The largest SPLIT_K among the configs the autotuner may try for this call."""
-    space = _prune(_GEMM_CONFIGS, dict(GS=group_size, m_bucket=mb, K=k, N=n))
+    space = _prune(_GEMM_CONFIGS, dict(GS=group_size, m_bucket=mb, K=k, N=n, SWAP_MODE=swap_mode))
     return max(c.kwargs["SPLIT_K"] for c in space)
 
 
@@ -415,21 +467,21 @@ def int4_mm(
         return chunked_dequant_mm(x, n, DEQUANT_ROWS, fill)
     asm = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and scale.dtype == zero.dtype == x.dtype
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if AUTOTUNE:  # the split is tuned with the tile: room for the largest split it may pick
-        fixed = {}
-        most = _max_split(mb, n, k, group_size)
-    else:  # one fixed config: the split comes from the heuristic
-        fixed = {"SPLIT_K": _split_k(m, n, k, group_size, num_sms(x.device))}
-        most = fixed["SPLIT_K"]
-    ws, cnt = split_k_buffers(x.device, m, n, most)
     # "mma" codes: the word path for mma.sync tiles; wgmma tiles (BLOCK_M >= 64, every tile
     # _prune keeps from M bucket 64 on) measured faster on the byte path with x reordered
     words = mma and mb < 64
+    if AUTOTUNE:  # the split is tuned with the tile: room for the largest split it may pick
+        fixed = {}
+        most = _max_split(mb, n, k, group_size, _SWAP_MODES[GEMM_SWAP])
+    else:  # one fixed config: the split from the heuristic, swapped when forced (byte path only)
+        fixed = {"SPLIT_K": _split_k(m, n, k, group_size, num_sms(x.device)), "SWAP": GEMM_SWAP == "on" and not words}
+        most = fixed["SPLIT_K"]
+    ws, cnt = split_k_buffers(x.device, m, n, most)
     if mma and not words:
         x = _pair_order(x)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
     _gemm_kernel[grid](
         x, qdata, scale, zero, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0),
-        GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, MMA=words, **fixed,
+        _SWAP_MODES[GEMM_SWAP], GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, MMA=words, **fixed,
     )  # fmt: skip
     return y
