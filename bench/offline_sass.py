@@ -1,12 +1,12 @@
 """Compile lowbit's GEMM kernels for a GPU target on a machine without one, and read the SASS.
 
-    python bench/offline_sass.py [--kernel int4|w8] [--arch 90] [--swap on|off|all]
+    python bench/offline_sass.py [--kernel int4|w8|w8a8|fp8] [--arch 90] [--swap on|off|all]
                                  [--buckets 64,128,256] [--json F]
 
 For each config of the kernel's GPU search space that the autotuner could try for the given
 M buckets (its ``_prune``, K=4096, N=14336, bf16 activations; int4: group size 128, "plain"
-codes; w8: W8A16), compile the kernel (``int4._gemm_kernel`` or ``_w8._gemm_kernel``) with
-the installed Triton for ``sm_<arch>`` and report: registers and spills (``cuobjdump
+codes; w8: W8A16; w8a8 / fp8: int8 / e4m3 x and w), compile the kernel (``int4._gemm_kernel``
+or ``_w8._gemm_kernel``) with the installed Triton for ``sm_<arch>`` and report: registers and spills (``cuobjdump
 -res-usage``), shared memory, the main loop's length in SASS instructions (the longest
 backward branch), its MMA instruction and whether the A operand comes from registers
 (``HGMMA ... R``, Hopper), shared-memory stores inside the loop, and whether ptxas had to
@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GS, K, N = 128, 4096, 14336
 # kernel -> (pointer argument types, arguments with 16-byte divisibility, fixed constexprs)
+_W8_PTRS = dict(ws_ptr="*fp32", xs_ptr="*fp32", y_ptr="*bf16", part_ptr="*fp32", cnt_ptr="*i32")
 KERNELS = {
     "int4": (
         dict(x_ptr="*bf16", q_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32"),
@@ -37,11 +38,19 @@ KERNELS = {
         dict(GS=GS, ASM=True, DOT_F32=False, MMA=False),
     ),
     "w8": (
-        dict(
-            x_ptr="*bf16", w_ptr="*i8", ws_ptr="*bf16", xs_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", cnt_ptr="*i32"
-        ),
+        dict(_W8_PTRS, x_ptr="*bf16", w_ptr="*i8", ws_ptr="*bf16"),
         ["N", "K", "stride_xm", "stride_ym"],
         dict(A_SCALED=False, INT_ACC=False, FP8=False, DOT_F32=False),
+    ),
+    "w8a8": (
+        dict(_W8_PTRS, x_ptr="*i8", w_ptr="*i8"),
+        ["N", "K", "stride_xm", "stride_ym"],
+        dict(A_SCALED=True, INT_ACC=True, FP8=False, DOT_F32=False),
+    ),
+    "fp8": (  # e4m3 travels as bytes (the launcher's view)
+        dict(_W8_PTRS, x_ptr="*u8", w_ptr="*u8"),
+        ["N", "K", "stride_xm", "stride_ym"],
+        dict(A_SCALED=True, INT_ACC=False, FP8=True, DOT_F32=False),
     ),
 }
 
@@ -55,7 +64,7 @@ def _tool(name: str) -> str:
 def _module(kernel: str):
     from lowbit.ops.triton import _w8, int4
 
-    return int4 if kernel == "int4" else _w8
+    return int4 if kernel == "int4" else _w8  # w8, w8a8, fp8: the 8-bit GEMM
 
 
 def compile_config(c, arch: int, kernel: str = "int4"):
@@ -148,7 +157,7 @@ def main():
     mod = _module(args.kernel)
     rows, seen = [], set()
     for mb in map(int, args.buckets.split(",")):
-        named = dict(m_bucket=mb, K=K, N=N, SWAP_MODE=1, GS=GS, A_SCALED=False)
+        named = dict(m_bucket=mb, K=K, N=N, SWAP_MODE=1, GS=GS, A_SCALED=args.kernel in ("w8a8", "fp8"))
         for c in mod._prune(mod._gemm_configs(), named):
             swap = c.kwargs["SWAP"]
             if args.swap != "all" and swap != (args.swap == "on"):

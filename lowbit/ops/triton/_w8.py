@@ -260,6 +260,12 @@ def _gemm_kernel(
                 acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision="ieee")
             else:
                 acc = tl.dot(w.to(xt.dtype), xt, acc)
+        elif FP8 and not DOT_F32:  # GPU: load as e4m3 so both wgmma operands come from shared memory
+            # (a register bitcast of the bytes made Triton store them back there every K step:
+            # 2-16 STS per iteration, offline SASS on 3.6; the interpreter cannot load fp8)
+            x = tl.load(x_ptrs.to(tl.pointer_type(tl.float8e4nv)) + k0, mask=m_ok & k_ok, other=0.0)
+            w = tl.load(w_ptrs.to(tl.pointer_type(tl.float8e4nv)) + k0, mask=n_ok & k_ok, other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, out_dtype=acc_t)
         else:
             x = tl.load(x_ptrs + k0, mask=m_ok & k_ok, other=0)
             w = tl.load(w_ptrs + k0, mask=n_ok & k_ok, other=0)
