@@ -62,6 +62,9 @@ _CVT_MODES = {"tuned": 0, "alu": 1, "i2f": 2}
 # a GPU, so opt-in: "off" (default), "tuned" (the autotuner chooses from M bucket 64), "on".
 GEMM_SWAP = "off"
 _SWAP_MODES = {"off": 0, "tuned": 1, "on": 2}
+# fp8 GEMM operands loaded through an e4m3 pointer on the GPU (False: the uint8 loads and
+# register bitcast of before session 8, kept to time the two in one run)
+FP8_PTR_LOADS = True
 
 # byte b of $4 (int8 q) -> fp32 bits 0x4B0000uu with uu = q + 128 (flip the sign bit), i.e.
 # 2**23 + q + 128; minus 2**23 + 128 it is q, exactly. Four weights per 32-bit register.
@@ -214,7 +217,7 @@ _GEMM_CONFIGS = _gemm_configs()
 
 @triton.autotune(
     configs=configs(_GEMM_CONFIGS, cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)),
-    key=["m_bucket", "N", "K", "A_SCALED", "SWAP_MODE"],
+    key=["m_bucket", "N", "K", "A_SCALED", "SWAP_MODE", "FP8_PTR"],
     **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
 )
@@ -226,7 +229,7 @@ def _gemm_kernel(
     A_SCALED: tl.constexpr, INT_ACC: tl.constexpr, FP8: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP: tl.constexpr,
+    SWAP: tl.constexpr, FP8_PTR: tl.constexpr,
 ):  # fmt: skip
     # SWAP (W8A16 only): acc is the tile of y.T = w @ x.T, the converted weight tile the
     # dot's register A operand and x.T (k-major) its B; SWAP_MODE only keys the autotuner.
@@ -260,7 +263,7 @@ def _gemm_kernel(
                 acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision="ieee")
             else:
                 acc = tl.dot(w.to(xt.dtype), xt, acc)
-        elif FP8 and not DOT_F32:  # GPU: load as e4m3 so both wgmma operands come from shared memory
+        elif FP8 and FP8_PTR and not DOT_F32:  # GPU: load as e4m3 so both wgmma operands come from shared memory
             # (a register bitcast of the bytes made Triton store them back there every K step:
             # 2-16 STS per iteration, offline SASS on 3.6; the interpreter cannot load fp8)
             x = tl.load(x_ptrs.to(tl.pointer_type(tl.float8e4nv)) + k0, mask=m_ok & k_ok, other=0.0)
@@ -446,6 +449,6 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     _gemm_kernel[grid](
         x, w, ws, xs_arg, y, part, cnt, m, n, k, mb, x.stride(0), y.stride(0), _SWAP_MODES[GEMM_SWAP],
-        A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, DOT_F32=INTERPRET, **fixed,
+        A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, DOT_F32=INTERPRET, FP8_PTR=FP8_PTR_LOADS, **fixed,
     )  # fmt: skip
     return y
