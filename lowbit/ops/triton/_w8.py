@@ -58,12 +58,14 @@ TMA_DTYPES = (FP8_DTYPE,)
 GEMV_CVT = "tuned"
 _CVT_MODES = {"tuned": 0, "alu": 1, "i2f": 2}
 # W8A16 "swapped" GEMM tiles (y.T = w @ x.T: the converted weight tile is the MMA's register
-# A operand, no shared-memory round trip; int4.GEMM_SWAP has the details). Not yet timed on
-# a GPU, so opt-in: "off" (default), "tuned" (the autotuner chooses from M bucket 64), "on".
-GEMM_SWAP = "off"
+# A operand, no shared-memory round trip; int4.GEMM_SWAP has the details): "tuned" (default,
+# the autotuner chooses from M bucket 64), "on", "off". H100: 4096^2 M=128 0.74x vs 0.62x of
+# bf16 with them, the other shapes about even (bench/results/h100-kernels-s8-swap-w8a16.md).
+GEMM_SWAP = "tuned"
 _SWAP_MODES = {"off": 0, "tuned": 1, "on": 2}
 # fp8 GEMM operands loaded through an e4m3 pointer on the GPU (False: the uint8 loads and
-# register bitcast of before session 8, kept to time the two in one run)
+# register bitcast of before session 8, kept to time the two in one run: M=64 1.49x vs 1.24x
+# and 1.33x vs 1.23x of bf16 on two shapes, even elsewhere; bench/results/h100-kernels-s8-fp8-loads.md)
 FP8_PTR_LOADS = True
 
 # byte b of $4 (int8 q) -> fp32 bits 0x4B0000uu with uu = q + 128 (flip the sign bit), i.e.
@@ -195,7 +197,7 @@ def _gemm_configs():
         (128, 128, 256, 8, 3, (1,)),
     ]
     # swapped (W8A16, GEMM_SWAP): BLOCK_N is the wgmma M (64 per warpgroup), BLOCK_M its N.
-    # Not yet timed; kept: the tiles whose wgmmas ptxas does not serialize on Triton 3.6
+    # Kept: the tiles whose wgmmas ptxas does not serialize on Triton 3.6
     # (bench/offline_sass.py --kernel w8: every split > 1 and BLOCK_K 128 from BLOCK_N 128 are)
     swapped = [
         (64, 64, 128, 4, 4, (1,)),

@@ -76,9 +76,12 @@ DEQUANT_ROWS = 4096
 # memory); the plain tiles rebuild it in shared memory every K step as the B operand.
 # Offline SASS (Triton 3.6, sm_90, 128 x 256 x 64 tile): HGMMA.64x256x16 with A in
 # registers, no shared-memory store in the main loop, 231 instructions per K step.
-# Not yet timed on a GPU, so opt-in: "off" (default) never uses them, "tuned" lets the
-# autotuner choose among plain and swapped tiles from M bucket 64, "on" only swapped ones.
-GEMM_SWAP = "off"
+# "tuned" (default): the autotuner chooses among plain and swapped tiles from M bucket 64;
+# "on": swapped only; "off": plain only. H100 (bench/results/h100-kernels-s8*.md): swapped
+# alone win at 14336 x 4096 M=64 (1.08x vs 0.85x of bf16) and lose elsewhere (4096 x 14336
+# M=64 0.97x vs 1.28x); "tuned" takes the better per shape. At M >= 256 they beat the plain
+# fused tiles but not dequantize + cuBLAS (0.55-0.59x vs 0.87-0.90x at M=2048).
+GEMM_SWAP = "tuned"
 _SWAP_MODES = {"off": 0, "tuned": 1, "on": 2}
 
 
@@ -250,7 +253,7 @@ def _gemm_configs():
     ]
     large = [(64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4)]
     # swapped (GEMM_SWAP): BLOCK_N is the wgmma M (64 per warpgroup of 4 warps), BLOCK_M its N.
-    # Not yet timed; kept: the tiles whose wgmmas ptxas does not serialize on Triton 3.6
+    # Kept: the tiles whose wgmmas ptxas does not serialize on Triton 3.6
     # (bench/offline_sass.py; 3.9 serializes none of these)
     swapped = [
         (64, 64, 128, 4, 4, (1, 2, 4)),
