@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lowbit.ops import reference as ref  # noqa: E402
 from lowbit.ops.triton import _w8 as w8_mod  # noqa: E402
-from lowbit.ops.triton import fp8 as fp8_mod  # noqa: E402
 from lowbit.ops.triton import int4 as int4_mod
 from lowbit.ops.triton.fp8 import fp8_dyn_mm  # noqa: E402
 from lowbit.ops.triton.int4 import int4_mm  # noqa: E402
@@ -188,9 +187,6 @@ ALT = {
         (w8_mod, {"GEMM_SWAP": "on"}, lambda m: 64 <= m < w8_mod.DEQUANT_MIN_M),
         (w8_mod, {"GEMM_SWAP": "tuned"}, lambda m: 64 <= m < w8_mod.DEQUANT_MIN_M),
         (w8_mod, {"DEQUANT_MIN_M": 1 << 30, "GEMM_SWAP": "on"}, lambda m: m >= w8_mod.DEQUANT_MIN_M),
-    ],
-    "fp8": [  # bf16 x below the _scaled_mm switch runs the 8-bit GEMM
-        (w8_mod, {"FP8_PTR_LOADS": False}, lambda m: w8_mod.GEMV_MAX_M < m < fp8_mod.SCALED_MM_MIN_M),
     ],
 }
 

@@ -272,7 +272,7 @@ def test_every_swapped_w8a16_gpu_config_matches_reference(mb):
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
         w8_mod._gemm_kernel.fn[grid](
             x, qdata, scale, scale, y, part, cnt, m, n, k, mb, x.stride(0), y.stride(0), 2,
-            A_SCALED=False, INT_ACC=False, FP8=False, DOT_F32=INTERPRET, FP8_PTR=True, **meta,
+            A_SCALED=False, INT_ACC=False, FP8=False, DOT_F32=INTERPRET, **meta,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )  # fmt: skip
         assert _rel(y, want) < TOL[torch.bfloat16], (meta, c.num_warps)

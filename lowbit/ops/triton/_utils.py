@@ -119,6 +119,19 @@ def split_k_buffers(device: torch.device, m: int, n: int, most: int) -> tuple[to
 
 
 @triton.jit
+def dot_acc(a, b, acc, DOT_F32: tl.constexpr):
+    """``acc + a @ b`` for float operands: fp32 operands on the interpreter (its bf16 / fp16
+    dot is wrong), IEEE fp32 products for fp32 inputs (as F.linear; tl.dot's default is TF32),
+    else the tensor core's own dot."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
     """Output tile ``tile`` -> (pid_m, pid_n), walking GROUP_M row-tiles at a time down each
     column so that consecutive tiles share weight tiles in L2."""

@@ -35,6 +35,7 @@ from lowbit.ops.triton._utils import (
     cfg,
     chunked_dequant_mm,
     configs,
+    dot_acc,
     grouped_tile,
     is_sm90_or_newer,
     m_bucket,
@@ -63,10 +64,6 @@ _CVT_MODES = {"tuned": 0, "alu": 1, "i2f": 2}
 # bf16 with them, the other shapes about even (bench/results/h100-kernels-s8-swap-w8a16.md).
 GEMM_SWAP = "tuned"
 _SWAP_MODES = {"off": 0, "tuned": 1, "on": 2}
-# fp8 GEMM operands loaded through an e4m3 pointer on the GPU (False: the uint8 loads and
-# register bitcast of before session 8, kept to time the two in one run: M=64 1.49x vs 1.24x
-# and 1.33x vs 1.23x of bf16 on two shapes, even elsewhere; bench/results/h100-kernels-s8-fp8-loads.md)
-FP8_PTR_LOADS = True
 
 # byte b of $4 (int8 q) -> fp32 bits 0x4B0000uu with uu = q + 128 (flip the sign bit), i.e.
 # 2**23 + q + 128; minus 2**23 + 128 it is q, exactly. Four weights per 32-bit register.
@@ -219,7 +216,7 @@ _GEMM_CONFIGS = _gemm_configs()
 
 @triton.autotune(
     configs=configs(_GEMM_CONFIGS, cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)),
-    key=["m_bucket", "N", "K", "A_SCALED", "SWAP_MODE", "FP8_PTR"],
+    key=["m_bucket", "N", "K", "A_SCALED", "SWAP_MODE"],
     **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
 )
@@ -231,7 +228,7 @@ def _gemm_kernel(
     A_SCALED: tl.constexpr, INT_ACC: tl.constexpr, FP8: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP: tl.constexpr, FP8_PTR: tl.constexpr,
+    SWAP: tl.constexpr,
 ):  # fmt: skip
     # SWAP (W8A16 only): acc is the tile of y.T = w @ x.T, the converted weight tile the
     # dot's register A operand and x.T (k-major) its B; SWAP_MODE only keys the autotuner.
@@ -259,15 +256,14 @@ def _gemm_kernel(
         if SWAP:
             w = tl.load(w_ptrs + k0, mask=n_ok & k_ok, other=0)
             xt = tl.load(xt_ptrs + k0, mask=(rm[None, :] < M) & ((k0 + rk)[:, None] < K), other=0)
-            if DOT_F32:
-                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
-            elif xt.dtype == tl.float32:
-                acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w.to(xt.dtype), xt, acc)
-        elif FP8 and FP8_PTR and not DOT_F32:  # GPU: load as e4m3 so both wgmma operands come from shared memory
+            if not DOT_F32:  # (the interpreter turns int8 -> bf16 -> fp32 into NaN; dot_acc widens)
+                w = w.to(xt.dtype)
+            acc = dot_acc(w, xt, acc, DOT_F32)
+        elif FP8 and not DOT_F32:  # GPU: load as e4m3 so both wgmma operands come from shared memory
             # (a register bitcast of the bytes made Triton store them back there every K step:
-            # 2-16 STS per iteration, offline SASS on 3.6; the interpreter cannot load fp8)
+            # 2-16 STS per iteration, offline SASS on 3.6; M=64 1.49x vs 1.24x and 1.33x vs 1.23x
+            # of bf16 on H100, bench/results/h100-kernels-s8-fp8-loads.md; the interpreter
+            # cannot load fp8, so it keeps the bytes and the bitcast below)
             x = tl.load(x_ptrs.to(tl.pointer_type(tl.float8e4nv)) + k0, mask=m_ok & k_ok, other=0.0)
             w = tl.load(w_ptrs.to(tl.pointer_type(tl.float8e4nv)) + k0, mask=n_ok & k_ok, other=0.0)
             acc = tl.dot(x, tl.trans(w), acc, out_dtype=acc_t)
@@ -277,14 +273,12 @@ def _gemm_kernel(
             if FP8:
                 x = x.to(tl.float8e4nv, bitcast=True)
                 w = w.to(tl.float8e4nv, bitcast=True)
-            if DOT_F32:
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-            elif A_SCALED:
+            if A_SCALED and not DOT_F32:
                 acc = tl.dot(x, tl.trans(w), acc, out_dtype=acc_t)
-            elif x.dtype == tl.float32:  # fp32 math as F.linear does by default: tl.dot's default is TF32
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
             else:
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+                if not DOT_F32:
+                    w = w.to(x.dtype)
+                acc = dot_acc(x, tl.trans(w), acc, DOT_F32)
     if SWAP:  # rows of the tile are columns of y (not tl.trans(acc), see int4._gemm_kernel)
         mask = (rn[:, None] < N) & (rm[None, :] < M)
         offs = rn[:, None] + rm[None, :] * N
@@ -451,6 +445,6 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     _gemm_kernel[grid](
         x, w, ws, xs_arg, y, part, cnt, m, n, k, mb, x.stride(0), y.stride(0), _SWAP_MODES[GEMM_SWAP],
-        A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, DOT_F32=INTERPRET, FP8_PTR=FP8_PTR_LOADS, **fixed,
+        A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, DOT_F32=INTERPRET, **fixed,
     )  # fmt: skip
     return y

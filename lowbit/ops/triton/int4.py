@@ -57,6 +57,7 @@ from lowbit.ops.triton._utils import (
     cfg,
     chunked_dequant_mm,
     configs,
+    dot_acc,
     m_bucket,
     num_sms,
     split_k_buffers,
@@ -329,36 +330,19 @@ def _gemm_kernel(
             xt = tl.load(xt_ptrs + k0, mask=m_ok[None, :], other=0.0)
             lo, hi = _dequant_tile(qb, s[:, None], z[:, None], xt.dtype, ASM)
             w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])  # k order: byte j holds k = 2j, 2j + 1
-            if DOT_F32:
-                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
-            elif xt.dtype == tl.float32:
-                acc = tl.dot(w, xt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, xt, acc)
+            acc = dot_acc(w, xt, acc, DOT_F32)
         else:  # the plain tiles, as before SWAP existed
             x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
             if MMA:
                 qw = tl.load(q_ptrs + k0 // 8, mask=n_ok[:, None], other=0)
                 w = _dequant_words(qw, s[:, None], z[:, None], x.dtype, ASM, BLOCK_N, BLOCK_K)
-                if DOT_F32:
-                    acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-                elif x.dtype == tl.float32:  # fp32 math as F.linear does by default, not TF32
-                    acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(x, tl.trans(w), acc)
+                acc = dot_acc(x, tl.trans(w), acc, DOT_F32)
             else:
                 qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
                 xe, xo = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
                 lo, hi = _dequant_tile(qb, s[:, None], z[:, None], x.dtype, ASM)
-                if DOT_F32:
-                    acc = tl.dot(xe.to(tl.float32), tl.trans(lo.to(tl.float32)), acc)
-                    acc = tl.dot(xo.to(tl.float32), tl.trans(hi.to(tl.float32)), acc)
-                elif x.dtype == tl.float32:
-                    acc = tl.dot(xe, tl.trans(lo), acc, input_precision="ieee")
-                    acc = tl.dot(xo, tl.trans(hi), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xe, tl.trans(lo), acc)
-                    acc = tl.dot(xo, tl.trans(hi), acc)
+                acc = dot_acc(xe, tl.trans(lo), acc, DOT_F32)
+                acc = dot_acc(xo, tl.trans(hi), acc, DOT_F32)
     # (not tl.trans(acc): ptxas then serializes the wgmmas, "non wgmma instructions defining
     # accumulator registers", offline on Triton 3.6)
     if SWAP:  # rows of the tile are columns of y
