@@ -18,6 +18,7 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -170,6 +171,10 @@ def time_stack(fns, x) -> tuple[float, str]:
             return do_bench(run, warmup=25, rep=100, return_mode="median") / len(fns), "nograph"
 
 
+# the dequantize + cuBLAS path with all of w_hat in one chunk (fewer host steps per call;
+# on the GPU 0-3% slower than DEQUANT_ROWS chunks, bench/KERNEL_NOTES.md session 9)
+_CHUNKED = [{"DEQUANT_ROWS": 1 << 20}]
+
 # lowbit variants with the algorithm switch moved, to measure crossovers (--explore)
 # (module, {attribute: value, ...}, when): the attributes are set for that row only
 ALT = {
@@ -178,6 +183,7 @@ ALT = {
         (int4_mod, {"GEMM_SWAP": "on"}, lambda m: 64 <= m < int4_mod.DEQUANT_MIN_M),
         (int4_mod, {"GEMM_SWAP": "tuned"}, lambda m: 64 <= m < int4_mod.DEQUANT_MIN_M),
         (int4_mod, {"DEQUANT_MIN_M": 1 << 30, "GEMM_SWAP": "on"}, lambda m: m >= int4_mod.DEQUANT_MIN_M),
+        *[(int4_mod, c, lambda m: m >= int4_mod.DEQUANT_MIN_M) for c in _CHUNKED],
     ],
     "int8_wo": [
         (w8_mod, {"GEMV_MAX_M": 0}, lambda m: m <= 8),
@@ -187,11 +193,12 @@ ALT = {
         (w8_mod, {"GEMM_SWAP": "on"}, lambda m: 64 <= m < w8_mod.DEQUANT_MIN_M),
         (w8_mod, {"GEMM_SWAP": "tuned"}, lambda m: 64 <= m < w8_mod.DEQUANT_MIN_M),
         (w8_mod, {"DEQUANT_MIN_M": 1 << 30, "GEMM_SWAP": "on"}, lambda m: m >= w8_mod.DEQUANT_MIN_M),
+        *[(w8_mod, c, lambda m: m >= w8_mod.DEQUANT_MIN_M) for c in _CHUNKED],
     ],
 }
 
 
-def bench_shape(k, n, ms, use_ao, rows, explore=False, schemes=SCHEMES, int4_other=False):
+def bench_shape(k, n, ms, use_ao, rows, explore=False, schemes=SCHEMES, int4_other=False, explore_filter=""):
     n_layers = max(1, math.ceil(1024**3 / (k * n * 2)))
     g = torch.Generator(device="cuda").manual_seed(k * 7 + n)
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(n_layers)]
@@ -215,8 +222,8 @@ def bench_shape(k, n, ms, use_ao, rows, explore=False, schemes=SCHEMES, int4_oth
             if int4_other and scheme == "int4":
                 impls.append(("lowbit_other", lb[scheme][2], None))
             for mod, change, when in ALT.get(scheme, []) if explore else []:
-                if when(m):
-                    name = "lowbit_" + ",".join(f"{a}={v}" for a, v in change.items())
+                name = "lowbit_" + ",".join(f"{a}={v}" for a, v in change.items())
+                if when(m) and re.search(explore_filter, name):
                     impls.append((name, lb[scheme][0], (mod, change)))
             for impl, fns, alt in impls:
                 row = {**base, "impl": impl, "scheme": scheme}
@@ -340,6 +347,7 @@ def main():
     p.add_argument("--ms", default="1,8,32,128,512,2048")
     p.add_argument("--no-torchao", action="store_true")
     p.add_argument("--explore", action="store_true", help="also time lowbit with the M switches moved")
+    p.add_argument("--explore-filter", default="", help="regex: only --explore rows whose name matches")
     p.add_argument("--schemes", default=",".join(SCHEMES), help="subset of " + ",".join(SCHEMES))
     p.add_argument("--int4-other", action="store_true", help="also time int4 in the byte order not shipped")
     args = p.parse_args()
@@ -356,7 +364,9 @@ def main():
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         try:
-            bench_shape(k, n, ms, use_ao, rows, args.explore, args.schemes.split(","), args.int4_other)
+            bench_shape(
+                k, n, ms, use_ao, rows, args.explore, args.schemes.split(","), args.int4_other, args.explore_filter
+            )
         except Exception:
             traceback.print_exc()
         with open(os.path.join(args.out, f"{tag}-kernels.json"), "w") as f:

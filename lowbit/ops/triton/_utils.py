@@ -170,7 +170,7 @@ def chunked_dequant_mm(x: torch.Tensor, n: int, rows: int, fill) -> torch.Tensor
     all of w_hat, and 3-4% faster at M=2048 on H100 (bench/KERNEL_NOTES.md)."""
     m, k = x.shape
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    rows = min(n, rows)
+    rows = max(1, min(n, rows))
     buf = torch.empty(rows, k, device=x.device, dtype=x.dtype)
     for n0 in range(0, n, rows):
         r = min(rows, n - n0)

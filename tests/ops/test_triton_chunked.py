@@ -1,0 +1,93 @@
+"""_utils.chunked_dequant_mm (the M >= DEQUANT_MIN_M path of int4 and W8A16): its chunk
+schedule against float64 math, and the kernels' fills through it."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.ops.triton import _utils
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _weight_and_fill(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(DEVICE, torch.bfloat16)
+    filled = []
+
+    def fill(n0, r, buf):  # a "dequantize" that is a copy, so the product is exact to check
+        assert buf.shape[0] >= r, f"chunk of {r} rows in a {buf.shape[0]}-row buffer"
+        buf[:r].copy_(w[n0 : n0 + r])
+        filled.append((n0, r))
+
+    return w, fill, filled
+
+
+def _check_product(x, w, y):
+    assert y.shape == (x.shape[0], w.shape[0]) and y.dtype == x.dtype
+    expect = x.double() @ w.double().T
+    err = (y.double() - expect).norm() / expect.norm().clamp_min(1e-30)
+    assert err < 1e-2, f"rel err {err:.2e}"
+
+
+@settings(deadline=None, max_examples=25)
+@given(m=st.integers(1, 40), n=st.integers(0, 90), rows=st.integers(1, 40))
+def test_chunks_cover_every_row_once_and_match_float64(m, n, rows):
+    k = 48
+    w, fill, filled = _weight_and_fill(n, k, seed=m + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
+    y = _utils.chunked_dequant_mm(x, n, rows, fill)
+    assert filled == [(n0, min(rows, n - n0)) for n0 in range(0, n, rows)], f"N={n}, rows={rows}"
+    _check_product(x, w, y)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA-graph capture needs a GPU")
+def test_chunks_in_a_cuda_graph():
+    w, fill, filled = _weight_and_fill(1000, 256, seed=3)
+    x = torch.randn(300, 256, generator=torch.Generator().manual_seed(4)).to(DEVICE, torch.bfloat16)
+    eager = _utils.chunked_dequant_mm(x, 1000, 256, fill)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = _utils.chunked_dequant_mm(x, 1000, 256, fill)
+    assert filled[-4:] == [(0, 256), (256, 256), (512, 256), (768, 232)]
+    for _ in range(2):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_product(x, w, out)
+    _check_product(x, w, eager)
+
+
+def test_int4_and_w8a16_dequant_paths_in_chunks(monkeypatch):
+    # the kernels' fills through the chunked path (77 rows: two full chunks and a ragged one)
+    import lowbit.ops.triton._w8 as w8_mod
+    import lowbit.ops.triton.int4 as int4_mod
+    from lowbit.ops import reference as ref
+    from lowbit.ops.triton.int4 import int4_mm
+    from lowbit.ops.triton.int8 import int8_mm
+
+    for mod in (int4_mod, w8_mod):
+        monkeypatch.setattr(mod, "DEQUANT_ROWS", 32)
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(77, 256, generator=g) * 0.02).to(DEVICE)
+    x = torch.randn(260, 256, generator=g).to(DEVICE, torch.bfloat16)
+    scale, zero = ref.int4_choose_qparams(w, 64, torch.bfloat16)
+    q = ref.int4_quantize(w, scale, zero, 64)
+    out = int4_mm(x, ref.int4_pack(q), scale, zero, 64, "plain")
+    expect = ref.int4_linear(x, ref.int4_pack(q), scale, zero, 64).double()
+    assert (out.double() - expect).norm() / expect.norm() < 1e-2
+    s8 = ref.int8_choose_qparams(w, torch.bfloat16)
+    q8 = ref.int8_quantize(w, s8)
+    out = int8_mm(x, q8, s8)
+    expect = ref.int8_weight_only_linear(x, q8, s8).double()
+    assert (out.double() - expect).norm() / expect.norm() < 1e-2
