@@ -26,6 +26,12 @@ int4 g128 / int8 weight-only / W8A8 / fp8. Writes ``<device>-e2e.json``,
 ``--out`` after every variant, merging with results already there, so a run
 cut short or split over several commands still leaves a table.
 
+``--rounds N`` runs the variant list N times, round robin, each run in a fresh process, and
+reports per variant the median of every tok/s figure over its rounds (the samples are kept in
+the JSON as ``<key>_samples``). Eager prefill of a quantized model is host-bound on a slow
+host and read bimodal per process on H100 (``results/h100-e2e-prefill-s9.md``), so one
+process per variant is one sample, not a measurement.
+
 ``--tiny`` runs a tiny config on CPU in one process (a smoke check for tests).
 """
 
@@ -317,6 +323,29 @@ def run_in_subprocess(variant, args, env) -> dict:
         os.unlink(path)
 
 
+def merge_rounds(rounds: dict[str, list[dict]]) -> list[dict]:
+    """One result per variant from its rounds: every ``*_tok_s`` figure is the median over the
+    rounds that measured it, with the samples under ``<key>_samples`` (more than one round);
+    other fields come from the first round without an error. A variant whose every round
+    failed keeps its first round's error."""
+    out = []
+    for rs in rounds.values():
+        ok = [r for r in rs if "error" not in r and "skipped" not in r]
+        if not ok:
+            out.append(rs[0])
+            continue
+        merged = dict(ok[0])
+        if len(rs) > 1:
+            merged["rounds"] = len(rs)
+            merged["failed_rounds"] = len(rs) - len(ok)
+            for key in {k for r in ok for k in r if k.endswith("_tok_s")}:
+                samples = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
+                merged[key] = round(statistics.median(samples), 2)
+                merged[key + "_samples"] = samples
+        out.append(merged)
+    return out
+
+
 def ratio(r, base, key):
     if base and r.get(key) and base.get(key):
         return f"{r[key] / base[key]:.2f}x"
@@ -342,7 +371,10 @@ def markdown(results, meta) -> str:
         + f", static cache, greedy, {meta['new_tokens']} new tokens; "
         f"prefill = one {meta['prefill']}-token forward"
         + (" compiled (`torch.compile`, default mode)" if meta.get("prefill_compiled") else " (eager)")
-        + ". tok/s is per sequence; x = ratio to bf16 in the same run.",
+        + ". tok/s is per sequence; x = ratio to bf16 in the same run"
+        + (
+            f"; each figure the median of {meta['rounds']} processes per variant." if meta.get("rounds", 1) > 1 else "."
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|---|" + "---:|" * (len(head) - 1),
@@ -361,6 +393,13 @@ def markdown(results, meta) -> str:
         cells += [r.get("prefill_tok_s", "-"), ratio(r, base, "prefill_tok_s")]
         cells += [r.get(f"b{b}_peak_GB", "-") for b in gens]
         lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    sampled = [r for r in results if any(k.endswith("_samples") for k in r)]
+    if sampled:
+        lines += ["", "Samples per process (tok/s):", ""]
+        for r in sampled:
+            figs = "; ".join(f"{k[: -len('_samples')]} {r[k]}" for k in sorted(r) if k.endswith("_samples"))
+            failed = f" ({r['failed_rounds']} failed)" if r.get("failed_rounds") else ""
+            lines.append(f"- {r['label']}{failed}: {figs}")
     return "\n".join(lines) + "\n"
 
 
@@ -473,6 +512,12 @@ def parse_args(argv=None):
         action="store_true",
         help="skip the generate timing (with --step-loop: decode timed by the step loop only; saves a compile)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the variant list this many times, round robin, one process each; report medians (default: 1)",
+    )
     p.add_argument("--in-process", action="store_true", help="run every variant in this process (default with --tiny)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -486,6 +531,8 @@ def parse_args(argv=None):
     if args.tiny:
         args.no_compile = True
         args.in_process = True
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variant_list if v not in VARIANTS]
     if bad:
@@ -515,10 +562,10 @@ def main(argv=None) -> int:
         if skip:
             skip = False
             continue
-        if a == "--variants":
+        if a in ("--variants", "--rounds"):
             skip = True
             continue
-        if a.startswith("--variants="):
+        if a.startswith(("--variants=", "--rounds=")):
             continue
         child_argv.append(a)
     args.child_argv = child_argv
@@ -549,19 +596,22 @@ def main(argv=None) -> int:
     except Exception:
         pass
     print(json.dumps(meta), flush=True)
-    results = []
-    for v in args.variant_list:
-        t0 = time.perf_counter()
-        if args.in_process:
-            try:
-                r = run_variant(v, args)
-            except Exception as e:
-                r = dict(variant=v, label=LABELS[v], error=f"{type(e).__name__}: {e}")
-        else:
-            r = run_in_subprocess(v, args, env)
-        results.append(r)
-        print(f"{v} ({time.perf_counter() - t0:.0f} s): {json.dumps(r)}", flush=True)
-        md = write_outputs(results, meta, args.out, name)
+    meta["rounds"] = args.rounds
+    rounds: dict[str, list[dict]] = {}
+    for i in range(args.rounds):
+        for v in args.variant_list:
+            t0 = time.perf_counter()
+            if args.in_process:
+                try:
+                    r = run_variant(v, args)
+                except Exception as e:
+                    r = dict(variant=v, label=LABELS[v], error=f"{type(e).__name__}: {e}")
+            else:
+                r = run_in_subprocess(v, args, env)
+            rounds.setdefault(v, []).append(r)
+            tag = f" round {i + 1}/{args.rounds}" if args.rounds > 1 else ""
+            print(f"{v}{tag} ({time.perf_counter() - t0:.0f} s): {json.dumps(r)}", flush=True)
+            md = write_outputs(merge_rounds(rounds), meta, args.out, name)
     print()
     print(md)
     print(f"written to {args.out}/{name}-e2e.{{json,md,png}}")

@@ -275,3 +275,46 @@ def test_e2e_step_loop_decodes_like_generate():
         got = e2e.step_loop_decode(model, ids, 6, compile_step=False)
     assert len(set(want[:, 7:].flatten().tolist())) > 2  # not one repeated token
     assert torch.equal(got, want)
+
+
+def test_e2e_merge_rounds_takes_medians_and_keeps_samples():
+    e2e = _e2e_module()
+    rounds = {
+        "bf16": [
+            dict(variant="bf16", label="bf16", prefill_tok_s=v, b1_tok_s=b)
+            for v, b in ((30.0, 5), (10.0, 7), (20.0, 6))
+        ],
+        "lowbit_int4": [
+            dict(variant="lowbit_int4", label="int4", error="boom"),
+            dict(variant="lowbit_int4", label="int4", prefill_tok_s=8.0, weights_GB=1.0),
+            dict(variant="lowbit_int4", label="int4", prefill_tok_s=4.0, weights_GB=1.0),
+        ],
+        "ao_int4": [dict(variant="ao_int4", label="ao", error="no torchao")] * 2,
+    }
+    by = {r["variant"]: r for r in e2e.merge_rounds(rounds)}
+    assert by["bf16"]["prefill_tok_s"] == 20.0 and by["bf16"]["prefill_tok_s_samples"] == [30.0, 10.0, 20.0]
+    assert by["bf16"]["b1_tok_s"] == 6 and by["bf16"]["failed_rounds"] == 0
+    # the failed round is left out of the median, and counted
+    assert by["lowbit_int4"]["prefill_tok_s"] == 6.0 and by["lowbit_int4"]["failed_rounds"] == 1
+    assert "error" not in by["lowbit_int4"] and by["lowbit_int4"]["weights_GB"] == 1.0
+    assert by["ao_int4"]["error"] == "no torchao"
+    # one round: the result as measured, no sample lists
+    one = e2e.merge_rounds({"bf16": rounds["bf16"][:1]})[0]
+    assert one == rounds["bf16"][0]
+
+
+def test_e2e_bench_rounds_on_cpu(tmp_path):
+    """--rounds 2: each variant runs twice; the table shows medians and lists the samples."""
+    e2e = _e2e_module()
+    argv = ["--tiny", "--out", str(tmp_path), "--reps", "1", "--no-generate", "--rounds", "2"]
+    assert e2e.main(argv + ["--variants", "bf16,lowbit_int4", "--batches", "1"]) == 0
+    data = json.loads((tmp_path / "cpu-tiny-e2e.json").read_text())
+    assert data["meta"]["rounds"] == 2
+    for r in data["results"]:
+        samples = r["prefill_tok_s_samples"]
+        assert len(samples) == 2 and all(s > 0 for s in samples), r
+        assert r["prefill_tok_s"] == round(sum(samples) / 2, 2)  # the median of two
+    md = (tmp_path / "cpu-tiny-e2e.md").read_text()
+    assert "median of 2 processes" in md and "Samples per process" in md
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--tiny", "--rounds", "0"])
