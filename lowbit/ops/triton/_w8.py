@@ -10,8 +10,10 @@ Shapes and math::
 
 The product is accumulated in int32 for int8 x int8 (exact), else in fp32;
 the scales are applied once in the epilogue (``x @ (q * s).T == (x @ q.T) * s``).
-``_gemv_kernel`` serves tiny M with FMAs, ``_gemm_kernel`` everything else with
-``tl.dot``. For M <= 128 the K loop can be split across programs (autotuned with the
+``_gemv_kernel`` serves M <= GEMV_MAX_M with FMAs; W8A16 with bf16 / fp16 x on CUDA from
+DEQUANT_MIN_M dequantizes DEQUANT_ROWS weight rows at a time for cuBLAS
+(``_utils.chunked_dequant_mm``); W8A8 in TMA_DTYPES (fp8) from TMA_MIN_M on sm_90+ runs the
+persistent ``_gemm_tma_kernel``; ``_gemm_kernel`` does the rest with ``tl.dot``. For M <= 128 the K loop can be split across programs (autotuned with the
 tile): each split stores its raw partial sums (int32 bits for int8 x int8, else fp32)
 into its own slice of a workspace and counts itself in on the output tile's counter;
 the last split adds the slices in a fixed order (exact for int32), applies the

@@ -12,20 +12,21 @@ Shapes and math (the spec is ``lowbit.ops.reference.int4_linear``)::
 
 Two paths, picked by M:
 
-* ``_gemm_kernel`` (M < DEQUANT_MIN_M): tensor-core GEMM; the weight tile is
-  unpacked and dequantized in registers inside the main loop. On the GPU (bf16 /
-  fp16 activations with qparams of the same dtype) inline PTX turns 4 code bytes
-  into 8 weights (prmt + lop3 with a magic exponent, then two packed fma: about 2
-  instructions per weight, single rounding of ``(q - 8) * s + z`` to x.dtype);
-  elsewhere the reference's fp32 formula.
-  "mma" codes, M < 64 (``_dequant_words``): each int32 word unpacks into exactly the
-  bf16x2 registers one thread feeds to the m16n8k16 mma, in k order, so one full-depth
-  dot takes x straight from ldmatrix (Triton >= 3.8, offline SASS, 16x64x128 tile: 213
-  instructions per main-loop iteration against 248, 64 registers against 95; Triton
-  3.6 / 3.7 stage the tile through shared memory and are slower than "plain").
+* ``_gemm_kernel`` (M < DEQUANT_MIN_M, and fp32 x with "plain" codes at any M):
+  tensor-core GEMM; the weight tile is unpacked and dequantized in registers inside
+  the main loop. On the GPU (bf16 / fp16 activations with qparams of the same dtype)
+  inline PTX turns 4 code bytes into 8 weights (prmt + lop3 with a magic exponent,
+  then two packed fma: about 2 instructions per weight, single rounding of
+  ``(q - 8) * s + z`` to x.dtype); elsewhere the reference's fp32 formula.
+  "mma" codes, M bucket < 64, i.e. M <= 32 (``_dequant_words``): each int32 word
+  unpacks into exactly the bf16x2 registers one thread feeds to the m16n8k16 mma, in
+  k order, so one full-depth dot takes x straight from ldmatrix (Triton >= 3.8,
+  offline SASS, 16x64x128 tile: 213 instructions per main-loop iteration against 248,
+  64 registers against 95; Triton 3.6 / 3.7 stage the tile through shared memory and
+  are slower than "plain").
   "plain" codes (``_dequant_tile``): even k live in the low nibbles, so x is split
-  into even/odd columns and two half-depth dots run. "mma" codes from M = 64 (wgmma
-  tiles) take this byte path too, with x's columns reordered once per call
+  into even/odd columns and two half-depth dots run. "mma" codes from M bucket 64
+  (M >= 33; wgmma tiles) take this byte path too, with x's columns reordered once per call
   (``_pair_order``) so that byte j's nibbles meet their k.
   For small M the K loop can be split across programs: each split stores its fp32
   partial sums into its own slice of a workspace and counts itself in on a per-tile
