@@ -58,4 +58,6 @@ def kernel_op(name: str, *, fake: Callable) -> Callable:
 
 def linear_out_fake(x: torch.Tensor, qdata: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Fake for launchers computing ``x [M, K] @ W.T -> [M, N]`` with N = qdata.shape[0]."""
+    if x.dim() != 2:  # as the launchers check
+        raise ValueError(f"x must be a 2-D floating tensor [M, K], got {x.dtype} {tuple(x.shape)}")
     return x.new_empty(x.shape[0], qdata.shape[0])

@@ -91,3 +91,49 @@ def test_int4_and_w8a16_dequant_paths_in_chunks(monkeypatch):
     out = int8_mm(x, q8, s8)
     expect = ref.int8_weight_only_linear(x, q8, s8).double()
     assert (out.double() - expect).norm() / expect.norm() < 1e-2
+
+
+class _FakeStream:
+    def __init__(self, handle):
+        self.cuda_stream = handle
+
+
+def test_split_k_counters_never_come_from_a_capture(monkeypatch):
+    # tile_counters' bookkeeping with CUDA faked on CPU: eager calls make a stream's buffer
+    # outside any graph and keep spares; a stream first seen in a capture takes a spare and,
+    # with none left, gets per-launch zeros that are not cached (a buffer cached from inside
+    # one graph would be zeroed only by that graph's replays)
+    made = []
+
+    def outside(device, n):
+        made.append(torch.zeros(n, dtype=torch.int32))
+        return made[-1]
+
+    state = dict(stream=1, capturing=False)
+    monkeypatch.setattr(_utils, "_COUNTERS", {})
+    monkeypatch.setattr(_utils, "_SPARE_COUNTERS", {})
+    monkeypatch.setattr(_utils, "zeros_outside_pools", outside)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream(state["stream"]))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, device=None, **k: real_zeros(*a, **k))
+    dev = torch.device("cuda:0")
+
+    eager1 = _utils.tile_counters(dev, 8)
+    assert any(eager1 is t for t in made) and len(made) == 1 + _utils.SPARE_COUNTERS
+    assert _utils.tile_counters(dev, 8) is eager1  # cached per stream
+    state.update(stream=2, capturing=True)
+    spare = _utils.tile_counters(dev, 8)
+    assert any(spare is t for t in made) and spare is not eager1
+    assert _utils.tile_counters(dev, 8) is spare  # the capturing stream keeps it
+    for handle in range(3, 3 + _utils.SPARE_COUNTERS):  # use up the spares
+        state["stream"] = handle
+        _utils.tile_counters(dev, 8)
+    state["stream"] = 99
+    fresh = [_utils.tile_counters(dev, 8) for _ in range(2)]
+    assert fresh[0] is not fresh[1] and not any(f is t for f in fresh for t in made)
+    assert (dev, 99) not in _utils._COUNTERS
+    # the next eager call tops the spares up again
+    state.update(stream=1, capturing=False)
+    assert _utils.tile_counters(dev, 8) is eager1
+    assert len(_utils._SPARE_COUNTERS[dev]) == _utils.SPARE_COUNTERS

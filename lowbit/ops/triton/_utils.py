@@ -23,6 +23,51 @@ AUTOTUNE = not INTERPRET and os.environ.get("LOWBIT_TRITON_AUTOTUNE", "1") != "0
 TUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
+# The kernels index with 32-bit offsets: an operand or output of 2**31 or more elements
+# would wrap. Launchers run such activations in row blocks and refuse such weights.
+MAX_ELEMENTS = 2**31 - 1
+
+
+def launcher(name: str, weight_dtypes: tuple[torch.dtype, ...]):
+    """Decorator for a public Triton launcher ``fn(x [M, K], qdata [N, ...], *params)``.
+
+    Checks what the kernels cannot (x 2-D and floating, qdata's dtype, every tensor on x's
+    device), runs on x's CUDA device (Triton launches on the current device: a model split
+    over GPUs keeps cuda:0 current), and splits M so no operand or output reaches
+    MAX_ELEMENTS."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(x: torch.Tensor, qdata: torch.Tensor, *params, **kw):
+            if x.dim() != 2 or not x.is_floating_point():
+                raise ValueError(f"{name}: x must be a 2-D floating tensor [M, K], got {x.dtype} {tuple(x.shape)}")
+            if qdata.dtype not in weight_dtypes:
+                want = " or ".join(str(d) for d in weight_dtypes)
+                raise TypeError(f"{name}: qdata has dtype {qdata.dtype}, expected {want}")
+            tensors = [("qdata", qdata)] + [(f"argument {i + 3}", p) for i, p in enumerate(params)]
+            for label, t in tensors + list(kw.items()):
+                if isinstance(t, torch.Tensor) and t.device != x.device:
+                    raise ValueError(f"{name}: x is on {x.device} but {label} is on {t.device}")
+            if qdata.numel() > MAX_ELEMENTS:
+                raise ValueError(
+                    f"{name}: weight {tuple(qdata.shape)} has more than {MAX_ELEMENTS} elements, beyond the "
+                    "kernels' 32-bit offsets; split the layer"
+                )
+            m, k = x.shape
+            n = qdata.shape[0]
+            rows = MAX_ELEMENTS // max(k, n, 1)
+            if x.is_cuda and x.device.index != torch.cuda.current_device():
+                with torch.cuda.device(x.device):
+                    return run(x, qdata, *params, **kw)
+            if m <= rows:
+                return fn(x, qdata, *params, **kw)
+            return torch.cat([fn(x[i : i + rows], qdata, *params, **kw) for i in range(0, m, rows)])
+
+        return run
+
+    return wrap
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for the number of rows: the next power of two, capped at 4096.
 
@@ -59,6 +104,8 @@ def is_sm90_or_newer(device: torch.device) -> bool:
 # launches on a stream run in order and each leaves its counters at zero. Splits only run
 # for M <= 128, so 65536 counters (16x16 tiles) cover N up to 131072.
 _COUNTERS: dict = {}
+_SPARE_COUNTERS: dict = {}  # device -> zeroed buffers for streams first seen in a capture
+SPARE_COUNTERS = 2
 COUNTERS_SIZE = 1 << 16
 
 
@@ -87,20 +134,35 @@ def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """Zeroed int32 counters for one split-K launch, one cached buffer per stream.
 
     The kernel puts every counter it used back to zero, so the launches that follow each
-    other on a stream share a buffer; concurrent streams get their own. Made outside any
-    CUDA graph (from a plain thread, see ``zeros_outside_pools``), or, for a stream first
-    seen inside a capture, by that graph (its zeroing is captured once). A launch that
-    needs more counters than the cache holds gets fresh zeros."""
+    other on a stream share a buffer; concurrent streams get their own. Buffers are made
+    and zeroed outside any CUDA graph (from a plain thread, see ``zeros_outside_pools``).
+    A stream first seen inside a capture takes a spare buffer made by an earlier eager
+    call; a buffer made inside a capture would live in that graph's pool and be zeroed
+    only when that graph replays, so another graph captured on the stream could read it
+    unzeroed. With no spare left, the launch gets zeros of its own, captured in the graph.
+    A launch that needs more counters than the cache holds gets fresh zeros too."""
     if tiles > COUNTERS_SIZE:
         return torch.zeros(tiles, device=device, dtype=torch.int32)
-    on_gpu = device.type == "cuda"
-    key = (device, torch.cuda.current_stream(device).cuda_stream if on_gpu else 0)
-    if key not in _COUNTERS:
-        if on_gpu and not torch.cuda.is_current_stream_capturing():
-            _COUNTERS[key] = zeros_outside_pools(device, COUNTERS_SIZE)
-        else:
-            _COUNTERS[key] = torch.zeros(COUNTERS_SIZE, device=device, dtype=torch.int32)
-    return _COUNTERS[key]
+    if device.type != "cuda":
+        if (device, 0) not in _COUNTERS:
+            _COUNTERS[device, 0] = torch.zeros(COUNTERS_SIZE, device=device, dtype=torch.int32)
+        return _COUNTERS[device, 0]
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    buf = _COUNTERS.get(key)
+    spares = _SPARE_COUNTERS.setdefault(device, [])
+    if buf is not None and len(spares) >= SPARE_COUNTERS:
+        return buf
+    if not torch.cuda.is_current_stream_capturing():
+        while len(spares) < SPARE_COUNTERS:  # for streams a capture will use
+            spares.append(zeros_outside_pools(device, COUNTERS_SIZE))
+        if buf is None:
+            buf = _COUNTERS[key] = zeros_outside_pools(device, COUNTERS_SIZE)
+        return buf
+    if buf is None:
+        if not spares:
+            return torch.zeros(tiles, device=device, dtype=torch.int32)
+        buf = _COUNTERS[key] = spares.pop()
+    return buf
 
 
 # Split-K workspace ([SPLIT_K, M, N] x 4 bytes) never larger than this.

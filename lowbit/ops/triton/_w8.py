@@ -361,7 +361,15 @@ def tma_config(m: int, n: int, k: int, device: torch.device) -> dict:
 def use_tma(x: torch.Tensor, w: torch.Tensor) -> bool:
     """W8A8 in TMA_DTYPES with M >= TMA_MIN_M on sm_90+ (or the interpreter) and TMA-legal strides."""
     m, k = x.shape
-    if w.dtype not in TMA_DTYPES or m < TMA_MIN_M or k % 16 or x.data_ptr() % 16 or w.data_ptr() % 16:
+    if (
+        w.dtype not in TMA_DTYPES
+        or m < TMA_MIN_M
+        or k == 0
+        or w.shape[0] == 0
+        or k % 16
+        or x.data_ptr() % 16
+        or w.data_ptr() % 16
+    ):
         return False
     return INTERPRET or is_sm90_or_newer(x.device)
 
@@ -408,6 +416,10 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     n = w.shape[0]
     if w.shape[1] != k or ws.shape != (n,):
         raise ValueError(f"8-bit mm: x {tuple(x.shape)}, weight {tuple(w.shape)}, scale {tuple(ws.shape)}")
+    if (x.dtype != w.dtype) if xs is not None else (w.dtype != torch.int8 or not x.is_floating_point()):
+        raise TypeError(
+            f"8-bit mm: x {x.dtype} with weight {w.dtype} (W8A16: float x, int8 w; W8A8: both int8 or both fp8)"
+        )
     if m == 0:
         return torch.empty(0, n, device=x.device, dtype=out_dtype)
     x, w, ws = x.contiguous(), w.contiguous(), ws.contiguous()

@@ -25,7 +25,7 @@ import torch
 
 from lowbit.compile import kernel_op, linear_out_fake
 from lowbit.ops.reference import FP8_DTYPE
-from lowbit.ops.triton._utils import is_sm90_or_newer
+from lowbit.ops.triton._utils import is_sm90_or_newer, launcher
 from lowbit.ops.triton._w8 import w8_mm
 from lowbit.ops.triton.quant import quantize_rows
 
@@ -42,6 +42,8 @@ def _use_scaled_mm(x: torch.Tensor, n: int) -> bool:
         x.is_cuda
         and x.dtype == torch.bfloat16  # cuBLAS row-wise scaling writes bf16 only
         and m >= SCALED_MM_MIN_M
+        and k > 0
+        and n > 0
         and k % 16 == 0
         and n % 16 == 0
         and is_sm90_or_newer(x.device)
@@ -49,6 +51,7 @@ def _use_scaled_mm(x: torch.Tensor, n: int) -> bool:
 
 
 @kernel_op("fp8_dyn_mm_triton", fake=linear_out_fake)
+@launcher("fp8_dyn_mm", (FP8_DTYPE,))
 def fp8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """FP8 W8A8: per-row e4m3fn quantization of x, fp32 product, rescale -> [M, N] in x.dtype."""
     n = qdata.shape[0]

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from lowbit.compile import kernel_op, linear_out_fake
+from lowbit.ops.reference import INT4_GROUP_SIZES
 from lowbit.ops.triton._utils import (
     AUTOTUNE,
     INTERPRET,
@@ -59,6 +60,7 @@ from lowbit.ops.triton._utils import (
     chunked_dequant_mm,
     configs,
     dot_acc,
+    launcher,
     m_bucket,
     num_sms,
     split_k_buffers,
@@ -415,6 +417,7 @@ def _max_split(mb: int, n: int, k: int, group_size: int, swap_mode: int) -> int:
 
 
 @kernel_op("int4_mm_triton", fake=linear_out_fake)
+@launcher("int4_mm", (torch.uint8,))
 def int4_mm(
     x: torch.Tensor,
     qdata: torch.Tensor,
@@ -430,10 +433,12 @@ def int4_mm(
     """
     m, k = x.shape
     n = qdata.shape[0]
-    if k != qdata.shape[1] * 2 or k % group_size or scale.shape != (n, k // group_size):
+    if group_size not in INT4_GROUP_SIZES:  # the tiles assume a power of two >= 32
+        raise ValueError(f"int4_mm: group_size {group_size} is not supported; use one of {INT4_GROUP_SIZES}")
+    if k != qdata.shape[1] * 2 or k % group_size or scale.shape != (n, k // group_size) or zero.shape != scale.shape:
         raise ValueError(
-            f"int4_mm: x {tuple(x.shape)}, qdata {tuple(qdata.shape)}, scale "
-            f"{tuple(scale.shape)} do not match group_size {group_size}"
+            f"int4_mm: x {tuple(x.shape)}, qdata {tuple(qdata.shape)}, scale {tuple(scale.shape)}, zero "
+            f"{tuple(zero.shape)} do not match group_size {group_size} (scale and zero must be [N, K // group_size])"
         )
     if packing not in ("plain", "mma"):
         raise ValueError(f"int4_mm: packing must be 'plain' or 'mma', got {packing!r}")

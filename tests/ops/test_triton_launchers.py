@@ -1,0 +1,124 @@
+"""The public Triton launchers' guard (``_utils.launcher``) and input checks: bad inputs get a
+clear error, activations beyond the kernels' 32-bit offsets run in row blocks."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+
+from lowbit.compile import linear_out_fake
+from lowbit.ops import reference as ref
+from lowbit.ops.triton import _utils
+from lowbit.ops.triton.fp8 import fp8_dyn_mm
+from lowbit.ops.triton.int4 import int4_mm
+from lowbit.ops.triton.int8 import int8_dyn_mm, int8_mm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _w(n, k, seed=0):
+    return (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02).to(DEVICE)
+
+
+def _x(m, k, seed=1):
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.bfloat16)
+
+
+def _rel(out, expect):
+    return float((out.double() - expect.double()).norm() / expect.double().norm())
+
+
+def _int4(n, k, gs=64):
+    scale, zero = ref.int4_choose_qparams(_w(n, k), gs, torch.bfloat16)
+    return ref.int4_pack(ref.int4_quantize(_w(n, k), scale, zero, gs)), scale, zero
+
+
+def _int8(n, k):
+    scale = ref.int8_choose_qparams(_w(n, k), torch.bfloat16)
+    return ref.int8_quantize(_w(n, k), scale), scale
+
+
+def _fp8(n, k):
+    scale = ref.fp8_choose_qparams(_w(n, k))
+    return ref.fp8_quantize(_w(n, k), scale), scale
+
+
+def test_int4_checks_zero_and_group_size():
+    q, s, z = _int4(8, 128)
+    with pytest.raises(ValueError, match=r"zero \(2, 8\)"):
+        int4_mm(_x(4, 128), q, s, z.T.contiguous(), 64)
+    with pytest.raises(ValueError, match=r"zero \(8, 1\)"):
+        int4_mm(_x(4, 128), q, s, z[:, :1].contiguous(), 64)
+    q16, s16, z16 = _int4(8, 128, gs=32)
+    with pytest.raises(ValueError, match="group_size 16 is not supported"):
+        int4_mm(_x(4, 128), q16, s16, z16, 16)
+
+
+@pytest.mark.parametrize(
+    "call, want",
+    [
+        (lambda: int4_mm(_x(2, 128), _int4(8, 128)[0].view(torch.int8), *_int4(8, 128)[1:], 64), "torch.uint8"),
+        (lambda: int8_mm(_x(2, 64), _int8(8, 64)[0].view(torch.uint8), _int8(8, 64)[1]), "torch.int8"),
+        (lambda: int8_mm(_x(2, 64), *_fp8(8, 64)), "torch.int8"),
+        (lambda: int8_dyn_mm(_x(2, 64), *_fp8(8, 64)), "torch.int8"),
+        (lambda: fp8_dyn_mm(_x(2, 64), *_int8(8, 64)), "torch.float8_e4m3fn"),
+    ],
+)
+def test_wrong_weight_dtype_is_an_error(call, want):
+    with pytest.raises(TypeError, match=f"qdata has dtype .* expected {want}"):
+        call()
+
+
+def test_x_must_be_2d_in_the_launcher_and_its_fake():
+    q, s = _int8(8, 64)
+    x3 = _x(6, 64).reshape(2, 3, 64)
+    with pytest.raises(ValueError, match=r"2-D floating tensor \[M, K\]"):
+        int8_mm(x3, q, s)
+    with pytest.raises(ValueError, match=r"2-D floating tensor \[M, K\]"):
+        linear_out_fake(x3, q, s)
+    assert linear_out_fake(_x(6, 64), q, s).shape == (6, 8)
+
+
+def test_tensors_on_another_device_are_an_error():
+    # (through the guard itself: the op's dispatcher would route a meta input to the fake)
+    q, s = _int8(8, 64)
+    probe = _utils.launcher("probe", (torch.int8,))(lambda x, q, s, bias=None: x)
+    with pytest.raises(ValueError, match="probe: x is on .* but argument 3 is on meta"):
+        probe(_x(2, 64), q, s.to("meta"))
+    with pytest.raises(ValueError, match="probe: x is on .* but bias is on meta"):
+        probe(_x(2, 64), q, s, bias=s.to("meta"))
+    assert probe(_x(2, 64), q, s, bias=s).shape == (2, 64)
+
+
+def test_fp8_with_empty_n_or_k_at_large_m():
+    q, s = _fp8(5, 64)
+    out = fp8_dyn_mm(_x(300, 64), q[:0], s[:0])
+    assert out.shape == (300, 0)
+    out = fp8_dyn_mm(_x(300, 0), q[:, :0], s)
+    assert out.shape == (300, 5) and not out.any()
+
+
+def test_activations_past_32_bit_offsets_run_in_row_blocks(monkeypatch):
+    # MAX_ELEMENTS shrunk so a 40-row x (K=256) must run as blocks of 16, 16 and 8 rows
+    monkeypatch.setattr(_utils, "MAX_ELEMENTS", 16 * 256)
+    x = _x(40, 256)
+    q4, s4, z4 = _int4(15, 256)
+    assert _rel(int4_mm(x, q4, s4, z4, 64), ref.int4_linear(x, q4, s4, z4, 64)) < 1e-2
+    q8, s8 = _int8(15, 256)
+    assert _rel(int8_mm(x, q8, s8), ref.int8_weight_only_linear(x, q8, s8)) < 1e-2
+    assert _rel(int8_dyn_mm(x, q8, s8), ref.int8_dynamic_linear(x, q8, s8)) < 1e-2
+    qf, sf = _fp8(15, 256)
+    assert _rel(fp8_dyn_mm(x, qf, sf), ref.fp8_dynamic_linear(x, qf, sf)) < 1e-2
+    # the blocks are really taken: each call sees at most 16 rows
+    seen = []
+    real = _utils.launcher("probe", (torch.int8,))(lambda x, q: seen.append(x.shape[0]) or x[:, :1])
+    real(x, q8)
+    assert seen == [16, 16, 8]
+    # a weight past the limit is refused, naming its shape
+    monkeypatch.setattr(_utils, "MAX_ELEMENTS", 1000)
+    with pytest.raises(ValueError, match=r"weight \(15, 256\) has more than 1000 elements"):
+        int8_mm(_x(2, 256), q8, s8)
