@@ -28,6 +28,13 @@ TUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(tri
 MAX_ELEMENTS = 2**31 - 1
 
 
+def _raise_device(name, x, qdata, params, kw):
+    named = [("qdata", qdata)] + [(f"argument {i + 3}", p) for i, p in enumerate(params)] + list(kw.items())
+    for label, t in named:
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise ValueError(f"{name}: x is on {x.device} but {label} is on {t.device}")
+
+
 def launcher(name: str, weight_dtypes: tuple[torch.dtype, ...]):
     """Decorator for a public Triton launcher ``fn(x [M, K], qdata [N, ...], *params)``.
 
@@ -44,21 +51,20 @@ def launcher(name: str, weight_dtypes: tuple[torch.dtype, ...]):
             if qdata.dtype not in weight_dtypes:
                 want = " or ".join(str(d) for d in weight_dtypes)
                 raise TypeError(f"{name}: qdata has dtype {qdata.dtype}, expected {want}")
-            tensors = [("qdata", qdata)] + [(f"argument {i + 3}", p) for i, p in enumerate(params)]
-            for label, t in tensors + list(kw.items()):
-                if isinstance(t, torch.Tensor) and t.device != x.device:
-                    raise ValueError(f"{name}: x is on {x.device} but {label} is on {t.device}")
+            dev = x.device
+            for t in (qdata, *params, *kw.values()):
+                if isinstance(t, torch.Tensor) and t.device != dev:
+                    _raise_device(name, x, qdata, params, kw)
             if qdata.numel() > MAX_ELEMENTS:
                 raise ValueError(
                     f"{name}: weight {tuple(qdata.shape)} has more than {MAX_ELEMENTS} elements, beyond the "
                     "kernels' 32-bit offsets; split the layer"
                 )
-            m, k = x.shape
-            n = qdata.shape[0]
-            rows = MAX_ELEMENTS // max(k, n, 1)
-            if x.is_cuda and x.device.index != torch.cuda.current_device():
-                with torch.cuda.device(x.device):
+            if x.is_cuda and dev.index != torch.cuda.current_device():
+                with torch.cuda.device(dev):
                     return run(x, qdata, *params, **kw)
+            m, k = x.shape
+            rows = MAX_ELEMENTS // max(k, qdata.shape[0], 1)
             if m <= rows:
                 return fn(x, qdata, *params, **kw)
             return torch.cat([fn(x[i : i + rows], qdata, *params, **kw) for i in range(0, m, rows)])
