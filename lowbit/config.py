@@ -12,6 +12,12 @@ class Int4WeightOnlyConfig:
     group_size: int = 128
     name = "int4_weight_only"
 
+    def __post_init__(self):
+        from lowbit.ops.reference import INT4_GROUP_SIZES
+
+        if type(self.group_size) is not int or self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4_weight_only: group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size!r}")
+
 
 @dataclass(frozen=True)
 class Int8WeightOnlyConfig:

@@ -53,8 +53,8 @@ def skip_reason(mod: nn.Linear, config) -> str | None:
     w = mod.weight
     if isinstance(w, QTensor):
         return f"already quantized ({type(w).__name__})"
-    if not w.dtype.is_floating_point:
-        return f"weight dtype {w.dtype} is not floating point"
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"weight dtype {w.dtype} is not supported (float32, bfloat16 or float16)"
     if isinstance(config, C.Int4WeightOnlyConfig) and mod.in_features % config.group_size:
         return f"in_features={mod.in_features} is not a multiple of group_size={config.group_size}"
     return None

@@ -73,6 +73,8 @@ def int4_cpu_pack(q: torch.Tensor, layout: str) -> torch.Tensor:
     """Unpacked codes [N, K] (uint8) -> CPU tinygemm bytes, viewed as [N, K // 2]."""
     block, pack_full, _ = INT4_CPU_LAYOUTS[layout]
     n, k = q.shape
+    if n == 0:
+        return q.new_empty(0, k // 2)
     full = n // block * block
     parts = []
     if full:
@@ -86,6 +88,8 @@ def int4_cpu_unpack(packed: torch.Tensor, layout: str) -> torch.Tensor:
     """Inverse of ``int4_cpu_pack``: [N, K // 2] bytes -> codes [N, K]."""
     block, _, unpack_full = INT4_CPU_LAYOUTS[layout]
     n, k = packed.shape[0], packed.shape[1] * 2
+    if n == 0:
+        return packed.new_empty(0, k)
     full = n // block * block
     flat = packed.reshape(-1)
     parts = []
@@ -189,12 +193,12 @@ def int8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> to
 
     fp32 activations: ``torch._int_mm`` (exact int32 accumulation) for K % 32 == 0 (on
     torch 2.11 with AVX-512 it returned garbage at K = 1, ``bench/cpu_kernel_probe.py``),
-    else the fp32 int8-weight kernel on the exact codes. bf16/fp16
-    activations: the int8 codes are exact in bf16, so the product runs through
-    the int8-weight kernel with bf16 operands (fp32 accumulation inside); on
-    CPUs without VNNI that is 10-15x faster than ``_int_mm``. Its one extra
-    rounding (the weight-scaled product to bf16) is the size of the final cast
-    to the activation dtype.
+    else the fp32 int8-weight kernel on the exact codes. bf16 activations: the int8
+    codes are exact in bf16, so the product runs through the int8-weight kernel with
+    bf16 operands (fp32 accumulation inside); on CPUs without VNNI that is 10-15x
+    faster than ``_int_mm``. Its extra roundings (the scale and the weight-scaled
+    product to bf16) are the size of the final cast to bf16. fp16 activations take
+    the fp32 kernel: through bf16 their error was 11x the reference's.
     """
     k_ok = _k_vector_ok(x.shape[-1])
     if x.dtype == torch.float32 and k_ok:
@@ -202,7 +206,7 @@ def int8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> to
         y = torch._int_mm(xq, qdata.t()).float() * scale.float()
     else:
         codes, xs = int8_rows_as_float(x)
-        if x.dtype != torch.float32 and k_ok:
+        if x.dtype == torch.bfloat16 and k_ok:
             y = aten._weight_int8pack_mm(codes.to(torch.bfloat16), qdata, scale.to(torch.bfloat16)).float()
         else:  # the fp32 kernel on the same exact codes (fp32 scale, no bf16 operand rounding)
             y = aten._weight_int8pack_mm(codes, qdata, scale.float())

@@ -172,6 +172,13 @@ class QTensor(torch.Tensor):
         """Move every field; formats with device-specific packing override this."""
         return self._rebuild(lambda t: t.to(device))
 
+    def check_fields(self) -> None:
+        """Raise ValueError if a field's shape or dtype does not fit the logical shape and
+        attributes (for tensors rebuilt from a file); formats override this."""
+
+    def _field_error(self, field: str, got, want) -> None:
+        raise ValueError(f"{type(self).__name__} {tuple(self._size)}: field {field!r} is {got}, expected {want}")
+
     def quantize_like(self, w: torch.Tensor) -> QTensor:
         """Quantize a full-precision ``w`` into this tensor's format and attributes."""
         return type(self).from_float(w.to(self.device, self.dtype))
@@ -236,7 +243,11 @@ class QTensor(torch.Tensor):
 
 
 def _rebuild_qtensor(cls, tensors, shape, dtype, attrs):
-    return cls(*tensors, shape=shape, dtype=dtype, **attrs)
+    """Unpickling (``torch.load``, ``weights_only=True`` included): the fields are checked
+    against the shape and attributes, so a tampered or mismatched pickle is an error."""
+    t = cls(*tensors, shape=shape, dtype=dtype, **attrs)
+    t.check_fields()
+    return t
 
 
 # ---------------------------------------------------------------------------- linear
@@ -292,6 +303,8 @@ class _QuantLinearFn(torch.autograd.Function):
 
 def quantized_linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     check_activation(x, w)
+    if bias is not None and bias.dtype != x.dtype:  # as F.linear
+        raise TypeError(f"{type(w).__name__} linear: bias is {bias.dtype} but the input is {x.dtype}")
     if torch.is_grad_enabled() and x.requires_grad:
         y = _QuantLinearFn.apply(x, w)
     else:
@@ -301,7 +314,8 @@ def quantized_linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = No
 
 @QTensor.implements_function(F.linear)
 def _(func, types, args, kwargs):
-    x, w = args[0], args[1]
+    x = args[0] if args else kwargs.get("input")
+    w = args[1] if len(args) > 1 else kwargs.get("weight")
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     if not isinstance(w, QTensor) or isinstance(x, QTensor):
         raise NotImplementedError(
@@ -332,14 +346,34 @@ def _(func, types, args, kwargs):
             f"(it holds packed {self.dtype} data); call .dequantize({dtype}) for a plain tensor"
         )
     device = kwargs.get("device")
-    return self.to_device(device) if device is not None else self._rebuild(lambda t: t.clone())
+    if device is None or torch.device(device) == self.device:  # a copy: fields never shared
+        return self._rebuild(lambda t: t.clone())
+    return self.to_device(device)
+
+
+def not_a_view(t: QTensor, why: str) -> QTensor:
+    """Mark a slice whose fields are not views of its parent's (``copy_`` into it would be
+    lost) or share a field with parts outside it (``copy_`` would change those)."""
+    t._not_a_view = why
+    return t
 
 
 @QTensor.implements(aten.copy_.default)
 def _(func, types, args, kwargs):
     dst, src = args[0], args[1]
+    why = getattr(dst, "_not_a_view", None)
+    if why:
+        raise NotImplementedError(
+            f"copy_ into a slice of a {type(dst).__name__}: {why}; write the whole weight instead"
+        )
     if not isinstance(src, QTensor) and src.shape == dst.shape and src.dtype.is_floating_point:
         # loading a full-precision checkpoint into a quantized model quantizes it the same way
+        bad = int((~torch.isfinite(src)).sum()) if src.device.type != "meta" else 0
+        if bad:
+            raise ValueError(
+                f"copy_ into {type(dst).__name__}: the full-precision source has {bad} NaN/Inf values of "
+                f"{src.numel()}; cannot quantize"
+            )
         src = dst.quantize_like(src)
     if type(src) is type(dst) and src.shape == dst.shape:
         src = dst.convert_like(src)
@@ -419,12 +453,21 @@ def _(func, types, args, kwargs):
 
 @QTensor.implements(aten.addmm.default)
 def _(func, types, args, kwargs):
+    return _addmm(args, kwargs)
+
+
+def _addmm(args, kwargs):
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if beta != 1 or alpha != 1:
+        raise NotImplementedError(
+            f"addmm with a quantized weight supports beta=1, alpha=1 only (a linear), got beta={beta}, alpha={alpha}"
+        )
     return _mm_like(args[1], args[2], args[0])
 
 
 def _mm_like(x, wt, bias):
     if not isinstance(wt, TransposedQTensor) or isinstance(x, QTensor):
-        raise NotImplementedError("mm with a quantized weight is only supported as x @ w.t() (linear)")
+        raise NotImplementedError("mm with a quantized weight is only supported as x @ w.t() (linear), without out=")
     return quantized_linear(x, wt.weight, bias)
 
 
@@ -455,9 +498,10 @@ class TransposedQTensor(torch.Tensor):
         if func is aten.mm.default:
             return _mm_like(args[0], args[1], None)
         if func is aten.addmm.default:
-            return _mm_like(args[1], args[2], args[0])
+            return _addmm(args, kwargs)
         if func is aten.t.default:
             return args[0].weight._rebuild(lambda t: t)
         if func in (aten.detach.default, aten.alias.default):
             return cls(args[0].weight)
-        raise NotImplementedError(f"{func} on a transposed {type(args[0].weight).__name__} is not supported")
+        inner = next((type(a.weight).__name__ for a in args if isinstance(a, TransposedQTensor)), "QTensor")
+        raise NotImplementedError(f"{func} on a transposed {inner} is not supported (only x @ w.t() without out=)")

@@ -6,7 +6,7 @@ import torch
 
 from lowbit.ops import reference as ref
 from lowbit.ops.backend import resolve
-from lowbit.qtensor.base import QTensor
+from lowbit.qtensor.base import QTensor, not_a_view
 
 
 class Float8Tensor(QTensor):
@@ -26,6 +26,14 @@ class Float8Tensor(QTensor):
         scale = ref.fp8_choose_qparams(w)
         return cls(ref.fp8_quantize(w, scale), scale, shape=w.shape, dtype=w.dtype)
 
+    def check_fields(self) -> None:
+        if self.qdata.dtype != ref.FP8_DTYPE or tuple(self.qdata.shape) != tuple(self._size):
+            self._field_error(
+                "qdata", f"{self.qdata.dtype} {tuple(self.qdata.shape)}", f"{ref.FP8_DTYPE} {tuple(self._size)}"
+            )
+        if tuple(self.scale.shape) != (self._size[0],) or self.scale.dtype != torch.float32:
+            self._field_error("scale", f"{self.scale.dtype} {tuple(self.scale.shape)}", f"float32 ({self._size[0]},)")
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return ref.fp8_dequantize(self.qdata, self.scale, dtype or self.dtype)
 
@@ -37,4 +45,5 @@ class Float8Tensor(QTensor):
         return ref.fp8_dynamic_linear(x, self.qdata, self.scale)
 
     def slice_cols(self, start: int, end: int) -> QTensor:
-        return Float8Tensor(self.qdata[:, start:end], self.scale, shape=(self.shape[0], end - start), dtype=self.dtype)
+        out = Float8Tensor(self.qdata[:, start:end], self.scale, shape=(self.shape[0], end - start), dtype=self.dtype)
+        return not_a_view(out, "its per-row scales are shared with the columns outside it")

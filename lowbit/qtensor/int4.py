@@ -9,7 +9,7 @@ import torch
 from lowbit.ops import cpu
 from lowbit.ops import reference as ref
 from lowbit.ops.backend import resolve
-from lowbit.qtensor.base import QTensor
+from lowbit.qtensor.base import QTensor, not_a_view
 
 # Packings that keep each row's bytes in that row (the Triton kernel reads both; row
 # slices are views): name -> (pack codes [N, K], unpack qdata [N, K // 2]).
@@ -51,6 +51,21 @@ class Int4Tensor(QTensor):
         q = ref.int4_quantize(w, scale, zero, group_size)
         plain = cls(ref.int4_pack(q), scale, zero, shape=w.shape, dtype=w.dtype, group_size=group_size, packing="plain")
         return plain.repack(_best_packing(plain.device, n, k, group_size) if packing == "auto" else packing)
+
+    def check_fields(self) -> None:
+        n, k = self._size
+        g = self.group_size
+        if type(g) is not int or g not in ref.INT4_GROUP_SIZES or k % g:
+            self._field_error("group_size", repr(g), f"one of {ref.INT4_GROUP_SIZES} dividing K={k}")
+        if self.packing not in ROW_PACKINGS and self.packing not in cpu.INT4_CPU_LAYOUTS:
+            self._field_error("packing", repr(self.packing), f"one of {[*ROW_PACKINGS, *cpu.INT4_CPU_LAYOUTS]}")
+        if self.qdata.dtype != torch.uint8:
+            self._field_error("qdata", self.qdata.dtype, torch.uint8)
+        if self.packing in ROW_PACKINGS and tuple(self.qdata.shape) != (n, k // 2):
+            self._field_error("qdata", tuple(self.qdata.shape), (n, k // 2))
+        for name, t in (("scale", self.scale), ("zero", self.zero)):
+            if t.numel() != n * (k // g) or not t.dtype.is_floating_point:
+                self._field_error(name, f"{t.dtype} {tuple(t.shape)}", f"{n * (k // g)} floats (N x K / group_size)")
 
     # ------------------------------------------------------------------ packing
     def codes(self) -> torch.Tensor:
@@ -111,7 +126,8 @@ class Int4Tensor(QTensor):
             return QTensor.slice_rows(self, start, end)
         plain = self.repack("plain")
         out = QTensor.slice_rows(plain, start, end)
-        return out.repack(_best_packing(out.device, end - start, self.shape[1], self.group_size))
+        out = out.repack(_best_packing(out.device, end - start, self.shape[1], self.group_size))
+        return not_a_view(out, f"rows of the {self.packing!r} packing are repacked into a copy")
 
     def slice_cols(self, start: int, end: int) -> Int4Tensor:
         g = self.group_size
@@ -129,7 +145,10 @@ class Int4Tensor(QTensor):
             group_size=g,
             packing="plain",
         )
-        return out.repack(_best_packing(out.device, *out.shape, g))
+        packed = out.repack(_best_packing(out.device, *out.shape, g))
+        if self.packing != "plain" or packed.packing != "plain":
+            not_a_view(packed, f"columns of the {self.packing!r} packing are repacked into a copy")
+        return packed
 
 
 def _best_packing(device: torch.device, n: int, k: int, group_size: int) -> str:

@@ -7,7 +7,7 @@ import torch
 from lowbit.ops import cpu
 from lowbit.ops import reference as ref
 from lowbit.ops.backend import resolve
-from lowbit.qtensor.base import QTensor
+from lowbit.qtensor.base import QTensor, not_a_view
 
 
 class Int8Tensor(QTensor):
@@ -27,6 +27,12 @@ class Int8Tensor(QTensor):
         scale = ref.int8_choose_qparams(w, cls.scale_dtype or w.dtype)
         return cls(ref.int8_quantize(w, scale), scale, shape=w.shape, dtype=w.dtype)
 
+    def check_fields(self) -> None:
+        if self.qdata.dtype != torch.int8 or tuple(self.qdata.shape) != tuple(self._size):
+            self._field_error("qdata", f"{self.qdata.dtype} {tuple(self.qdata.shape)}", f"int8 {tuple(self._size)}")
+        if tuple(self.scale.shape) != (self._size[0],) or not self.scale.dtype.is_floating_point:
+            self._field_error("scale", f"{self.scale.dtype} {tuple(self.scale.shape)}", f"floats ({self._size[0]},)")
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return ref.int8_dequantize(self.qdata, self.scale, dtype or self.dtype)
 
@@ -41,7 +47,8 @@ class Int8Tensor(QTensor):
         return ref.int8_weight_only_linear(x, self.qdata, self.scale)
 
     def slice_cols(self, start: int, end: int) -> QTensor:
-        return type(self)(self.qdata[:, start:end], self.scale, shape=(self.shape[0], end - start), dtype=self.dtype)
+        out = type(self)(self.qdata[:, start:end], self.scale, shape=(self.shape[0], end - start), dtype=self.dtype)
+        return not_a_view(out, "its per-row scales are shared with the columns outside it")
 
 
 class Int8DynActTensor(Int8Tensor):

@@ -1,0 +1,160 @@
+"""Misuse of quantized weights gets a clear error or the right answer, never a silent wrong
+one: writes through slices, copies, addmm, loading, pickles, configs, bias dtypes."""
+
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lowbit
+from lowbit.ops import reference as ref
+from lowbit.ops.backend import use_backend
+from lowbit.qtensor import Float8Tensor, Int4Tensor, Int8DynActTensor, Int8Tensor
+
+
+def _w(n=64, k=128, seed=0):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+CLASSES = [
+    lambda w: Int4Tensor.from_float(w, group_size=32),  # the CPU layout where the CPU kernel runs
+    lambda w: Int4Tensor.from_float(w, group_size=32, packing="plain"),
+    Int8Tensor.from_float,
+    Int8DynActTensor.from_float,
+    Float8Tensor.from_float,
+]
+
+
+def test_writes_through_row_slices_land_or_raise():
+    for make in CLASSES:
+        a, b = make(_w(seed=1)), make(_w(seed=2))
+        try:
+            a[0:16] = b[0:16]
+        except NotImplementedError as e:  # a slice that is a copy (CPU-packed int4 rows)
+            assert "write the whole weight" in str(e) and a.packing not in ("plain", "mma")
+            continue
+        assert torch.equal(a.dequantize()[:16], b.dequantize()[:16]), type(a).__name__
+        assert torch.equal(a.dequantize()[16:], make(_w(seed=1)).dequantize()[16:])
+
+
+@pytest.mark.parametrize("make", [Int8Tensor.from_float, Int8DynActTensor.from_float, Float8Tensor.from_float])
+def test_writes_through_column_slices_of_per_row_scales_raise(make):
+    a, b = make(_w(seed=1)), make(_w(seed=2))
+    with pytest.raises(NotImplementedError, match="per-row scales are shared"):
+        a.narrow(1, 0, 64).copy_(b.narrow(1, 0, 64))
+    assert torch.equal(a.dequantize(), make(_w(seed=1)).dequantize())  # untouched
+
+
+def test_int4_plain_column_slices_write_through_or_raise():
+    # a view where the slice keeps the plain packing; on CPU it is repacked for the CPU kernel
+    a, b = (Int4Tensor.from_float(_w(seed=s), group_size=32, packing="plain") for s in (1, 2))
+    dst = a.narrow(1, 32, 64)
+    if dst.packing != "plain":
+        with pytest.raises(NotImplementedError, match="repacked into a copy"):
+            dst.copy_(b.narrow(1, 32, 64))
+        return
+    dst.copy_(b.narrow(1, 32, 64))
+    assert torch.equal(a.dequantize()[:, 32:96], b.dequantize()[:, 32:96])
+    untouched = Int4Tensor.from_float(_w(seed=1), group_size=32, packing="plain").dequantize()
+    assert torch.equal(a.dequantize()[:, :32], untouched[:, :32])
+
+
+@pytest.mark.parametrize("make", CLASSES)
+def test_to_with_copy_never_shares_fields(make):
+    q = make(_w(seed=1))
+    before = q.dequantize().clone()
+    c = q.to("cpu", copy=True)
+    c.copy_(make(_w(seed=2)))
+    assert torch.equal(q.dequantize(), before)
+    assert torch.equal(c.dequantize(), make(_w(seed=2)).dequantize())
+
+
+def test_addmm_takes_only_the_linear_form():
+    q = Int8Tensor.from_float(_w())
+    x, bias = torch.randn(4, 128).bfloat16(), torch.randn(64).bfloat16()
+    assert torch.equal(torch.addmm(bias, x, q.t()), F.linear(x, q, bias))
+    with pytest.raises(NotImplementedError, match="beta=0.5, alpha=2.0"):
+        torch.addmm(bias, x, q.t(), beta=0.5, alpha=2.0)
+    with pytest.raises(NotImplementedError, match="without out="):
+        torch.mm(x, q.t(), out=torch.empty(4, 64, dtype=torch.bfloat16))
+
+
+def test_bias_dtype_must_match_and_keywords_work():
+    q = Int8Tensor.from_float(_w())
+    x = torch.randn(4, 128).bfloat16()
+    with pytest.raises(TypeError, match="bias is torch.float32 but the input is torch.bfloat16"):
+        F.linear(x, q, torch.zeros(64))
+    bias = torch.randn(64).bfloat16()
+    assert torch.equal(F.linear(input=x, weight=q, bias=bias), F.linear(x, q, bias))
+
+
+def test_loading_a_non_finite_float_checkpoint_into_a_quantized_model_is_an_error():
+    model = lowbit.quantize_(nn.Sequential(nn.Linear(128, 64)).bfloat16(), lowbit.int8_weight_only())
+    sd = nn.Sequential(nn.Linear(128, 64)).bfloat16().state_dict()
+    sd["0.weight"][3, 5] = float("nan")
+    with pytest.raises(RuntimeError, match="1 NaN/Inf values of 8192; cannot quantize"):  # (torch wraps it)
+        model.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("make", CLASSES)
+def test_pickles_round_trip_and_tampered_fields_are_refused(make):
+    q = make(_w())
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=True)
+    assert type(back) is type(q) and torch.equal(back.dequantize(), q.dequantize())
+    # the same fields under a logical shape they do not fit
+    wrong = type(q)(*q._tensors(), shape=(32, 128), dtype=q.dtype, **q._attrs())
+    buf = io.BytesIO()
+    torch.save(wrong, buf)
+    buf.seek(0)
+    with pytest.raises(ValueError, match=r"\(32, 128\): field"):
+        torch.load(buf, weights_only=True)
+
+
+def test_int4_pickle_with_a_mismatched_group_size_is_refused():
+    q = Int4Tensor.from_float(_w(), group_size=32, packing="plain")
+    bad = Int4Tensor(q.qdata, q.scale, q.zero, shape=(64, 128), dtype=torch.bfloat16, group_size=64, packing="plain")
+    buf = io.BytesIO()
+    torch.save(bad, buf)
+    buf.seek(0)
+    with pytest.raises(ValueError, match="field 'scale'"):
+        torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("g", [0, 16, 100, 512, 128.0, True, "128", None])
+def test_int4_config_rejects_unsupported_group_sizes(g):
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        lowbit.int4_weight_only(g)
+
+
+def test_weights_of_unsupported_dtypes_are_skipped_with_a_reason():
+    model = lowbit.quantize_(nn.Sequential(nn.Linear(128, 64)).double(), lowbit.int8_weight_only())
+    assert not isinstance(model[0].weight, lowbit.QTensor)
+    assert "float64 is not supported" in model.lowbit_report.skipped["0"]
+
+
+def test_w8a8_fp16_activations_on_cpu_keep_fp16_precision():
+    q = Int8DynActTensor.from_float(_w(256, 1024) * 0.05)
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(3)).half()
+    xq, xs = ref.int8_quantize_rows(x)
+    exact = (xq.double() @ q.qdata.double().T) * xs.double()[:, None] * q.scale.double()
+
+    def rel(y):
+        return float((y.double() - exact).norm() / exact.norm())
+
+    with use_backend("cpu"):
+        cpu_out = F.linear(x, q)
+    with use_backend("reference"):
+        ref_out = F.linear(x, q)
+    assert rel(cpu_out) <= 1.5 * rel(ref_out) + 1e-6, (rel(cpu_out), rel(ref_out))
+
+
+@pytest.mark.parametrize("make", CLASSES)
+def test_empty_row_slices(make):
+    q = make(_w())
+    for empty in (q[64:], q[5:5]):
+        assert tuple(empty.shape) == (0, 128) and empty.dequantize().shape == (0, 128)
