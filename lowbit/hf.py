@@ -47,6 +47,13 @@ SCHEMES = {
     "float8_dynamic_activation_float8_weight": lambda c: C.float8_dynamic_activation_float8_weight(),
 }
 _BYTES_PER_WEIGHT = {"int4_weight_only": 0.5}  # the rest: one byte
+# the tensor class a pre-quantized checkpoint of each scheme stores
+_SCHEME_CLASS = {
+    "int4_weight_only": "Int4Tensor",
+    "int8_weight_only": "Int8Tensor",
+    "int8_dynamic_activation_int8_weight": "Int8DynActTensor",
+    "float8_dynamic_activation_float8_weight": "Float8Tensor",
+}
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -74,6 +81,12 @@ class LowbitConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.scheme = scheme
         self.group_size = group_size
+        if isinstance(modules_to_not_convert, str):  # one name, not its characters
+            modules_to_not_convert = [modules_to_not_convert]
+        if modules_to_not_convert is not None and not isinstance(modules_to_not_convert, (list, tuple)):
+            raise ValueError(
+                f"LowbitConfig.modules_to_not_convert must be a list of module names, got {modules_to_not_convert!r}"
+            )
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
         self.format_version = format_version
         kwargs.pop("quant_method", None)
@@ -96,7 +109,9 @@ class LowbitConfig(QuantizationConfigMixin):
                 f"this checkpoint uses lowbit format version {self.format_version}; lowbit {lowbit.__version__} "
                 f"reads up to version {lst.FORMAT_VERSION}. Upgrade lowbit to load it."
             )
-        if self.scheme == "int4_weight_only" and self.group_size not in ref.INT4_GROUP_SIZES:
+        if self.scheme == "int4_weight_only" and (
+            type(self.group_size) is not int or self.group_size not in ref.INT4_GROUP_SIZES
+        ):
             raise ValueError(f"LowbitConfig.group_size must be one of {ref.INT4_GROUP_SIZES}, got {self.group_size!r}")
         if self.modules_to_not_convert is not None and not all(isinstance(m, str) for m in self.modules_to_not_convert):
             raise ValueError("LowbitConfig.modules_to_not_convert must be a list of module names")
@@ -216,6 +231,7 @@ class LowbitHfQuantizer(HfQuantizer):
         )
         if self.pre_quantized:
             self.entries = _read_checkpoint_metadata(checkpoint_files or [])
+            _check_entries_match(self.entries, cfg)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -303,6 +319,25 @@ class LowbitHfQuantizer(HfQuantizer):
             if isinstance(w, QTensor):
                 module.weight = nn.Parameter(w.dequantize(dtype or w.dtype), requires_grad=False)
         return model
+
+
+def _check_entries_match(entries: dict, cfg: LowbitConfig) -> None:
+    """The tensors a pre-quantized checkpoint stores must be of its config's scheme (and
+    group size): config.json alone is not trusted to describe them."""
+    want = _SCHEME_CLASS[cfg.scheme]
+    for name, entry in entries.items():
+        got = entry.cls.__name__
+        if got != want:
+            raise ValueError(
+                f"checkpoint: tensor {name!r} is a {got}, but quantization_config.scheme is {cfg.scheme!r} "
+                f"(which stores {want}); config.json and the weight files disagree"
+            )
+        g = entry.attrs.get("group_size")
+        if g is not None and g != cfg.group_size:
+            raise ValueError(
+                f"checkpoint: tensor {name!r} has group_size {g}, but quantization_config.group_size is "
+                f"{cfg.group_size}; config.json and the weight files disagree"
+            )
 
 
 def _read_checkpoint_metadata(files) -> dict[str, lst.Entry]:

@@ -318,3 +318,15 @@ def test_e2e_bench_rounds_on_cpu(tmp_path):
     assert "median of 2 processes" in md and "Samples per process" in md
     with pytest.raises(SystemExit):
         e2e.parse_args(["--tiny", "--rounds", "0"])
+
+
+def test_options_that_would_do_nothing_or_crash_are_usage_errors(tiny_model, tmp_path, capsys):
+    code, _, err = run_cli(
+        "quantize", tiny_model, tmp_path / "q", "--scheme", "int8", "--skip", "down_projj", capsys=capsys
+    )
+    assert code != 0 and "--skip 'down_projj' matches no module" in err
+    code, _, err = run_cli("eval", tiny_model, "--schemes", "int8", "--max-tokens", "-5", capsys=capsys)
+    assert code != 0 and "--max-tokens must be at least 2" in err
+    for opt, words in (("--ctx", "--ctx must be at least 2"), ("--new-tokens", "--new-tokens must be at least 1")):
+        code, _, err = run_cli("demo", "--model", tiny_model, opt, "0", "--schemes", "int8", capsys=capsys)
+        assert code != 0 and words in err, err

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -144,6 +145,13 @@ def test_group_size_that_does_not_divide_k_is_skipped_and_reported(base_dir):
 def test_config_validation():
     with pytest.raises(ValueError, match="int3_weight_only"):
         LowbitConfig("int3_weight_only")
+    for g in (64.0, "64", True):
+        with pytest.raises(ValueError, match="group_size"):
+            LowbitConfig("int4_weight_only", group_size=g)
+    with pytest.raises(ValueError, match="modules_to_not_convert must be a list of module names, got 5"):
+        LowbitConfig("int8_weight_only", modules_to_not_convert=5)
+    # one name is one name, not its characters
+    assert LowbitConfig("int8_weight_only", modules_to_not_convert="lm_head").modules_to_not_convert == ["lm_head"]
     with pytest.raises(ValueError, match="group_size"):
         LowbitConfig("int4_weight_only", group_size=48)
     with pytest.raises(ValueError, match="format version"):
@@ -173,6 +181,20 @@ def test_checkpoint_with_a_scheme_this_version_cannot_serve(saved, tmp_path):
         AutoModelForCausalLM.from_pretrained(d)
     _edit_config(d, scheme="int8_weight_only", format_version=99)
     with pytest.raises(ValueError, match="format version 99"):
+        AutoModelForCausalLM.from_pretrained(d)
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        (dict(scheme="int8_weight_only"), "is a Int4Tensor, but quantization_config.scheme is 'int8_weight_only'"),
+        (dict(group_size=2 * GROUP), f"has group_size {GROUP}, but quantization_config.group_size is {2 * GROUP}"),
+    ],
+)
+def test_config_json_that_disagrees_with_the_weight_files_is_refused(saved, tmp_path, changes, words):
+    d = _copy(saved["int4_weight_only"][0], tmp_path / "edited")
+    _edit_config(d, **changes)
+    with pytest.raises(ValueError, match=re.escape(words)):
         AutoModelForCausalLM.from_pretrained(d)
 
 

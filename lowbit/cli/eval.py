@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.ctx < 2:
         raise c.CliError("--ctx must be at least 2")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise c.CliError("--max-tokens must be at least 2 (perplexity needs two tokens)")
     schemes = c.parse_schemes(args.schemes)
     src = c.resolve_model(args.model)
     dtype = c.DTYPES[args.dtype]

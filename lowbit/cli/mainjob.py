@@ -73,6 +73,12 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.synthetic:
         return run_synthetic(args)
+    if args.ctx < 2:
+        raise c.CliError("--ctx must be at least 2")
+    if args.new_tokens < 1:
+        raise c.CliError("--new-tokens must be at least 1")
+    if args.ppl_tokens < 0:
+        raise c.CliError("--ppl-tokens must be 0 (the whole text) or more")
     t_start = time.perf_counter()
     schemes = c.parse_schemes(args.schemes)
     dtype = c.DTYPES[args.dtype]
