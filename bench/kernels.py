@@ -171,10 +171,6 @@ def time_stack(fns, x) -> tuple[float, str]:
             return do_bench(run, warmup=25, rep=100, return_mode="median") / len(fns), "nograph"
 
 
-# the dequantize + cuBLAS path with all of w_hat in one chunk (fewer host steps per call;
-# on the GPU 0-3% slower than DEQUANT_ROWS chunks, bench/KERNEL_NOTES.md session 9)
-_CHUNKED = [{"DEQUANT_ROWS": 1 << 20}]
-
 # lowbit variants with the algorithm switch moved, to measure crossovers (--explore)
 # (module, {attribute: value, ...}, when): the attributes are set for that row only
 ALT = {
@@ -183,7 +179,8 @@ ALT = {
         (int4_mod, {"GEMM_SWAP": "on"}, lambda m: 64 <= m < int4_mod.DEQUANT_MIN_M),
         (int4_mod, {"GEMM_SWAP": "tuned"}, lambda m: 64 <= m < int4_mod.DEQUANT_MIN_M),
         (int4_mod, {"DEQUANT_MIN_M": 1 << 30, "GEMM_SWAP": "on"}, lambda m: m >= int4_mod.DEQUANT_MIN_M),
-        *[(int4_mod, c, lambda m: m >= int4_mod.DEQUANT_MIN_M) for c in _CHUNKED],
+        # all of w_hat in one chunk (fewer host steps; 0-3% slower on the GPU, KERNEL_NOTES session 9)
+        (int4_mod, {"DEQUANT_ROWS": 1 << 20}, lambda m: m >= int4_mod.DEQUANT_MIN_M),
     ],
     "int8_wo": [
         (w8_mod, {"GEMV_MAX_M": 0}, lambda m: m <= 8),
@@ -193,7 +190,7 @@ ALT = {
         (w8_mod, {"GEMM_SWAP": "on"}, lambda m: 64 <= m < w8_mod.DEQUANT_MIN_M),
         (w8_mod, {"GEMM_SWAP": "tuned"}, lambda m: 64 <= m < w8_mod.DEQUANT_MIN_M),
         (w8_mod, {"DEQUANT_MIN_M": 1 << 30, "GEMM_SWAP": "on"}, lambda m: m >= w8_mod.DEQUANT_MIN_M),
-        *[(w8_mod, c, lambda m: m >= w8_mod.DEQUANT_MIN_M) for c in _CHUNKED],
+        (w8_mod, {"DEQUANT_ROWS": 1 << 20}, lambda m: m >= w8_mod.DEQUANT_MIN_M),
     ],
 }
 

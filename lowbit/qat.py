@@ -212,7 +212,7 @@ def _prepare(fqn: str, mod: nn.Module, base, report) -> None:
     if reason is not None:
         report.skipped[fqn] = reason
         return
-    check_finite(mod.weight.detach(), fqn)
+    check_finite(mod.weight.detach(), f"layer {fqn!r}")
     mod.__class__ = FakeQuantLinear
     mod.qat_config = base
     report.quantized.append(fqn)
@@ -227,7 +227,7 @@ def _convert(fqn: str, mod: nn.Module, base, report) -> None:
             f"layer {fqn!r} was prepared with {mod.qat_config} but is being converted with {base}; "
             "convert with the config used for prepare"
         )
-    check_finite(mod.weight.detach(), fqn)
+    check_finite(mod.weight.detach(), f"layer {fqn!r}")
     with torch.no_grad():
         qweight = quantize_weight(mod.weight, base)
     mod.__class__ = nn.Linear

@@ -69,12 +69,13 @@ def quantize_weight(w: torch.Tensor, config) -> QTensor:
         return handler(w.detach(), config)
 
 
-def check_finite(w: torch.Tensor, fqn: str) -> None:
+def check_finite(w: torch.Tensor, where: str) -> None:
+    """ValueError naming ``where`` (e.g. ``layer 'model.fc'``) if ``w`` holds NaN or Inf."""
     if w.device.type == "meta":
         return
     bad = (~torch.isfinite(w)).sum().item()
     if bad:
-        raise ValueError(f"layer {fqn!r}: weight has {bad} NaN/Inf values of {w.numel()}; cannot quantize")
+        raise ValueError(f"{where}: weight has {bad} NaN/Inf values of {w.numel()}; cannot quantize")
 
 
 def quantize_(
@@ -111,7 +112,7 @@ def quantize_(
         if reason is not None:
             report.skipped[fqn] = reason
             continue
-        check_finite(mod.weight.detach(), fqn)
+        check_finite(mod.weight.detach(), f"layer {fqn!r}")
         mod.weight = nn.Parameter(quantize_weight(mod.weight, config), requires_grad=False)
         report.quantized.append(fqn)
     for fqn, why in report.skipped.items():

@@ -192,12 +192,17 @@ def lowbit_hf_config(short: str, group_size: int, skip: list[str] | None = None)
     return LowbitConfig(SCHEMES[short], group_size=group_size, modules_to_not_convert=[HEAD, *skip] if skip else None)
 
 
+def names_module(name: str, fqn: str) -> bool:
+    """``name`` (a --skip value) names the module ``fqn``: the whole name, a suffix or a prefix."""
+    return fqn == name or fqn.endswith("." + name) or fqn.startswith(name + ".")
+
+
 def quantize_in_memory(model: nn.Module, short: str, group_size: int, skip: list[str] = (), progress=None):
     """A quantized deep copy of ``model`` (``quantize_``), the output head and ``skip`` left alone."""
     names = (HEAD, *skip)
 
     def keep(fqn: str) -> bool:
-        return any(fqn == n or fqn.endswith("." + n) or fqn.startswith(n + ".") for n in names)
+        return any(names_module(n, fqn) for n in names)
 
     q = copy.deepcopy(model)
     lowbit.quantize_(

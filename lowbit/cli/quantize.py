@@ -79,7 +79,7 @@ def quantize_to_folder(src: c.ModelSource, out: Path, scheme: str, group_size: i
         seconds = time.perf_counter() - t0
         names = [fqn for fqn, _ in model.named_modules()]
         for n in skip or ():
-            if not any(f == n or f.endswith("." + n) or f.startswith(n + ".") for f in names):
+            if not any(c.names_module(n, f) for f in names):
                 raise c.CliError(
                     f"--skip {n!r} matches no module of the model (a name or a suffix such as mlp.down_proj)"
                 )

@@ -368,12 +368,9 @@ def _(func, types, args, kwargs):
         )
     if not isinstance(src, QTensor) and src.shape == dst.shape and src.dtype.is_floating_point:
         # loading a full-precision checkpoint into a quantized model quantizes it the same way
-        bad = int((~torch.isfinite(src)).sum()) if src.device.type != "meta" else 0
-        if bad:
-            raise ValueError(
-                f"copy_ into {type(dst).__name__}: the full-precision source has {bad} NaN/Inf values of "
-                f"{src.numel()}; cannot quantize"
-            )
+        from lowbit.quantize import check_finite
+
+        check_finite(src, f"copy_ into {type(dst).__name__} from full precision")
         src = dst.quantize_like(src)
     if type(src) is type(dst) and src.shape == dst.shape:
         src = dst.convert_like(src)
