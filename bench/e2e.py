@@ -16,6 +16,9 @@ shared between variants):
 * prefill: one 2048-token forward (logits for the last position only, as
   ``generate`` computes them), median of ``--reps`` after a warm-up;
 * prefill profile (``--profile-prefill``): the top ops of one prefill forward.
+* decode profile (``--profile-decode``, with ``--step-loop``): GPU kernel time per decode
+  step by kind (quantized or bf16 linear GEMMs, the output head, attention, the rest),
+  against the step's wall time, for the arithmetic of what bounds a decode speedup.
 * ``--compile-prefill``: prefill through ``torch.compile`` (default mode) instead of eager,
   which takes the per-linear host cost of eager dispatch out of the measurement.
 
@@ -241,6 +244,9 @@ def run_variant(variant, args) -> dict:
                     sync(device)
                     times.append(time.perf_counter() - t0)
                 res[f"b{batch}_step_tok_s"] = round((loop_out.shape[1] - ids.shape[1]) / min(times), 2)
+                if args.profile_decode and device.type == "cuda":
+                    res[f"b{batch}_decode_profile"] = profile_decode(model, ids, args.new_tokens, not args.no_compile)
+                    print(f"{variant} b{batch} decode profile: {res[f'b{batch}_decode_profile']}", flush=True)
                 if out is not None and not torch.equal(loop_out, out):
                     res[f"b{batch}_step_note"] = "tokens differ from generate (near-ties in random-weight logits?)"
                 del loop_out
@@ -274,6 +280,60 @@ def profile_forward(model, ids, device, rows=15) -> str:
         sync(device)
     key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
+# kernel name pattern -> kind, first match wins (Triton kernels keep their Python names;
+# Inductor's fused kernels start with triton_; cuBLAS / CUTLASS GEMMs are nvjet, gemm, xmma)
+KERNEL_KINDS = [
+    ("lowbit linear", r"_gemm_kernel|_gemv_kernel|_gemm_tma_kernel|_dequant_kernel|_quant_rows|quantize_rows"),
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("GEMM (cuBLAS)", r"nvjet|gemm|xmma|cutlass|splitKreduce|sm90_|sm80_|ampere|hopper"),
+    ("Inductor fused", r"^triton_"),
+    ("other", r"."),
+]
+
+
+def profile_decode(model, ids, new_tokens, compile_step, steps=64) -> dict:
+    """GPU kernel time per decode step by kind, over one step-loop decode of ``steps`` tokens
+    (compiled as timed: CUDA graph replays, whose kernels CUPTI reports one by one).
+
+    Returns microseconds per step per kind, the kernel count per step, and the wall time
+    per step of the profiled loop (the profiler adds a little host time)."""
+    import re
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = min(steps, new_tokens)
+    step_loop_decode(model, ids, steps, compile_step)  # the compiled step exists already; this warms it
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step_loop_decode(model, ids, steps, compile_step)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kinds: dict[str, float] = {k: 0.0 for k, _ in KERNEL_KINDS}
+    top: dict[str, float] = {}
+    count = 0
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA or e.name.startswith(("Memcpy", "Memset")):
+            continue
+        count += 1
+        us = e.device_time if hasattr(e, "device_time") else e.cuda_time
+        kind = next(k for k, pat in KERNEL_KINDS if re.search(pat, e.name, re.I))
+        kinds[kind] += us
+        top[e.name[:80]] = top.get(e.name[:80], 0.0) + us
+    # the prompt forward is eager and one-off; per-step figures divide everything by the
+    # steps, so they slightly overstate (by ~1/steps of a prefill of the short prompt)
+    per = {k: round(v / steps, 1) for k, v in kinds.items()}
+    return dict(
+        steps=steps,
+        kernel_us_per_step=per,
+        kernel_total_us_per_step=round(sum(kinds.values()) / steps, 1),
+        kernels_per_step=round(count / steps, 1),
+        wall_us_per_step=round(wall / steps * 1e6, 1),
+        top_kernels_us_per_step={k: round(v / steps, 1) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]},
+    )
 
 
 # ---------------------------------------------------------------------------- driver
@@ -496,6 +556,11 @@ def parse_args(argv=None):
         "--profile-prefill",
         action="store_true",
         help="also profile one prefill forward per variant (top ops, printed and saved in the JSON)",
+    )
+    p.add_argument(
+        "--profile-decode",
+        action="store_true",
+        help="with --step-loop: GPU kernel time per decode step by kind (linears, head, attention, rest)",
     )
     p.add_argument(
         "--compile-prefill",
