@@ -32,6 +32,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lowbit.ops import reference as ref  # noqa: E402
+from lowbit.ops.triton import _utils as utils_mod  # noqa: E402
 from lowbit.ops.triton import _w8 as w8_mod  # noqa: E402
 from lowbit.ops.triton import int4 as int4_mod
 from lowbit.ops.triton.fp8 import fp8_dyn_mm  # noqa: E402
@@ -173,7 +174,10 @@ def time_stack(fns, x) -> tuple[float, str]:
 
 # lowbit variants with the algorithm switch moved, to measure crossovers (--explore)
 # (module, {attribute: value, ...}, when): the attributes are set for that row only
+_NO_PDL = (utils_mod, {"PDL": False}, lambda m: m < 256)  # plain launches instead of PDL
 ALT = {
+    "int8_dyn": [_NO_PDL],
+    "fp8": [_NO_PDL],
     "int4": [
         (int4_mod, {"DEQUANT_MIN_M": 1 << 30}, lambda m: m >= 128),
         (int4_mod, {"GEMM_SWAP": "on"}, lambda m: 64 <= m < int4_mod.DEQUANT_MIN_M),
@@ -183,6 +187,7 @@ ALT = {
         (int4_mod, {"DEQUANT_ROWS": 1 << 20}, lambda m: m >= int4_mod.DEQUANT_MIN_M),
     ],
     "int8_wo": [
+        _NO_PDL,
         (w8_mod, {"GEMV_MAX_M": 0}, lambda m: m <= 8),
         (w8_mod, {"DEQUANT_MIN_M": 1 << 30}, lambda m: m >= 128),
         (w8_mod, {"GEMV_CVT": "i2f"}, lambda m: m <= w8_mod.GEMV_MAX_M),

@@ -122,3 +122,64 @@ def test_activations_past_32_bit_offsets_run_in_row_blocks(monkeypatch):
     monkeypatch.setattr(_utils, "MAX_ELEMENTS", 1000)
     with pytest.raises(ValueError, match=r"weight \(15, 256\) has more than 1000 elements"):
         int8_mm(_x(2, 256), q8, s8)
+
+
+def test_pdl_only_on_hopper_gpus(monkeypatch):
+    """Programmatic dependent launch is asked for only where griddepcontrol exists (sm_90+ GPUs,
+    not the interpreter) and while ``PDL`` is on."""
+    assert _utils.pdl_args(torch.device("cpu")) == {"PDL": False}
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+        hopper = torch.cuda.get_device_capability(dev) >= (9, 0)
+        assert _utils.pdl_args(dev) == ({"PDL": True, "launch_pdl": True} if hopper else {"PDL": False})
+        monkeypatch.setattr(_utils, "PDL", False)
+        assert _utils.pdl_args(dev) == {"PDL": False}
+    else:
+        monkeypatch.setattr(_utils, "PDL", True)
+        assert _utils.INTERPRET and _utils.pdl_args(torch.device("cpu")) == {"PDL": False}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 8, 33])
+def test_pdl_chain_in_a_cuda_graph_matches_plain_launches(monkeypatch, m):
+    """Each linear's input is the previous one's output, so a kernel that read x before the
+    previous kernel finished (griddepcontrol.wait missing or misplaced) would differ. A chain
+    through every scheme (the 8-bit ones and the quantizer launched with PDL, int4 plain),
+    replayed in a CUDA graph, equals the chain run eagerly without PDL."""
+    k = 256
+    q4, s4, z4 = _int4(k, k)
+    q8, s8 = _int8(k, k)
+    qf, sf = _fp8(k, k)
+    ops = [
+        lambda x: int4_mm(x, q4, s4, z4, 64),
+        lambda x: int8_mm(x, q8, s8.to(torch.bfloat16)),
+        lambda x: int8_dyn_mm(x, q8, s8.float()),
+        lambda x: fp8_dyn_mm(x, qf, sf),
+    ]
+    x0 = _x(m, k)
+
+    def chain(x):
+        for _ in range(3):
+            for op in ops:
+                x = op(x) * 3.0  # |y| ~ 0.3 |x| per layer here: keeps the magnitudes near 1
+        return x
+
+    monkeypatch.setattr(_utils, "PDL", False)
+    expect = chain(x0)
+    monkeypatch.setattr(_utils, "PDL", True)
+    eager = chain(x0)
+    assert torch.equal(eager, expect)
+    x = x0.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(x)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = chain(x)
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, expect)
+        y.zero_()

@@ -10,6 +10,7 @@ import threading
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # The interpreter (CPU CI) runs exactly one config and computes ``tl.dot`` on
 # bf16/fp16/int8 operands wrongly, so kernels upcast dot operands to fp32 there.
@@ -17,6 +18,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # LOWBIT_TRITON_AUTOTUNE=0 runs the small fixed config on the GPU too (fast test runs).
 AUTOTUNE = not INTERPRET and os.environ.get("LOWBIT_TRITON_AUTOTUNE", "1") != "0"
 
+
+# Programmatic dependent launch (sm_90+): the Triton matmuls of the small-M paths are launched
+# with launch_pdl and begin with ``pdl_start``, so a kernel's launch and its CTAs' start overlap
+# the previous kernel's tail (``griddepcontrol.wait`` holds each CTA until that kernel is
+# complete and its writes visible, before any load or store). LOWBIT_TRITON_PDL=0 turns it off.
+PDL = os.environ.get("LOWBIT_TRITON_PDL", "1") != "0"
 
 # Autotune results go to Triton's cache dir and are reused by later processes (a model
 # compiles without re-timing every config). Triton >= 3.4 has the option.
@@ -104,6 +111,22 @@ def num_sms(device: torch.device) -> int:
 def is_sm90_or_newer(device: torch.device) -> bool:
     """Hopper or newer (wgmma, TMA); cached: the query costs 2-5 us per eager call."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def pdl_args(device: torch.device) -> dict:
+    """Launch arguments for a kernel that begins with ``pdl_start``: programmatic dependent
+    launch on sm_90+ GPUs (``PDL``), nothing elsewhere (the interpreter, older GPUs, CPU)."""
+    on = PDL and not INTERPRET and is_sm90_or_newer(device)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """First statement of a kernel launched with ``pdl_args``: wait until the previous kernel
+    on the stream has completed (its writes visible), then let the next one launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 # (device, stream) -> int32 split-K tile counters, shared by every split-K GEMM (int4, 8-bit):

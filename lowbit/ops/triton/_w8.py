@@ -42,6 +42,8 @@ from lowbit.ops.triton._utils import (
     is_sm90_or_newer,
     m_bucket,
     num_sms,
+    pdl_args,
+    pdl_start,
     split_k_buffers,
     split_k_reduce,
 )
@@ -125,9 +127,10 @@ def _gemv_kernel(
     M, N, K, m_bucket, CVT_MODE,
     stride_xm, stride_ym,
     A_SCALED: tl.constexpr, INT_ACC: tl.constexpr, FP8: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALU_CVT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALU_CVT: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # CVT_MODE (GEMV_CVT) only keys the autotuner; ALU_CVT: the ALU int8 -> fp32 (``_i8_to_f32``)
+    pdl_start(PDL)
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -230,8 +233,9 @@ def _gemm_kernel(
     A_SCALED: tl.constexpr, INT_ACC: tl.constexpr, FP8: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP: tl.constexpr,
+    SWAP: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    pdl_start(PDL)
     # SWAP (W8A16 only): acc is the tile of y.T = w @ x.T, the converted weight tile the
     # dot's register A operand and x.T (k-major) its B; SWAP_MODE only keys the autotuner.
     pid = tl.program_id(0)
@@ -441,7 +445,7 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
         _gemv_kernel[grid](
             x, w, ws, xs_arg, y, m, n, k, mb, _CVT_MODES[GEMV_CVT], x.stride(0), y.stride(0),
-            A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8,
+            A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, **pdl_args(x.device),
         )  # fmt: skip
         return y
     if AUTOTUNE:  # the split is tuned with the tile: room for the largest split it may pick
@@ -455,6 +459,6 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     _gemm_kernel[grid](
         x, w, ws, xs_arg, y, part, cnt, m, n, k, mb, x.stride(0), y.stride(0), _SWAP_MODES[GEMM_SWAP],
-        A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, DOT_F32=INTERPRET, **fixed,
+        A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, DOT_F32=INTERPRET, **fixed, **pdl_args(x.device),
     )  # fmt: skip
     return y

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from lowbit.ops.reference import FP8_DTYPE, FP8_MAX, SCALE_EPS
-from lowbit.ops.triton._utils import INTERPRET
+from lowbit.ops.triton._utils import INTERPRET, pdl_args, pdl_start
 
 # Rows up to this many elements are read once (64 fp32 registers a thread at 16 warps).
 ONE_PASS_MAX_K = 32768
@@ -59,7 +59,8 @@ def _codes(x, scale, QMAX: tl.constexpr, IS_INT: tl.constexpr):
 
 @triton.jit
 def _kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, QMAX: tl.constexpr, IS_INT: tl.constexpr,
-            EPS: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):  # fmt: skip
+            EPS: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+    pdl_start(PDL)
     m = tl.program_id(0)
     rk = tl.arange(0, BLOCK_K)
     x_row = x_ptr + m * stride_xm
@@ -102,6 +103,6 @@ def quantize_rows(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, t
     _kernel[(m,)](
         x, xq, xs, k, x.stride(0), xq.stride(0),
         QMAX=127.0 if is_int else FP8_MAX, IS_INT=is_int, EPS=SCALE_EPS, BLOCK_K=block, ONE_PASS=one_pass,
-        num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16,
+        num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16, **pdl_args(x.device),
     )  # fmt: skip
     return xq, xs
