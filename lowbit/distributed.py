@@ -141,10 +141,18 @@ def fsdp_post_all_gather(self: QTensor, outputs, metadata, param_dtype, *, out: 
     else:
         fields = _unpack_rows([t[:n] for t in outputs], self._tensors())
     if out is not None:
-        for dst, src in zip(out._tensors(), fields):
-            if kind == "rows":
-                dst.copy_(src)
-            elif dst.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():
+        dsts = out._tensors()
+        if kind == "rows":
+            # A refill, not a new value: keep the version counters, as FSDP does for its own
+            # all-gather copy-out. Autograd (a compiled backward in particular) saves these
+            # fields; bumping them fails that backward with "modified by an inplace operation".
+            tracked = tuple(t for t in dsts if not t.is_inference())
+            with torch.autograd._unsafe_preserve_version_counter(tracked):
+                for dst, src in zip(dsts, fields):
+                    dst.copy_(src)
+            return None
+        for dst, src in zip(dsts, fields):
+            if dst.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():
                 raise AssertionError(
                     f"{type(self).__name__}: FSDP's unsharded weight no longer aliases its all-gather output"
                 )
@@ -166,12 +174,21 @@ def _pack_rows(fields, padded: int, k: int) -> tuple[torch.Tensor, ...]:
 
 
 def _unpack_rows(parts, like) -> list[torch.Tensor]:
+    """The fields packed by ``_pack_rows``, each in a storage of its own, at offset 0.
+
+    FSDP frees and reallocates each unsharded inner tensor's storage to that
+    tensor's own size (``free_storage``/``alloc_storage``) and later refills
+    them with ``out=``, so fields must never share a storage. ``.contiguous()``
+    is not enough: with one row (N = 1) a column slice is already contiguous and
+    would stay a view into ``raw``, and every field would alias one buffer.
+    For N > 1 the slices are strided and ``contiguous()`` copied them anyway.
+    """
     raw = torch.cat(list(parts), dim=1)
     n = raw.shape[0]
     fields, start = [], 0
     for t in like:
         width = math.prod(t.shape[1:]) * t.element_size()
-        f = raw[:, start : start + width].contiguous().view(t.dtype)
+        f = raw[:, start : start + width].clone(memory_format=torch.contiguous_format).view(t.dtype)
         fields.append(f.reshape(n, *t.shape[1:]))
         start += width
     return fields

@@ -135,6 +135,22 @@ def _matches(fqn: str, patterns) -> bool:
     return any(f".{p}." in f".{fqn}." for p in patterns)
 
 
+def _check_shape(model, full_layer_name: str, shape) -> None:
+    """Transformers skips its size check for parameters a quantizer claims: make it here, so a
+    checkpoint weight of another shape (a resized head, an edited config) is an error, not a
+    layer whose weight disagrees with its module."""
+    if model is None:
+        return
+    fqn = full_layer_name.rpartition(".")[0]
+    want = tuple(model.get_submodule(fqn).weight.shape)
+    if tuple(shape) != want:
+        raise ValueError(
+            f"checkpoint: weight {full_layer_name!r} has shape {list(shape)} but the model's layer expects "
+            f"{list(want)}; lowbit cannot reinitialise a quantized layer (ignore_mismatched_sizes): add "
+            f"{fqn!r} to modules_to_not_convert, or fix the config"
+        )
+
+
 class _Deserialize(ConversionOps):
     """Rebuilds one lowbit weight from the fields Transformers collected for it."""
 
@@ -144,8 +160,11 @@ class _Deserialize(ConversionOps):
     def __deepcopy__(self, memo):  # converters are copied per weight; this op holds no per-weight state
         return self
 
-    def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, **kwargs):
+    def convert(
+        self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None, **kwargs
+    ):
         name, entry = self.hf_quantizer.entry_for(full_layer_name)
+        _check_shape(model, full_layer_name, entry.shape)
         parts = {}
         for key, value in input_dict.items():
             values = value if isinstance(value, list) else [value]
@@ -186,6 +205,7 @@ class _Quantize(ConversionOps):
         (value,) = input_dict.values()
         value = value[0] if isinstance(value, list) else value
         module = model.get_submodule(full_layer_name.rpartition(".")[0])
+        _check_shape(model, full_layer_name, tuple(value.shape))
         module.weight = nn.Parameter(value, requires_grad=False)
         quantize_(module, self.hf_quantizer.quantization_config.lowbit_config(), lambda m, _: m is module)
         del module.lowbit_report

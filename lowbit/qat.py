@@ -85,7 +85,8 @@ class QATConfig:
 def _straight_through(v: torch.Tensor, v_hat: torch.Tensor, inside: torch.Tensor | None = None) -> torch.Tensor:
     """``v_hat`` in the forward (exactly: ``v - v.detach()`` is 0); gradient ``inside`` (or 1) w.r.t. ``v``."""
     delta = v - v.detach()
-    return v_hat + (delta if inside is None else delta * inside)
+    # in v_hat's dtype (x's, for a fake weight): an fp32 weight's delta must not promote it
+    return v_hat + (delta if inside is None else delta * inside).to(v_hat.dtype)
 
 
 def fake_quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:

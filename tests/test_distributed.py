@@ -77,11 +77,9 @@ def _as_fsdp_copies(tensors):
     return tensors
 
 
-@pytest.mark.parametrize("cls", [Int4Tensor, Int8Tensor, Float8Tensor])
-@pytest.mark.parametrize("n", [1, 32, 33])
-def test_all_gather_hooks_round_trip(cls, n):
-    """pre_all_gather on each shard, concatenate as the collective would, post_all_gather: the same weight."""
-    q = _quantized(cls, n=n)
+def _all_gather(q):
+    """pre_all_gather on each shard of ``q``, concatenated as the collective would: (shard 0, inputs, meta)."""
+    n = q.shape[0]
     padded = -(-n // WORLD)
     shards = list(torch.chunk(q, WORLD, dim=0))
     while len(shards) < WORLD:  # FSDP's empty shard: an empty tensor, the padded shard narrowed to 0 rows
@@ -93,18 +91,84 @@ def test_all_gather_hooks_round_trip(cls, n):
         if shard.shape[0] != padded:  # FSDP's rule for a padded shard
             assert all(t.shape == (padded, q.shape[1]) for t in ins)
         inputs.append(ins)
+    return shards[0], inputs, meta
+
+
+def _gathered(inputs):
+    return _as_fsdp_copies([torch.cat(parts) for parts in zip(*inputs)])
+
+
+def _assert_own_storage(tensors):
+    """Each tensor alone in a storage of exactly its size: what FSDP's free/alloc_storage assume."""
+    ptrs = [t.untyped_storage().data_ptr() for t in tensors]
+    assert len(set(ptrs)) == len(ptrs), "fields share a storage"
+    for t in tensors:
+        assert t.storage_offset() == 0
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def _free_and_realloc(tensors):
+    """FSDP between all-gathers: ``free_storage`` then ``alloc_storage`` on each tensor, in turn."""
+    for t in tensors:
+        t.untyped_storage().resize_(0)
+    for t in tensors:
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t.untyped_storage().resize_(t.numel() * t.element_size())
+
+
+QUANTIZED = [Int4Tensor, Int8Tensor, Int8DynActTensor, Float8Tensor]
+
+
+@pytest.mark.parametrize("cls", QUANTIZED)
+@pytest.mark.parametrize("n", [1, 32, 33])
+def test_all_gather_hooks_round_trip(cls, n):
+    """pre_all_gather on each shard, concatenate as the collective would, post_all_gather: the same weight.
+
+    Then FSDP's next iteration: it frees the all-gather outputs and the unsharded
+    inner tensors, reallocates each storage to its own tensor's size, gathers
+    into the same buffers and refills the weight with ``post_all_gather(out=)``.
+    With N = 1 the unpacked fields once were views into one shared buffer, which
+    that reallocation shrank under them (heap corruption on the next refill).
+    """
+    q = _quantized(cls, n=n)
+    shard, inputs, meta = _all_gather(q)
     if n % WORLD == 0:
         assert sum(t.numel() * t.element_size() for ins in inputs for t in ins) == q.nbytes_packed
-    gathered = _as_fsdp_copies([torch.cat(parts) for parts in zip(*inputs)])
-    full, inner = shards[0].fsdp_post_all_gather(gathered, meta, q.dtype)
+    gathered = _gathered(inputs)
+    full, inner = shard.fsdp_post_all_gather(gathered, meta, q.dtype)
     full = torch.as_strided(full, q.shape, (q.shape[1], 1), 0)
     torch.testing.assert_close(full.dequantize(), q.dequantize(), rtol=0, atol=0)
-    # FSDP frees the weight, the next all-gather lands in the same buffers, post_all_gather(out=) refills it
+    _assert_own_storage(inner)  # before the reallocation below: on failure, fail here rather than corrupt memory
+    _free_and_realloc([*gathered, *inner])
+    _assert_own_storage(inner)
     for t in full._tensors():
         t.zero_()
-    for t, parts in zip(gathered, zip(*inputs)):
-        t.copy_(_as_fsdp_copies([torch.cat(parts)])[0])
-    assert shards[0].fsdp_post_all_gather(gathered, meta, q.dtype, out=full) is None
+    for t, fresh in zip(gathered, _gathered(inputs)):
+        t.copy_(fresh)
+    assert shard.fsdp_post_all_gather(gathered, meta, q.dtype, out=full) is None
+    torch.testing.assert_close(full.dequantize(), q.dequantize(), rtol=0, atol=0)
+    _assert_own_storage(inner)
+
+
+@pytest.mark.parametrize("cls", QUANTIZED)
+@pytest.mark.parametrize("n", [1, 32, 33])
+def test_all_gather_refill_keeps_version_counters(cls, n):
+    """``post_all_gather(out=)`` refills the weight without bumping its fields' version counters.
+
+    A compiled backward (FSDP2 + torch.compile, N not divisible by the world
+    size) saves the fields; a bumped version failed it with "modified by an
+    inplace operation". FSDP keeps the versions of its own all-gather copy-out.
+    """
+    q = _quantized(cls, n=n)
+    shard, inputs, meta = _all_gather(q)
+    gathered = _gathered(inputs)
+    full, _ = shard.fsdp_post_all_gather(gathered, meta, q.dtype)
+    full = torch.as_strided(full, q.shape, (q.shape[1], 1), 0)
+    for t, fresh in zip(gathered, _gathered(inputs)):
+        t.copy_(fresh)
+    before = [t._version for t in full._tensors()]
+    assert shard.fsdp_post_all_gather(gathered, meta, q.dtype, out=full) is None
+    assert [t._version for t in full._tensors()] == before
     torch.testing.assert_close(full.dequantize(), q.dequantize(), rtol=0, atol=0)
 
 

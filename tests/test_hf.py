@@ -198,6 +198,26 @@ def test_config_json_that_disagrees_with_the_weight_files_is_refused(saved, tmp_
         AutoModelForCausalLM.from_pretrained(d)
 
 
+@pytest.mark.parametrize("pre_quantized", [False, True])
+def test_a_weight_of_another_shape_than_the_model_is_refused(base_dir, saved, tmp_path, pre_quantized, capfd, caplog):
+    """Transformers skips its own size check for weights a quantizer claims: a checkpoint whose
+    config.json was edited (intermediate_size) loaded the old-shaped weights into the new
+    modules, quantize-on-load and pre-quantized alike."""
+    d = _copy(saved["int8_weight_only"][0] if pre_quantized else base_dir, tmp_path / "resized")
+    path = os.path.join(d, "config.json")
+    cfg = json.load(open(path))
+    cfg["intermediate_size"] = 128
+    json.dump(cfg, open(path, "w"))
+    kw = {} if pre_quantized else {"quantization_config": LowbitConfig("int8_weight_only")}
+    with pytest.raises(RuntimeError, match="conversion"):  # Transformers reports the error, then raises
+        AutoModelForCausalLM.from_pretrained(d, **kw)
+    out = capfd.readouterr()
+    report = out.out + out.err + caplog.text
+    assert re.search(
+        r"mlp\.gate_proj\.weight' has shape \[256, 128\] but the model's layer expects \[128, 128\]", report
+    )
+
+
 def _rewrite_tensor(d, key, fn):
     from safetensors import safe_open
     from safetensors.torch import save_file

@@ -234,6 +234,24 @@ def test_convert_equals_prepared_bf16(scheme):
         assert ref.sqnr(prepared, converted) >= 60
 
 
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_prepared_fp32_weights_take_bf16_inputs_as_converted_ones_do(scheme):
+    """fp32 weights, bf16 activations, no bias: the converted model runs and returns bf16, so
+    the prepared one must too (its fake weight was promoted to fp32 by the STE term)."""
+    cfg, _ = SCHEMES[scheme]
+    model = nn.Sequential(nn.Linear(64, 32, bias=False))
+    lowbit.quantize_(model, QATConfig(cfg))
+    x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+    prepared = model(x)
+    prepared.float().sum().backward()
+    assert prepared.dtype == torch.bfloat16 and model[0].weight.grad is not None
+    lowbit.quantize_(model, QATConfig(cfg, step="convert"))
+    with torch.no_grad(), lowbit.use_backend("reference"):
+        converted = model(x)
+    assert converted.dtype == torch.bfloat16
+    assert ref.sqnr(prepared.detach(), converted) >= 40
+
+
 # ---------------------------------------------------------------------------- training
 def test_qat_beats_post_training_quantization():
     """The fp model is the teacher (fp loss 0): all loss is quantization error, which QAT recovers."""

@@ -19,6 +19,10 @@ def use_backend(name: str):
     PyTorch's packed kernels on CPU); ``reference`` runs the pure-torch spec;
     ``cpu`` and ``triton`` force those paths (``triton`` on CPU tensors needs
     ``TRITON_INTERPRET=1``).
+
+    Under ``torch.compile`` the backend is read when the function is traced and put no guard
+    on: a compiled function keeps the backend of its first call, inside or outside a block
+    (``torch._dynamo.reset()`` or a fresh ``torch.compile`` under the block takes the new one).
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown lowbit backend {name!r}; expected one of {BACKENDS}")

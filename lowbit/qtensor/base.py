@@ -14,6 +14,7 @@ never a silent dequantize.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -244,7 +245,18 @@ class QTensor(torch.Tensor):
 
 def _rebuild_qtensor(cls, tensors, shape, dtype, attrs):
     """Unpickling (``torch.load``, ``weights_only=True`` included): the fields are checked
-    against the shape and attributes, so a tampered or mismatched pickle is an error."""
+    against the shape and attributes, and their values as a safetensors file's are (scales
+    finite and positive, zero points and float data finite), so a tampered or mismatched
+    pickle is an error."""
+    from lowbit.safetensors import check_field_values
+
+    if not (isinstance(cls, type) and issubclass(cls, QTensor)) or not isinstance(tensors, (list, tuple)):
+        raise ValueError(f"a pickled lowbit tensor names {cls!r}, which is not a lowbit tensor class")
+    if len(tensors) != len(cls.tensor_fields) or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise ValueError(f"a pickled {cls.__name__} needs the tensors {list(cls.tensor_fields)}")
+    where = f"pickled {cls.__name__} {tuple(shape)}"
+    for field, t in zip(cls.tensor_fields, tensors):
+        check_field_values(where, field, t, source="torch.load")
     t = cls(*tensors, shape=shape, dtype=dtype, **attrs)
     t.check_fields()
     return t
@@ -305,6 +317,13 @@ def quantized_linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = No
     check_activation(x, w)
     if bias is not None and bias.dtype != x.dtype:  # as F.linear
         raise TypeError(f"{type(w).__name__} linear: bias is {bias.dtype} but the input is {x.dtype}")
+    if torch.is_grad_enabled() and w.requires_grad and not torch.compiler.is_compiling():
+        warnings.warn(
+            f"a quantized {type(w).__name__} {tuple(w._size)} has requires_grad=True, but quantized weights are "
+            "frozen: it gets no gradient (train adapters or use lowbit.qat instead; call .requires_grad_(False) "
+            "on it to silence this)",
+            stacklevel=3,
+        )
     if torch.is_grad_enabled() and x.requires_grad:
         y = _QuantLinearFn.apply(x, w)
     else:
@@ -361,6 +380,12 @@ def not_a_view(t: QTensor, why: str) -> QTensor:
 @QTensor.implements(aten.copy_.default)
 def _(func, types, args, kwargs):
     dst, src = args[0], args[1]
+    if not isinstance(dst, QTensor):
+        raise ValueError(
+            f"copy_ of a quantized {type(src).__name__} {tuple(src.shape)} into a full-precision tensor: quantize "
+            "the model with the same config first (lowbit.quantize_), load with load_state_dict(..., assign=True), "
+            "or copy src.dequantize()"
+        )
     why = getattr(dst, "_not_a_view", None)
     if why:
         raise NotImplementedError(
@@ -463,6 +488,10 @@ def _addmm(args, kwargs):
 
 
 def _mm_like(x, wt, bias):
+    if isinstance(wt, QTensor) and bias is None and not isinstance(x, (QTensor, TransposedQTensor)):
+        # grad @ w: the input gradient autograd's MmBackward asks for after a decomposed
+        # linear (x @ w.t()); as _QuantLinearFn.backward, through this layer's dequantized weight
+        return x @ wt.dequantize(x.dtype)
     if not isinstance(wt, TransposedQTensor) or isinstance(x, QTensor):
         raise NotImplementedError("mm with a quantized weight is only supported as x @ w.t() (linear), without out=")
     return quantized_linear(x, wt.weight, bias)

@@ -61,11 +61,11 @@ class Int4Tensor(QTensor):
             self._field_error("packing", repr(self.packing), f"one of {[*ROW_PACKINGS, *cpu.INT4_CPU_LAYOUTS]}")
         if self.qdata.dtype != torch.uint8:
             self._field_error("qdata", self.qdata.dtype, torch.uint8)
-        if self.packing in ROW_PACKINGS and tuple(self.qdata.shape) != (n, k // 2):
+        if tuple(self.qdata.shape) != (n, k // 2):  # every packing: N rows of K / 2 bytes
             self._field_error("qdata", tuple(self.qdata.shape), (n, k // 2))
         for name, t in (("scale", self.scale), ("zero", self.zero)):
-            if t.numel() != n * (k // g) or not t.dtype.is_floating_point:
-                self._field_error(name, f"{t.dtype} {tuple(t.shape)}", f"{n * (k // g)} floats (N x K / group_size)")
+            if tuple(t.shape) != (n, k // g) or not t.dtype.is_floating_point:
+                self._field_error(name, f"{t.dtype} {tuple(t.shape)}", f"floats {(n, k // g)} (N x K / group_size)")
 
     # ------------------------------------------------------------------ packing
     def codes(self) -> torch.Tensor:

@@ -2,6 +2,7 @@
 one: writes through slices, copies, addmm, loading, pickles, configs, bias dtypes."""
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -125,6 +126,46 @@ def test_int4_pickle_with_a_mismatched_group_size_is_refused():
         torch.load(buf, weights_only=True)
 
 
+def _reloaded(t):
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("make", CLASSES)
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan"), float("inf")])
+def test_pickles_with_tampered_values_are_refused(make, bad):
+    """As a safetensors file's: a scale that is not finite and positive, a zero point or fp8
+    code that is not finite, is an error on load, not a wrong output later."""
+    q = make(_w())
+    fields = {f: t.clone(memory_format=torch.contiguous_format) for f, t in zip(q.tensor_fields, q._tensors())}
+    targets = ["scale"] + (["zero"] if "zero" in fields and bad != 0.0 and bad != -1.0 else [])
+    if fields["qdata"].dtype == ref.FP8_DTYPE and bad != bad:  # (inf saturates to 448 in e4m3fn)
+        targets.append("qdata")
+    for field in targets:
+        tampered = dict(fields)
+        tampered[field] = fields[field].clone()
+        tampered[field].view(-1)[5] = bad
+        t = type(q)(*[tampered[f] for f in q.tensor_fields], shape=q.shape, dtype=q.dtype, **q._attrs())
+        with pytest.raises(ValueError, match=f"field '{field}'"):
+            _reloaded(t)
+
+
+@pytest.mark.parametrize("packing", ["plain", None])
+def test_int4_pickle_with_reshaped_scales_is_refused(packing):
+    """Same number of elements, wrong shape ([G, N] for [N, G]): refused on load, for the CPU
+    layouts too (it failed only at the first forward, with a broadcasting error)."""
+    q = Int4Tensor.from_float(_w(), group_size=32, **({"packing": packing} if packing else {}))
+    s, z = q.scale.contiguous(), q.zero.contiguous()
+    t = Int4Tensor.__new__(Int4Tensor, q.qdata, s, z, shape=q.shape, dtype=q.dtype, group_size=32, packing=q.packing)
+    QTensorInit = super(Int4Tensor, t).__init__  # keep the fields as given (no interleaving)
+    QTensorInit(q.qdata, s.reshape(4, 64), z.reshape(4, 64), shape=q.shape, dtype=q.dtype, group_size=32,
+                packing=q.packing)  # fmt: skip
+    with pytest.raises(ValueError, match="field 'scale'"):
+        _reloaded(t)
+
+
 @pytest.mark.parametrize("g", [0, 16, 100, 512, 128.0, True, "128", None])
 def test_int4_config_rejects_unsupported_group_sizes(g):
     with pytest.raises(ValueError, match="group_size must be one of"):
@@ -158,3 +199,47 @@ def test_empty_row_slices(make):
     q = make(_w())
     for empty in (q[64:], q[5:5]):
         assert tuple(empty.shape) == (0, 128) and empty.dequantize().shape == (0, 128)
+
+
+@pytest.mark.parametrize("make", CLASSES)
+@pytest.mark.parametrize("form", ["mm", "addmm", "matmul3d"])
+def test_decomposed_linear_has_the_input_gradient(make, form):
+    """x @ w.t() (and addmm, and a 3-D matmul) record torch's own MmBackward, which asks for
+    grad @ w with the untransposed weight; it gets the dequantized weight's product (it raised
+    "only supported as x @ w.t()" though that is what was written)."""
+    q = make(_w(48, 128))
+    x = torch.randn(2, 3, 128, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(2, 3, 48, dtype=torch.bfloat16)
+    if form == "mm":
+        y = (x.reshape(6, 128) @ q.t()).reshape(2, 3, 48)
+    elif form == "addmm":
+        y = torch.addmm(torch.zeros(48, dtype=torch.bfloat16), x.reshape(6, 128), q.t()).reshape(2, 3, 48)
+    else:
+        y = torch.matmul(x, q.t())
+    y.backward(g)
+    want = (g.double().reshape(6, 48) @ q.dequantize(torch.float64)).reshape(2, 3, 128)
+    assert float((x.grad.double() - want).norm() / want.norm()) < 1e-2
+
+
+def test_a_quantized_weight_that_requires_grad_is_not_silently_frozen():
+    """load_state_dict(assign=True) keeps the old parameter's requires_grad=True; such a weight
+    still gets no gradient (quantized weights are frozen), so the forward says so."""
+    src = lowbit.quantize_(nn.Sequential(nn.Linear(128, 64)), lowbit.int8_weight_only())
+    fresh = nn.Sequential(nn.Linear(128, 64))
+    fresh.load_state_dict(src.state_dict(), assign=True)
+    assert fresh[0].weight.requires_grad
+    x = torch.randn(2, 128)
+    with pytest.warns(UserWarning, match=r"Int8Tensor \(64, 128\) has requires_grad=True.*gets no gradient"):
+        fresh(x)
+    fresh[0].weight.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh(x)
+        with torch.no_grad():
+            src(x)
+
+
+def test_loading_a_quantized_state_dict_into_a_full_precision_model_says_what_to_do():
+    src = lowbit.quantize_(nn.Sequential(nn.Linear(128, 64)).bfloat16(), lowbit.int4_weight_only(32))
+    with pytest.raises(RuntimeError, match=r"into a full-precision tensor: quantize the model with the same config"):
+        nn.Sequential(nn.Linear(128, 64)).bfloat16().load_state_dict(src.state_dict())  # (torch wraps it)
