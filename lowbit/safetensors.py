@@ -494,14 +494,28 @@ def load_sharded(directory: str | os.PathLike, device: str | torch.device = "cpu
         if os.path.basename(fname) != fname or fname in ("", ".", "..") or not fname.endswith(".safetensors"):
             raise ValueError(f"{index_path}: tensor {key!r} field 'weight_map': bad shard file name {fname!r}")
         by_file.setdefault(fname, set()).add(key)
-    out: dict[str, torch.Tensor] = {}
+    # Transformers' save_pretrained writes the whole model's metadata into every shard, this
+    # module's save_sharded each shard's own: merge the entries, check them against the
+    # tensors of all shards together, then rebuild.
+    headers: dict[str, dict] = {}
+    entries: dict[str, Entry] = {}
+    infos: dict[str, TensorInfo] = {}
     for fname, keys in sorted(by_file.items()):
         path = os.path.join(directory, fname)
         if not os.path.isfile(path):
             raise ValueError(f"{index_path}: shard {fname!r} listed in 'weight_map' does not exist")
-        tensors, _ = read_header(path)
+        tensors, metadata = read_header(path)
         if set(tensors) != keys:
             diff = sorted(keys ^ set(tensors))[0]
             raise ValueError(f"{path}: tensor {diff!r}: the shard and the index disagree about where it is stored")
-        out.update(load_file(path, device))
-    return out
+        for name, entry in parse_metadata(metadata, path).items():
+            if entries.setdefault(name, entry) != entry:
+                raise ValueError(f"{path}: tensor {name!r}: shards disagree about its lowbit metadata")
+        headers[path] = tensors
+        infos.update(tensors)
+    check_entries(entries, infos, os.fspath(directory))
+    plain: dict[str, torch.Tensor] = {}
+    for path, tensors in headers.items():
+        plain.update(_read_tensors(path, tensors, path))
+    out = unflatten_state_dict(plain, entries, os.fspath(directory))
+    return {k: _to_device(v, device) for k, v in out.items()}

@@ -266,3 +266,24 @@ def test_lora_on_quantized_base(base_dir, ids):
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert grads and all(g is not None for g in grads)
+
+
+def test_load_sharded_reads_a_sharded_save_pretrained(base_dir, tmp_path):
+    """Transformers copies the whole model's lowbit metadata into every shard; load_sharded
+    read each shard alone and called the entries of the other shards missing."""
+    from lowbit.safetensors import load_sharded
+
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=LowbitConfig("int4_weight_only", group_size=GROUP)
+    )
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 2
+    sd = load_sharded(tmp_path)
+    want = model.state_dict()
+    assert set(sd) == set(want)
+    for k, v in want.items():
+        got = sd[k]
+        assert type(got) is type(v), k
+        assert torch.equal(
+            got.dequantize() if hasattr(got, "dequantize") else got, v.dequantize() if hasattr(v, "dequantize") else v
+        ), k

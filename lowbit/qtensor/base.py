@@ -180,6 +180,11 @@ class QTensor(torch.Tensor):
     def _field_error(self, field: str, got, want) -> None:
         raise ValueError(f"{type(self).__name__} {tuple(self._size)}: field {field!r} is {got}, expected {want}")
 
+    def loaded(self) -> QTensor:
+        """This tensor as unpickled on its device; formats whose layout depends on the machine
+        (int4's CPU packings) return it in this machine's layout."""
+        return self
+
     def quantize_like(self, w: torch.Tensor) -> QTensor:
         """Quantize a full-precision ``w`` into this tensor's format and attributes."""
         return type(self).from_float(w.to(self.device, self.dtype))
@@ -259,7 +264,7 @@ def _rebuild_qtensor(cls, tensors, shape, dtype, attrs):
         check_field_values(where, field, t, source="torch.load")
     t = cls(*tensors, shape=shape, dtype=dtype, **attrs)
     t.check_fields()
-    return t
+    return t.loaded()
 
 
 # ---------------------------------------------------------------------------- linear

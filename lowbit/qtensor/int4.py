@@ -98,6 +98,13 @@ class Int4Tensor(QTensor):
         moved = plain._rebuild(lambda t: t.to(device))
         return moved.repack(_best_packing(moved.device, *self.shape, self.group_size))
 
+    def loaded(self) -> Int4Tensor:
+        # a pickle from another machine (an AVX-512 layout on an AVX2 host, "plain" from a GPU)
+        # would run the reference path on every call: repack once, as a device move does
+        if self.device.type not in ("cpu", "cuda"):
+            return self
+        return self.repack(_best_packing(self.device, *self._size, self.group_size))
+
     def quantize_like(self, w: torch.Tensor) -> Int4Tensor:
         return Int4Tensor.from_float(w.to(self.device, self.dtype), group_size=self.group_size, packing=self.packing)
 
