@@ -404,3 +404,29 @@ def _check_small_fields(entries, where_stored, source) -> None:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name, field in items:
                 lst.check_field_values(name, field, f.get_tensor(f"{name}.{field}"), source)
+
+
+def attach_after_quantize(model, config) -> None:
+    """After ``lowbit.quantize_`` on a Transformers model: give it a ``quantization_config`` and
+    this quantizer, as ``from_pretrained`` would, so ``save_pretrained`` writes a lowbit
+    checkpoint that ``from_pretrained`` loads (without them Transformers serialised the
+    wrapper tensors and failed on their storage). A model holding lowbit weights of more than
+    one scheme or group size has no single config: it gets none, and a warning says how to
+    save it."""
+    if not hasattr(model, "config") or not hasattr(model, "save_pretrained") or config.name not in SCHEMES:
+        return
+    kinds = {(type(p).__name__, getattr(p, "group_size", None)) for p in model.parameters() if isinstance(p, QTensor)}
+    kw = {"group_size": config.group_size} if config.name == "int4_weight_only" else {}
+    want = (_SCHEME_CLASS[config.name], kw.get("group_size"))
+    if kinds != {want}:
+        model.config.quantization_config = None
+        model.hf_quantizer = None
+        log.warning(
+            "lowbit: this model holds lowbit weights of several schemes or group sizes %s, which no one "
+            "quantization_config describes; save it with lowbit.safetensors.save_file(model.state_dict(), path)",
+            sorted(kinds, key=str),
+        )
+        return
+    cfg = LowbitConfig(config.name, **kw)
+    model.config.quantization_config = cfg
+    model.hf_quantizer = LowbitHfQuantizer(cfg)

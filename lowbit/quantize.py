@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -118,4 +119,9 @@ def quantize_(
     for fqn, why in report.skipped.items():
         log.warning("lowbit: skipped %s: %s", fqn or "<root>", why)
     model.lowbit_report = report
+    tf = sys.modules.get("transformers")
+    if tf is not None and isinstance(model, getattr(tf, "PreTrainedModel", ())) and report.quantized:
+        from lowbit.hf import attach_after_quantize  # save_pretrained then writes a lowbit checkpoint
+
+        attach_after_quantize(model, config)
     return model

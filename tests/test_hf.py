@@ -287,3 +287,24 @@ def test_load_sharded_reads_a_sharded_save_pretrained(base_dir, tmp_path):
         assert torch.equal(
             got.dequantize() if hasattr(got, "dequantize") else got, v.dequantize() if hasattr(v, "dequantize") else v
         ), k
+
+
+def test_save_pretrained_after_quantize_(base_dir, ids, tmp_path, caplog):
+    """quantize_ on a Transformers model attaches the lowbit config and quantizer, so
+    save_pretrained writes a checkpoint from_pretrained loads (it failed on the wrapper
+    tensors' storage); a model mixing schemes gets no config and a warning instead."""
+    model = lowbit.quantize_(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        lowbit.int4_weight_only(GROUP),
+        lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head",
+    )
+    assert model.config.quantization_config.to_dict()["scheme"] == "int4_weight_only"
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "q")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert type(back.model.layers[0].mlp.up_proj.weight).__name__ == "Int4Tensor"
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, want)
+    lowbit.quantize_(model, lowbit.int8_weight_only(), lambda m, fqn: fqn == "lm_head")
+    assert model.config.quantization_config is None and "several schemes" in caplog.text
