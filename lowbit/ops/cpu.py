@@ -137,41 +137,123 @@ def is_interleaved(scale: torch.Tensor, zero: torch.Tensor) -> bool:
     return ok(scale) and ok(zero) and zero.storage_offset() == scale.storage_offset() + 1
 
 
-def _scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _scales_and_zeros(
+    scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype, *, check: bool = False
+) -> torch.Tensor | None:
+    """The kernel's ``scales_and_zeros`` operand: (scale, zero) interleaved as [G, N, 2] in
+    ``dtype``. With ``check``, None where the cast would lose them (``qparams_cast_ok``)."""
     n, g = scale.shape
     base = scale._base
-    if (  # the usual case, cheapest to confirm: the views interleave_scale_zero made of its buffer
+    own = (  # the usual case, cheapest to confirm: the views interleave_scale_zero made of its buffer
         base is not None
         and zero._base is base
-        and base.dtype == dtype
         and base.shape == (g, n, 2)
         and base.is_contiguous()
         and scale.storage_offset() == base.storage_offset()
         and is_interleaved(scale, zero)
-    ):
+    )
+    if own and base.dtype == dtype:
         return base
     if is_interleaved(scale, zero) and scale.untyped_storage().data_ptr() == zero.untyped_storage().data_ptr():
         sz = torch.as_strided(scale, (g, n, 2), (2 * n, 2, 1), scale.storage_offset())
     else:
         sz = torch.stack([scale, zero], dim=-1).transpose(0, 1)
-    return sz.to(dtype).contiguous()
+    out = sz.to(dtype).contiguous()
+    if check and sz.dtype != dtype and not qparams_cast_ok(out, sz):
+        return None
+    return out
+
+
+def qparams_cast_ok(cast: torch.Tensor, stored: torch.Tensor) -> bool:
+    """Whether aten's kernel may take the stored quantization parameters as ``cast``, their
+    cast to the activation dtype: int8 scales [N], or int4's interleaved [G, N, 2]
+    (scale, zero) pairs.
+
+    aten's packed kernels take them in x's dtype. A scale cast to a normal number is
+    rounded by at most half an ulp, the size of the reference's own rounding of the
+    dequantized weight to x's dtype (measured on random shapes: 1.0-1.6x the reference's
+    error against float64). Two cases lose more, and run the fp32 kernel on the stored
+    values instead:
+
+    * a scale below x's smallest normal (fp16: 6.1e-5, weights of magnitude ~1e-4 and
+      less) keeps fewer bits as a subnormal: 20x the reference's error;
+    * an int4 group on the ``SCALE_EPS`` floor spans fewer than 16 steps, so
+      ``(q - 8) * scale + zero`` cancels to values far below ``zero``, whose rounding then
+      dominates (16x at weights of 1e-7 in bf16): those zeros must cast exactly.
+
+    A scale the cast leaves unchanged is fine too (an all-zero row's 2^-20 scale is an
+    exact fp16 subnormal). A NaN scale gives the reference's NaNs on either kernel. A
+    scale past fp16's largest finite (weight ranges of ~1e6) makes the reference's
+    dequantized fp16 weight overflow as well, and is left to the 16-bit kernel.
+
+    Runs on every call, O(N * K / group_size) against the product's O(M * N * K): against
+    aten's 4096 x 4096 bf16 product at M = 1 on a 2-core AVX2 CPU, 4 us (0.3-0.6%) for
+    int8, 24 us (1-2%) for int4 at group 128 and 40-50 us (2-3%) at group 32; the cast
+    it follows cost as much or more. A cache cannot live here: ``QTensor.copy_`` writes
+    the fields under ``__torch_dispatch__``, which moves no version counter of theirs.
+    """
+    lo = _min_scale(cast)
+    tiny = torch.finfo(cast.dtype).smallest_normal
+    if not lo >= tiny:  # rare: look at each scale (a NaN fails both tests)
+        s_cast, s_stored = (cast, stored) if cast.dim() == 1 else (cast[..., 0], stored[..., 0])
+        if not bool(((s_cast.abs() >= tiny) | (s_cast.to(stored.dtype) == s_stored)).all()):
+            return False
+    if cast.dim() == 3 and lo <= ref.SCALE_EPS:
+        floor = stored[..., 0] <= ref.SCALE_EPS
+        return torch.equal(cast[..., 1][floor].to(stored.dtype), stored[..., 1][floor])
+    return True
+
+
+def _min_scale(cast: torch.Tensor) -> float:
+    """The smallest scale in ``cast``: [N] scales or contiguous [G, N, 2] (scale, zero) pairs.
+
+    A reduction over every other element is ~50x slower than over contiguous memory (1.9
+    ms for 4096 x 32 pairs), so 16-bit pairs are read as rows of ``width`` int16 bit
+    patterns whose even columns hold only scales: the column-wise minimum is one
+    contiguous pass. Non-negative floats order like their bits; a negative scale's bits
+    are negative, and come back as a negative float (a NaN's are large, and skipped: it
+    gives the same NaNs either way)."""
+    if cast.dim() == 1:
+        return float(cast.amin())
+    if cast.element_size() == 2:
+        bits = cast.view(torch.int16).view(-1)
+        for width in (256, 128, 64):  # narrower rows take a slow path (20x at 32)
+            if bits.numel() % width == 0:
+                return float(bits.view(-1, width).amin(0)[0::2].amin().view(cast.dtype))
+    return float(cast[..., 0].contiguous().amin())
 
 
 @kernel_op("int4_mm_cpu", fake=linear_out_fake)
 def int4_mm(
     x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    """x [M, K] @ W.T with W in the machine's CPU int4 layout (see ``int4_cpu_layout``)."""
-    return aten._weight_int4pack_mm_for_cpu(x, qdata, group_size, _scales_and_zeros(scale, zero, x.dtype))
+    """x [M, K] @ W.T with W in the machine's CPU int4 layout (see ``int4_cpu_layout``).
+
+    The kernel takes (scale, zero) in x's dtype; where that cast would lose them
+    (``qparams_cast_ok``) it runs in fp32 on the stored values and rounds the output once."""
+    if x.dtype != torch.float32:
+        sz = _scales_and_zeros(scale, zero, x.dtype, check=True)
+        if sz is not None:
+            return aten._weight_int4pack_mm_for_cpu(x, qdata, group_size, sz)
+    sz = _scales_and_zeros(scale, zero, torch.float32)
+    return aten._weight_int4pack_mm_for_cpu(x.float(), qdata, group_size, sz).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------- int8
 @kernel_op("int8_mm_cpu", fake=linear_out_fake)
 def int8_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """W8A16: x [M, K] @ (qdata * scale).T."""
-    if not int8pack_ok(x.dtype, x.shape[-1]):
-        return aten._weight_int8pack_mm(x.float(), qdata, scale.float()).to(x.dtype)
-    return aten._weight_int8pack_mm(x, qdata, scale.to(x.dtype))
+    """W8A16: x [M, K] @ (qdata * scale).T.
+
+    The kernel takes the scale in x's dtype; x runs in fp32 (one rounding of the output)
+    where that cast would lose a scale (``qparams_cast_ok``) or the bf16 kernel cannot
+    take K (``int8pack_ok``). qdata is made contiguous (a column slice is a strided view),
+    a no-op otherwise."""
+    qdata = qdata.contiguous()
+    if x.dtype != torch.float32 and int8pack_ok(x.dtype, x.shape[-1]):
+        s = scale.to(x.dtype)
+        if scale.dtype == x.dtype or qparams_cast_ok(s, scale):
+            return aten._weight_int8pack_mm(x, qdata, s)
+    return aten._weight_int8pack_mm(x.float(), qdata, scale.float()).to(x.dtype)
 
 
 def int8pack_ok(dtype: torch.dtype, k: int) -> bool:
@@ -191,26 +273,32 @@ def _k_vector_ok(k: int) -> bool:
 def int8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """W8A8: per-token int8 activations, then rescale.
 
-    fp32 activations: ``torch._int_mm`` (exact int32 accumulation) for K % 32 == 0 (on
-    torch 2.11 with AVX-512 it returned garbage at K = 1, ``bench/cpu_kernel_probe.py``),
-    else the fp32 int8-weight kernel on the exact codes. bf16 activations: the int8
-    codes are exact in bf16, so the product runs through the int8-weight kernel with
-    bf16 operands (fp32 accumulation inside); on CPUs without VNNI that is 10-15x
-    faster than ``_int_mm``. Its extra roundings (the scale and the weight-scaled
-    product to bf16) are the size of the final cast to bf16. fp16 activations take
-    the fp32 kernel: through bf16 their error was 11x the reference's.
+    The product of the codes: fp32 activations: ``torch._int_mm`` (exact int32
+    accumulation) for K % 32 == 0 (on torch 2.11 with AVX-512 it returned garbage at
+    K = 1, ``bench/cpu_kernel_probe.py``), else the fp32 int8-weight kernel on the exact
+    codes with unit scales. bf16 activations: the int8 codes are exact in bf16, so the
+    product runs through the int8-weight kernel with bf16 operands and unit scales (fp32
+    accumulation inside, the sum rounded once to bf16); on CPUs without VNNI that is
+    10-15x faster than ``_int_mm``, and the rounding is the size of the final cast to
+    bf16. fp16 activations take the fp32 kernel: through bf16 their error was 11x the
+    reference's. The rescale is the reference's: ``acc * x_scale * w_scale`` in float64,
+    cast once (in fp32, ``acc * w_scale`` overflowed for weights of ~1e36 whose outputs
+    are finite). qdata is made contiguous (a column slice is a strided view).
     """
+    qdata = qdata.contiguous()
     k_ok = _k_vector_ok(x.shape[-1])
     if x.dtype == torch.float32 and k_ok:
         xq, xs = ref.int8_quantize_rows(x)
-        y = torch._int_mm(xq, qdata.t()).float() * scale.float()
+        acc = torch._int_mm(xq, qdata.t())
     else:
         codes, xs = int8_rows_as_float(x)
         if x.dtype == torch.bfloat16 and k_ok:
-            y = aten._weight_int8pack_mm(codes.to(torch.bfloat16), qdata, scale.to(torch.bfloat16)).float()
-        else:  # the fp32 kernel on the same exact codes (fp32 scale, no bf16 operand rounding)
-            y = aten._weight_int8pack_mm(codes, qdata, scale.float())
-    return (y * xs.unsqueeze(-1)).to(x.dtype)
+            ones = torch.ones(qdata.shape[0], dtype=torch.bfloat16)
+            acc = aten._weight_int8pack_mm(codes.to(torch.bfloat16), qdata, ones)
+        else:  # the fp32 kernel on the same exact codes (no bf16 operand rounding)
+            acc = aten._weight_int8pack_mm(codes, qdata, torch.ones(qdata.shape[0], dtype=torch.float32))
+    y = acc.double()  # in place: one [M, N] float64 temporary
+    return y.mul_(xs.double().unsqueeze(-1)).mul_(scale.double()).to(x.dtype)
 
 
 _QMAX = torch.tensor(127.0)  # a tensor divisor: IEEE division, as ``reference._div``
