@@ -293,12 +293,17 @@ def int8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> to
     else:
         codes, xs = int8_rows_as_float(x)
         if x.dtype == torch.bfloat16 and k_ok:
-            ones = torch.ones(qdata.shape[0], dtype=torch.bfloat16)
-            acc = aten._weight_int8pack_mm(codes.to(torch.bfloat16), qdata, ones)
+            acc = aten._weight_int8pack_mm(codes.to(torch.bfloat16), qdata, _ones(qdata.shape[0], torch.bfloat16))
         else:  # the fp32 kernel on the same exact codes (no bf16 operand rounding)
-            acc = aten._weight_int8pack_mm(codes, qdata, torch.ones(qdata.shape[0], dtype=torch.float32))
+            acc = aten._weight_int8pack_mm(codes, qdata, _ones(qdata.shape[0], torch.float32))
     y = acc.double()  # in place: one [M, N] float64 temporary
     return y.mul_(xs.double().unsqueeze(-1)).mul_(scale.double()).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Unit scales for the int8pack kernel (read only; one per N and dtype, not per call)."""
+    return torch.ones(n, dtype=dtype)
 
 
 _QMAX = torch.tensor(127.0)  # a tensor divisor: IEEE division, as ``reference._div``
