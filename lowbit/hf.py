@@ -413,7 +413,7 @@ def attach_after_quantize(model, config) -> None:
     wrapper tensors and failed on their storage). A model holding lowbit weights of more than
     one scheme or group size has no single config: it gets none, and a warning says how to
     save it."""
-    if not hasattr(model, "config") or not hasattr(model, "save_pretrained") or config.name not in SCHEMES:
+    if config.name not in SCHEMES:  # e.g. a QAT step
         return
     kinds = {(type(p).__name__, getattr(p, "group_size", None)) for p in model.parameters() if isinstance(p, QTensor)}
     kw = {"group_size": config.group_size} if config.name == "int4_weight_only" else {}

@@ -119,8 +119,9 @@ def quantize_(
     for fqn, why in report.skipped.items():
         log.warning("lowbit: skipped %s: %s", fqn or "<root>", why)
     model.lowbit_report = report
-    tf = sys.modules.get("transformers")
-    if tf is not None and isinstance(model, getattr(tf, "PreTrainedModel", ())) and report.quantized:
+    # a Transformers model exists only once modeling_utils is imported; never import it here
+    tf = sys.modules.get("transformers.modeling_utils")
+    if tf is not None and isinstance(model, tf.PreTrainedModel) and report.quantized:
         from lowbit.hf import attach_after_quantize  # save_pretrained then writes a lowbit checkpoint
 
         attach_after_quantize(model, config)

@@ -144,15 +144,15 @@ def _scales_and_zeros(
     ``dtype``. With ``check``, None where the cast would lose them (``qparams_cast_ok``)."""
     n, g = scale.shape
     base = scale._base
-    own = (  # the usual case, cheapest to confirm: the views interleave_scale_zero made of its buffer
+    if (  # the usual case, cheapest to confirm: the views interleave_scale_zero made of its buffer
         base is not None
         and zero._base is base
+        and base.dtype == dtype
         and base.shape == (g, n, 2)
         and base.is_contiguous()
         and scale.storage_offset() == base.storage_offset()
         and is_interleaved(scale, zero)
-    )
-    if own and base.dtype == dtype:
+    ):
         return base
     if is_interleaved(scale, zero) and scale.untyped_storage().data_ptr() == zero.untyped_storage().data_ptr():
         sz = torch.as_strided(scale, (g, n, 2), (2 * n, 2, 1), scale.storage_offset())
