@@ -69,6 +69,12 @@ LABELS = {
     "lowbit_w8a8": "lowbit W8A8 (int8 dyn)",
     "lowbit_fp8": "lowbit fp8 dyn",
 }
+# the lowbit variants with programmatic dependent launch off (``_utils.PDL``), for A/B runs;
+# not in the default list
+NO_PDL = "_nopdl"
+for _v in [v for v in VARIANTS if v.startswith("lowbit_")]:
+    LABELS[_v + NO_PDL] = LABELS[_v] + ", no PDL"
+ALL_VARIANTS = list(LABELS)
 LLAMA3_8B = dict(
     hidden_size=4096,
     intermediate_size=14336,
@@ -115,6 +121,7 @@ def build_model(args, device):
 
 
 def quantize(model, variant, group_size):
+    variant = variant.removesuffix(NO_PDL)
     if variant == "bf16":
         return
     if variant.startswith("lowbit_"):
@@ -192,6 +199,14 @@ def run_variant(variant, args) -> dict:
             return dict(res, skipped=f"torchao not importable: {type(e).__name__}: {e}")
     if variant.endswith("fp8") and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         return dict(res, skipped="fp8 needs sm_89+")
+    if variant.endswith(NO_PDL):
+        from lowbit.ops.triton import _utils
+
+        saved, _utils.PDL = _utils.PDL, False
+        try:
+            return run_variant(variant.removesuffix(NO_PDL), args) | dict(variant=variant, label=LABELS[variant])
+        finally:
+            _utils.PDL = saved
     t0 = time.perf_counter()
     model = build_model(args, device)
     sync(device)
@@ -513,7 +528,7 @@ def write_outputs(results, meta, out, name):
             pass
     for r in results:
         merged[r["variant"]] = dict(r, date=meta["date"])
-    ordered = [merged[v] for v in VARIANTS if v in merged]
+    ordered = [merged[v] for v in ALL_VARIANTS if v in merged]
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": ordered}, f, indent=1)
     md = markdown(ordered, meta)
@@ -530,7 +545,11 @@ def parse_args(argv=None):
     p.add_argument(
         "--out", default=os.path.join(ROOT, "bench", "results"), help="output folder (default: bench/results)"
     )
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ",".join(VARIANTS))
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated, from: " + ",".join(VARIANTS) + f" (and the lowbit ones + {NO_PDL!r}: PDL off)",
+    )
     p.add_argument(
         "--layers", type=int, default=0, help="decoder layers (default: 32, or 2 with --tiny); fewer for a quick check"
     )
@@ -599,9 +618,9 @@ def parse_args(argv=None):
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in args.variant_list if v not in VARIANTS]
+    bad = [v for v in args.variant_list if v not in ALL_VARIANTS]
     if bad:
-        p.error(f"unknown variant(s) {bad}; choose from {VARIANTS}")
+        p.error(f"unknown variant(s) {bad}; choose from {ALL_VARIANTS}")
     return args
 
 

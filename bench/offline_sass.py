@@ -40,17 +40,17 @@ KERNELS = {
     "w8": (
         dict(_W8_PTRS, x_ptr="*bf16", w_ptr="*i8", ws_ptr="*bf16"),
         ["N", "K", "stride_xm", "stride_ym"],
-        dict(A_SCALED=False, INT_ACC=False, FP8=False, DOT_F32=False, PDL=False),
+        dict(A_SCALED=False, INT_ACC=False, FP8=False, DOT_F32=False, PDL=0),
     ),
     "w8a8": (
         dict(_W8_PTRS, x_ptr="*i8", w_ptr="*i8"),
         ["N", "K", "stride_xm", "stride_ym"],
-        dict(A_SCALED=True, INT_ACC=True, FP8=False, DOT_F32=False, PDL=False),
+        dict(A_SCALED=True, INT_ACC=True, FP8=False, DOT_F32=False, PDL=0),
     ),
     "fp8": (  # e4m3 travels as bytes (the launcher's view)
         dict(_W8_PTRS, x_ptr="*u8", w_ptr="*u8"),
         ["N", "K", "stride_xm", "stride_ym"],
-        dict(A_SCALED=True, INT_ACC=False, FP8=True, DOT_F32=False, PDL=False),
+        dict(A_SCALED=True, INT_ACC=False, FP8=True, DOT_F32=False, PDL=0),
     ),
 }
 

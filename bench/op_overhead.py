@@ -113,7 +113,7 @@ def main():
     # the quantizer's kernel alone through Triton's JIT launch (no torch.empty, no checks)
     q = torch.empty(args.m, args.k, device="cuda", dtype=torch.int8)
     s_ = torch.empty(args.m, device="cuda")
-    const = dict(QMAX=127.0, IS_INT=True, EPS=2.0**-20, BLOCK_K=256, ONE_PASS=True, num_warps=4, PDL=False)
+    const = dict(QMAX=127.0, IS_INT=True, EPS=2.0**-20, BLOCK_K=256, ONE_PASS=True, num_warps=4, PDL=0)
     add(
         "quantizer kernel via JIT launch",
         lambda: quant_mod._kernel[(args.m,)](x, q, s_, args.k, args.k, args.k, **const),

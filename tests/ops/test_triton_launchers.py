@@ -13,6 +13,8 @@ import pytest
 from lowbit.compile import linear_out_fake
 from lowbit.ops import reference as ref
 from lowbit.ops.triton import _utils
+from lowbit.ops.triton import _w8 as w8_mod
+from lowbit.ops.triton import int4 as int4_mod
 from lowbit.ops.triton.fp8 import fp8_dyn_mm
 from lowbit.ops.triton.int4 import int4_mm
 from lowbit.ops.triton.int8 import int8_dyn_mm, int8_mm
@@ -132,6 +134,8 @@ def test_pdl_only_on_hopper_gpus(monkeypatch):
         dev = torch.device("cuda", torch.cuda.current_device())
         hopper = torch.cuda.get_device_capability(dev) >= (9, 0)
         assert _utils.pdl_args(dev) == ({"PDL": True, "launch_pdl": True} if hopper else {"PDL": False})
+        assert _utils.pdl_args(dev, 2) == ({"PDL": 2, "launch_pdl": True} if hopper else {"PDL": 0})
+        assert _utils.pdl_args(dev, 0) == {"PDL": 0}
         monkeypatch.setattr(_utils, "PDL", False)
         assert _utils.pdl_args(dev) == {"PDL": False}
     else:
@@ -141,11 +145,15 @@ def test_pdl_only_on_hopper_gpus(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m", [1, 8, 33])
-def test_pdl_chain_in_a_cuda_graph_matches_plain_launches(monkeypatch, m):
+@pytest.mark.parametrize("gemm_pdl", [0, 1, 2, 3])
+def test_pdl_chain_in_a_cuda_graph_matches_plain_launches(monkeypatch, m, gemm_pdl):
     """Each linear's input is the previous one's output, so a kernel that read x before the
     previous kernel finished (griddepcontrol.wait missing or misplaced) would differ. A chain
-    through every scheme (the 8-bit ones and the quantizer launched with PDL, int4 plain),
-    replayed in a CUDA graph, equals the chain run eagerly without PDL."""
+    through every scheme (the quantizer and the 8-bit GEMV launched with PDL, the int4 and
+    8-bit GEMMs in each ``GEMM_PDL`` mode), replayed in a CUDA graph, equals the chain run
+    eagerly without PDL."""
+    monkeypatch.setattr(int4_mod, "GEMM_PDL", gemm_pdl)
+    monkeypatch.setattr(w8_mod, "GEMM_PDL", gemm_pdl)
     k = 256
     q4, s4, z4 = _int4(k, k)
     q8, s8 = _int8(k, k)

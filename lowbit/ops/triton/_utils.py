@@ -113,19 +113,29 @@ def is_sm90_or_newer(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def pdl_args(device: torch.device) -> dict:
+def pdl_args(device: torch.device, mode: int = 1) -> dict:
     """Launch arguments for a kernel that begins with ``pdl_start``: programmatic dependent
-    launch on sm_90+ GPUs (``PDL``), nothing elsewhere (the interpreter, older GPUs, CPU)."""
-    on = PDL and not INTERPRET and is_sm90_or_newer(device)
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    launch on sm_90+ GPUs (``PDL``), nothing elsewhere (the interpreter, older GPUs, CPU).
+    ``mode`` is the kernel's PDL constexpr when on (see ``pdl_start``); 0 means plain launches."""
+    on = mode and PDL and not INTERPRET and is_sm90_or_newer(device)
+    return {"PDL": mode, "launch_pdl": True} if on else {"PDL": 0}
 
 
 @triton.jit
 def pdl_start(PDL: tl.constexpr):
     """First statement of a kernel launched with ``pdl_args``: wait until the previous kernel
-    on the stream has completed (its writes visible), then let the next one launch."""
+    on the stream has completed (its writes visible); PDL == 1 then lets the next one launch
+    at once, PDL == 2 leaves that to ``pdl_trigger`` (or to each CTA's exit)."""
     if PDL:
         gdc_wait()
+    if PDL == 1:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_trigger(PDL: tl.constexpr, WHEN: tl.constexpr):
+    """Let the next kernel launch here if the kernel's PDL mode is WHEN."""
+    if PDL == WHEN:
         gdc_launch_dependents()
 
 

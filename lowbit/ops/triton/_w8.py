@@ -44,6 +44,7 @@ from lowbit.ops.triton._utils import (
     num_sms,
     pdl_args,
     pdl_start,
+    pdl_trigger,
     split_k_buffers,
     split_k_reduce,
 )
@@ -68,6 +69,9 @@ _CVT_MODES = {"tuned": 0, "alu": 1, "i2f": 2}
 # bf16 with them, the other shapes about even (bench/results/h100-kernels-s8-swap-w8a16.md).
 GEMM_SWAP = "tuned"
 _SWAP_MODES = {"off": 0, "tuned": 1, "on": 2}
+# The GEMM's programmatic dependent launch mode (int4.GEMM_PDL lists them; the GEMV and the
+# activation quantizer always use mode 1). Mode 1: +2-14% at M=8 (session 10).
+GEMM_PDL = 1
 
 # byte b of $4 (int8 q) -> fp32 bits 0x4B0000uu with uu = q + 128 (flip the sign bit), i.e.
 # 2**23 + q + 128; minus 2**23 + 128 it is q, exactly. Four weights per 32-bit register.
@@ -127,7 +131,7 @@ def _gemv_kernel(
     M, N, K, m_bucket, CVT_MODE,
     stride_xm, stride_ym,
     A_SCALED: tl.constexpr, INT_ACC: tl.constexpr, FP8: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALU_CVT: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALU_CVT: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     # CVT_MODE (GEMV_CVT) only keys the autotuner; ALU_CVT: the ALU int8 -> fp32 (``_i8_to_f32``)
     pdl_start(PDL)
@@ -233,7 +237,7 @@ def _gemm_kernel(
     A_SCALED: tl.constexpr, INT_ACC: tl.constexpr, FP8: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP: tl.constexpr, PDL: tl.constexpr = False,
+    SWAP: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     pdl_start(PDL)
     # SWAP (W8A16 only): acc is the tile of y.T = w @ x.T, the converted weight tile the
@@ -285,6 +289,7 @@ def _gemm_kernel(
                 if not DOT_F32:
                     w = w.to(x.dtype)
                 acc = dot_acc(x, tl.trans(w), acc, DOT_F32)
+    pdl_trigger(PDL, 3)
     if SWAP:  # rows of the tile are columns of y (not tl.trans(acc), see int4._gemm_kernel)
         mask = (rn[:, None] < N) & (rm[None, :] < M)
         offs = rn[:, None] + rm[None, :] * N
@@ -459,6 +464,6 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     _gemm_kernel[grid](
         x, w, ws, xs_arg, y, part, cnt, m, n, k, mb, x.stride(0), y.stride(0), _SWAP_MODES[GEMM_SWAP],
-        A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, DOT_F32=INTERPRET, **fixed, **pdl_args(x.device),
+        A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, DOT_F32=INTERPRET, **fixed, **pdl_args(x.device, GEMM_PDL),
     )  # fmt: skip
     return y

@@ -63,6 +63,9 @@ from lowbit.ops.triton._utils import (
     launcher,
     m_bucket,
     num_sms,
+    pdl_args,
+    pdl_start,
+    pdl_trigger,
     split_k_buffers,
     split_k_reduce,
 )
@@ -87,6 +90,14 @@ DEQUANT_ROWS = 4096
 # fused tiles but not dequantize + cuBLAS (0.55-0.59x vs 0.87-0.90x at M=2048).
 GEMM_SWAP = "tuned"
 _SWAP_MODES = {"off": 0, "tuned": 1, "on": 2}
+# Programmatic dependent launch for the GEMM (``_utils.pdl_start``): 0 plain launches; 1 wait,
+# then let the next kernel launch at once (as the 8-bit kernels do); 2 (shipped) wait, and the
+# next kernel launches as this one's CTAs exit; 3 wait, trigger after the main loop. H100, two
+# runs, same tuned configs (bench/results/h100-kernels-s11-int4-pdl.md): mode 1 loses 23-29% on
+# 4096^2 M=1/8 and 14336 x 4096 M=8 in both; modes 2 and 3 gain ~1.5-2% on the M <= 8 rows
+# (mode 2 >= mode 0 on 11 of 12, mode 3 more spread, -8% once), within the run-to-run noise of
+# one row (~5%); the Llama-3-8B decode step moved 199.3 -> 200.8 tok/s.
+GEMM_PDL = 2
 
 
 # ----------------------------------------------------------------------------- dequant (PTX)
@@ -292,6 +303,7 @@ def _gemm_kernel(
     stride_xm, stride_ym, stride_q, SWAP_MODE,
     GS: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr, MMA: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):  # fmt: skip
     # BLOCK_K divides GS (pruned), and GS divides K: no K masks, one group per tile.
     # SPLIT_K > 1: programs along axis 1 take every SPLIT_K-th K tile and store their
@@ -300,6 +312,7 @@ def _gemm_kernel(
     # SWAP (MMA false): y.T = w_hat @ x.T, the nibbles joined back into k order so that one
     # full-depth dot takes the dequantized tile as its register A operand and x.T (loaded
     # k-major, straight into shared memory) as B; SWAP_MODE only keys the autotuner.
+    pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -346,6 +359,7 @@ def _gemm_kernel(
                 lo, hi = _dequant_tile(qb, s[:, None], z[:, None], x.dtype, ASM)
                 acc = dot_acc(xe, tl.trans(lo), acc, DOT_F32)
                 acc = dot_acc(xo, tl.trans(hi), acc, DOT_F32)
+    pdl_trigger(PDL, 3)
     # (not tl.trans(acc): ptxas then serializes the wgmmas, "non wgmma instructions defining
     # accumulator registers", offline on Triton 3.6)
     if SWAP:  # rows of the tile are columns of y
@@ -476,5 +490,6 @@ def int4_mm(
     _gemm_kernel[grid](
         x, qdata, scale, zero, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0),
         _SWAP_MODES[GEMM_SWAP], GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, MMA=words, **fixed,
+        **pdl_args(x.device, GEMM_PDL),
     )  # fmt: skip
     return y

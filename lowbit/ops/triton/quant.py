@@ -59,7 +59,7 @@ def _codes(x, scale, QMAX: tl.constexpr, IS_INT: tl.constexpr):
 
 @triton.jit
 def _kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, QMAX: tl.constexpr, IS_INT: tl.constexpr,
-            EPS: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+            EPS: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr = 0):  # fmt: skip
     pdl_start(PDL)
     m = tl.program_id(0)
     rk = tl.arange(0, BLOCK_K)
