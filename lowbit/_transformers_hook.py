@@ -23,15 +23,28 @@ def register_with_transformers() -> None:
         return
 
     class _AfterRegistryImport(importlib.abc.MetaPathFinder):
+        """Hands out the registry's real spec with ``lowbit.hf`` imported after the module
+        runs. It stays on ``sys.meta_path`` until that happens: a bare ``find_spec`` probe of
+        the registry (which executes nothing) must not use it up."""
+
+        busy = False
+
         def find_spec(self, name, path, target=None):
-            if name != registry:
+            if name != registry or self.busy:
                 return None
-            sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(name)
+            self.busy = True  # the lookup below asks every finder again, this one included
+            try:
+                spec = importlib.util.find_spec(name)
+            finally:
+                self.busy = False
+            if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+                return None
             exec_module = spec.loader.exec_module
 
             def exec_then_register(module):
                 exec_module(module)
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 import lowbit.hf  # noqa: F401
 
             spec.loader.exec_module = exec_then_register

@@ -233,16 +233,36 @@ def test_e2e_bench_tiny_on_cpu(tmp_path):
     assert "lowbit int4 g128" in md and "bf16" in md and "b1 step-loop tok/s" in md
 
 
-def test_e2e_bench_step_loop_only(tmp_path):
-    """--no-generate: decode timed by the step loop alone; the table has no generate columns."""
+def test_e2e_bench_step_loop_only(tmp_path, monkeypatch):
+    """--no-generate: decode timed by the step loop alone; the table has no generate columns.
+    A ``_nopdl`` variant runs its scheme with programmatic dependent launch off, then turns it
+    back on, and gets its own row and label."""
+    from lowbit.ops.triton import _utils
+
     e2e = _e2e_module()
+    seen = {}
+    quantize = e2e.quantize
+
+    def spy(model, variant, group_size):
+        seen.setdefault(variant, []).append(_utils.PDL)
+        return quantize(model, variant, group_size)
+
+    monkeypatch.setattr(e2e, "quantize", spy)
+    monkeypatch.setattr(_utils, "PDL", True)
     argv = ["--tiny", "--out", str(tmp_path), "--reps", "1", "--step-loop", "--no-generate"]
-    assert e2e.main(argv + ["--variants", "bf16,lowbit_int4", "--batches", "1"]) == 0
-    by = {r["variant"]: r for r in json.loads((tmp_path / "cpu-tiny-e2e.json").read_text())["results"]}
-    for v in ("bf16", "lowbit_int4"):
+    assert e2e.main(argv + ["--variants", "lowbit_int4_nopdl,bf16,lowbit_int4", "--batches", "1"]) == 0
+    assert seen == {"lowbit_int4": [False, True], "bf16": [True]} and _utils.PDL is True
+    results = json.loads((tmp_path / "cpu-tiny-e2e.json").read_text())["results"]
+    assert [r["variant"] for r in results] == ["bf16", "lowbit_int4", "lowbit_int4_nopdl"]
+    by = {r["variant"]: r for r in results}
+    for v in ("bf16", "lowbit_int4", "lowbit_int4_nopdl"):
         assert by[v]["b1_step_tok_s"] > 0 and "b1_tok_s" not in by[v] and "b1_first_generate_s" not in by[v], by[v]
+    assert by["lowbit_int4_nopdl"]["label"] == "lowbit int4 g128, no PDL"
     md = (tmp_path / "cpu-tiny-e2e.md").read_text()
     assert "b1 step-loop tok/s" in md and "b1 tok/s" not in md and "no `generate`" in md, md
+    assert "lowbit int4 g128, no PDL" in md
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--variants", "bf16_nopdl"])
 
 
 def test_e2e_bench_compiled_prefill(tmp_path):

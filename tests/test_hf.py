@@ -308,3 +308,22 @@ def test_save_pretrained_after_quantize_(base_dir, ids, tmp_path, caplog):
         assert torch.equal(back(ids).logits, want)
     lowbit.quantize_(model, lowbit.int8_weight_only(), lambda m, fqn: fqn == "lm_head")
     assert model.config.quantization_config is None and "several schemes" in caplog.text
+
+
+@pytest.mark.parametrize("probe", [False, True])
+def test_import_lowbit_registers_with_transformers_on_first_registry_import(probe):
+    """``import lowbit`` before Transformers' quantizer registry: the registry's own import
+    registers ``quant_method="lowbit"``, also after a bare ``find_spec`` probe of it (which
+    executes nothing; it used to use the hook up, so the later import registered nothing)."""
+    code = (
+        "import importlib.util, sys\n"
+        "import lowbit\n"
+        "assert 'transformers.quantizers' not in sys.modules\n"
+        f"if {probe}: importlib.util.find_spec('transformers.quantizers')\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AUTO_QUANTIZATION_CONFIG_MAPPING\n"
+        "print('lowbit' in AUTO_QUANTIZER_MAPPING, 'lowbit' in AUTO_QUANTIZATION_CONFIG_MAPPING,\n"
+        "      [type(f).__name__ for f in sys.meta_path].count('_AfterRegistryImport'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "True", "0"], proc.stdout

@@ -76,22 +76,27 @@ def test_int8_rows_as_float_is_the_reference_quantizer(m, k, dtype, zero_row, ba
 def test_int8_cpu_kernels_any_k(m, k, n, dtype, seed):
     """W8A16 and W8A8 on the CPU backend match the reference for every K: aten's bf16 int8
     kernel reads past rows whose K is not a multiple of 8 (wrong results, or a segfault
-    that ends this process), so those shapes must take the fp32 kernel."""
+    that ends this process), so those shapes must take the fp32 kernel. The error is measured
+    against ``|x| @ |w_hat|.T`` (what rounding errors scale with): relative to the output
+    itself, one cancelling bf16 output (m = n = 1) fails about one seed in 15."""
     from lowbit.ops import reference as ref
+
+    def rel(got, want, q, s):
+        scale = x.double().abs() @ (q.double() * s.double()[:, None]).abs().T
+        return float((got.double() - want.double()).norm() / scale.norm().clamp_min(1e-30))
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.02
     x = torch.randn(m, k, generator=g).to(dtype)
-    tol = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
+    # (largest seen over 1500 random draws: bf16 4.5e-3 / 1.3e-3, fp16 4.3e-4 / 0, fp32 8e-8 / 0)
+    tol = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-6}[dtype]
     s_wo = ref.int8_choose_qparams(w, dtype)
     q_wo = ref.int8_quantize(w, s_wo)
-    want = ref.int8_weight_only_linear(x, q_wo, s_wo).double()
-    assert float((cpu.int8_mm(x, q_wo, s_wo).double() - want).norm() / want.norm().clamp_min(1e-30)) < tol
+    assert rel(cpu.int8_mm(x, q_wo, s_wo), ref.int8_weight_only_linear(x, q_wo, s_wo), q_wo, s_wo) < tol
     s_dyn = ref.int8_choose_qparams(w, torch.float32)
     q_dyn = ref.int8_quantize(w, s_dyn)
-    want = ref.int8_dynamic_linear(x, q_dyn, s_dyn).double()
-    got = cpu.int8_dyn_mm(x, q_dyn, s_dyn).double()
-    assert float((got - want).norm() / want.norm().clamp_min(1e-30)) < max(tol, 1e-2 if dtype != torch.float32 else tol)
+    got = cpu.int8_dyn_mm(x, q_dyn, s_dyn)
+    assert rel(got, ref.int8_dynamic_linear(x, q_dyn, s_dyn), q_dyn, s_dyn) < tol / 2
 
 
 # ---------------------------------------------------------------------------- the spec's accuracy
