@@ -35,7 +35,7 @@ KERNELS = {
     "int4": (
         dict(x_ptr="*bf16", q_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32"),
         ["N", "K", "stride_xm", "stride_ym", "stride_q"],
-        dict(GS=GS, ASM=True, DOT_F32=False, MMA=False),
+        dict(GS=GS, ASM=True, DOT_F32=False, MMA=False, PDL=0),
     ),
     "w8": (
         dict(_W8_PTRS, x_ptr="*bf16", w_ptr="*i8", ws_ptr="*bf16"),
