@@ -175,14 +175,21 @@ def time_stack(fns, x) -> tuple[float, str]:
 # lowbit variants with the algorithm switch moved, to measure crossovers (--explore)
 # (module, {attribute: value, ...}, when): the attributes are set for that row only
 _NO_PDL = (utils_mod, {"PDL": False}, lambda m: m < 256)  # plain launches instead of PDL
-# the 8-bit GEMM's other PDL modes (w8.GEMM_PDL; shipped: 1); the quantizer keeps mode 1
-_W8_PDL = [(w8_mod, {"GEMM_PDL": mode}, lambda m: w8_mod.GEMV_MAX_M < m < 256) for mode in (0, 2, 3)]
+# the GEMMs' PDL modes other than the shipped one (int4 / _w8 .GEMM_PDL); the quantizer keeps mode 1
+_W8_PDL = [
+    (w8_mod, {"GEMM_PDL": mode}, lambda m: w8_mod.GEMV_MAX_M < m < 256)
+    for mode in (0, 1, 2, 3)
+    if mode != w8_mod.GEMM_PDL
+]
 ALT = {
     "int8_dyn": [_NO_PDL, *_W8_PDL],
     "fp8": [_NO_PDL, *_W8_PDL],
     "int4": [
-        # the GEMM's programmatic dependent launch modes (int4.GEMM_PDL; shipped: 2)
-        *[(int4_mod, {"GEMM_PDL": mode}, lambda m: m < int4_mod.DEQUANT_MIN_M) for mode in (0, 1, 2, 3)],
+        *[
+            (int4_mod, {"GEMM_PDL": mode}, lambda m: m < int4_mod.DEQUANT_MIN_M)
+            for mode in (0, 1, 2, 3)
+            if mode != int4_mod.GEMM_PDL
+        ],
         (int4_mod, {"DEQUANT_MIN_M": 1 << 30}, lambda m: m >= 128),
         (int4_mod, {"GEMM_SWAP": "on"}, lambda m: 64 <= m < int4_mod.DEQUANT_MIN_M),
         (int4_mod, {"GEMM_SWAP": "tuned"}, lambda m: 64 <= m < int4_mod.DEQUANT_MIN_M),
