@@ -44,11 +44,12 @@ TILES = [
     (128, 128, 64, 4, 4, (1,)),
 ]
 ARGS = ["x_ptr", "q_ptr", "s_ptr", "z_ptr", "y_ptr", "ws_ptr", "cnt_ptr"]
-INTS = ["M", "N", "K", "m_bucket", "stride_xm", "stride_ym", "stride_q", "SWAP_MODE"]
+INTS = ["M", "N", "K", "m_bucket", "stride_xm", "stride_ym", "stride_q", "stride_s", "SWAP_MODE"]
 
 
 def build(out: str) -> None:
     import triton
+    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -63,10 +64,11 @@ def build(out: str) -> None:
         for bm, bn, bk, warps, stages, splits in TILES:
             for split in splits:
                 ce = dict(GS=GS, ASM=True, DOT_F32=False, MMA=packing == "mma" and bm < 64, SPLIT_K=split, SWAP=False)
+                ce.update(SZ=True, QDT=tl.bfloat16)  # qparams as int32 words, as the launcher passes them
                 ce.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
                 sig = {a: "i32" for a in names}
-                sig.update(x_ptr="*bf16", q_ptr="*u8", s_ptr="*bf16")
-                sig.update(z_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
+                sig.update(x_ptr="*bf16", q_ptr="*u8", s_ptr="*i32")
+                sig.update(z_ptr="*i32", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
                 sig.update({c: "constexpr" for c in ce})
                 div = [
                     i for i, a in enumerate(names) if a in ARGS or a in ("N", "K", "stride_xm", "stride_ym", "stride_q")
@@ -128,7 +130,7 @@ def time_all(d: str, out: str, shapes: str, ms: str) -> None:
 
     from lowbit.ops import reference as ref
     from lowbit.ops.triton._utils import split_k_buffers
-    from lowbit.ops.triton.int4 import _pair_order, int4_mm
+    from lowbit.ops.triton.int4 import _pair_order, int4_mm, qparam_words
 
     meta = json.load(open(os.path.join(d, "index.json")))
     drv = Driver()
@@ -148,8 +150,9 @@ def time_all(d: str, out: str, shapes: str, ms: str) -> None:
             x = _pair_order(x)
         y = torch.empty(m, n, device="cuda", dtype=x.dtype)
         ws, cnt = split_k_buffers(x.device, m, n, split)
-        ptrs = [ctypes.c_uint64(t.data_ptr()) for t in (x, q, s, z, y, ws, cnt)]
-        ints = [ctypes.c_int32(v) for v in (m, n, k, m, x.stride(0), y.stride(0), q.stride(0), 0)]
+        sw, zw = qparam_words(s), qparam_words(z)
+        ptrs = [ctypes.c_uint64(t.data_ptr()) for t in (x, q, sw, zw, y, ws, cnt)]
+        ints = [ctypes.c_int32(v) for v in (m, n, k, m, x.stride(0), y.stride(0), q.stride(0), sw.stride(0), 0)]
         params = ptrs + ints + [ctypes.c_uint64(0), ctypes.c_uint64(0)]
         grid = (triton_cdiv(n, bn), split, triton_cdiv(m, bm))
         drv.launch(e["fn"], grid, 32 * e["num_warps"], e["shared"], torch.cuda.current_stream().cuda_stream, params)

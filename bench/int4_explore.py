@@ -32,12 +32,13 @@ import traceback
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lowbit.ops import reference as ref  # noqa: E402
 from lowbit.ops.triton._utils import chunked_dequant_mm, split_k_buffers  # noqa: E402
-from lowbit.ops.triton.int4 import _dequant_kernel, _gemm_kernel, int4_mm  # noqa: E402
+from lowbit.ops.triton.int4 import _dequant_kernel, _gemm_kernel, int4_mm, qparam_words  # noqa: E402
 
 GS = 128
 
@@ -76,10 +77,11 @@ def launcher(variant, cfg, split):
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         ws, cnt = split_k_buffers(x.device, m, n, split)
         grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
+        sw, zw = qparam_words(s), qparam_words(z)  # as the launcher passes them (even G)
         kern[grid](
-            x, q, s, z, y, ws, cnt, m, n, k, m, x.stride(0), y.stride(0), q.stride(0), 0,
+            x, q, sw, zw, y, ws, cnt, m, n, k, m, x.stride(0), y.stride(0), q.stride(0), sw.stride(0), 0,
             GS=GS, ASM=asm, DOT_F32=False, MMA=False, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SWAP=swap,
-            num_warps=w, num_stages=st,
+            SZ=True, QDT=tl.bfloat16, num_warps=w, num_stages=st,
         )  # fmt: skip
         return y  # split > 1: the last split of each tile reduces in the kernel
 

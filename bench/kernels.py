@@ -38,7 +38,7 @@ from lowbit.ops.triton import int4 as int4_mod
 from lowbit.ops.triton.fp8 import fp8_dyn_mm  # noqa: E402
 from lowbit.ops.triton.int4 import int4_mm  # noqa: E402
 from lowbit.ops.triton.int8 import int8_dyn_mm, int8_mm  # noqa: E402
-from lowbit.qtensor.int4 import cuda_packing  # noqa: E402
+from lowbit.qtensor.int4 import Int4Tensor, cuda_packing  # noqa: E402
 
 GS = 128
 BYTES_PER_W = {"bf16": 2.0, "int4": 0.5 + 4 / GS, "int8_wo": 1.0, "int8_dyn": 1.0, "fp8": 1.0}
@@ -92,16 +92,16 @@ def lowbit_layers(ws: list[torch.Tensor]) -> dict:
     """Per scheme: (list of per-layer callables x -> y, reference fn on layer 0)."""
     out = {}
     packed = {"plain": [], "mma": []}
-    for w in ws:
-        s, z = ref.int4_choose_qparams(w, GS, torch.bfloat16)
-        q = ref.int4_quantize(w, s, z, GS)
-        packed["plain"].append((ref.int4_pack(q), s, z))
-        packed["mma"].append((ref.int4_mma_pack(q), s, z))
+    for w in ws:  # the fields CUDA Int4Tensors hold ((scale, zero) interleaved), in each byte order
+        t = Int4Tensor.from_float(w, group_size=GS, packing="plain")
+        for packing in packed:
+            t = t.repack(packing)
+            packed[packing].append((t.qdata, t.scale, t.zero))
     # "lowbit" is the byte order CUDA Int4Tensors get (cuda_packing()); --int4-other times the other
     other = "mma" if SHIPPED_INT4 == "plain" else "plain"
     out["int4"] = (
         [lambda x, p=p: int4_mm(x, *p, GS, SHIPPED_INT4) for p in packed[SHIPPED_INT4]],
-        lambda x, p=packed["plain"][0]: ref.int4_linear(x, *p, GS),
+        lambda x, p=packed["plain"][0]: ref.int4_linear(x, p[0], p[1].contiguous(), p[2].contiguous(), GS),
         [lambda x, p=p: int4_mm(x, *p, GS, other) for p in packed[other]],
     )
     q8 = []
@@ -190,6 +190,8 @@ ALT = {
             for mode in (0, 1, 2, 3)
             if mode != int4_mod.GEMM_PDL
         ],
+        # (scale, zero) loaded apart (2-byte loads outside the cp.async pipeline), as before session 12
+        (int4_mod, {"SZ_WORDS": False}, lambda m: m < int4_mod.DEQUANT_MIN_M),
         (int4_mod, {"DEQUANT_MIN_M": 1 << 30}, lambda m: m >= 128),
         (int4_mod, {"GEMM_SWAP": "on"}, lambda m: 64 <= m < int4_mod.DEQUANT_MIN_M),
         (int4_mod, {"GEMM_SWAP": "tuned"}, lambda m: 64 <= m < int4_mod.DEQUANT_MIN_M),

@@ -32,10 +32,10 @@ GS, K, N = 128, 4096, 14336
 # kernel -> (pointer argument types, arguments with 16-byte divisibility, fixed constexprs)
 _W8_PTRS = dict(ws_ptr="*fp32", xs_ptr="*fp32", y_ptr="*bf16", part_ptr="*fp32", cnt_ptr="*i32")
 KERNELS = {
-    "int4": (
-        dict(x_ptr="*bf16", q_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32"),
+    "int4": (  # the qparams as int32 words (int4.qparam_words), as CUDA weights with an even G run
+        dict(x_ptr="*bf16", q_ptr="*u8", s_ptr="*i32", z_ptr="*i32", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32"),
         ["N", "K", "stride_xm", "stride_ym", "stride_q"],
-        dict(GS=GS, ASM=True, DOT_F32=False, MMA=False, PDL=0),
+        dict(GS=GS, ASM=True, DOT_F32=False, MMA=False, PDL=0, SZ=True, QDT="bf16"),
     ),
     "w8": (
         dict(_W8_PTRS, x_ptr="*bf16", w_ptr="*i8", ws_ptr="*bf16"),
@@ -76,6 +76,10 @@ def compile_config(c, arch: int, kernel: str = "int4"):
     fn = _module(kernel)._gemm_kernel.fn
     names = fn.arg_names
     consts = dict(fixed, **c.kwargs)
+    if consts.get("QDT") == "bf16":
+        import triton.language as tl
+
+        consts["QDT"] = tl.bfloat16
     sig = {a: pointers.get(a, "i32") for a in names}
     sig.update({a: "constexpr" for a in consts})
     src = ASTSource(
@@ -157,7 +161,7 @@ def main():
     mod = _module(args.kernel)
     rows, seen = [], set()
     for mb in map(int, args.buckets.split(",")):
-        named = dict(m_bucket=mb, K=K, N=N, SWAP_MODE=1, GS=GS, A_SCALED=args.kernel in ("w8a8", "fp8"))
+        named = dict(m_bucket=mb, K=K, N=N, SWAP_MODE=1, GS=GS, A_SCALED=args.kernel in ("w8a8", "fp8"), SZ=True)
         for c in mod._prune(mod._gemm_configs(), named):
             swap = c.kwargs["SWAP"]
             if args.swap != "all" and swap != (args.swap == "on"):

@@ -132,6 +132,34 @@ def test_int4_mma_packing_opt_in(monkeypatch, tmp_path, m_tokens):
     assert back["0.weight"].packing == "mma" and torch.equal(back["0.weight"].codes(), m[0].weight.codes())
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_int4_qparam_words_path_under_compile(mode, monkeypatch):
+    """CUDA int4 weights (G even) run the GEMM with scale / zero read as int32 words; compiled
+    (Inductor, and cudagraph trees, which copy non-static inputs) it gives the eager output,
+    and the 2-byte-load path (SZ_WORDS off) agrees with it."""
+    import lowbit.ops.triton.int4 as int4_mod
+
+    m = lowbit.quantize_(model().cuda(), CONFIGS["int4"])
+    w = m[0].weight
+    assert int4_mod.qparam_words(w.scale) is not None and int4_mod.qparam_words(w.zero) is not None
+    calls = []
+    real = int4_mod.qparam_words
+    monkeypatch.setattr(int4_mod, "qparam_words", lambda t: calls.append(real(t) is not None) or real(t))
+    f = torch.compile(m, mode=mode, fullgraph=True)
+    for tokens in (1, 9, 64):
+        x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            eager = m(x)
+            for _ in range(3):
+                got = f(x)
+            monkeypatch.setattr(int4_mod, "SZ_WORDS", False)
+            apart = m(x)
+            monkeypatch.setattr(int4_mod, "SZ_WORDS", True)
+        torch.testing.assert_close(got, eager, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(apart, eager, rtol=2e-2, atol=2e-2)
+    assert calls and all(calls)
+
+
 @st.composite
 def _cuda_cases(draw):
     fmt = draw(st.sampled_from(list(CONFIGS)))

@@ -266,8 +266,9 @@ def test_int4_gemm_dequant_exact_every_code_and_position(dtype, qdtype, packing,
     k_groups=st.integers(1, 200),
     n=st.sampled_from([1, 37, 4096, 14336, 128256]),
     swap=st.sampled_from(["off", "tuned", "on"]),
+    sz=st.booleans(),
 )
-def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, n, swap):
+def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, n, swap, sz):
     """Every config the GPU autotuner may try keeps the kernel's assumptions.
 
     The kernel loads one scale per K tile, so BLOCK_K must divide the group size
@@ -276,6 +277,8 @@ def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, 
     launcher sizes from the largest split kept and allocates only for M <= 128 within
     MAX_WORKSPACE; each split needs two K tiles of work; no config carries a
     pre_hook (Triton's autotune disk cache skips kernels whose configs have one).
+    With qparam words (SZ) a BLOCK_K == GS tile runs two K tiles per loop iteration, so
+    its stage count is halved (at least 2): no more tiles in flight than without words.
     Swapped tiles appear only as ``GEMM_SWAP`` allows (never when "off"; from M bucket
     64, alone when "on"), with BLOCK_M no larger than the bucket.
     Checked on the GPU search space even where (CPU CI) only the fixed config runs.
@@ -286,8 +289,18 @@ def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, 
     k = k_groups * gs
     mb = m_bucket(m)
     mode = int4_mod._SWAP_MODES[swap]
-    kept = int4_mod._prune(int4_mod._gemm_configs(), dict(GS=gs, m_bucket=mb, K=k, N=n, SWAP_MODE=mode))
+    named = dict(GS=gs, m_bucket=mb, K=k, N=n, SWAP_MODE=mode)
+    kept = int4_mod._prune(int4_mod._gemm_configs(), {**named, "SZ": sz})
     assert kept, (gs, m, k)
+    plain = int4_mod._prune(int4_mod._gemm_configs(), named)
+    stages = {}
+    for c in plain:
+        stages.setdefault((tuple(sorted(c.kwargs.items())), c.num_warps), set()).add(c.num_stages)
+    assert len(kept) <= len(plain)
+    for c in kept:
+        before = stages[(tuple(sorted(c.kwargs.items())), c.num_warps)]
+        pairs = sz and c.kwargs["BLOCK_K"] == gs
+        assert c.num_stages in ({max(2, (b + 1) // 2) for b in before} if pairs else before), (c.kwargs, before)
     swapped = [c.kwargs["SWAP"] for c in kept]
     if swap == "off" or mb < 64:
         assert not any(swapped), (swap, mb)
@@ -330,6 +343,7 @@ def test_every_swapped_gpu_config_matches_reference(mb):
     N and M, its split), against the reference: on the GPU the real wgmma code, on the
     interpreter the same program logic."""
     import triton
+    import triton.language as tl
 
     import lowbit.ops.triton.int4 as int4_mod
     from lowbit.ops.triton._utils import INTERPRET, split_k_buffers
@@ -339,16 +353,19 @@ def test_every_swapped_gpu_config_matches_reference(mb):
     qdata, scale, zero, plain = _weight(n, k, gs, torch.bfloat16, mb, "plain")
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(mb)).to(DEVICE, torch.bfloat16)
     want = ref.int4_linear(x, plain, scale, zero, gs).double()
-    space = int4_mod._prune(int4_mod._gemm_configs(), dict(GS=gs, m_bucket=mb, K=k, N=n, SWAP_MODE=2))
-    assert space and all(c.kwargs["SWAP"] for c in space)
-    for c in space:
+    words = (int4_mod.qparam_words(scale), int4_mod.qparam_words(zero))  # as the launcher passes them
+    spaces = {sz: int4_mod._prune(int4_mod._gemm_configs(), dict(GS=gs, m_bucket=mb, K=k, N=n, SWAP_MODE=2, SZ=sz))
+              for sz in (True, False)}  # fmt: skip
+    assert all(space and all(c.kwargs["SWAP"] for c in space) for space in spaces.values())
+    for sz, c in ((sz, c) for sz, space in spaces.items() for c in space):
         meta = c.kwargs
         y = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
         ws, cnt = split_k_buffers(x.device, m, n, meta["SPLIT_K"])
         grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))
+        s, z = words if sz else (scale, zero)
         int4_mod._gemm_kernel.fn[grid](
-            x, qdata, scale, zero, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0), 2,
-            GS=gs, ASM=not INTERPRET, DOT_F32=INTERPRET, MMA=False, **meta,
+            x, qdata, s, z, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0), s.stride(0), 2,
+            GS=gs, ASM=not INTERPRET, DOT_F32=INTERPRET, MMA=False, SZ=sz, QDT=tl.bfloat16 if sz else None, **meta,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )  # fmt: skip
         err = (y.double() - want).norm() / want.norm()
@@ -371,3 +388,39 @@ def test_int4_tensor_every_packing_through_the_triton_backend():
         with lowbit.use_backend("triton"), torch.no_grad():
             got = F.linear(x, plain.repack(packing)).double()
         assert (got - want).norm() / want.norm() < TOL[torch.bfloat16], packing
+
+
+@settings(deadline=None, max_examples=12)
+@given(m=st.sampled_from([1, 5, 17, 100]), odd_groups=st.booleans(), **CASES)
+def test_int4_mm_qparam_words_match_the_two_byte_loads(m, odd_groups, n, groups, gs, dtype, seed, packing):
+    """16-bit scale / zero read as int32 words (two groups each; even G): the GEMM matches the
+    reference and the 2-byte-load path (SZ_WORDS off), on whole tensors, a row slice and a
+    column slice (views); odd G, fp32 qparams and odd offsets take the 2-byte loads."""
+    import lowbit.ops.triton.int4 as int4_mod
+
+    ng = 2 * groups + (1 if odd_groups else 0)
+    k = ng * gs
+    qdata, scale, zero, plain = _weight(n, k, gs, dtype, seed, packing)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    cases = [(x, qdata, scale, zero, plain), (x, qdata[n // 3 :], scale[n // 3 :], zero[n // 3 :], plain[n // 3 :])]
+    if packing == "plain":  # column slices of "mma" bytes are not whole words of the slice
+        c0 = 2 if ng > 2 else 1
+        kc = c0 * gs
+        cases.append((x[:, kc:], qdata[:, kc // 2 :], scale[:, c0:], zero[:, c0:], plain[:, kc // 2 :]))
+    for xx, q, s, z, p in cases:
+        words = int4_mod.qparam_words(s)
+        even = s.shape[1] % 2 == 0 and s.storage_offset() % 2 == 0
+        assert (words is not None) == (dtype != torch.float32 and even)
+        if words is not None:
+            halves = torch.stack([words & 0xFFFF, (words >> 16) & 0xFFFF], -1).reshape(s.shape)
+            assert torch.equal(halves, s.contiguous().view(torch.int16).int() & 0xFFFF)
+        got = int4_mm(xx, q, s, z, gs, packing)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(int4_mod, "SZ_WORDS", False)
+            apart = int4_mm(xx, q, s, z, gs, packing)
+        want = ref.int4_linear(xx, p, s.contiguous(), z.contiguous(), gs).double()
+        for y in (got, apart):
+            err = (y.double() - want).norm() / want.norm()
+            assert err < TOL[dtype], (m, n, k, gs, dtype, float(err))
+        # same products; only the split-K partition of the K tiles (its fp32 sum order) may differ
+        assert (got.double() - apart.double()).norm() <= TOL[dtype] / 4 * want.norm()

@@ -28,6 +28,8 @@ Two paths, picked by M:
   into even/odd columns and two half-depth dots run. "mma" codes from M bucket 64
   (M >= 33; wgmma tiles) take this byte path too, with x's columns reordered once per call
   (``_pair_order``) so that byte j's nibbles meet their k.
+  Scale and zero (16-bit, an even number of groups) are read as int32 words of two groups,
+  two K tiles per loop iteration (``SZ_WORDS``); otherwise one 2-byte value per tile.
   For small M the K loop can be split across programs: each split stores its fp32
   partial sums into its own slice of a workspace and counts itself in on a per-tile
   counter; the last split of a tile adds the slices in a fixed order and stores y
@@ -98,6 +100,16 @@ _SWAP_MODES = {"off": 0, "tuned": 1, "on": 2}
 # (mode 2 >= mode 0 on 11 of 12, mode 3 more spread, -8% once), within the run-to-run noise of
 # one row (~5%); the Llama-3-8B decode step moved 199.3 -> 200.8 tok/s.
 GEMM_PDL = 2
+# The GEMM reads 16-bit scale and zero as int32 words (two groups per word, ``qparam_words``)
+# and, with BLOCK_K == group size, runs two K tiles per main-loop iteration so that each tile
+# takes a fixed half of the word. Triton's cp.async pipeline carries 4-byte loads with the codes
+# but not 2-byte ones, which every iteration then waited on (offline SASS, Triton 3.6: the LDGs'
+# results used in the same iteration). A half chosen by the loop variable put the dequantized
+# tile through shared memory (offline SASS), hence the pairs. H100, same run
+# (bench/results/h100-kernels-s12-int4-words.md): M=1 1.59 / 1.81 / 1.85 -> 1.96 / 2.23 / 2.56x of
+# bf16 (4096^2 / 4096 x 14336 / 14336 x 4096; torchao 1.93 / 2.17 / 2.28), M=32 1.13 / 1.54 /
+# 1.24 -> 1.35 / 1.83 / 1.87. False: 2-byte loads (A/B runs; odd G and fp32 qparams take them too).
+SZ_WORDS = True
 
 
 # ----------------------------------------------------------------------------- dequant (PTX)
@@ -239,10 +251,13 @@ def _prune(configs_, named_args, **kwargs):
             continue
         elif not ((bm <= max(16, mb) and 2 * bm > min(mb, 64)) if mb <= 64 else bm >= 64):
             continue
-        key = (tuple(sorted(meta.items())), c.num_warps, c.num_stages)
+        # qparam words with BLOCK_K == GS: the kernel's loop body holds two K tiles, so each
+        # pipeline stage does too; half the stages keep the bytes in flight (and shared memory)
+        stages = max(2, (c.num_stages + 1) // 2) if a.get("SZ") and bk == gs else c.num_stages
+        key = (tuple(sorted(meta.items())), c.num_warps, stages)
         if key not in seen:
             seen.add(key)
-            out.append(triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages))
+            out.append(triton.Config(meta, num_warps=c.num_warps, num_stages=stages))
     if not out:  # unreachable with the list below (every bucket has a split-1 tile); stay valid anyway
         out = [cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=min(32, gs), SPLIT_K=1, SWAP=False, num_warps=4, num_stages=2)]
     return out
@@ -290,9 +305,37 @@ def _gemm_configs():
 _GEMM_CONFIGS = _gemm_configs()
 
 
+@triton.jit
+def _k_tile(
+    acc, k0, s, z, x_ptrs, xt_ptrs, q_ptrs, m_ok, n_ok,
+    ASM: tl.constexpr, DOT_F32: tl.constexpr, MMA: tl.constexpr, SWAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """acc + the K tile at k0 (scale s and zero z [BLOCK_N, 1]): the main loop's body."""
+    if SWAP:
+        qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
+        xt = tl.load(xt_ptrs + k0, mask=m_ok[None, :], other=0.0)
+        lo, hi = _dequant_tile(qb, s, z, xt.dtype, ASM)
+        w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])  # k order: byte j holds k = 2j, 2j + 1
+        acc = dot_acc(w, xt, acc, DOT_F32)
+    else:  # the plain tiles, as before SWAP existed
+        x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
+        if MMA:
+            qw = tl.load(q_ptrs + k0 // 8, mask=n_ok[:, None], other=0)
+            w = _dequant_words(qw, s, z, x.dtype, ASM, BLOCK_N, BLOCK_K)
+            acc = dot_acc(x, tl.trans(w), acc, DOT_F32)
+        else:
+            qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
+            xe, xo = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
+            lo, hi = _dequant_tile(qb, s, z, x.dtype, ASM)
+            acc = dot_acc(xe, tl.trans(lo), acc, DOT_F32)
+            acc = dot_acc(xo, tl.trans(hi), acc, DOT_F32)
+    return acc
+
+
 @triton.autotune(
     configs=configs(_GEMM_CONFIGS, cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)),
-    key=["m_bucket", "N", "K", "GS", "MMA", "SWAP_MODE"],
+    key=["m_bucket", "N", "K", "GS", "MMA", "SWAP_MODE", "SZ"],
     **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
 )
@@ -300,10 +343,10 @@ _GEMM_CONFIGS = _gemm_configs()
 def _gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, m_bucket,
-    stride_xm, stride_ym, stride_q, SWAP_MODE,
+    stride_xm, stride_ym, stride_q, stride_s, SWAP_MODE,
     GS: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr, MMA: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-    PDL: tl.constexpr = 0,
+    SZ: tl.constexpr, QDT: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     # BLOCK_K divides GS (pruned), and GS divides K: no K masks, one group per tile.
     # SPLIT_K > 1: programs along axis 1 take every SPLIT_K-th K tile and store their
@@ -320,7 +363,6 @@ def _gemm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    ng = K // GS
     x_ptrs = x_ptr + rm[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     # MMA: "mma" codes read as int32 words, unpacked straight into the mma.sync operand
     # registers in k order (one full-depth dot, x from ldmatrix; the launcher uses it for
@@ -332,33 +374,54 @@ def _gemm_kernel(
         )
     else:
         q_ptrs = q_ptr + rn[:, None] * stride_q + tl.arange(0, BLOCK_K // 2)[None, :]
+    xt_ptrs = x_ptr + rm[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None]
     if SWAP:  # acc is the tile of y.T
-        xt_ptrs = x_ptr + rm[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        k0 = tl.multiple_of(k0, BLOCK_K)  # lets the code loads vectorize
-        s = tl.load(s_ptr + rn * ng + k0 // GS, mask=n_ok, other=0)
-        z = tl.load(z_ptr + rn * ng + k0 // GS, mask=n_ok, other=0)
-        if SWAP:
-            qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
-            xt = tl.load(xt_ptrs + k0, mask=m_ok[None, :], other=0.0)
-            lo, hi = _dequant_tile(qb, s[:, None], z[:, None], xt.dtype, ASM)
-            w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])  # k order: byte j holds k = 2j, 2j + 1
-            acc = dot_acc(w, xt, acc, DOT_F32)
-        else:  # the plain tiles, as before SWAP existed
-            x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
-            if MMA:
-                qw = tl.load(q_ptrs + k0 // 8, mask=n_ok[:, None], other=0)
-                w = _dequant_words(qw, s[:, None], z[:, None], x.dtype, ASM, BLOCK_N, BLOCK_K)
-                acc = dot_acc(x, tl.trans(w), acc, DOT_F32)
-            else:
-                qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
-                xe, xo = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
-                lo, hi = _dequant_tile(qb, s[:, None], z[:, None], x.dtype, ASM)
-                acc = dot_acc(xe, tl.trans(lo), acc, DOT_F32)
-                acc = dot_acc(xo, tl.trans(hi), acc, DOT_F32)
+    if SZ and BLOCK_K == GS:  # two K tiles per iteration: one word holds both tiles' qparams
+        for k0 in range(pid_k * 2 * BLOCK_K, K, 2 * BLOCK_K * SPLIT_K):
+            k0 = tl.multiple_of(k0, 2 * BLOCK_K)  # lets the code loads vectorize
+            sw = tl.load(s_ptr + rn * stride_s + k0 // (2 * GS), mask=n_ok, other=0)
+            zw = tl.load(z_ptr + rn * stride_s + k0 // (2 * GS), mask=n_ok, other=0)
+            s = (sw & 0xFFFF).to(tl.uint16).to(QDT, bitcast=True)[:, None]
+            z = (zw & 0xFFFF).to(tl.uint16).to(QDT, bitcast=True)[:, None]
+            acc = _k_tile(
+                acc, k0, s, z, x_ptrs, xt_ptrs, q_ptrs, m_ok, n_ok, ASM, DOT_F32, MMA, SWAP, BLOCK_M, BLOCK_N, BLOCK_K
+            )
+            s = ((sw >> 16) & 0xFFFF).to(tl.uint16).to(QDT, bitcast=True)[:, None]
+            z = ((zw >> 16) & 0xFFFF).to(tl.uint16).to(QDT, bitcast=True)[:, None]
+            acc = _k_tile(
+                acc,
+                k0 + BLOCK_K,
+                s,
+                z,
+                x_ptrs,
+                xt_ptrs,
+                q_ptrs,
+                m_ok,
+                n_ok,
+                ASM,
+                DOT_F32,
+                MMA,
+                SWAP,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+            )
+    else:
+        if SZ:  # words, but BLOCK_K < GS: read the 16-bit values one by one
+            s_ptr = s_ptr.to(tl.pointer_type(QDT))
+            z_ptr = z_ptr.to(tl.pointer_type(QDT))
+            stride_s = stride_s * 2
+        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+            k0 = tl.multiple_of(k0, BLOCK_K)  # lets the code loads vectorize
+            # 2-byte loads are too narrow for the cp.async pipeline: each iteration waits for them
+            s = tl.load(s_ptr + rn * stride_s + k0 // GS, mask=n_ok, other=0)[:, None]
+            z = tl.load(z_ptr + rn * stride_s + k0 // GS, mask=n_ok, other=0)[:, None]
+            acc = _k_tile(
+                acc, k0, s, z, x_ptrs, xt_ptrs, q_ptrs, m_ok, n_ok, ASM, DOT_F32, MMA, SWAP, BLOCK_M, BLOCK_N, BLOCK_K
+            )
     pdl_trigger(PDL, 3)
     # (not tl.trans(acc): ptxas then serializes the wgmmas, "non wgmma instructions defining
     # accumulator registers", offline on Triton 3.6)
@@ -402,6 +465,19 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, GS: tl.constexpr, MMA: tl.
 
 
 # ----------------------------------------------------------------------------- launcher
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def qparam_words(t: torch.Tensor) -> torch.Tensor | None:
+    """A 16-bit [N, G] scale or zero tensor as int32 words [N, G // 2] (groups 2j, 2j + 1 in the
+    low, high half), a view, when its rows are contiguous and start on 4-byte boundaries with G
+    even; else None (the GEMM then loads the 16-bit values one by one)."""
+    n, g = t.shape
+    if t.element_size() != 2 or g % 2 or t.stride(1) != 1 or t.storage_offset() % 2 or (n > 1 and t.stride(0) % 2):
+        return None
+    return t.view(torch.int32)
+
+
 def _split_k(m: int, n: int, k: int, group_size: int, sms: int) -> int:
     """Split K for small M so the weight is streamed by >= ~2 waves of programs."""
     if m > 64:
@@ -459,11 +535,13 @@ def int4_mm(
     if m == 0:
         return x.new_empty(0, n)
     x = x.contiguous()
-    qdata, scale, zero = qdata.contiguous(), scale.contiguous(), zero.contiguous()
+    qdata = qdata.contiguous()
     mma = packing == "mma"  # the kernels read these bytes as int32 words (K % 32 == 0)
     mb = m_bucket(m)
     fp32 = x.dtype == torch.float32
     if (x.is_cuda or INTERPRET) and (m >= DEQUANT_MIN_M and not fp32 or mma and fp32):
+        scale, zero = scale.contiguous(), zero.contiguous()
+
         # fp32 x with "mma" codes comes here at any M: the GEMM's fp32 (FMA) dot needs the
         # words' registers rearranged and spills (offline SASS: 255 registers + stack)
         def fill(n0, r, buf):
@@ -473,6 +551,13 @@ def int4_mm(
 
         return chunked_dequant_mm(x, n, DEQUANT_ROWS, fill)
     asm = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and scale.dtype == zero.dtype == x.dtype
+    sw, zw = (qparam_words(scale), qparam_words(zero)) if SZ_WORDS and scale.dtype == zero.dtype else (None, None)
+    use_words = sw is not None and zw is not None and sw.stride() == zw.stride()
+    if use_words:
+        s_arg, z_arg, stride_s = sw, zw, sw.stride(0)
+    else:
+        scale, zero = scale.contiguous(), zero.contiguous()
+        s_arg, z_arg, stride_s = scale, zero, scale.stride(0)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     # "mma" codes: the word path for mma.sync tiles; wgmma tiles (BLOCK_M >= 64, every tile
     # _prune keeps from M bucket 64 on) measured faster on the byte path with x reordered
@@ -488,8 +573,8 @@ def int4_mm(
         x = _pair_order(x)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
     _gemm_kernel[grid](
-        x, qdata, scale, zero, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0),
-        _SWAP_MODES[GEMM_SWAP], GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, MMA=words, **fixed,
-        **pdl_args(x.device, GEMM_PDL),
+        x, qdata, s_arg, z_arg, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0), stride_s,
+        _SWAP_MODES[GEMM_SWAP], GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, MMA=words,
+        SZ=use_words, QDT=_TL_DTYPES[scale.dtype] if use_words else None, **fixed, **pdl_args(x.device, GEMM_PDL),
     )  # fmt: skip
     return y
