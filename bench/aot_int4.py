@@ -66,6 +66,7 @@ def build(out: str) -> None:
                 ce = dict(GS=GS, ASM=True, DOT_F32=False, MMA=packing == "mma" and bm < 64, SPLIT_K=split, SWAP=False)
                 ce.update(SZ=True, QDT=tl.bfloat16)  # qparams as int32 words, as the launcher passes them
                 ce.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                st = max(2, (stages + 1) // 2) if bk == GS else stages  # two K tiles per iteration (_prune)
                 sig = {a: "i32" for a in names}
                 sig.update(x_ptr="*bf16", q_ptr="*u8", s_ptr="*i32")
                 sig.update(z_ptr="*i32", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
@@ -79,9 +80,7 @@ def build(out: str) -> None:
                     constexprs={(names.index(c),): v for c, v in ce.items()},
                     attrs={(i,): [["tt.divisibility", 16]] for i in div},
                 )
-                k = triton.compile(
-                    src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)
-                )
+                k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=st))
                 tag = f"{packing}-{bm}x{bn}x{bk}-w{warps}-s{stages}-k{split}"
                 with open(os.path.join(out, tag + ".cubin"), "wb") as f:
                     f.write(k.asm["cubin"])

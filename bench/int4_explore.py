@@ -70,6 +70,8 @@ def launcher(variant, cfg, split):
         return chunked(cfg[0])
     kern, asm, swap = KERNELS[variant]
     bm, bn, bk, w, st = cfg
+    if bk == GS:  # two K tiles per loop iteration with qparam words: half the stages, as _prune does
+        st = max(2, (st + 1) // 2)
 
     def run(x, q, s, z):
         m, k = x.shape

@@ -92,7 +92,7 @@ def lowbit_layers(ws: list[torch.Tensor]) -> dict:
     """Per scheme: (list of per-layer callables x -> y, reference fn on layer 0)."""
     out = {}
     packed = {"plain": [], "mma": []}
-    for w in ws:  # the fields CUDA Int4Tensors hold ((scale, zero) interleaved), in each byte order
+    for w in ws:  # the fields CUDA Int4Tensors hold, in each byte order
         t = Int4Tensor.from_float(w, group_size=GS, packing="plain")
         for packing in packed:
             t = t.repack(packing)
@@ -101,7 +101,7 @@ def lowbit_layers(ws: list[torch.Tensor]) -> dict:
     other = "mma" if SHIPPED_INT4 == "plain" else "plain"
     out["int4"] = (
         [lambda x, p=p: int4_mm(x, *p, GS, SHIPPED_INT4) for p in packed[SHIPPED_INT4]],
-        lambda x, p=packed["plain"][0]: ref.int4_linear(x, p[0], p[1].contiguous(), p[2].contiguous(), GS),
+        lambda x, p=packed["plain"][0]: ref.int4_linear(x, *p, GS),
         [lambda x, p=p: int4_mm(x, *p, GS, other) for p in packed[other]],
     )
     q8 = []

@@ -107,6 +107,40 @@ def _force_split(monkeypatch, split):
     return int4_mod
 
 
+@pytest.mark.parametrize("split", [1, 3, 8])
+@pytest.mark.parametrize("packing", ["plain", "mma"])
+def test_int4_qparam_word_pairs_every_split_and_view(split, packing, monkeypatch):
+    """Group size 32 = the fixed config's BLOCK_K, so 16-bit qparams take the two-tiles-per-iteration
+    loop: for G = 2, 4, 6, each split count (8 leaves most splits without a pair), whole tensors,
+    row and column views, it matches the reference and the 2-byte loads; a one-row weight whose
+    qparam row stride is odd (a column slice) takes the 2-byte loads instead of failing."""
+    int4_mod = _force_split(monkeypatch, split)
+    gs, n = 32, 37
+    for ng in (2, 4, 6):
+        k = ng * gs
+        qdata, scale, zero, plain = _weight(n, k, gs, torch.bfloat16, ng + split, packing)
+        x = torch.randn(5, k, generator=torch.Generator().manual_seed(ng)).to(DEVICE, torch.bfloat16)
+        views = [(x, qdata, scale, zero, plain), (x, qdata[7:], scale[7:], zero[7:], plain[7:])]
+        if packing == "plain" and ng > 2:
+            views.append((x[:, 2 * gs :], qdata[:, gs:], scale[:, 2:], zero[:, 2:], plain[:, gs:]))
+        for xx, q, s, z, p in views:
+            assert int4_mod.qparam_words(s) is not None
+            want = ref.int4_linear(xx, p, s.contiguous(), z.contiguous(), gs).double()
+            got = int4_mm(xx, q, s, z, gs, packing)
+            monkeypatch.setattr(int4_mod, "SZ_WORDS", False)
+            apart = int4_mm(xx, q, s, z, gs, packing)
+            monkeypatch.setattr(int4_mod, "SZ_WORDS", True)
+            for y in (got, apart):
+                assert (y.double() - want).norm() / want.norm() < TOL[torch.bfloat16], (ng, split, tuple(s.shape))
+    qdata, scale, zero, plain = _weight(1, 3 * gs, gs, torch.bfloat16, 1, "plain")
+    s, z = scale[:, :2], zero[:, :2]  # row stride 3: no int32 view
+    assert int4_mod.qparam_words(s) is None
+    xx = torch.randn(2, 2 * gs, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
+    want = ref.int4_linear(xx, plain[:, :gs].contiguous(), s.contiguous(), z.contiguous(), gs).double()
+    got = int4_mm(xx, qdata[:, :gs], s, z, gs, "plain")
+    assert (got.double() - want).norm() / want.norm() < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("split", [2, 3, 8])
 def test_int4_gemm_split_k_reduces_in_kernel(split, monkeypatch):
     # every split stores its partial sums into its own workspace slice; the last split of
@@ -278,7 +312,7 @@ def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, 
     MAX_WORKSPACE; each split needs two K tiles of work; no config carries a
     pre_hook (Triton's autotune disk cache skips kernels whose configs have one).
     With qparam words (SZ) a BLOCK_K == GS tile runs two K tiles per loop iteration, so
-    its stage count is halved (at least 2): no more tiles in flight than without words.
+    its stage count is halved (rounded up, at least 2).
     Swapped tiles appear only as ``GEMM_SWAP`` allows (never when "off"; from M bucket
     64, alone when "on"), with BLOCK_M no larger than the bucket.
     Checked on the GPU search space even where (CPU CI) only the fixed config runs.

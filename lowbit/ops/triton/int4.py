@@ -28,8 +28,9 @@ Two paths, picked by M:
   into even/odd columns and two half-depth dots run. "mma" codes from M bucket 64
   (M >= 33; wgmma tiles) take this byte path too, with x's columns reordered once per call
   (``_pair_order``) so that byte j's nibbles meet their k.
-  Scale and zero (16-bit, an even number of groups) are read as int32 words of two groups,
-  two K tiles per loop iteration (``SZ_WORDS``); otherwise one 2-byte value per tile.
+  Scale and zero (16-bit, an even number of groups) are read as int32 words of two groups
+  (``SZ_WORDS``); tiles with BLOCK_K == group size then run two K tiles per loop iteration,
+  each taking a fixed half of the word. Otherwise one 2-byte value per tile.
   For small M the K loop can be split across programs: each split stores its fp32
   partial sums into its own slice of a workspace and counts itself in on a per-tile
   counter; the last split of a tile adds the slices in a fixed order and stores y
@@ -252,7 +253,8 @@ def _prune(configs_, named_args, **kwargs):
         elif not ((bm <= max(16, mb) and 2 * bm > min(mb, 64)) if mb <= 64 else bm >= 64):
             continue
         # qparam words with BLOCK_K == GS: the kernel's loop body holds two K tiles, so each
-        # pipeline stage does too; half the stages keep the bytes in flight (and shared memory)
+        # pipeline stage does too; half the stages (rounded up, at least 2) keep the bytes in
+        # flight and the shared memory near the 2-byte configs' (one stage more for odd counts)
         stages = max(2, (c.num_stages + 1) // 2) if a.get("SZ") and bk == gs else c.num_stages
         key = (tuple(sorted(meta.items())), c.num_warps, stages)
         if key not in seen:
@@ -349,8 +351,9 @@ def _gemm_kernel(
     SZ: tl.constexpr, QDT: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     # BLOCK_K divides GS (pruned), and GS divides K: no K masks, one group per tile.
-    # SPLIT_K > 1: programs along axis 1 take every SPLIT_K-th K tile and store their
-    # fp32 partial sums into ws[pid_k] ([SPLIT_K, M, N]); the last one to finish a tile
+    # SPLIT_K > 1: programs along axis 1 take every SPLIT_K-th K tile (pair of K tiles with SZ
+    # and BLOCK_K == GS) and store their fp32 partial sums into ws[pid_k] ([SPLIT_K, M, N]);
+    # the last one to finish a tile
     # (an int32 counter per output tile in cnt, zero at launch) reduces them.
     # SWAP (MMA false): y.T = w_hat @ x.T, the nibbles joined back into k order so that one
     # full-depth dot takes the dequantized tile as its register A operand and x.T (loaded
@@ -473,7 +476,8 @@ def qparam_words(t: torch.Tensor) -> torch.Tensor | None:
     low, high half), a view, when its rows are contiguous and start on 4-byte boundaries with G
     even; else None (the GEMM then loads the 16-bit values one by one)."""
     n, g = t.shape
-    if t.element_size() != 2 or g % 2 or t.stride(1) != 1 or t.storage_offset() % 2 or (n > 1 and t.stride(0) % 2):
+    # (every stride is checked, a size-1 row's too: view(int32) requires it)
+    if t.element_size() != 2 or g % 2 or t.stride(1) != 1 or t.storage_offset() % 2 or t.stride(0) % 2:
         return None
     return t.view(torch.int32)
 
