@@ -395,23 +395,9 @@ def _gemm_kernel(
             s = ((sw >> 16) & 0xFFFF).to(tl.uint16).to(QDT, bitcast=True)[:, None]
             z = ((zw >> 16) & 0xFFFF).to(tl.uint16).to(QDT, bitcast=True)[:, None]
             acc = _k_tile(
-                acc,
-                k0 + BLOCK_K,
-                s,
-                z,
-                x_ptrs,
-                xt_ptrs,
-                q_ptrs,
-                m_ok,
-                n_ok,
-                ASM,
-                DOT_F32,
-                MMA,
-                SWAP,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_K,
-            )
+                acc, k0 + BLOCK_K, s, z, x_ptrs, xt_ptrs, q_ptrs, m_ok, n_ok,
+                ASM, DOT_F32, MMA, SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
     else:
         if SZ:  # words, but BLOCK_K < GS: read the 16-bit values one by one
             s_ptr = s_ptr.to(tl.pointer_type(QDT))
