@@ -53,7 +53,7 @@ def build(out: str) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lowbit.ops.triton.int4 import _gemm_kernel
+    from lowbit.ops.triton.int4 import _gemm_kernel, pair_stages
 
     fn = _gemm_kernel.fn
     names = fn.arg_names
@@ -66,7 +66,7 @@ def build(out: str) -> None:
                 ce = dict(GS=GS, ASM=True, DOT_F32=False, MMA=packing == "mma" and bm < 64, SPLIT_K=split, SWAP=False)
                 ce.update(SZ=True, QDT=tl.bfloat16)  # qparams as int32 words, as the launcher passes them
                 ce.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-                st = max(2, (stages + 1) // 2) if bk == GS else stages  # two K tiles per iteration (_prune)
+                st = pair_stages(stages) if bk == GS else stages  # two K tiles per iteration (_prune)
                 sig = {a: "i32" for a in names}
                 sig.update(x_ptr="*bf16", q_ptr="*u8", s_ptr="*i32")
                 sig.update(z_ptr="*i32", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")

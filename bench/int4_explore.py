@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lowbit.ops import reference as ref  # noqa: E402
 from lowbit.ops.triton._utils import chunked_dequant_mm, split_k_buffers  # noqa: E402
-from lowbit.ops.triton.int4 import _dequant_kernel, _gemm_kernel, int4_mm, qparam_words  # noqa: E402
+from lowbit.ops.triton.int4 import _dequant_kernel, _gemm_kernel, int4_mm, pair_stages, qparam_words  # noqa: E402
 
 GS = 128
 
@@ -70,8 +70,8 @@ def launcher(variant, cfg, split):
         return chunked(cfg[0])
     kern, asm, swap = KERNELS[variant]
     bm, bn, bk, w, st = cfg
-    if bk == GS:  # two K tiles per loop iteration with qparam words: half the stages, as _prune does
-        st = max(2, (st + 1) // 2)
+    if bk == GS:  # two K tiles per loop iteration with qparam words, as _prune does
+        st = pair_stages(st)
 
     def run(x, q, s, z):
         m, k = x.shape

@@ -255,7 +255,7 @@ def _prune(configs_, named_args, **kwargs):
         # qparam words with BLOCK_K == GS: the kernel's loop body holds two K tiles, so each
         # pipeline stage does too; half the stages (rounded up, at least 2) keep the bytes in
         # flight and the shared memory near the 2-byte configs' (one stage more for odd counts)
-        stages = max(2, (c.num_stages + 1) // 2) if a.get("SZ") and bk == gs else c.num_stages
+        stages = pair_stages(c.num_stages) if a.get("SZ") and bk == gs else c.num_stages
         key = (tuple(sorted(meta.items())), c.num_warps, stages)
         if key not in seen:
             seen.add(key)
@@ -263,6 +263,11 @@ def _prune(configs_, named_args, **kwargs):
     if not out:  # unreachable with the list below (every bucket has a split-1 tile); stay valid anyway
         out = [cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=min(32, gs), SPLIT_K=1, SWAP=False, num_warps=4, num_stages=2)]
     return out
+
+
+def pair_stages(num_stages: int) -> int:
+    """A config's pipeline stages when its loop body holds two K tiles (qparam words)."""
+    return max(2, (num_stages + 1) // 2)
 
 
 def _gemm_configs():
@@ -309,14 +314,15 @@ _GEMM_CONFIGS = _gemm_configs()
 
 @triton.jit
 def _k_tile(
-    acc, k0, s, z, x_ptrs, xt_ptrs, q_ptrs, m_ok, n_ok,
+    acc, k0, s, z, x_ptrs, q_ptrs, m_ok, n_ok,
     ASM: tl.constexpr, DOT_F32: tl.constexpr, MMA: tl.constexpr, SWAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """acc + the K tile at k0 (scale s and zero z [BLOCK_N, 1]): the main loop's body."""
+    """acc + the K tile at k0 (scale s and zero z [BLOCK_N, 1]): the main loop's body. x_ptrs
+    points at x [BLOCK_M, BLOCK_K], or at x.T [BLOCK_K, BLOCK_M] for SWAP."""
     if SWAP:
         qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
-        xt = tl.load(xt_ptrs + k0, mask=m_ok[None, :], other=0.0)
+        xt = tl.load(x_ptrs + k0, mask=m_ok[None, :], other=0.0)
         lo, hi = _dequant_tile(qb, s, z, xt.dtype, ASM)
         w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])  # k order: byte j holds k = 2j, 2j + 1
         acc = dot_acc(w, xt, acc, DOT_F32)
@@ -366,7 +372,6 @@ def _gemm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     # MMA: "mma" codes read as int32 words, unpacked straight into the mma.sync operand
     # registers in k order (one full-depth dot, x from ldmatrix; the launcher uses it for
     # BLOCK_M < 64). Otherwise bytes: low / high nibbles are two halves of k, x is split
@@ -377,10 +382,11 @@ def _gemm_kernel(
         )
     else:
         q_ptrs = q_ptr + rn[:, None] * stride_q + tl.arange(0, BLOCK_K // 2)[None, :]
-    xt_ptrs = x_ptr + rm[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None]
-    if SWAP:  # acc is the tile of y.T
+    if SWAP:  # acc is the tile of y.T; x.T is loaded k-major
+        x_ptrs = x_ptr + rm[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if SZ and BLOCK_K == GS:  # two K tiles per iteration: one word holds both tiles' qparams
         for k0 in range(pid_k * 2 * BLOCK_K, K, 2 * BLOCK_K * SPLIT_K):
@@ -389,13 +395,11 @@ def _gemm_kernel(
             zw = tl.load(z_ptr + rn * stride_s + k0 // (2 * GS), mask=n_ok, other=0)
             s = (sw & 0xFFFF).to(tl.uint16).to(QDT, bitcast=True)[:, None]
             z = (zw & 0xFFFF).to(tl.uint16).to(QDT, bitcast=True)[:, None]
-            acc = _k_tile(
-                acc, k0, s, z, x_ptrs, xt_ptrs, q_ptrs, m_ok, n_ok, ASM, DOT_F32, MMA, SWAP, BLOCK_M, BLOCK_N, BLOCK_K
-            )
+            acc = _k_tile(acc, k0, s, z, x_ptrs, q_ptrs, m_ok, n_ok, ASM, DOT_F32, MMA, SWAP, BLOCK_M, BLOCK_N, BLOCK_K)
             s = ((sw >> 16) & 0xFFFF).to(tl.uint16).to(QDT, bitcast=True)[:, None]
             z = ((zw >> 16) & 0xFFFF).to(tl.uint16).to(QDT, bitcast=True)[:, None]
             acc = _k_tile(
-                acc, k0 + BLOCK_K, s, z, x_ptrs, xt_ptrs, q_ptrs, m_ok, n_ok,
+                acc, k0 + BLOCK_K, s, z, x_ptrs, q_ptrs, m_ok, n_ok,
                 ASM, DOT_F32, MMA, SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
     else:
@@ -408,9 +412,7 @@ def _gemm_kernel(
             # 2-byte loads are too narrow for the cp.async pipeline: each iteration waits for them
             s = tl.load(s_ptr + rn * stride_s + k0 // GS, mask=n_ok, other=0)[:, None]
             z = tl.load(z_ptr + rn * stride_s + k0 // GS, mask=n_ok, other=0)[:, None]
-            acc = _k_tile(
-                acc, k0, s, z, x_ptrs, xt_ptrs, q_ptrs, m_ok, n_ok, ASM, DOT_F32, MMA, SWAP, BLOCK_M, BLOCK_N, BLOCK_K
-            )
+            acc = _k_tile(acc, k0, s, z, x_ptrs, q_ptrs, m_ok, n_ok, ASM, DOT_F32, MMA, SWAP, BLOCK_M, BLOCK_N, BLOCK_K)
     pdl_trigger(PDL, 3)
     # (not tl.trans(acc): ptxas then serializes the wgmmas, "non wgmma instructions defining
     # accumulator registers", offline on Triton 3.6)
