@@ -143,6 +143,8 @@ def analyse(kernel) -> dict:
         a_in_registers=bool(re.search(r"GMMA\.\S+ R\d+, R\d+, gdesc", mma)),
         wgmma_serialized=serialized.group(1) if serialized else None,
         loop_shared_stores=sum(v for k, v in counts.items() if k in ("STS", "STSM")),
+        # plain global loads in the loop: not cp.async, so each iteration waits for them
+        loop_global_loads=counts.get("LDG", 0),
         top_opcodes=dict(counts.most_common(12)),
     )
 

@@ -58,7 +58,7 @@ def test_int4_mm_matches_reference(m, n, groups, gs, dtype, seed, packing):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="large tiles are for the GPU")
-@pytest.mark.parametrize("m", [31, 64, 200, 1000])
+@pytest.mark.parametrize("m", [31, 64, 200, 256, 257, 1000])  # 256: the last M of the GEMM; 257 dequantizes
 @pytest.mark.parametrize("gs", [32, 128, 256])
 @pytest.mark.parametrize("packing", ["mma", "plain"])
 def test_int4_mm_large_m_cuda(m, gs, packing):
@@ -72,7 +72,7 @@ def test_int4_mm_dequant_path(packing):  # M >= DEQUANT_MIN_M: dequantize kernel
 
 @pytest.mark.parametrize("packing", ["mma", "plain"])
 def test_int4_mm_mid_m_byte_path(packing):
-    # M in [64, 256): "mma" codes go through the byte path with x's columns reordered
+    # M in [64, 256]: "mma" codes go through the byte path with x's columns reordered
     _check(70, 37, 256, 64, torch.bfloat16, 9, packing)
 
 
@@ -109,13 +109,15 @@ def _force_split(monkeypatch, split):
 
 @pytest.mark.parametrize("split", [1, 3, 8])
 @pytest.mark.parametrize("packing", ["plain", "mma"])
-def test_int4_qparam_word_pairs_every_split_and_view(split, packing, monkeypatch):
+@pytest.mark.parametrize("gs", [32, 64])
+def test_int4_qparam_word_pairs_every_split_and_view(split, packing, gs, monkeypatch):
     """Group size 32 = the fixed config's BLOCK_K, so 16-bit qparams take the two-tiles-per-iteration
-    loop: for G = 2, 4, 6, each split count (8 leaves most splits without a pair), whole tensors,
-    row and column views, it matches the reference and the 2-byte loads; a one-row weight whose
-    qparam row stride is odd (a column slice) takes the 2-byte loads instead of failing."""
+    loop (at 64 the words' 16-bit halves are read one by one): for G = 2, 4, 6, each split count
+    (8 leaves most splits without a pair), whole tensors, row and column views, it matches the
+    reference and the 2-byte loads; a one-row weight whose qparam row stride is odd (a column
+    slice) takes the 2-byte loads instead of failing."""
     int4_mod = _force_split(monkeypatch, split)
-    gs, n = 32, 37
+    n = 37
     for ng in (2, 4, 6):
         k = ng * gs
         qdata, scale, zero, plain = _weight(n, k, gs, torch.bfloat16, ng + split, packing)
@@ -371,26 +373,24 @@ def test_int4_swapped_gemm_matches_reference(m, n, groups, gs, dtype, seed, pack
         int4_mod.GEMM_SWAP, int4_mod._split_k = saved
 
 
-@pytest.mark.parametrize("mb", [64, 128, 256])
-def test_every_swapped_gpu_config_matches_reference(mb):
-    """Each swapped tile of the GPU search space, launched as it is (big tiles, masks on
-    N and M, its split), against the reference: on the GPU the real wgmma code, on the
-    interpreter the same program logic."""
+def _run_every_config(mb, mode, gs, k):
+    """Launch each config of the GPU search space for M bucket ``mb`` (GEMM_SWAP ``mode``), with
+    and without qparam words, as it is (big tiles, masks on N and M, its split), against the
+    reference."""
     import triton
     import triton.language as tl
 
     import lowbit.ops.triton.int4 as int4_mod
     from lowbit.ops.triton._utils import INTERPRET, split_k_buffers
 
-    gs, n, k = 64, 133, 512
-    m = mb - 27
+    n, m = 133, max(1, mb - 27)
     qdata, scale, zero, plain = _weight(n, k, gs, torch.bfloat16, mb, "plain")
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(mb)).to(DEVICE, torch.bfloat16)
     want = ref.int4_linear(x, plain, scale, zero, gs).double()
     words = (int4_mod.qparam_words(scale), int4_mod.qparam_words(zero))  # as the launcher passes them
-    spaces = {sz: int4_mod._prune(int4_mod._gemm_configs(), dict(GS=gs, m_bucket=mb, K=k, N=n, SWAP_MODE=2, SZ=sz))
-              for sz in (True, False)}  # fmt: skip
-    assert all(space and all(c.kwargs["SWAP"] for c in space) for space in spaces.values())
+    named = dict(GS=gs, m_bucket=mb, K=k, N=n, SWAP_MODE=int4_mod._SWAP_MODES[mode])
+    spaces = {sz: int4_mod._prune(int4_mod._gemm_configs(), dict(named, SZ=sz)) for sz in (True, False)}
+    assert all(space and all(c.kwargs["SWAP"] == (mode == "on") for c in space) for space in spaces.values())
     for sz, c in ((sz, c) for sz, space in spaces.items() for c in space):
         meta = c.kwargs
         y = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
@@ -398,12 +398,27 @@ def test_every_swapped_gpu_config_matches_reference(mb):
         grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))
         s, z = words if sz else (scale, zero)
         int4_mod._gemm_kernel.fn[grid](
-            x, qdata, s, z, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0), s.stride(0), 2,
-            GS=gs, ASM=not INTERPRET, DOT_F32=INTERPRET, MMA=False, SZ=sz, QDT=tl.bfloat16 if sz else None, **meta,
-            num_warps=c.num_warps, num_stages=c.num_stages,
+            x, qdata, s, z, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0), s.stride(0),
+            named["SWAP_MODE"], GS=gs, ASM=not INTERPRET, DOT_F32=INTERPRET, MMA=False, SZ=sz,
+            QDT=tl.bfloat16 if sz else None, **meta, num_warps=c.num_warps, num_stages=c.num_stages,
         )  # fmt: skip
         err = (y.double() - want).norm() / want.norm()
-        assert err < TOL[torch.bfloat16], (meta, c.num_warps, float(err))
+        assert err < TOL[torch.bfloat16], (meta, sz, c.num_warps, c.num_stages, float(err))
+
+
+@pytest.mark.parametrize("mb", [64, 128, 256])
+def test_every_swapped_gpu_config_matches_reference(mb):
+    """Each swapped tile: on the GPU the real wgmma code, on the interpreter the same program logic."""
+    _run_every_config(mb, "on", 64, 512)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs the fixed config's logic (tested above)")
+@pytest.mark.parametrize("mb", [16, 64, 128])
+@pytest.mark.parametrize("gs", [64, 128])
+def test_every_plain_gpu_config_matches_reference(mb, gs):
+    """Each plain tile on the GPU, with and without qparam words: at group size 64 every tile
+    runs two K tiles per iteration with words, at 128 the BLOCK_K 64 ones read 16-bit halves."""
+    _run_every_config(mb, "off", gs, 1024)
 
 
 def test_int4_tensor_every_packing_through_the_triton_backend():

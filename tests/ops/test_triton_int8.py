@@ -117,7 +117,7 @@ def test_quantize_rows_one_and_two_pass_exact_any_k(k, one_pass_max_k, qdtype, d
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="large tiles are for the GPU")
-@pytest.mark.parametrize("m", [31, 64, 200, 1000])
+@pytest.mark.parametrize("m", [31, 64, 200, 256, 257, 1000])
 def test_int8_large_m_cuda(m):
     _check_wo(m, 4096 + 5, 2048 + 3, torch.bfloat16, m)
     _check_dyn(m, 4096 + 5, 2048 + 3, torch.bfloat16, m)

@@ -50,8 +50,11 @@ from lowbit.ops.triton._utils import (
 )
 
 GEMV_MAX_M = 1
-# W8A16 from this M on: dequantize once per call, then cuBLAS (bench/KERNEL_NOTES.md).
-DEQUANT_MIN_M = 256
+# W8A16 from this M on: dequantize once per call, then cuBLAS (bench/KERNEL_NOTES.md). M=256
+# stays on the GEMM: in two H100 runs it beat dequantize + cuBLAS on all three shapes (0.55 vs
+# 0.51x, 0.74-0.76 vs 0.40-0.41x, 0.51-0.57 vs 0.48-0.53x of bf16); from M=320 it mostly loses
+# (bench/results/h100-kernels-s13-mid-m.md).
+DEQUANT_MIN_M = 257
 # ... DEQUANT_ROWS weight rows at a time (int4.py measured 4096 best on H100).
 DEQUANT_ROWS = 4096
 # W8A8 from this M on: the persistent TMA GEMM (sm_90+, K a multiple of 16 for TMA's strides),

@@ -75,8 +75,11 @@ from lowbit.ops.triton._utils import (
 
 # From this M on the weight is dequantized to x.dtype once per call and cuBLAS runs
 # the GEMM: 4 extra bytes per weight cost less than Triton's in-loop dequant loses
-# to cuBLAS at these sizes (bench/KERNEL_NOTES.md).
-DEQUANT_MIN_M = 256
+# to cuBLAS at these sizes (bench/KERNEL_NOTES.md). M bucket 256 (M = 129..256) stays on the
+# GEMM: at M=256 it beat dequantize + cuBLAS on 4096 x 14336 and 14336 x 4096 in three H100
+# runs (0.54-0.65x vs 0.43x, 0.53-0.58x vs 0.51-0.56x of bf16) and lost 3-6% on 4096^2; from
+# M=320 (bucket 512 tiles) it loses everywhere (bench/results/h100-kernels-s13-mid-m.md).
+DEQUANT_MIN_M = 257
 # The dequantize path works on this many weight rows at a time: a smaller buffer than
 # the whole w_hat, and 3-4% faster at M=2048 on N=14336 (H100, bench/int4_explore.py
 # --variants chunked: 0.915x vs 0.88x of bf16).
