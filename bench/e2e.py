@@ -158,14 +158,16 @@ def weight_bytes(model) -> int:
     return total
 
 
-def step_loop_decode(model, ids, new_tokens, compile_step) -> torch.Tensor:
+def step_loop_decode(model, ids, new_tokens, compile_step, host: dict | None = None) -> torch.Tensor:
     """Greedy decode without ``generate``: a static cache and the model's forward in a loop.
 
     The prompt runs eagerly (it also sizes the cache); each new token is one call of
     the forward, compiled with ``mode="reduce-overhead"`` (a CUDA graph per step on a
     GPU). Nothing in the loop waits for the GPU, so this measures the model step
     (kernels, plus torch.compile's per-call work) without Transformers' per-token
-    loop, which is CPU-bound at about 10 ms per token on the H100 host.
+    loop, which is CPU-bound at about 10 ms per token on the H100 host. ``host``, if given,
+    gets ``issue_s``: the seconds the loop took to issue every step (no sync); when that is
+    close to the synchronized time, the step loop is bound by host work, not the GPU.
     """
     from transformers import StaticCache
 
@@ -181,9 +183,12 @@ def step_loop_decode(model, ids, new_tokens, compile_step) -> torch.Tensor:
     if compile_step:
         step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
     toks = [tok]
+    t0 = time.perf_counter()
     for i in range(new_tokens - 1):
         tok = step(tok, positions[prompt + i : prompt + i + 1]).argmax(-1, keepdim=True)
         toks.append(tok)
+    if host is not None:
+        host["issue_s"] = time.perf_counter() - t0
     return torch.cat([ids, *toks], dim=1)
 
 
@@ -251,14 +256,18 @@ def run_variant(variant, args) -> dict:
                     res[f"b{batch}_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
             if args.step_loop:
                 step_loop_decode(model, ids, args.new_tokens, not args.no_compile)  # warm-up / compile
-                times = []
+                times, issue = [], []
                 for _ in range(args.reps):
                     sync(device)
                     t0 = time.perf_counter()
-                    loop_out = step_loop_decode(model, ids, args.new_tokens, not args.no_compile)
+                    host: dict = {}
+                    loop_out = step_loop_decode(model, ids, args.new_tokens, not args.no_compile, host)
                     sync(device)
                     times.append(time.perf_counter() - t0)
+                    issue.append(host["issue_s"])
                 res[f"b{batch}_step_tok_s"] = round((loop_out.shape[1] - ids.shape[1]) / min(times), 2)
+                # host time to issue one step (compiled call + argmax, no sync) against the step time
+                res[f"b{batch}_step_issue_ms"] = round(min(issue) / (args.new_tokens - 1) * 1e3, 3)
                 if args.profile_decode and device.type == "cuda":
                     res[f"b{batch}_decode_profile"] = profile_decode(model, ids, args.new_tokens, not args.no_compile)
                     print(f"{variant} b{batch} decode profile: {res[f'b{batch}_decode_profile']}", flush=True)
