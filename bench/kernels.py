@@ -174,13 +174,22 @@ def time_stack(fns, x) -> tuple[float, str]:
 
 # lowbit variants with the algorithm switch moved, to measure crossovers (--explore)
 # (module, {attribute: value, ...}, when): the attributes are set for that row only
-_NO_PDL = (utils_mod, {"PDL": False}, lambda m: m < 256)  # plain launches instead of PDL
-# the GEMMs' PDL modes other than the shipped one (int4 / _w8 .GEMM_PDL); the quantizer keeps mode 1
-_W8_PDL = [
-    (w8_mod, {"GEMM_PDL": mode}, lambda m: w8_mod.GEMV_MAX_M < m < 256)
-    for mode in (0, 1, 2, 3)
-    if mode != w8_mod.GEMM_PDL
-]
+# plain launches instead of PDL, up to the M where the scheme leaves its Triton kernels: 256 for
+# W8A8 / fp8 (TMA GEMM, _scaled_mm), DEQUANT_MIN_M for W8A16
+def _no_pdl(limit):
+    return (utils_mod, {"PDL": False}, lambda m: m < limit())
+
+
+def _w8_pdl(limit):  # the GEMM's PDL modes other than the shipped one; the quantizer keeps mode 1
+    return [
+        (w8_mod, {"GEMM_PDL": mode}, lambda m: w8_mod.GEMV_MAX_M < m < limit())
+        for mode in (0, 1, 2, 3)
+        if mode != w8_mod.GEMM_PDL
+    ]
+
+
+_NO_PDL, _W8_PDL = _no_pdl(lambda: 256), _w8_pdl(lambda: 256)
+_WO_LIMIT = lambda: w8_mod.DEQUANT_MIN_M  # noqa: E731
 ALT = {
     "int8_dyn": [_NO_PDL, *_W8_PDL],
     "fp8": [_NO_PDL, *_W8_PDL],
@@ -200,8 +209,8 @@ ALT = {
         (int4_mod, {"DEQUANT_ROWS": 1 << 20}, lambda m: m >= int4_mod.DEQUANT_MIN_M),
     ],
     "int8_wo": [
-        _NO_PDL,
-        *_W8_PDL,
+        _no_pdl(_WO_LIMIT),
+        *_w8_pdl(_WO_LIMIT),
         (w8_mod, {"GEMV_MAX_M": 0}, lambda m: m <= 8),
         (w8_mod, {"DEQUANT_MIN_M": 1 << 30}, lambda m: m >= 128),
         (w8_mod, {"GEMV_CVT": "i2f"}, lambda m: m <= w8_mod.GEMV_MAX_M),

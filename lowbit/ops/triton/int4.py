@@ -77,8 +77,8 @@ from lowbit.ops.triton._utils import (
 # the GEMM: 4 extra bytes per weight cost less than Triton's in-loop dequant loses
 # to cuBLAS at these sizes (bench/KERNEL_NOTES.md). M bucket 256 (M = 129..256) stays on the
 # GEMM: at M=256 it beat dequantize + cuBLAS on 4096 x 14336 and 14336 x 4096 in three H100
-# runs (0.54-0.65x vs 0.43x, 0.53-0.58x vs 0.51-0.56x of bf16) and lost 3-6% on 4096^2; from
-# M=320 (bucket 512 tiles) it loses everywhere (bench/results/h100-kernels-s13-mid-m.md).
+# runs (0.54-0.65x vs 0.43x, 0.53-0.58x vs 0.51-0.56x of bf16) and lost 2-6% on 4096^2; from
+# M=320 (bucket 512 tiles) it loses on every shape (bench/results/h100-kernels-s13-mid-m.md).
 DEQUANT_MIN_M = 257
 # The dequantize path works on this many weight rows at a time: a smaller buffer than
 # the whole w_hat, and 3-4% faster at M=2048 on N=14336 (H100, bench/int4_explore.py
@@ -92,8 +92,8 @@ DEQUANT_ROWS = 4096
 # "tuned" (default): the autotuner chooses among plain and swapped tiles from M bucket 64;
 # "on": swapped only; "off": plain only. H100 (bench/results/h100-kernels-s8*.md): swapped
 # alone win at 14336 x 4096 M=64 (1.08x vs 0.85x of bf16) and lose elsewhere (4096 x 14336
-# M=64 0.97x vs 1.28x); "tuned" takes the better per shape. At M >= 256 they beat the plain
-# fused tiles but not dequantize + cuBLAS (0.55-0.59x vs 0.87-0.90x at M=2048).
+# M=64 0.97x vs 1.28x); "tuned" takes the better per shape. At M=2048 they beat the plain
+# fused tiles but not dequantize + cuBLAS (0.55-0.59x vs 0.87-0.90x).
 GEMM_SWAP = "tuned"
 _SWAP_MODES = {"off": 0, "tuned": 1, "on": 2}
 # Programmatic dependent launch for the GEMM (``_utils.pdl_start``): 0 plain launches; 1 wait,

@@ -15,8 +15,8 @@ Shapes and math (the spec is ``reference.int8_weight_only_linear`` and
 Both run the kernels in ``_w8.py``: an FMA GEMV for M = 1 and a tensor-core
 GEMM (int8 x int8 -> int32 ``tl.dot`` for W8A8; the weight converted to x.dtype
 in the main loop for W8A16) with split-K for small M. Scales go in the epilogue.
-W8A16 with bf16 / fp16 x from M = 256 on CUDA dequantizes the weight in 4096-row
-chunks and runs cuBLAS instead.
+W8A16 with bf16 / fp16 x from M = 257 (``_w8.DEQUANT_MIN_M``) on CUDA dequantizes the weight in
+4096-row chunks and runs cuBLAS instead.
 """
 
 from __future__ import annotations
