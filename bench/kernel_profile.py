@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels import device_tag, env, log, lowbit_layers, torchao_layers  # noqa: E402
+from kernels import device_tag, env, log, lowbit_layers, torchao_layers, weight_stack  # noqa: E402
 
 
 def profile_stack(fns, x, replays: int = 5) -> dict:
@@ -91,15 +91,13 @@ def main():
     rows = []
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
-        layers = max(1, -(-(1024**3) // (k * n * 2)))
-        g = torch.Generator(device="cuda").manual_seed(k * 7 + n)
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(layers)]
+        ws, g = weight_stack(k, n)
         impls = {"bf16": [lambda x, w=w: F.linear(x, w) for w in ws]}
         lb = lowbit_layers(ws)
         ao = torchao_layers(ws, schemes)
         for s in schemes:
             impls[f"lowbit {s}"] = lb[s][0]
-            if not isinstance(ao.get(s), str) and s in ao:
+            if s in ao and not isinstance(ao[s], str):  # a string: why torchao could not quantize
                 impls[f"torchao {s}"] = ao[s]
         for m in map(int, args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -108,7 +106,7 @@ def main():
                     r = profile_stack(fns, x)
                 except Exception as e:  # e.g. a scheme that cannot be captured
                     r = dict(error=f"{type(e).__name__}: {e}"[:200])
-                rows.append(dict(K=k, N=n, M=m, layers=layers, impl=name, **r))
+                rows.append(dict(K=k, N=n, M=m, layers=len(ws), impl=name, **r))
                 log(json.dumps({key: v for key, v in rows[-1].items() if key != "kernels"}))
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"{device_tag()}-kernel-profile")

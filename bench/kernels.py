@@ -223,10 +223,17 @@ ALT = {
 }
 
 
-def bench_shape(k, n, ms, use_ao, rows, explore=False, schemes=SCHEMES, int4_other=False, explore_filter=""):
-    n_layers = max(1, math.ceil(1024**3 / (k * n * 2)))
+def weight_stack(k: int, n: int) -> tuple[list[torch.Tensor], torch.Generator]:
+    """Distinct random bf16 [N, K] layers totalling >= 1 GiB (never L2-resident), and the
+    generator that made them (seeded by the shape) for the activations."""
     g = torch.Generator(device="cuda").manual_seed(k * 7 + n)
-    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(n_layers)]
+    n_layers = max(1, math.ceil(1024**3 / (k * n * 2)))
+    return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(n_layers)], g
+
+
+def bench_shape(k, n, ms, use_ao, rows, explore=False, schemes=SCHEMES, int4_other=False, explore_filter=""):
+    ws, g = weight_stack(k, n)
+    n_layers = len(ws)
     t0 = time.time()
     lb = {s: v for s, v in lowbit_layers(ws).items() if s in schemes}
     ao = torchao_layers(ws, schemes) if use_ao else {}
