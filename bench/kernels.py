@@ -199,6 +199,8 @@ ALT = {
             for mode in (0, 1, 2, 3)
             if mode != int4_mod.GEMM_PDL
         ],
+        # no GEMV tiles at M <= 8 (the tensor-core tiles only, as before session 14)
+        (int4_mod, {"GEMV_MAX_M": 0}, lambda m: m <= 8),
         # (scale, zero) loaded apart (2-byte loads outside the cp.async pipeline), as before session 12
         (int4_mod, {"SZ_WORDS": False}, lambda m: m < int4_mod.DEQUANT_MIN_M),
         (int4_mod, {"DEQUANT_MIN_M": 1 << 30}, lambda m: m >= 128),

@@ -163,7 +163,9 @@ def main():
     mod = _module(args.kernel)
     rows, seen = [], set()
     for mb in map(int, args.buckets.split(",")):
-        named = dict(m_bucket=mb, K=K, N=N, SWAP_MODE=1, GS=GS, A_SCALED=args.kernel in ("w8a8", "fp8"), SZ=True)
+        named = dict(
+            m_bucket=mb, K=K, N=N, SWAP_MODE=1, GS=GS, ASM=True, A_SCALED=args.kernel in ("w8a8", "fp8"), SZ=True
+        )
         for c in mod._prune(mod._gemm_configs(), named):
             swap = c.kwargs["SWAP"]
             if args.swap != "all" and swap != (args.swap == "on"):
@@ -173,7 +175,8 @@ def main():
                 continue
             seen.add(key)
             kw = c.kwargs
-            tag = f"{'swap' if swap else 'plain'} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages} k{kw['SPLIT_K']}"
+            kind = f"gemv u{kw['UNROLL']}" if kw.get("GEMV") else "swap" if swap else "plain"
+            tag = f"{kind} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages} k{kw['SPLIT_K']}"
             try:
                 row = dict(tag=tag, **analyse(compile_config(c, args.arch, args.kernel)))
             except Exception as e:  # a config that does not compile for this target is a finding

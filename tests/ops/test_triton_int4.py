@@ -375,6 +375,9 @@ def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, 
         assert any(swapped) and not all(swapped), mb
     for c in kept:
         meta = c.kwargs
+        if meta.get("GEMV"):  # the M <= 8 GEMV warps: 128-k blocks, two per split at least
+            assert mb <= int4_mod.GEMV_MAX_M and c.num_warps == meta["GEMV"], (meta, mb)
+            assert k // (128 * meta["SPLIT_K"]) >= 2, (meta, k)
         assert gs % meta["BLOCK_K"] == 0, (gs, meta)
         assert c.pre_hook is None, meta
         if meta["SWAP"]:
@@ -451,6 +454,47 @@ def test_every_plain_gpu_config_matches_reference(mb, gs):
     runs two K tiles per iteration with words, at 128 the BLOCK_K 64 ones read 16-bit halves."""
     errors = _every_config_error(mb, "off", gs, 1024)
     assert errors and all(e < TOL[torch.bfloat16] for e in errors.values()), errors
+
+
+# every (M, dtype, group size) on the GPU; two on the interpreter (~45 s each on the CI's CPU)
+_GEMV_CASES = [(m, dt, gs) for m in (1, 3, 8) for dt in (torch.bfloat16, torch.float16) for gs in (32, 128)]
+
+
+@pytest.mark.parametrize(
+    "m, dtype, gs", _GEMV_CASES if DEVICE == "cuda" else [(3, torch.bfloat16, 128), (8, torch.float16, 32)]
+)
+def test_every_gemv_config_matches_reference(m, dtype, gs):
+    """Each GEMV config of the M <= 8 buckets (``_int4_gemv``: the weight as the mma's A operand,
+    each lane's own k pairs in its fragment slots), with and without qparam words, on a row count
+    that is no multiple of 16 and a K that leaves some warps' last blocks empty. On the GPU the
+    inline-PTX mma; on the interpreter its lane-by-lane emulation (a wrong pairing of weight and
+    x fragments reads rel. err ~0.9)."""
+    import triton
+
+    import lowbit.ops.triton.int4 as int4_mod
+    from lowbit.ops.triton._utils import INTERPRET, m_bucket, split_k_buffers
+
+    n, k = 37, 20 * 128  # 20 blocks: some warps of the 8- and 16-block strides find none
+    qdata, scale, zero, plain = _weight(n, k, gs, dtype, m, "plain")
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + 1)).to(DEVICE, dtype)
+    want = ref.int4_linear(x, plain, scale, zero, gs).double()
+    named = dict(GS=gs, m_bucket=m_bucket(m), K=k, N=n, SWAP_MODE=0, ASM=not INTERPRET, x_ptr=x)
+    space = [c for c in int4_mod._prune(int4_mod._gemm_configs(), named) if c.kwargs.get("GEMV")]
+    assert {c.kwargs["GEMV"] for c in space} == {1, 2, 4, 8} and {c.kwargs["UNROLL"] for c in space} == {1, 2}
+    errors = {}
+    for c, sz in ((c, sz) for c in space for sz in (True, False)):
+        meta = c.kwargs
+        y = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
+        ws, cnt = split_k_buffers(x.device, m, n, meta["SPLIT_K"])
+        s, z = (int4_mod.qparam_words(scale), int4_mod.qparam_words(zero)) if sz else (scale, zero)
+        grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))
+        int4_mod._gemm_kernel.fn[grid](
+            x, qdata, s, z, y, ws, cnt, m, n, k, m_bucket(m), x.stride(0), y.stride(0), qdata.stride(0), s.stride(0),
+            0, GS=gs, ASM=not INTERPRET, DOT_F32=INTERPRET, MMA=False, SZ=sz,
+            QDT=int4_mod._TL_DTYPES[dtype] if sz else None, **meta, num_warps=c.num_warps, num_stages=1,
+        )  # fmt: skip
+        errors[(str(c), sz)] = float((y.double() - want).norm() / want.norm())
+    assert errors and all(e < TOL[dtype] for e in errors.values()), errors
 
 
 def test_int4_tensor_every_packing_through_the_triton_backend():

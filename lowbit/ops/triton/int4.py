@@ -54,6 +54,7 @@ import triton.language as tl
 
 from lowbit.compile import kernel_op, linear_out_fake
 from lowbit.ops.reference import INT4_GROUP_SIZES
+from lowbit.ops.triton._int4_gemv import gemv_tile
 from lowbit.ops.triton._utils import (
     AUTOTUNE,
     INTERPRET,
@@ -114,6 +115,10 @@ GEMM_PDL = 2
 # bf16 (4096^2 / 4096 x 14336 / 14336 x 4096; torchao 1.93 / 2.17 / 2.28), M=32 1.13 / 1.54 /
 # 1.24 -> 1.35 / 1.83 / 1.87. False: 2-byte loads (A/B runs; odd G and fp32 qparams take them too).
 SZ_WORDS = True
+# M bucket <= GEMV_MAX_M (M <= 8): the autotuner also tries ``_int4_gemv.gemv_tile`` (mma.sync in
+# inline PTX, the weight as the A operand, no shared memory), bf16 / fp16 x with "plain" codes and
+# qparams of x's dtype. 0 turns it off (an explore switch of bench/kernels.py).
+GEMV_MAX_M = 8
 
 
 # ----------------------------------------------------------------------------- dequant (PTX)
@@ -243,7 +248,15 @@ def _prune(configs_, named_args, **kwargs):
     gs, mb, k, n = a["GS"], a["m_bucket"], a["K"], a["N"]
     swap_mode = a.get("SWAP_MODE", _SWAP_MODES["off"])
     out, seen = [], set()
+    # the GEMV tile: M <= 8, the PTX path (or its emulation on the interpreter), "plain" codes
+    gemv_ok = mb <= a.get("GEMV_MAX", GEMV_MAX_M) and not a.get("MMA", False) and (a.get("ASM", False) or INTERPRET)
+    gemv_ok = gemv_ok and a["x_ptr"].dtype in (torch.bfloat16, torch.float16) if "x_ptr" in a else gemv_ok
     for c in configs_:
+        if c.kwargs.get("GEMV", 0):  # (BLOCK_K is nominal: each lane reads 32-k runs of one group)
+            split = c.kwargs["SPLIT_K"]
+            if gemv_ok and k // (128 * split) >= 2 and split * mb * n * 4 <= MAX_WORKSPACE:
+                out.append(triton.Config({**c.kwargs, "BLOCK_K": min(128, gs)}, num_warps=c.num_warps, num_stages=1))
+            continue
         meta = {**c.kwargs, "BLOCK_K": min(c.kwargs["BLOCK_K"], gs)}
         bm, bk, split = meta["BLOCK_M"], meta["BLOCK_K"], meta.get("SPLIT_K", 1)
         if split > 1 and (mb > 128 or k // (split * bk) < 2 or split * mb * n * 4 > MAX_WORKSPACE):
@@ -302,7 +315,17 @@ def _gemm_configs():
         (128, 64, 128, 4, 4, (1,)),
         (256, 128, 64, 8, 3, (1,)),
     ]
-    out = []
+    # GEMV tiles (warps W, splits, blocks per iteration): the best of bench/gemv_mma_probe.py per
+    # Llama-3-8B shape (H100; 4096 x 14336 W4 split 1, 14336 x 4096 W4 split 4, 4096^2 W1 split 8)
+    gemv = [(4, 1, 2), (4, 2, 2), (4, 4, 1), (2, 4, 2), (1, 8, 2), (2, 2, 2), (8, 1, 2)]
+    out = [
+        triton.Config(
+            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=sp, SWAP=False, GEMV=w, UNROLL=u),
+            num_warps=w,
+            num_stages=1,
+        )  # fmt: skip
+        for w, sp, u in gemv
+    ]
     for tiles, swap in ((small, False), ([(*t, (1,)) for t in large], False), (swapped, True)):
         for bm, bn, bk, w, st, splits in tiles:
             for split in splits:
@@ -346,7 +369,7 @@ def _k_tile(
 
 @triton.autotune(
     configs=configs(_GEMM_CONFIGS, cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)),
-    key=["m_bucket", "N", "K", "GS", "MMA", "SWAP_MODE", "SZ"],
+    key=["m_bucket", "N", "K", "GS", "MMA", "SWAP_MODE", "SZ", "GEMV_MAX"],
     **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
 )
@@ -357,7 +380,8 @@ def _gemm_kernel(
     stride_xm, stride_ym, stride_q, stride_s, SWAP_MODE,
     GS: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr, MMA: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-    SZ: tl.constexpr, QDT: tl.constexpr, PDL: tl.constexpr = 0,
+    SZ: tl.constexpr, QDT: tl.constexpr, PDL: tl.constexpr = 0, GEMV: tl.constexpr = 0, UNROLL: tl.constexpr = 1,
+    GEMV_MAX=0,
 ):  # fmt: skip
     # BLOCK_K divides GS (pruned), and GS divides K: no K masks, one group per tile.
     # SPLIT_K > 1: programs along axis 1 take every SPLIT_K-th K tile (pair of K tiles with SZ
@@ -370,6 +394,18 @@ def _gemm_kernel(
     pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if GEMV:  # M <= 8: GEMV warps (``_int4_gemv``); BLOCK_N is 16, one program along M
+        if SZ:  # 16-bit scale / zero, one by one
+            gemv_tile(
+                x_ptr, q_ptr, s_ptr.to(tl.pointer_type(QDT)), z_ptr.to(tl.pointer_type(QDT)), y_ptr, ws_ptr, cnt_ptr,
+                pid_n, pid_k, M, N, K, stride_xm, stride_ym, stride_q, stride_s * 2, GS, ASM, SPLIT_K, GEMV, UNROLL,
+            )  # fmt: skip
+        else:
+            gemv_tile(
+                x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, M, N, K, stride_xm, stride_ym,
+                stride_q, stride_s, GS, ASM, SPLIT_K, GEMV, UNROLL,
+            )  # fmt: skip
+        return
     pid_m = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -497,7 +533,7 @@ def _pair_order(x: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=1024)
 def _max_split(mb: int, n: int, k: int, group_size: int, swap_mode: int) -> int:
     """The largest SPLIT_K among the configs the autotuner may try for this call."""
-    space = _prune(_GEMM_CONFIGS, dict(GS=group_size, m_bucket=mb, K=k, N=n, SWAP_MODE=swap_mode))
+    space = _prune(_GEMM_CONFIGS, dict(GS=group_size, m_bucket=mb, K=k, N=n, SWAP_MODE=swap_mode, ASM=True))
     return max(c.kwargs["SPLIT_K"] for c in space)
 
 
@@ -571,5 +607,6 @@ def int4_mm(
         x, qdata, s_arg, z_arg, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0), stride_s,
         _SWAP_MODES[GEMM_SWAP], GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, MMA=words,
         SZ=use_words, QDT=_TL_DTYPES[scale.dtype] if use_words else None, **fixed, **pdl_args(x.device, GEMM_PDL),
+        GEMV_MAX=GEMV_MAX_M,
     )  # fmt: skip
     return y

@@ -1,0 +1,122 @@
+"""Probe: int4's GEMV tile (``lowbit/ops/triton/_int4_gemv.py``) at chosen (warps, split, unroll).
+
+    python bench/gemv_mma_probe.py [--cfgs W:split:unroll:stages,...] [--out D]   # GPU
+
+Checks each launch against the reference and times it (>= 1 GiB of layers, CUDA graph, median)
+next to the shipped ``int4_mm``. Offline SASS of the tile: ``bench/offline_sass.py --buckets 1``.
+(Session 14 measured the first version here as a standalone kernel, `results/h100-gemv-mma-probe-s14.json`.)
+
+Each warp owns 16 weight rows (the mma's M) and the tokens are its N (8, so M <= 8 costs the
+same as M = 1). Lane (g, c) of a warp (g = lane // 4, c = lane % 4) takes, for each 128-k block,
+the k range [32 c, 32 c + 32) of rows g and g + 8: one 16-byte load of "plain" code bytes per row
+and 64 bytes of x for token g. Within an mma the k order of the A and B fragments only has to
+agree, so the lane's own k pairs fill its fragment slots in load order: no shared memory, no
+ldmatrix, no x split. The W warps of a CTA work on the same 16 rows, each its own 128-k blocks,
+and are summed at the end; SPLIT_K CTAs per row tile reduce in-kernel (``split_k_reduce``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lowbit.ops.triton import int4 as int4_mod  # noqa: E402
+from lowbit.ops.triton._utils import split_k_buffers  # noqa: E402
+
+
+def gemv(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, stages=1):
+    """One launch of int4._gemm_kernel's GEMV tile with warps ``w``, ``split`` and ``unroll``
+    (stages is ignored: the tile has no pipeline)."""
+    m, k = x.shape
+    n = qdata.shape[0]
+    assert m <= 8 and k % 32 == 0 and x.dtype in (torch.bfloat16, torch.float16) and scale.dtype == x.dtype
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    ws, cnt = split_k_buffers(x.device, m, n, split)
+    meta = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(128, gs), SPLIT_K=split, SWAP=False, GEMV=w, UNROLL=unroll)
+    int4_mod._gemm_kernel.fn[(triton.cdiv(n, 16), split, 1)](
+        x, qdata, scale, zero, y, ws, cnt, m, n, k, m, x.stride(0), y.stride(0), qdata.stride(0), scale.stride(0), 0,
+        GS=gs, ASM=True, DOT_F32=False, MMA=False, SZ=False, QDT=None, **meta, num_warps=w, num_stages=1,
+    )  # fmt: skip
+    return y
+
+
+# ----------------------------------------------------------------------------- GPU
+def time_main(args):
+    from triton.testing import do_bench_cudagraph
+
+    from lowbit.ops import reference as ref
+
+    out = {
+        "env": dict(torch=torch.__version__, triton=triton.__version__, gpu=torch.cuda.get_device_name()),
+        "rows": [],
+    }
+    gs = 128
+    for shape in args.shapes.split(","):
+        k, n = map(int, shape.split("x"))
+        n_layers = max(1, math.ceil(1024**3 / (k * n * 2)))
+        g = torch.Generator(device="cuda").manual_seed(k + n)
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(n_layers)]
+        packed = []
+        for w in ws:
+            s, z = ref.int4_choose_qparams(w, gs, torch.bfloat16)
+            packed.append((ref.int4_pack(ref.int4_quantize(w, s, z, gs)), s, z))
+        del ws
+        for m in map(int, args.ms.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            r = ref.int4_linear(x, *packed[0], gs)
+            for cf in _parse_cfgs(args.cfgs):
+                row = dict(K=k, N=n, M=m, W=cf[0], split=cf[1], unroll=cf[2], stages=cf[3])
+                try:
+                    y = gemv(x, *packed[0], gs, *cf)
+                    row["rel_err"] = float((y.double() - r.double()).norm() / r.double().norm())
+                    fns = [lambda p=p, x=x, cf=cf: gemv(x, *p, gs, *cf) for p in packed]
+                    run = lambda fns=fns: [f() for f in fns]  # noqa: E731
+                    run()
+                    row["us"] = round(do_bench_cudagraph(run, rep=100, return_mode="median") / len(fns) * 1e3, 2)
+                except Exception as exc:
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                out["rows"].append(row)
+                print(json.dumps(row), flush=True)
+            fns = [lambda p=p, x=x: int4_mod.int4_mm(x, *p, gs) for p in packed]
+            run = lambda fns=fns: [f() for f in fns]  # noqa: E731
+            run()
+            y = int4_mod.int4_mm(x, *packed[0], gs)
+            row = dict(K=k, N=n, M=m, impl="int4_mm (shipped)",
+                       rel_err=float((y.double() - r.double()).norm() / r.double().norm()),
+                       us=round(do_bench_cudagraph(run, rep=100, return_mode="median") / len(fns) * 1e3, 2))  # fmt: skip
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        del packed
+        torch.cuda.empty_cache()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gemv-mma-probe.json"), "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def _parse_cfgs(text):
+    """ "W:split:prefetch:stages,..." -> tuples of ints."""
+    return [tuple(int(v) for v in c.split(":")) for c in text.split(",")]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="4096x4096,4096x1024,4096x14336,14336x4096")
+    p.add_argument("--ms", default="1,8")
+    p.add_argument("--cfgs", default="4:1:0:1,4:1:1:1,4:1:0:3,8:1:1:1,4:2:1:1,4:4:1:1,2:4:1:1,1:8:1:1,2:2:1:1")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    time_main(args)
+
+
+if __name__ == "__main__":
+    main()

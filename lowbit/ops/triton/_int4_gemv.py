@@ -1,0 +1,229 @@
+"""The int4 GEMM's M <= 8 tile: mma.sync in inline PTX with the weight as the A operand.
+
+``int4._gemm_kernel`` runs this body for its ``GEMV`` configs (the autotuner picks them or the
+tensor-core tiles per shape). Each warp owns 16 weight rows, the mma's M; the tokens are its N
+(8: M = 1 .. 8 cost the same). Lane (g, c) of a warp (g = lane // 4, c = lane % 4) takes, for
+each 128-k block, the k run [32 c, 32 c + 32) of rows g and g + 8 ("plain" code bytes: one
+16-byte load per row) and x of token g (64 bytes). An mma sums over its 16 k slots, so the k
+order of the A and B fragments only has to agree: the lane's own k pairs fill its slots in load
+order (slot pair 2c / 2c + 8 of step s takes byte 2 (s % 2) / 2 (s % 2) + 1 of word s // 2), and
+neither operand goes through shared memory, ldmatrix or a split of x. The W warps of a CTA take
+every W-th block of the same 16 rows and are summed at the end; SPLIT_K CTAs per row tile
+reduce in-kernel like the GEMM's splits.
+
+Offline SASS (Triton 3.6, sm_90): 178-199 instructions per 64 weights per lane (2.8-3.1 per
+weight; the tensor-core tiles 3.6), 48-72 registers, no shared memory in the loop. On the
+interpreter (no PTX) ``_mma_emulated`` computes the same lane-by-lane products with tensor ops, so
+the CPU tests check the fragment bookkeeping; the PTX itself runs only on a GPU.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lowbit.ops.triton._utils import split_k_reduce
+
+
+def _word_mma_ptx(magic: str, one: str, neg: str, ty: str) -> str:
+    """Two mma.sync m16n8k16 steps on one code word per row: $4 (row g), $5 (row g + 8); scale
+    and zero of the two rows $6 $7 / $8 $9 (16-bit); x words $10..$13 (two per step); the
+    accumulators come in as $14..$17 and leave as $0..$3.
+
+    Byte j of a word holds the k pair (2 j, 2 j + 1): prmt puts its low nibble in lane 0 and
+    (from the word shifted by 4) its high nibble in lane 1, lop3 keeps them under ``magic`` (bf16
+    0x4300 = 128, fp16 0x6400 = 1024), then fma(v, 1, neg) = q - 8 and fma(q - 8, s, z), the
+    weight rounded once, as ``int4._unpack_ptx`` does."""
+    unpack = []
+    for row, (src, hs, s2, z2) in enumerate((("$4", "hg", "sg2", "zg2"), ("$5", "h8", "s82", "z82"))):
+        for j, sel in enumerate(("0x4400", "0x5511", "0x6622", "0x7733")):
+            p = f"p{row}{j}"
+            unpack.append(
+                f"prmt.b32 {p}, {src}, {hs}, {sel}; lop3.b32 {p}, {p}, 0x000F000F, {magic}, 0xEA;"
+                f" fma.rn.{ty}x2 {p}, {p}, one, c; fma.rn.{ty}x2 {p}, {p}, {s2}, {z2};"
+            )
+    body = "\n".join(unpack)
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
+    return f"""{{
+    .reg .b32 hg, h8, one, c, sg2, zg2, s82, z82, p00, p01, p02, p03, p10, p11, p12, p13;
+    .reg .f32 d0, d1, d2, d3;
+    mov.b32 one, {one}; mov.b32 c, {neg};
+    mov.b32 sg2, {{$6, $6}}; mov.b32 zg2, {{$7, $7}}; mov.b32 s82, {{$8, $8}}; mov.b32 z82, {{$9, $9}};
+    shr.u32 hg, $4, 4; shr.u32 h8, $5, 4;
+    {body}
+    {mma} {{d0, d1, d2, d3}}, {{p00, p10, p01, p11}}, {{$10, $11}}, {{$14, $15, $16, $17}};
+    {mma} {{$0, $1, $2, $3}}, {{p02, p12, p03, p13}}, {{$12, $13}}, {{d0, d1, d2, d3}};
+    }}"""
+
+
+_MMA_BF16 = tl.constexpr(_word_mma_ptx("0x43004300", "0x3F803F80", "0xC308C308", "bf16"))  # -136
+_MMA_F16 = tl.constexpr(_word_mma_ptx("0x64006400", "0x3C003C00", "0xE408E408", "f16"))  # -1032
+_MMA_REGS = tl.constexpr("=f,=f,=f,=f,r,r,h,h,h,h,r,r,r,r,f,f,f,f")
+
+
+@triton.jit
+def _cols4(t):
+    """[R, 4] -> its four columns, each [R] (in-thread: a lane holds its whole row)."""
+    a, b = tl.split(tl.reshape(t, [t.shape[0], 2, 2]))
+    a0, a2 = tl.split(a)
+    a1, a3 = tl.split(b)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _load_block(qw_ptr, xw_ptr, s_ptr, z_ptr, blk, warp, xg, c, rg, okg, ok8, K, stride_xw, stride_qw, stride_s,
+                GS: tl.constexpr):  # fmt: skip
+    """The lane's operands of 128-k block ``blk + warp``: code words of rows g and g + 8 ([R, 4]
+    each), x words of token xg ([R, 4] x 4) and the two rows' scale and zero."""
+    j4 = tl.arange(0, 4)
+    kk = (blk + warp) * 128 + 32 * c  # the lane's 32-k run (K % 32 == 0: all in or all out)
+    kok = kk < K
+    qg_ptrs = qw_ptr + (rg * stride_qw + kk // 8)[:, None] + j4[None, :]
+    q_g = tl.load(qg_ptrs, mask=(okg & kok)[:, None], other=0)
+    q_8 = tl.load(qg_ptrs + 8 * stride_qw, mask=(ok8 & kok)[:, None], other=0)
+    xrow = xw_ptr + (xg * stride_xw + kk // 2)[:, None] + j4[None, :]
+    x0 = tl.load(xrow, mask=kok[:, None], other=0)
+    x1 = tl.load(xrow + 4, mask=kok[:, None], other=0)
+    x2 = tl.load(xrow + 8, mask=kok[:, None], other=0)
+    x3 = tl.load(xrow + 12, mask=kok[:, None], other=0)
+    grp = kk // GS  # GS >= 32: one group per run
+    sg = tl.load(s_ptr + rg * stride_s + grp, mask=okg & kok, other=0)
+    zg = tl.load(z_ptr + rg * stride_s + grp, mask=okg & kok, other=0)
+    s8 = tl.load(s_ptr + (rg + 8) * stride_s + grp, mask=ok8 & kok, other=0)
+    z8 = tl.load(z_ptr + (rg + 8) * stride_s + grp, mask=ok8 & kok, other=0)
+    return q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8
+
+
+@triton.jit
+def _lane_values(word, s, z, dtype: tl.constexpr, W: tl.constexpr):
+    """[W * 32] code words -> [W, 8, 4, 8] fp32 weights (the 8 of each lane, rounded to dtype)
+    by the reference's formula; the order (byte, nibble) is the one ``_lane_x`` uses."""
+    wv = tl.reshape(word, [W, 8, 4])
+    sf = tl.reshape(s.to(tl.float32), [W, 8, 4])
+    zf = tl.reshape(z.to(tl.float32), [W, 8, 4])
+    b0 = tl.join(wv & 15, (wv >> 4) & 15)
+    b1 = tl.join((wv >> 8) & 15, (wv >> 12) & 15)
+    b2 = tl.join((wv >> 16) & 15, (wv >> 20) & 15)
+    b3 = tl.join((wv >> 24) & 15, (wv >> 28) & 15)
+    q = tl.reshape(tl.join(tl.join(b0, b1), tl.join(b2, b3)), [W, 8, 4, 8])
+    w = (q.to(tl.float32) - 8.0) * sf[:, :, :, None] + zf[:, :, :, None]
+    return w.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _lane_x(x0, x1, x2, x3, dtype: tl.constexpr, W: tl.constexpr):
+    """A lane's four x words (two 16-bit values each, k pairs of bytes 0..3) -> [W, 8, 4, 8] fp32."""
+    lo0 = tl.reshape(x0 & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+    hi0 = tl.reshape((x0 >> 16) & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+    lo1 = tl.reshape(x1 & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+    hi1 = tl.reshape((x1 >> 16) & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+    lo2 = tl.reshape(x2 & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+    hi2 = tl.reshape((x2 >> 16) & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+    lo3 = tl.reshape(x3 & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+    hi3 = tl.reshape((x3 >> 16) & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+    b0 = tl.join(lo0, hi0)
+    b1 = tl.join(lo1, hi1)
+    b2 = tl.join(lo2, hi2)
+    b3 = tl.join(lo3, hi3)
+    return tl.reshape(tl.join(tl.join(b0, b1), tl.join(b2, b3)), [W, 8, 4, 8])
+
+
+@triton.jit
+def _mma_emulated(a0, a1, a2, a3, wg, w8, sg, zg, s8, z8, x0, x1, x2, x3, dtype: tl.constexpr, W: tl.constexpr):
+    """What the PTX's two mma steps leave in each lane, from tensor ops (the interpreter): lane
+    (g, c)'s accumulators are rows g / g + 8 x tokens 2c, 2c + 1, and the mma pairs weight k pairs
+    of lane (g, c') with the x of lane (token, c') slot by slot."""
+    xv = _lane_x(x0, x1, x2, x3, dtype, W)  # [W, 8 tokens, 4 c, 8]
+    dg = tl.sum(tl.sum(_lane_values(wg, sg, zg, dtype, W)[:, :, None, :, :] * xv[:, None, :, :, :], axis=4), axis=3)
+    d8 = tl.sum(tl.sum(_lane_values(w8, s8, z8, dtype, W)[:, :, None, :, :] * xv[:, None, :, :, :], axis=4), axis=3)
+    eg, og = tl.split(tl.reshape(dg, [W, 8, 4, 2]))  # [W, g, c]: tokens 2c, 2c + 1
+    e8, o8 = tl.split(tl.reshape(d8, [W, 8, 4, 2]))
+    a0 += tl.reshape(eg, [W * 32])
+    a1 += tl.reshape(og, [W * 32])
+    a2 += tl.reshape(e8, [W * 32])
+    a3 += tl.reshape(o8, [W * 32])
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _mma_block(a0, a1, a2, a3, q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8, dtype: tl.constexpr, ASM: tl.constexpr,
+               W: tl.constexpr):  # fmt: skip
+    """The accumulators + one 128-k block (x in ``dtype``): 8 mma.sync steps, two per code word."""
+    wg0, wg1, wg2, wg3 = _cols4(q_g)
+    w80, w81, w82, w83 = _cols4(q_8)
+    for i in tl.static_range(4):
+        if i == 0:
+            wg, w8, xi = wg0, w80, x0
+        elif i == 1:
+            wg, w8, xi = wg1, w81, x1
+        elif i == 2:
+            wg, w8, xi = wg2, w82, x2
+        else:
+            wg, w8, xi = wg3, w83, x3
+        xa, xb, xc, xd = _cols4(xi)
+        args = [wg, w8, sg, zg, s8, z8, xa, xb, xc, xd, a0, a1, a2, a3]
+        if not ASM:
+            a0, a1, a2, a3 = _mma_emulated(a0, a1, a2, a3, wg, w8, sg, zg, s8, z8, xa, xb, xc, xd, dtype, W)
+        elif dtype == tl.float16:
+            a0, a1, a2, a3 = tl.inline_asm_elementwise(
+                _MMA_F16, _MMA_REGS, args, dtype=(tl.float32,) * 4, is_pure=True, pack=1
+            )
+        else:
+            a0, a1, a2, a3 = tl.inline_asm_elementwise(
+                _MMA_BF16, _MMA_REGS, args, dtype=(tl.float32,) * 4, is_pure=True, pack=1
+            )
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def gemv_tile(
+    x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, M, N, K, stride_xm, stride_ym, stride_q,
+    stride_s, GS: tl.constexpr, ASM: tl.constexpr, SPLIT_K: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr,
+):  # fmt: skip
+    """y[:M, 16 pid_n : 16 pid_n + 16] (M <= 8) for split ``pid_k``; x bf16 / fp16 with K % 32 == 0,
+    "plain" codes, scale / zero through 16-bit pointers. W = the CTA's warps; UNROLL (1 or 2)
+    blocks per warp per iteration, their loads issued before either's math."""
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    e = tl.arange(0, W * 32)
+    warp = e // 32
+    g = (e % 32) // 4
+    c = e % 4
+    rg = pid_n * 16 + g
+    okg = rg < N
+    ok8 = rg + 8 < N
+    # lane (g, c) brings token g's x; tokens >= M repeat the last one (their columns of the
+    # result are not stored, and an mma's columns do not mix)
+    xg = tl.minimum(g, M - 1)
+    qw_ptr = q_ptr.to(tl.pointer_type(tl.int32))
+    xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+    stride_qw = stride_q // 4
+    stride_xw = stride_xm // 2
+    a0 = tl.zeros([W * 32], dtype=tl.float32)
+    a1 = tl.zeros([W * 32], dtype=tl.float32)
+    a2 = tl.zeros([W * 32], dtype=tl.float32)
+    a3 = tl.zeros([W * 32], dtype=tl.float32)
+    step = W * SPLIT_K
+    for blk in range(pid_k * W, tl.cdiv(K, 128), step * UNROLL):
+        q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8 = _load_block(
+            qw_ptr, xw_ptr, s_ptr, z_ptr, blk, warp, xg, c, rg, okg, ok8, K, stride_xw, stride_qw, stride_s, GS
+        )
+        if UNROLL == 2:
+            n_g, n_8, y0, y1, y2, y3, tg, ug, t8, u8 = _load_block(
+                qw_ptr, xw_ptr, s_ptr, z_ptr, blk + step, warp, xg, c, rg, okg, ok8, K, stride_xw, stride_qw,
+                stride_s, GS,
+            )  # fmt: skip
+        a0, a1, a2, a3 = _mma_block(a0, a1, a2, a3, q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8, DT, ASM, W)
+        if UNROLL == 2:
+            a0, a1, a2, a3 = _mma_block(a0, a1, a2, a3, n_g, n_8, y0, y1, y2, y3, tg, ug, t8, u8, DT, ASM, W)
+    # lane (g, c) holds rows g, g + 8 x tokens 2c, 2c + 1; the warps' sums are added
+    acc = tl.join(tl.join(a0, a1), tl.join(a2, a3))  # [W * 32, token, row]
+    acc = tl.sum(tl.reshape(acc, [W, 32, 2, 2]), axis=0)
+    ln = tl.arange(0, 32)
+    row = pid_n * 16 + (ln // 4)[:, None, None] + 8 * tl.arange(0, 2)[None, None, :]
+    tok = 2 * (ln % 4)[:, None, None] + tl.arange(0, 2)[None, :, None]
+    mask = (row < N) & (tok < M)
+    if SPLIT_K > 1:
+        acc, last = split_k_reduce(acc, ws_ptr, cnt_ptr + pid_n, pid_k, tok * N + row, mask, M * N, SPLIT_K)
+        if last == 0:
+            return
+    tl.store(y_ptr + tok * stride_ym + row, acc.to(y_ptr.dtype.element_ty), mask=mask)
