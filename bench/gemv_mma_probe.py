@@ -1,6 +1,6 @@
 """Probe: int4's GEMV tile (``lowbit/ops/triton/_int4_gemv.py``) at chosen (warps, split, unroll).
 
-    python bench/gemv_mma_probe.py [--cfgs W:split:unroll:stages,...] [--out D]   # GPU
+    python bench/gemv_mma_probe.py [--cfgs W:split:unroll,...] [--out D]   # GPU
 
 Checks each launch against the reference and times it (>= 1 GiB of layers, CUDA graph, median)
 next to the shipped ``int4_mm``. Offline SASS of the tile: ``bench/offline_sass.py --buckets 1``.
@@ -32,9 +32,8 @@ from lowbit.ops.triton import int4 as int4_mod  # noqa: E402
 from lowbit.ops.triton._utils import split_k_buffers  # noqa: E402
 
 
-def gemv(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, stages=1):
-    """One launch of int4._gemm_kernel's GEMV tile with warps ``w``, ``split`` and ``unroll``
-    (stages is ignored: the tile has no pipeline)."""
+def gemv(x, qdata, scale, zero, gs, w=4, split=1, unroll=1):
+    """One launch of int4._gemm_kernel's GEMV tile with warps ``w``, ``split`` and ``unroll``."""
     m, k = x.shape
     n = qdata.shape[0]
     assert m <= 8 and k % 32 == 0 and x.dtype in (torch.bfloat16, torch.float16) and scale.dtype == x.dtype
@@ -73,7 +72,7 @@ def time_main(args):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
             r = ref.int4_linear(x, *packed[0], gs)
             for cf in _parse_cfgs(args.cfgs):
-                row = dict(K=k, N=n, M=m, W=cf[0], split=cf[1], unroll=cf[2], stages=cf[3])
+                row = dict(K=k, N=n, M=m, W=cf[0], split=cf[1], unroll=cf[2])
                 try:
                     y = gemv(x, *packed[0], gs, *cf)
                     row["rel_err"] = float((y.double() - r.double()).norm() / r.double().norm())
@@ -104,14 +103,17 @@ def time_main(args):
 
 def _parse_cfgs(text):
     """ "W:split:prefetch:stages,..." -> tuples of ints."""
-    return [tuple(int(v) for v in c.split(":")) for c in text.split(",")]
+    out = [tuple(int(v) for v in c.split(":")) for c in text.split(",")]
+    if any(len(c) != 3 or c[2] not in (1, 2) or min(c) < 1 for c in out):  # unroll 0 would never end
+        raise SystemExit(f"--cfgs: want W:split:unroll with unroll 1 or 2, got {text!r}")
+    return out
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="4096x4096,4096x1024,4096x14336,14336x4096")
     p.add_argument("--ms", default="1,8")
-    p.add_argument("--cfgs", default="4:1:0:1,4:1:1:1,4:1:0:3,8:1:1:1,4:2:1:1,4:4:1:1,2:4:1:1,1:8:1:1,2:2:1:1")
+    p.add_argument("--cfgs", default="4:1:2,4:2:2,4:4:1,2:4:2,1:8:2,2:2:2,8:1:2")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

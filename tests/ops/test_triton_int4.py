@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lowbit.ops import reference as ref
@@ -333,6 +333,8 @@ def test_int4_gemm_dequant_exact_every_code_and_position(dtype, qdtype, packing,
     swap=st.sampled_from(["off", "tuned", "on"]),
     sz=st.booleans(),
 )
+@example(gs=128, m=1, k_groups=40, n=4096, swap="tuned", sz=True)  # the GEMV configs (M <= 8)
+@example(gs=32, m=8, k_groups=200, n=37, swap="off", sz=True)
 def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, n, swap, sz):
     """Every config the GPU autotuner may try keeps the kernel's assumptions.
 
@@ -354,7 +356,7 @@ def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, 
     k = k_groups * gs
     mb = m_bucket(m)
     mode = int4_mod._SWAP_MODES[swap]
-    named = dict(GS=gs, m_bucket=mb, K=k, N=n, SWAP_MODE=mode)
+    named = dict(GS=gs, m_bucket=mb, K=k, N=n, SWAP_MODE=mode, ASM=True)  # ASM: as on the GPU (GEMV configs too)
     kept = int4_mod._prune(int4_mod._gemm_configs(), {**named, "SZ": sz})
     assert kept, (gs, m, k)
     plain = int4_mod._prune(int4_mod._gemm_configs(), named)
@@ -364,7 +366,7 @@ def test_int4_gemm_autotune_space_respects_the_kernel_contract(gs, m, k_groups, 
     assert len(kept) <= len(plain)
     for c in kept:
         before = stages[(tuple(sorted(c.kwargs.items())), c.num_warps)]
-        pairs = sz and c.kwargs["BLOCK_K"] == gs
+        pairs = sz and c.kwargs["BLOCK_K"] == gs and not c.kwargs.get("GEMV")  # (a GEMV tile has no pipeline)
         assert c.num_stages in ({max(2, (b + 1) // 2) for b in before} if pairs else before), (c.kwargs, before)
     swapped = [c.kwargs["SWAP"] for c in kept]
     if swap == "off" or mb < 64:
@@ -495,6 +497,26 @@ def test_every_gemv_config_matches_reference(m, dtype, gs):
         )  # fmt: skip
         errors[(str(c), sz)] = float((y.double() - want).norm() / want.norm())
     assert errors and all(e < TOL[dtype] for e in errors.values()), errors
+
+
+def test_int4_mm_small_m_reads_misaligned_views():
+    """x and qdata views that start off a 16-byte boundary (contiguous, so kept as they are):
+    the M <= 8 path reads both as 16-byte vectors on the GPU, so the launcher copies them;
+    results equal the reference and the caller's tensors are untouched."""
+    import lowbit.ops.triton.int4 as int4_mod
+
+    qdata, scale, zero, plain = _weight(40, 256, 64, torch.bfloat16, 5)
+    big_q = torch.zeros(40 * 128 + 1, dtype=torch.uint8, device=DEVICE)
+    big_q[1:] = qdata.flatten()
+    q_view = big_q[1:].view(40, 128)
+    big_x = torch.randn(1, 257, generator=torch.Generator().manual_seed(6)).to(DEVICE, torch.bfloat16)
+    x_view = big_x[:, 1:]
+    assert x_view.is_contiguous() and q_view.is_contiguous() and x_view.data_ptr() % 16 and q_view.data_ptr() % 16
+    x_before = x_view.clone()
+    got = int4_mod.int4_mm(x_view, q_view, scale, zero, 64)
+    want = ref.int4_linear(x_view, plain, scale, zero, 64)
+    assert (got.double() - want.double()).norm() / want.double().norm() < TOL[torch.bfloat16]
+    assert torch.equal(x_view, x_before)
 
 
 def test_int4_tensor_every_packing_through_the_triton_backend():

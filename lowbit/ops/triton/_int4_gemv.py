@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowbit.ops.triton._utils import split_k_reduce
+from lowbit.ops.triton._utils import pdl_trigger, split_k_reduce
 
 
 def _word_mma_ptx(magic: str, one: str, neg: str, ty: str) -> str:
@@ -179,10 +179,12 @@ def _mma_block(a0, a1, a2, a3, q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8, dtype: 
 def gemv_tile(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, M, N, K, stride_xm, stride_ym, stride_q,
     stride_s, GS: tl.constexpr, ASM: tl.constexpr, SPLIT_K: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """y[:M, 16 pid_n : 16 pid_n + 16] (M <= 8) for split ``pid_k``; x bf16 / fp16 with K % 32 == 0,
-    "plain" codes, scale / zero through 16-bit pointers. W = the CTA's warps; UNROLL (1 or 2)
-    blocks per warp per iteration, their loads issued before either's math."""
+    "plain" codes, scale / zero through 16-bit pointers, x and the codes 16-byte aligned. W = the
+    CTA's warps; UNROLL (1 or 2) blocks per warp per iteration, their loads issued before either's
+    math; PDL: the kernel's mode (3 triggers after the main loop)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     e = tl.arange(0, W * 32)
     warp = e // 32
@@ -215,6 +217,7 @@ def gemv_tile(
         a0, a1, a2, a3 = _mma_block(a0, a1, a2, a3, q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8, DT, ASM, W)
         if UNROLL == 2:
             a0, a1, a2, a3 = _mma_block(a0, a1, a2, a3, n_g, n_8, y0, y1, y2, y3, tg, ug, t8, u8, DT, ASM, W)
+    pdl_trigger(PDL, 3)
     # lane (g, c) holds rows g, g + 8 x tokens 2c, 2c + 1; the warps' sums are added
     acc = tl.join(tl.join(a0, a1), tl.join(a2, a3))  # [W * 32, token, row]
     acc = tl.sum(tl.reshape(acc, [W, 32, 2, 2]), axis=0)

@@ -18,6 +18,9 @@ Two paths, picked by M:
   inline PTX turns 4 code bytes into 8 weights (prmt + lop3 with a magic exponent,
   then two packed fma: about 2 instructions per weight, single rounding of
   ``(q - 8) * s + z`` to x.dtype); elsewhere the reference's fp32 formula.
+  For M <= 8 its autotune space also holds GEMV configs (``GEMV`` warps), which run
+  ``_int4_gemv.gemv_tile`` instead: the weight as the A operand of mma.sync in inline
+  PTX, no shared memory (PTX path and "plain" codes only; emulated on the interpreter).
   "mma" codes, M bucket < 64, i.e. M <= 32 (``_dequant_words``): each int32 word
   unpacks into exactly the bf16x2 registers one thread feeds to the m16n8k16 mma, in
   k order, so one full-depth dot takes x straight from ldmatrix (Triton >= 3.8,
@@ -243,13 +246,18 @@ def _prune(configs_, named_args, **kwargs):
     """The configs that fit this call: BLOCK_K is cut to the group size (one scale per
     tile), splits only for M <= 128 with >= 2 K tiles per split and a workspace of at
     most MAX_WORKSPACE bytes, BLOCK_M by M bucket; swapped tiles as SWAP_MODE says
-    (``GEMM_SWAP``), from M bucket 64 and with BLOCK_M <= the bucket."""
+    (``GEMM_SWAP``), from M bucket 64 and with BLOCK_M <= the bucket; GEMV configs for M
+    bucket <= min(GEMV_MAX, 8) on the PTX path (or the interpreter) with "plain" codes and
+    16-bit x, two 128-k blocks per split at least."""
     a = {**named_args, **kwargs}
     gs, mb, k, n = a["GS"], a["m_bucket"], a["K"], a["N"]
     swap_mode = a.get("SWAP_MODE", _SWAP_MODES["off"])
     out, seen = [], set()
     # the GEMV tile: M <= 8, the PTX path (or its emulation on the interpreter), "plain" codes
-    gemv_ok = mb <= a.get("GEMV_MAX", GEMV_MAX_M) and not a.get("MMA", False) and (a.get("ASM", False) or INTERPRET)
+    # (the tile computes 8 tokens: never above 8, whatever GEMV_MAX says)
+    gemv_ok = (
+        mb <= min(a.get("GEMV_MAX", GEMV_MAX_M), 8) and not a.get("MMA", False) and (a.get("ASM", False) or INTERPRET)
+    )
     gemv_ok = gemv_ok and a["x_ptr"].dtype in (torch.bfloat16, torch.float16) if "x_ptr" in a else gemv_ok
     for c in configs_:
         if c.kwargs.get("GEMV", 0):  # (BLOCK_K is nominal: each lane reads 32-k runs of one group)
@@ -369,7 +377,8 @@ def _k_tile(
 
 @triton.autotune(
     configs=configs(_GEMM_CONFIGS, cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)),
-    key=["m_bucket", "N", "K", "GS", "MMA", "SWAP_MODE", "SZ", "GEMV_MAX"],
+    # ASM: qparam words hide the qparams' dtype from the key, and a GEMV pick needs the PTX path
+    key=["m_bucket", "N", "K", "GS", "MMA", "SWAP_MODE", "SZ", "GEMV_MAX", "ASM"],
     **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
 )
@@ -383,7 +392,7 @@ def _gemm_kernel(
     SZ: tl.constexpr, QDT: tl.constexpr, PDL: tl.constexpr = 0, GEMV: tl.constexpr = 0, UNROLL: tl.constexpr = 1,
     GEMV_MAX=0,
 ):  # fmt: skip
-    # BLOCK_K divides GS (pruned), and GS divides K: no K masks, one group per tile.
+    # (GEMM tiles) BLOCK_K divides GS (pruned), and GS divides K: no K masks, one group per tile.
     # SPLIT_K > 1: programs along axis 1 take every SPLIT_K-th K tile (pair of K tiles with SZ
     # and BLOCK_K == GS) and store their fp32 partial sums into ws[pid_k] ([SPLIT_K, M, N]);
     # the last one to finish a tile
@@ -399,11 +408,12 @@ def _gemm_kernel(
             gemv_tile(
                 x_ptr, q_ptr, s_ptr.to(tl.pointer_type(QDT)), z_ptr.to(tl.pointer_type(QDT)), y_ptr, ws_ptr, cnt_ptr,
                 pid_n, pid_k, M, N, K, stride_xm, stride_ym, stride_q, stride_s * 2, GS, ASM, SPLIT_K, GEMV, UNROLL,
+                PDL,
             )  # fmt: skip
         else:
             gemv_tile(
                 x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, M, N, K, stride_xm, stride_ym,
-                stride_q, stride_s, GS, ASM, SPLIT_K, GEMV, UNROLL,
+                stride_q, stride_s, GS, ASM, SPLIT_K, GEMV, UNROLL, PDL,
             )  # fmt: skip
         return
     pid_m = tl.program_id(2)
@@ -600,6 +610,10 @@ def int4_mm(
         fixed = {"SPLIT_K": _split_k(m, n, k, group_size, num_sms(x.device)), "SWAP": GEMM_SWAP == "on" and not words}
         most = fixed["SPLIT_K"]
     ws, cnt = split_k_buffers(x.device, m, n, most)
+    if mb <= GEMV_MAX_M and (x.data_ptr() % 16 or qdata.data_ptr() % 16):
+        # the GEMV tile reads x and the codes as 16-byte vectors (a contiguous view may start
+        # anywhere; a misaligned vector load faults the CUDA context): aligned copies
+        x, qdata = (t.clone() if t.data_ptr() % 16 else t for t in (x, qdata))
     if mma and not words:
         x = _pair_order(x)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
