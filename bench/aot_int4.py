@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import inspect
 import json
 import math
 import os
@@ -66,6 +67,8 @@ def build(out: str) -> None:
                 ce = dict(GS=GS, ASM=True, DOT_F32=False, MMA=packing == "mma" and bm < 64, SPLIT_K=split, SWAP=False)
                 ce.update(SZ=True, QDT=tl.bfloat16)  # qparams as int32 words, as the launcher passes them
                 ce.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                ce.update({p.name: p.default for p in fn.params if p.is_constexpr and p.name not in ce
+                           and p.default is not inspect.Parameter.empty})  # PDL, GEMV, UNROLL  # fmt: skip
                 st = pair_stages(stages) if bk == GS else stages  # two K tiles per iteration (_prune)
                 sig = {a: "i32" for a in names}
                 sig.update(x_ptr="*bf16", q_ptr="*u8", s_ptr="*i32")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import json
 import os
 import re
@@ -76,6 +77,9 @@ def compile_config(c, arch: int, kernel: str = "int4"):
     fn = _module(kernel)._gemm_kernel.fn
     names = fn.arg_names
     consts = dict(fixed, **c.kwargs)
+    # constexpr parameters with defaults (PDL, int4's GEMV / UNROLL) not set above keep them
+    consts.update({p.name: p.default for p in fn.params if p.is_constexpr and p.name not in consts
+                   and p.default is not inspect.Parameter.empty})  # fmt: skip
     if consts.get("QDT") == "bf16":
         import triton.language as tl
 

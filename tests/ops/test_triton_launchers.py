@@ -192,3 +192,16 @@ def test_pdl_chain_in_a_cuda_graph_matches_plain_launches(monkeypatch, m, gemm_p
         torch.cuda.synchronize()
         assert torch.equal(y, expect)
         y.zero_()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="times CUDA kernels")
+def test_clean_l2_bench_returns_quantiles_and_ranks_by_bytes():
+    """The int4 GEMM autotuner's timing: quantiles in order, and a copy of 8x the bytes (both
+    far from fitting together in L2 after the flush) reads as slower."""
+    small = torch.empty(4 << 20, device="cuda")
+    big = torch.empty(32 << 20, device="cuda")
+    small_out, big_out = torch.empty_like(small), torch.empty_like(big)
+    med, lo, hi = _utils.clean_l2_bench(lambda: small_out.copy_(small), quantiles=(0.5, 0.2, 0.8))
+    assert 0 < lo <= med <= hi
+    assert _utils.clean_l2_bench(lambda: big_out.copy_(big)) > 3 * med
+    assert int4_mod._gemm_kernel.do_bench is _utils.clean_l2_bench

@@ -204,6 +204,30 @@ def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return buf
 
 
+def clean_l2_bench(kernel_call, quantiles=None, reps: int = 40):
+    """Timing for an autotuner (``triton.autotune(do_bench=...)``): each timed call follows a
+    read of 256 MB, so the weights come from DRAM and L2 holds only clean lines. Triton's own
+    flush is a 256 MB memset, whose dirty lines (up to the L2's 50 MB on an H100) are written
+    back during the timed call: it added ~8 us to every int4 config at M=1 and hid a 15.8 against
+    18.6 us difference between two of them (bench/results/h100-s14-gemv.md). Returns the
+    ``quantiles`` of the per-call times in ms (their median without quantiles)."""
+    flush = torch.empty(64 << 20, dtype=torch.int32, device=torch.cuda.current_device())
+    kernel_call()
+    torch.cuda.synchronize()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        flush.sum()  # (its contents do not matter: only that every line is read)
+        start[i].record()
+        kernel_call()
+        end[i].record()
+    torch.cuda.synchronize()
+    times = torch.tensor([a.elapsed_time(b) for a, b in zip(start, end)], dtype=torch.float64)
+    if quantiles is None:
+        return float(times.median())
+    return [float(v) for v in torch.quantile(times, torch.tensor(quantiles, dtype=torch.float64))]
+
+
 # Split-K workspace ([SPLIT_K, M, N] x 4 bytes) never larger than this.
 MAX_WORKSPACE = 64 << 20
 

@@ -65,6 +65,7 @@ from lowbit.ops.triton._utils import (
     TUNE_CACHE,
     cfg,
     chunked_dequant_mm,
+    clean_l2_bench,
     configs,
     dot_acc,
     launcher,
@@ -381,6 +382,7 @@ def _k_tile(
     key=["m_bucket", "N", "K", "GS", "MMA", "SWAP_MODE", "SZ", "GEMV_MAX", "ASM"],
     **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
+    do_bench=clean_l2_bench,
 )
 @triton.jit
 def _gemm_kernel(
