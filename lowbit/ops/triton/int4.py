@@ -50,6 +50,7 @@ x.dtype where the fp32 result sat exactly on a rounding midpoint.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -121,8 +122,9 @@ GEMM_PDL = 2
 SZ_WORDS = True
 # M bucket <= GEMV_MAX_M (M <= 8): the autotuner also tries ``_int4_gemv.gemv_tile`` (mma.sync in
 # inline PTX, the weight as the A operand, no shared memory), bf16 / fp16 x with "plain" codes and
-# qparams of x's dtype. 0 turns it off (an explore switch of bench/kernels.py).
-GEMV_MAX_M = 8
+# qparams of x's dtype. 0 turns it off (an explore switch of bench/kernels.py; LOWBIT_INT4_GEMV=0
+# for a whole process, e.g. an end-to-end A/B).
+GEMV_MAX_M = 8 if os.environ.get("LOWBIT_INT4_GEMV", "1") != "0" else 0
 
 
 # ----------------------------------------------------------------------------- dequant (PTX)
