@@ -9,13 +9,9 @@ the code itself, for every ``PDL`` mode of the int4 GEMM and the 8-bit GEMM."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _offline_compile import run_compile_script
 
 _SCRIPT = r"""
 import json, re, sys
@@ -48,21 +44,8 @@ CASES = [("int4", 0), ("int4", 1), ("int4", 2), ("int4", 3), ("w8a8", 1), ("w8",
 
 @pytest.fixture(scope="module")
 def ptx_positions():
-    triton = pytest.importorskip("triton")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, json.dumps(CASES)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {(r["kernel"], r["mode"]): r for r in json.loads(proc.stdout.splitlines()[-1])}
+    rows = run_compile_script(_SCRIPT, json.dumps(CASES))
+    return {(r["kernel"], r["mode"]): r for r in rows}
 
 
 @pytest.mark.parametrize("kernel,mode", CASES)
