@@ -154,7 +154,8 @@ def time_all(d: str, out: str, shapes: str, ms: str) -> None:
         ws, cnt = split_k_buffers(x.device, m, n, split)
         sw, zw = qparam_words(s), qparam_words(z)
         ptrs = [ctypes.c_uint64(t.data_ptr()) for t in (x, q, sw, zw, y, ws, cnt)]
-        ints = [ctypes.c_int32(v) for v in (m, n, k, m, x.stride(0), y.stride(0), q.stride(0), sw.stride(0), 0)]
+        # the ints of the signature in order: ..., SWAP_MODE (0), GEMV_MAX (0: a plain int argument)
+        ints = [ctypes.c_int32(v) for v in (m, n, k, m, x.stride(0), y.stride(0), q.stride(0), sw.stride(0), 0, 0)]
         params = ptrs + ints + [ctypes.c_uint64(0), ctypes.c_uint64(0)]
         grid = (triton_cdiv(n, bn), split, triton_cdiv(m, bm))
         drv.launch(e["fn"], grid, 32 * e["num_warps"], e["shared"], torch.cuda.current_stream().cuda_stream, params)

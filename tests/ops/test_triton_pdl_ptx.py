@@ -4,7 +4,8 @@ PTX that Triton emits for sm_90 (compiled on the CPU: Triton bundles ptxas; no G
 A kernel launched with PDL may start while the previous kernel still runs, so its
 ``griddepcontrol.wait`` must come before its first global memory access. A GPU test of a
 dependent chain cannot catch a missing wait reliably (the race seldom shows), so this checks
-the code itself, for every ``PDL`` mode of the int4 GEMM and the 8-bit GEMM."""
+the code itself, for every ``PDL`` mode of the int4 GEMM (modes 1 and 3 of its M <= 8 GEMV branch
+too) and the 8-bit GEMM."""
 
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ import offline_sass
 
 out = []
 for kernel, mode in json.loads(sys.argv[1]):
-    offline_sass.KERNELS[kernel][2]["PDL"] = mode
+    name = "int4" if kernel.startswith("int4") else kernel  # int4_gemv: the GEMM's GEMV branch
+    offline_sass.KERNELS[name][2]["PDL"] = mode
     meta = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, SWAP=False)
-    if kernel != "int4":
+    if name != "int4":
         meta["GROUP_M"] = 8
-    k = offline_sass.compile_config(triton.Config(meta, num_warps=4, num_stages=3), 90, kernel)
+    if kernel == "int4_gemv":
+        meta.update(BLOCK_N=16, GEMV=4, UNROLL=2)
+    k = offline_sass.compile_config(triton.Config(meta, num_warps=4, num_stages=3), 90, name)
     ptx = k.asm["ptx"].splitlines()
 
     def first(pattern):
@@ -39,7 +43,7 @@ for kernel, mode in json.loads(sys.argv[1]):
 print(json.dumps(out))
 """
 
-CASES = [("int4", 0), ("int4", 1), ("int4", 2), ("int4", 3), ("w8a8", 1), ("w8", 3)]
+CASES = [("int4", 0), ("int4", 1), ("int4", 2), ("int4", 3), ("int4_gemv", 1), ("int4_gemv", 3), ("w8a8", 1), ("w8", 3)]
 
 
 @pytest.fixture(scope="module")

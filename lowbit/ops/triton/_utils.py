@@ -208,8 +208,10 @@ def clean_l2_bench(kernel_call, quantiles=None, reps: int = 40):
     """Timing for an autotuner (``triton.autotune(do_bench=...)``): each timed call follows a
     read of 256 MB, so the weights come from DRAM and L2 holds only clean lines. Triton's own
     flush is a 256 MB memset, whose dirty lines (up to the L2's 50 MB on an H100) are written
-    back during the timed call: it added ~8 us to every int4 config at M=1 and hid a 15.8 against
-    18.6 us difference between two of them (bench/results/h100-s14-gemv.md). Returns the
+    back during the timed call: against this read it added 1-6 us to int4 configs at M=1, by
+    different amounts per config (on 4096 x 14336 ~5.4 us to the GEMV tile, ~2.5 to the best
+    tensor-core tile), which hid a 15.8 against 18.6 us difference in a CUDA graph
+    (bench/results/h100-s14-gemv.md). Returns the
     ``quantiles`` of the per-call times in ms (their median without quantiles)."""
     flush = torch.empty(64 << 20, dtype=torch.int32, device=torch.cuda.current_device())
     kernel_call()
