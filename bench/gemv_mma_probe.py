@@ -3,11 +3,13 @@
     python bench/gemv_mma_probe.py [--cfgs W:split:unroll,...] [--out D]   # GPU
 
 Checks each launch against the reference and times it (>= 1 GiB of layers, CUDA graph, median)
-next to the shipped ``int4_mm``. Offline SASS of the tile: ``bench/offline_sass.py --buckets 1``.
+next to the shipped ``int4_mm``, whose row also records what Triton's autotuner measured for that
+key (its pick, the best GEMV and the best tensor-core config; fresh processes only, since picks are
+cached on disk). Offline SASS of the tile: ``bench/offline_sass.py --buckets 1``.
 (Session 14 measured the first version here as a standalone kernel, `results/h100-gemv-mma-probe-s14.json`.)
 
-Each warp owns 16 weight rows (the mma's M) and the tokens are its N (8, so M <= 8 costs the
-same as M = 1). Lane (g, c) of a warp (g = lane // 4, c = lane % 4) takes, for each 128-k block,
+Each warp owns 16 weight rows (the mma's M) and the tokens are its N (8, so M <= 8 is the same
+mma work as M = 1). Lane (g, c) of a warp (g = lane // 4, c = lane % 4) takes, for each 128-k block,
 the k range [32 c, 32 c + 32) of rows g and g + 8: one 16-byte load of "plain" code bytes per row
 and 64 bytes of x for token g. Within an mma the k order of the A and B fragments only has to
 agree, so the lane's own k pairs fill its fragment slots in load order: no shared memory, no
@@ -119,7 +121,7 @@ def _tuner_view(kernel) -> dict:
 
 
 def _parse_cfgs(text):
-    """ "W:split:prefetch:stages,..." -> tuples of ints."""
+    """ "W:split:unroll,..." (unroll 1 or 2) -> tuples of ints."""
     out = [tuple(int(v) for v in c.split(":")) for c in text.split(",")]
     if any(len(c) != 3 or c[2] not in (1, 2) or min(c) < 1 for c in out):  # unroll 0 would never end
         raise SystemExit(f"--cfgs: want W:split:unroll with unroll 1 or 2, got {text!r}")
