@@ -407,38 +407,45 @@ def test_int4_swapped_gemm_matches_reference(m, n, groups, gs, dtype, seed, pack
         int4_mod.GEMM_SWAP, int4_mod._split_k = saved
 
 
+def _config_error(c, x, qdata, scale, zero, want, gs, swap_mode, sz):
+    """Launch ``_gemm_kernel`` once with config ``c`` as the launcher would (qparam words when
+    ``sz``) into a NaN-filled output; the relative error against ``want``."""
+    import triton
+
+    import lowbit.ops.triton.int4 as int4_mod
+    from lowbit.ops.triton._utils import INTERPRET, m_bucket, split_k_buffers
+
+    (m, k), n, meta = x.shape, qdata.shape[0], c.kwargs
+    y = torch.full((m, n), float("nan"), device=DEVICE, dtype=x.dtype)
+    ws, cnt = split_k_buffers(x.device, m, n, meta["SPLIT_K"])
+    s, z = (int4_mod.qparam_words(scale), int4_mod.qparam_words(zero)) if sz else (scale, zero)
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))
+    int4_mod._gemm_kernel.fn[grid](
+        x, qdata, s, z, y, ws, cnt, m, n, k, m_bucket(m), x.stride(0), y.stride(0), qdata.stride(0), s.stride(0),
+        swap_mode, GS=gs, ASM=not INTERPRET, DOT_F32=INTERPRET, MMA=False, SZ=sz,
+        QDT=int4_mod._TL_DTYPES[x.dtype] if sz else None, **meta, num_warps=c.num_warps, num_stages=c.num_stages,
+    )  # fmt: skip
+    return float((y.double() - want).norm() / want.norm())
+
+
 def _every_config_error(mb, mode, gs, k):
     """Launch each config of the GPU search space for M bucket ``mb`` (GEMM_SWAP ``mode``), with
     and without qparam words, as it is (big tiles, masks on N and M, its split); returns
     {(config, words): relative error against the reference}."""
-    import triton
-    import triton.language as tl
-
     import lowbit.ops.triton.int4 as int4_mod
-    from lowbit.ops.triton._utils import INTERPRET, split_k_buffers
 
     n, m = 133, mb - 27 if mb > 32 else mb - 3  # an M inside the bucket, not a multiple of the tiles
     qdata, scale, zero, plain = _weight(n, k, gs, torch.bfloat16, mb, "plain")
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(mb)).to(DEVICE, torch.bfloat16)
     want = ref.int4_linear(x, plain, scale, zero, gs).double()
-    words = (int4_mod.qparam_words(scale), int4_mod.qparam_words(zero))  # as the launcher passes them
     named = dict(GS=gs, m_bucket=mb, K=k, N=n, SWAP_MODE=int4_mod._SWAP_MODES[mode])
     spaces = {sz: int4_mod._prune(int4_mod._gemm_configs(), dict(named, SZ=sz)) for sz in (True, False)}
     assert all(space and all(c.kwargs["SWAP"] == (mode == "on") for c in space) for space in spaces.values())
-    errors = {}
-    for sz, c in ((sz, c) for sz, space in spaces.items() for c in space):
-        meta = c.kwargs
-        y = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
-        ws, cnt = split_k_buffers(x.device, m, n, meta["SPLIT_K"])
-        grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))
-        s, z = words if sz else (scale, zero)
-        int4_mod._gemm_kernel.fn[grid](
-            x, qdata, s, z, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0), s.stride(0),
-            named["SWAP_MODE"], GS=gs, ASM=not INTERPRET, DOT_F32=INTERPRET, MMA=False, SZ=sz,
-            QDT=tl.bfloat16 if sz else None, **meta, num_warps=c.num_warps, num_stages=c.num_stages,
-        )  # fmt: skip
-        errors[(str(c), sz)] = float((y.double() - want).norm() / want.norm())
-    return errors
+    return {
+        (str(c), sz): _config_error(c, x, qdata, scale, zero, want, gs, named["SWAP_MODE"], sz)
+        for sz, space in spaces.items()
+        for c in space
+    }
 
 
 @pytest.mark.parametrize("mb", [64, 128, 256])
@@ -471,10 +478,8 @@ def test_every_gemv_config_matches_reference(m, dtype, gs):
     that is no multiple of 16 and a K that leaves some warps' last blocks empty. On the GPU the
     inline-PTX mma; on the interpreter its lane-by-lane emulation (a wrong pairing of weight and
     x fragments reads rel. err ~0.9)."""
-    import triton
-
     import lowbit.ops.triton.int4 as int4_mod
-    from lowbit.ops.triton._utils import INTERPRET, m_bucket, split_k_buffers
+    from lowbit.ops.triton._utils import INTERPRET, m_bucket
 
     n, k = 37, 20 * 128  # 20 blocks: some warps of the 8- and 16-block strides find none
     qdata, scale, zero, plain = _weight(n, k, gs, dtype, m, "plain")
@@ -483,19 +488,9 @@ def test_every_gemv_config_matches_reference(m, dtype, gs):
     named = dict(GS=gs, m_bucket=m_bucket(m), K=k, N=n, SWAP_MODE=0, ASM=not INTERPRET, x_ptr=x)
     space = [c for c in int4_mod._prune(int4_mod._gemm_configs(), named) if c.kwargs.get("GEMV")]
     assert {c.kwargs["GEMV"] for c in space} == {1, 2, 4, 8} and {c.kwargs["UNROLL"] for c in space} == {1, 2}
-    errors = {}
-    for c, sz in ((c, sz) for c in space for sz in (True, False)):
-        meta = c.kwargs
-        y = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
-        ws, cnt = split_k_buffers(x.device, m, n, meta["SPLIT_K"])
-        s, z = (int4_mod.qparam_words(scale), int4_mod.qparam_words(zero)) if sz else (scale, zero)
-        grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))
-        int4_mod._gemm_kernel.fn[grid](
-            x, qdata, s, z, y, ws, cnt, m, n, k, m_bucket(m), x.stride(0), y.stride(0), qdata.stride(0), s.stride(0),
-            0, GS=gs, ASM=not INTERPRET, DOT_F32=INTERPRET, MMA=False, SZ=sz,
-            QDT=int4_mod._TL_DTYPES[dtype] if sz else None, **meta, num_warps=c.num_warps, num_stages=1,
-        )  # fmt: skip
-        errors[(str(c), sz)] = float((y.double() - want).norm() / want.norm())
+    errors = {
+        (str(c), sz): _config_error(c, x, qdata, scale, zero, want, gs, 0, sz) for c in space for sz in (True, False)
+    }
     assert errors and all(e < TOL[dtype] for e in errors.values()), errors
 
 

@@ -112,20 +112,19 @@ def _lane_values(word, s, z, dtype: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _word_halves(xw, dtype: tl.constexpr, W: tl.constexpr):
+    """[W * 32] words of two 16-bit x values -> [W, 8, 4, 2] fp32 (low half first)."""
+    halves = tl.join(xw & 0xFFFF, (xw >> 16) & 0xFFFF)
+    return tl.reshape(halves, [W, 8, 4, 2]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _lane_x(x0, x1, x2, x3, dtype: tl.constexpr, W: tl.constexpr):
     """A lane's four x words (two 16-bit values each, k pairs of bytes 0..3) -> [W, 8, 4, 8] fp32."""
-    lo0 = tl.reshape(x0 & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
-    hi0 = tl.reshape((x0 >> 16) & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
-    lo1 = tl.reshape(x1 & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
-    hi1 = tl.reshape((x1 >> 16) & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
-    lo2 = tl.reshape(x2 & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
-    hi2 = tl.reshape((x2 >> 16) & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
-    lo3 = tl.reshape(x3 & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
-    hi3 = tl.reshape((x3 >> 16) & 0xFFFF, [W, 8, 4]).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
-    b0 = tl.join(lo0, hi0)
-    b1 = tl.join(lo1, hi1)
-    b2 = tl.join(lo2, hi2)
-    b3 = tl.join(lo3, hi3)
+    b0 = _word_halves(x0, dtype, W)
+    b1 = _word_halves(x1, dtype, W)
+    b2 = _word_halves(x2, dtype, W)
+    b3 = _word_halves(x3, dtype, W)
     return tl.reshape(tl.join(tl.join(b0, b1), tl.join(b2, b3)), [W, 8, 4, 8])
 
 
