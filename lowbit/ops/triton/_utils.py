@@ -211,7 +211,8 @@ def clean_l2_bench(kernel_call, quantiles=None, reps: int = 40):
     back during the timed call: against this read it added 1-6 us to int4 configs at M=1, by
     different amounts per config (on 4096 x 14336 ~5.4 us to the GEMV tile, ~2.5 to the best
     tensor-core tile), which hid a 15.8 against 18.6 us difference in a CUDA graph
-    (bench/results/h100-s14-gemv.md). Returns the
+    (bench/results/h100-s14-gemv.md). The read also keeps the GPU busy while the host enqueues
+    the timed call, so the events do not time the launch. Returns the
     ``quantiles`` of the per-call times in ms (their median without quantiles)."""
     flush = torch.empty(64 << 20, dtype=torch.int32, device=torch.cuda.current_device())
     kernel_call()
@@ -228,6 +229,21 @@ def clean_l2_bench(kernel_call, quantiles=None, reps: int = 40):
     if quantiles is None:
         return float(times.median())
     return [float(v) for v in torch.quantile(times, torch.tensor(quantiles, dtype=torch.float64))]
+
+
+# How the autotuners time configs: "clean" (clean_l2_bench) or "triton" (Triton's do_bench and
+# its memset flush), for A/B runs. Triton's autotune disk cache is not keyed on it: give each
+# setting its own TRITON_CACHE_DIR.
+TUNE_BENCH = os.environ.get("LOWBIT_TUNE_BENCH", "clean")
+if TUNE_BENCH not in ("clean", "triton"):
+    raise ValueError(f"LOWBIT_TUNE_BENCH={TUNE_BENCH!r}: expected 'clean' or 'triton'")
+
+
+def tune_bench(kernel_call, quantiles=None):
+    """The ``do_bench`` of every lowbit autotuner (``TUNE_BENCH`` picks the timing)."""
+    if TUNE_BENCH == "triton":
+        return triton.testing.do_bench(kernel_call, quantiles=quantiles)
+    return clean_l2_bench(kernel_call, quantiles)
 
 
 # Split-K workspace ([SPLIT_K, M, N] x 4 bytes) never larger than this.

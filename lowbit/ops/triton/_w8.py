@@ -47,6 +47,7 @@ from lowbit.ops.triton._utils import (
     pdl_trigger,
     split_k_buffers,
     split_k_reduce,
+    tune_bench,
 )
 
 GEMV_MAX_M = 1
@@ -127,6 +128,7 @@ _GEMV_TILES = [
     key=["m_bucket", "N", "K", "A_SCALED", "CVT_MODE"],
     prune_configs_by={"early_config_prune": _gemv_prune},
     **TUNE_CACHE,
+    do_bench=tune_bench,
 )
 @triton.jit
 def _gemv_kernel(
@@ -137,6 +139,8 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALU_CVT: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     # CVT_MODE (GEMV_CVT) only keys the autotuner; ALU_CVT: the ALU int8 -> fp32 (``_i8_to_f32``)
+    # (configs timed by _utils.tune_bench since session 15; Triton's disk cache of autotune picks
+    # is keyed on this source, so the note also drops picks made with Triton's memset timing)
     pdl_start(PDL)
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -231,6 +235,7 @@ _GEMM_CONFIGS = _gemm_configs()
     key=["m_bucket", "N", "K", "A_SCALED", "SWAP_MODE"],
     **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
+    do_bench=tune_bench,
 )
 @triton.jit
 def _gemm_kernel(
@@ -245,6 +250,7 @@ def _gemm_kernel(
     pdl_start(PDL)
     # SWAP (W8A16 only): acc is the tile of y.T = w @ x.T, the converted weight tile the
     # dot's register A operand and x.T (k-major) its B; SWAP_MODE only keys the autotuner.
+    # (configs timed by _utils.tune_bench since session 15: see _gemv_kernel)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)

@@ -66,7 +66,6 @@ from lowbit.ops.triton._utils import (
     TUNE_CACHE,
     cfg,
     chunked_dequant_mm,
-    clean_l2_bench,
     configs,
     dot_acc,
     launcher,
@@ -77,6 +76,7 @@ from lowbit.ops.triton._utils import (
     pdl_trigger,
     split_k_buffers,
     split_k_reduce,
+    tune_bench,
 )
 
 # From this M on the weight is dequantized to x.dtype once per call and cuBLAS runs
@@ -385,7 +385,7 @@ def _k_tile(
     key=["m_bucket", "N", "K", "GS", "MMA", "SWAP_MODE", "SZ", "GEMV_MAX", "ASM"],
     **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
-    do_bench=clean_l2_bench,
+    do_bench=tune_bench,
 )
 @triton.jit
 def _gemm_kernel(
