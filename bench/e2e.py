@@ -75,6 +75,9 @@ LABELS = {
 NO_PDL = "_nopdl"
 for _v in [v for v in VARIANTS if v.startswith("lowbit_")]:
     LABELS[_v + NO_PDL] = LABELS[_v] + ", no PDL"
+# lowbit int4 with the M <= 8 GEMV tile off (``int4.GEMV_MAX_M = 0``), for A/B runs
+NO_GEMV = "_nogemv"
+LABELS["lowbit_int4" + NO_GEMV] = LABELS["lowbit_int4"] + ", no GEMV tile"
 ALL_VARIANTS = list(LABELS)
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -204,6 +207,14 @@ def run_variant(variant, args) -> dict:
             return dict(res, skipped=f"torchao not importable: {type(e).__name__}: {e}")
     if variant.endswith("fp8") and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         return dict(res, skipped="fp8 needs sm_89+")
+    if variant.endswith(NO_GEMV):
+        from lowbit.ops.triton import int4 as int4_mod
+
+        saved, int4_mod.GEMV_MAX_M = int4_mod.GEMV_MAX_M, 0
+        try:
+            return run_variant(variant.removesuffix(NO_GEMV), args) | dict(variant=variant, label=LABELS[variant])
+        finally:
+            int4_mod.GEMV_MAX_M = saved
     if variant.endswith(NO_PDL):
         from lowbit.ops.triton import _utils
 
@@ -417,7 +428,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
-        help="comma-separated, from: " + ",".join(VARIANTS) + f" (and the lowbit ones + {NO_PDL!r}: PDL off)",
+        help="comma-separated, from: " + ",".join(VARIANTS) + f" (and the lowbit ones + {NO_PDL!r}: PDL off; "
+        f"lowbit_int4{NO_GEMV}: the M <= 8 GEMV tile off)",
     )
     p.add_argument(
         "--layers", type=int, default=0, help="decoder layers (default: 32, or 2 with --tiny); fewer for a quick check"

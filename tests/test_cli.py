@@ -238,34 +238,43 @@ def test_e2e_bench_tiny_on_cpu(tmp_path):
 
 def test_e2e_bench_step_loop_only(tmp_path, monkeypatch):
     """--no-generate: decode timed by the step loop alone; the table has no generate columns.
-    A ``_nopdl`` variant runs its scheme with programmatic dependent launch off, then turns it
-    back on, and gets its own row and label."""
+    A ``_nopdl`` variant runs its scheme with programmatic dependent launch off, and
+    ``lowbit_int4_nogemv`` with the int4 GEMV tile off (``GEMV_MAX_M`` 0); each turns its switch
+    back afterwards and gets its own row and label."""
     from lowbit.ops.triton import _utils
+    from lowbit.ops.triton import int4 as int4_mod
 
     e2e = _e2e_module()
     seen = {}
     quantize = e2e.quantize
 
     def spy(model, variant, group_size):
-        seen.setdefault(variant, []).append(_utils.PDL)
+        seen.setdefault(variant, []).append((_utils.PDL, int4_mod.GEMV_MAX_M))
         return quantize(model, variant, group_size)
 
     monkeypatch.setattr(e2e, "quantize", spy)
     monkeypatch.setattr(_utils, "PDL", True)
+    monkeypatch.setattr(int4_mod, "GEMV_MAX_M", 8)
     argv = ["--tiny", "--out", str(tmp_path), "--reps", "1", "--step-loop", "--no-generate"]
-    assert e2e.main(argv + ["--variants", "lowbit_int4_nopdl,bf16,lowbit_int4", "--batches", "1"]) == 0
-    assert seen == {"lowbit_int4": [False, True], "bf16": [True]} and _utils.PDL is True
+    variants = "lowbit_int4_nopdl,bf16,lowbit_int4_nogemv,lowbit_int4"
+    assert e2e.main(argv + ["--variants", variants, "--batches", "1"]) == 0
+    assert seen == {"lowbit_int4": [(False, 8), (True, 0), (True, 8)], "bf16": [(True, 8)]}
+    assert _utils.PDL is True and int4_mod.GEMV_MAX_M == 8
     results = json.loads((tmp_path / "cpu-tiny-e2e.json").read_text())["results"]
-    assert [r["variant"] for r in results] == ["bf16", "lowbit_int4", "lowbit_int4_nopdl"]
+    names = ["bf16", "lowbit_int4", "lowbit_int4_nopdl", "lowbit_int4_nogemv"]
+    assert [r["variant"] for r in results] == names
     by = {r["variant"]: r for r in results}
-    for v in ("bf16", "lowbit_int4", "lowbit_int4_nopdl"):
+    for v in names:
         assert by[v]["b1_step_tok_s"] > 0 and "b1_tok_s" not in by[v] and "b1_first_generate_s" not in by[v], by[v]
     assert by["lowbit_int4_nopdl"]["label"] == "lowbit int4 g128, no PDL"
+    assert by["lowbit_int4_nogemv"]["label"] == "lowbit int4 g128, no GEMV tile"
     md = (tmp_path / "cpu-tiny-e2e.md").read_text()
     assert "b1 step-loop tok/s" in md and "b1 tok/s" not in md and "no `generate`" in md, md
-    assert "lowbit int4 g128, no PDL" in md
+    assert "lowbit int4 g128, no PDL" in md and "lowbit int4 g128, no GEMV tile" in md
     with pytest.raises(SystemExit):
         e2e.parse_args(["--variants", "bf16_nopdl"])
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--variants", "lowbit_int8_nogemv"])
 
 
 def test_e2e_bench_compiled_prefill(tmp_path):
