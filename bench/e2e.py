@@ -18,7 +18,10 @@ shared between variants):
 * prefill profile (``--profile-prefill``): the top ops of one prefill forward.
 * decode profile (``--profile-decode``, with ``--step-loop``): GPU kernel time per decode
   step by kind (quantized or bf16 linear GEMMs, the output head, attention, the rest),
-  against the step's wall time, for the arithmetic of what bounds a decode speedup.
+  against the step's wall time and the GPU's idle time after each kind, for the arithmetic of
+  what bounds a decode speedup.
+* host profile (``--profile-host``, with ``--step-loop``): cProfile of the loop that issues
+  the decode steps, the functions that take the host's time per step.
 * ``--compile-prefill``: prefill through ``torch.compile`` (default mode) instead of eager,
   which takes the per-linear host cost of eager dispatch out of the measurement.
 
@@ -161,7 +164,7 @@ def weight_bytes(model) -> int:
     return total
 
 
-def step_loop_decode(model, ids, new_tokens, compile_step, host: dict | None = None) -> torch.Tensor:
+def step_loop_decode(model, ids, new_tokens, compile_step, host: dict | None = None, prof=None) -> torch.Tensor:
     """Greedy decode without ``generate``: a static cache and the model's forward in a loop.
 
     The prompt runs eagerly (it also sizes the cache); each new token is one call of
@@ -170,7 +173,8 @@ def step_loop_decode(model, ids, new_tokens, compile_step, host: dict | None = N
     (kernels, plus torch.compile's per-call work) without Transformers' per-token
     loop, which is CPU-bound at about 10 ms per token on the H100 host. ``host``, if given,
     gets ``issue_s``: the seconds the loop took to issue every step (no sync); when that is
-    close to the synchronized time, the step loop is bound by host work, not the GPU.
+    close to the synchronized time, the step loop is bound by host work, not the GPU. ``prof``
+    (a ``cProfile.Profile``) is enabled around the loop alone.
     """
     from transformers import StaticCache
 
@@ -186,10 +190,14 @@ def step_loop_decode(model, ids, new_tokens, compile_step, host: dict | None = N
     if compile_step:
         step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
     toks = [tok]
+    if prof is not None:  # (a cProfile.Profile: the loop only, not the eager prompt)
+        prof.enable()
     t0 = time.perf_counter()
     for i in range(new_tokens - 1):
         tok = step(tok, positions[prompt + i : prompt + i + 1]).argmax(-1, keepdim=True)
         toks.append(tok)
+    if prof is not None:
+        prof.disable()
     if host is not None:
         host["issue_s"] = time.perf_counter() - t0
     return torch.cat([ids, *toks], dim=1)
@@ -282,6 +290,9 @@ def run_variant(variant, args) -> dict:
                 if args.profile_decode and device.type == "cuda":
                     res[f"b{batch}_decode_profile"] = profile_decode(model, ids, args.new_tokens, not args.no_compile)
                     print(f"{variant} b{batch} decode profile: {res[f'b{batch}_decode_profile']}", flush=True)
+                if args.profile_host:
+                    res[f"b{batch}_host_profile"] = profile_host(model, ids, args.new_tokens, not args.no_compile)
+                    print(f"{variant} b{batch} host profile: {res[f'b{batch}_host_profile']}", flush=True)
                 if out is not None and not torch.equal(loop_out, out):
                     res[f"b{batch}_step_note"] = "tokens differ from generate (near-ties in random-weight logits?)"
                 del loop_out
@@ -332,8 +343,9 @@ def profile_decode(model, ids, new_tokens, compile_step, steps=64) -> dict:
     """GPU kernel time per decode step by kind, over one step-loop decode of ``steps`` tokens
     (compiled as timed: CUDA graph replays, whose kernels CUPTI reports one by one).
 
-    Returns microseconds per step per kind, the kernel count per step, and the wall time
-    per step of the profiled loop (the profiler adds a little host time)."""
+    Returns microseconds per step per kind, the kernel count per step, the GPU's idle time
+    per step after kernels of each kind, and the wall time per step of the profiled loop (the
+    profiler adds a little host time)."""
     import re
 
     from torch.autograd import DeviceType
@@ -348,8 +360,10 @@ def profile_decode(model, ids, new_tokens, compile_step, steps=64) -> dict:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     kinds: dict[str, float] = {k: 0.0 for k, _ in KERNEL_KINDS}
+    gaps: dict[str, float] = {k: 0.0 for k, _ in KERNEL_KINDS}
     top: dict[str, float] = {}
     count = 0
+    spans = []
     for e in prof.events():
         if e.device_type != DeviceType.CUDA or e.name.startswith(("Memcpy", "Memset")):
             continue
@@ -358,6 +372,15 @@ def profile_decode(model, ids, new_tokens, compile_step, steps=64) -> dict:
         kind = next(k for k, pat in KERNEL_KINDS if re.search(pat, e.name, re.I))
         kinds[kind] += us
         top[e.name[:80]] = top.get(e.name[:80], 0.0) + us
+        spans.append((e.time_range.start, e.time_range.end, kind))
+    # idle GPU time after each kernel until the next one starts, by the kind of the kernel
+    # before the gap (gaps over 1 ms are the host's pauses between loops, not counted)
+    spans.sort()
+    end = None
+    for (_start, stop, kind), nxt in zip(spans, spans[1:]):
+        end = stop if end is None else max(end, stop)
+        if 0 < nxt[0] - end < 1000:
+            gaps[kind] += nxt[0] - end
     # the prompt forward is eager and one-off; per-step figures divide everything by the
     # steps, so they slightly overstate (by ~1/steps of a prefill of the short prompt)
     per = {k: round(v / steps, 1) for k, v in kinds.items()}
@@ -366,8 +389,38 @@ def profile_decode(model, ids, new_tokens, compile_step, steps=64) -> dict:
         kernel_us_per_step=per,
         kernel_total_us_per_step=round(sum(kinds.values()) / steps, 1),
         kernels_per_step=round(count / steps, 1),
+        gap_us_per_step_after=({k: round(v / steps, 1) for k, v in gaps.items()}),
         wall_us_per_step=round(wall / steps * 1e6, 1),
         top_kernels_us_per_step={k: round(v / steps, 1) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]},
+    )
+
+
+def profile_host(model, ids, new_tokens, compile_step, steps=64, top=20) -> dict:
+    """Where the host's time to issue a decode step goes: cProfile over the loop of one
+    step-loop decode of ``steps`` tokens (the eager prompt excluded), the ``top`` functions by
+    own time, in microseconds and calls per step. cProfile slows Python calls, so read the
+    split, not the total."""
+    import cProfile
+    import pstats
+
+    steps = min(steps, new_tokens)
+    step_loop_decode(model, ids, steps, compile_step)  # warm
+    sync(ids.device)
+    prof = cProfile.Profile()
+    step_loop_decode(model, ids, steps, compile_step, prof=prof)
+    sync(ids.device)
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
+    total = sum(v[2] for v in stats.values())
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return dict(
+        steps=steps - 1,
+        host_us_per_step=round(total / (steps - 1) * 1e6, 1),
+        top_own_time={
+            f"{name} ({os.path.basename(path)}:{line})": dict(
+                us_per_step=round(v[2] / (steps - 1) * 1e6, 1), calls_per_step=round(v[1] / (steps - 1), 1)
+            )
+            for (path, line, name), v in rows
+        },
     )
 
 
@@ -461,6 +514,11 @@ def parse_args(argv=None):
         "--profile-decode",
         action="store_true",
         help="with --step-loop: GPU kernel time per decode step by kind (linears, head, attention, rest)",
+    )
+    p.add_argument(
+        "--profile-host",
+        action="store_true",
+        help="with --step-loop: cProfile of the host's work to issue a decode step (top functions by own time)",
     )
     p.add_argument(
         "--compile-prefill",

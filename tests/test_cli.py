@@ -277,6 +277,21 @@ def test_e2e_bench_step_loop_only(tmp_path, monkeypatch):
         e2e.parse_args(["--variants", "lowbit_int8_nogemv"])
 
 
+def test_e2e_bench_host_profile(tmp_path):
+    """--profile-host: cProfile of the decode loop, per step (new tokens - 1 steps): at most 20
+    functions by own time, whose sum is within the loop's total."""
+    e2e = _e2e_module()
+    argv = ["--tiny", "--out", str(tmp_path), "--reps", "1", "--step-loop", "--no-generate", "--profile-host"]
+    assert e2e.main(argv + ["--variants", "lowbit_int4", "--batches", "1", "--new-tokens", "5"]) == 0
+    (res,) = json.loads((tmp_path / "cpu-tiny-e2e.json").read_text())["results"]
+    hp = res["b1_host_profile"]
+    assert hp["steps"] == 4 and hp["host_us_per_step"] > 0
+    rows = hp["top_own_time"]
+    assert 0 < len(rows) <= 20 and all(r["us_per_step"] >= 0 for r in rows.values())
+    assert sum(r["us_per_step"] for r in rows.values()) <= hp["host_us_per_step"] + 1e-6
+    assert all(r["calls_per_step"] > 0 for r in rows.values())
+
+
 def test_e2e_bench_compiled_prefill(tmp_path):
     """--compile-prefill times prefill through torch.compile (a quantized model compiles) and says so."""
     e2e = _e2e_module()
