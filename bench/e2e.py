@@ -81,6 +81,11 @@ for _v in [v for v in VARIANTS if v.startswith("lowbit_")]:
 # lowbit int4 with the M <= 8 GEMV tile off (``int4.GEMV_MAX_M = 0``), for A/B runs
 NO_GEMV = "_nogemv"
 LABELS["lowbit_int4" + NO_GEMV] = LABELS["lowbit_int4"] + ", no GEMV tile"
+# lowbit int4 with its weights' plain fields as the module parameters (``unwrap_fields``): a
+# compiled step then takes plain tensors and AOT autograd unwraps no subclass per call (probe)
+UNWRAP = "_unwrapped"
+LABELS["lowbit_int4" + UNWRAP] = LABELS["lowbit_int4"] + ", fields as parameters"
+_UNWRAP_FIELDS = False
 ALL_VARIANTS = list(LABELS)
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -203,6 +208,34 @@ def step_loop_decode(model, ids, new_tokens, compile_step, host: dict | None = N
     return torch.cat([ids, *toks], dim=1)
 
 
+def unwrap_fields(model):
+    """Each quantized weight becomes a parametrization whose parameters are its plain fields
+    and whose forward rebuilds the QTensor (traced by Dynamo), so a compiled model takes plain
+    tensors: AOT autograd flattens no subclass per call. A probe for the host cost per step
+    (Dynamo guards the parametrization modules instead); state_dict keys change."""
+    import torch.nn.utils.parametrize as parametrize
+
+    import lowbit
+
+    class Fields(torch.nn.Module):
+        def __init__(self, qt):
+            super().__init__()
+            self.cls, (self.names, self.ctx) = type(qt), qt.__tensor_flatten__()
+            self.outer = (tuple(qt.size()), tuple(qt.stride()))
+
+        def forward(self, *fields):
+            return self.cls.__tensor_unflatten__(dict(zip(self.names, fields)), self.ctx, *self.outer)
+
+        def right_inverse(self, qt):
+            return tuple(getattr(qt, n) for n in self.names)
+
+    for mod in list(model.modules()):
+        w = getattr(mod, "weight", None)
+        if isinstance(w, lowbit.QTensor) and not parametrize.is_parametrized(mod, "weight"):
+            parametrize.register_parametrization(mod, "weight", Fields(w), unsafe=True)
+    return model
+
+
 def run_variant(variant, args) -> dict:
     device = torch.device("cpu" if args.tiny else "cuda")
     res = dict(variant=variant, label=LABELS[variant])
@@ -223,6 +256,13 @@ def run_variant(variant, args) -> dict:
             return run_variant(variant.removesuffix(NO_GEMV), args) | dict(variant=variant, label=LABELS[variant])
         finally:
             int4_mod.GEMV_MAX_M = saved
+    if variant.endswith(UNWRAP):
+        global _UNWRAP_FIELDS
+        _UNWRAP_FIELDS = True
+        try:
+            return run_variant(variant.removesuffix(UNWRAP), args) | dict(variant=variant, label=LABELS[variant])
+        finally:
+            _UNWRAP_FIELDS = False
     if variant.endswith(NO_PDL):
         from lowbit.ops.triton import _utils
 
@@ -237,6 +277,8 @@ def run_variant(variant, args) -> dict:
     res["build_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     quantize(model, variant, args.group_size)
+    if _UNWRAP_FIELDS:
+        unwrap_fields(model)
     sync(device)
     res["quantize_s"] = round(time.perf_counter() - t0, 2)
     res["weights_GB"] = round(weight_bytes(model) / 1e9, 3)
