@@ -58,7 +58,8 @@ import traceback
 import zipfile
 
 import torch
-from e2e_report import merge_rounds, write_outputs  # bench/, this script's folder, is on sys.path
+from e2e_profile import profile_decode, profile_host  # bench/, this script's folder, is on sys.path
+from e2e_report import merge_rounds, write_outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -169,7 +170,9 @@ def weight_bytes(model) -> int:
     return total
 
 
-def step_loop_decode(model, ids, new_tokens, compile_step, host: dict | None = None, prof=None) -> torch.Tensor:
+def step_loop_decode(
+    model, ids, new_tokens, compile_step, host: dict | None = None, prof=None, mark=None
+) -> torch.Tensor:
     """Greedy decode without ``generate``: a static cache and the model's forward in a loop.
 
     The prompt runs eagerly (it also sizes the cache); each new token is one call of
@@ -179,7 +182,7 @@ def step_loop_decode(model, ids, new_tokens, compile_step, host: dict | None = N
     loop, which is CPU-bound at about 10 ms per token on the H100 host. ``host``, if given,
     gets ``issue_s``: the seconds the loop took to issue every step (no sync); when that is
     close to the synchronized time, the step loop is bound by host work, not the GPU. ``prof``
-    (a ``cProfile.Profile``) is enabled around the loop alone.
+    (a ``cProfile.Profile``) is enabled around the loop alone; ``mark()`` runs just before it.
     """
     from transformers import StaticCache
 
@@ -195,6 +198,8 @@ def step_loop_decode(model, ids, new_tokens, compile_step, host: dict | None = N
     if compile_step:
         step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
     toks = [tok]
+    if mark is not None:  # (e.g. a marker kernel: what follows it on the GPU is the loop)
+        mark()
     if prof is not None:  # (a cProfile.Profile: the loop only, not the eager prompt)
         prof.enable()
     t0 = time.perf_counter()
@@ -330,10 +335,14 @@ def run_variant(variant, args) -> dict:
                 # host time to issue one step (compiled call + argmax, no sync) against the step time
                 res[f"b{batch}_step_issue_ms"] = round(min(issue) / (args.new_tokens - 1) * 1e3, 3)
                 if args.profile_decode and device.type == "cuda":
-                    res[f"b{batch}_decode_profile"] = profile_decode(model, ids, args.new_tokens, not args.no_compile)
+                    res[f"b{batch}_decode_profile"] = profile_decode(
+                        model, ids, args.new_tokens, not args.no_compile, step_loop_decode
+                    )
                     print(f"{variant} b{batch} decode profile: {res[f'b{batch}_decode_profile']}", flush=True)
                 if args.profile_host:
-                    res[f"b{batch}_host_profile"] = profile_host(model, ids, args.new_tokens, not args.no_compile)
+                    res[f"b{batch}_host_profile"] = profile_host(
+                        model, ids, args.new_tokens, not args.no_compile, step_loop_decode
+                    )
                     print(f"{variant} b{batch} host profile: {res[f'b{batch}_host_profile']}", flush=True)
                 if out is not None and not torch.equal(loop_out, out):
                     res[f"b{batch}_step_note"] = "tokens differ from generate (near-ties in random-weight logits?)"
@@ -368,102 +377,6 @@ def profile_forward(model, ids, device, rows=15) -> str:
         sync(device)
     key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
-
-
-# kernel name pattern -> kind, first match wins (Triton kernels keep their Python names;
-# Inductor's fused kernels start with triton_; cuBLAS / CUTLASS GEMMs are nvjet, gemm, xmma)
-KERNEL_KINDS = [
-    ("lowbit linear", r"_gemm_kernel|_gemv_kernel|_gemm_tma_kernel|_dequant_kernel|_quant_rows|quantize_rows"),
-    ("attention", r"flash|fmha|attention|sdpa|softmax"),
-    ("GEMM (cuBLAS)", r"nvjet|gemm|xmma|cutlass|splitKreduce|sm90_|sm80_|ampere|hopper"),
-    ("Inductor fused", r"^triton_"),
-    ("other", r"."),
-]
-
-
-def profile_decode(model, ids, new_tokens, compile_step, steps=64) -> dict:
-    """GPU kernel time per decode step by kind, over one step-loop decode of ``steps`` tokens
-    (compiled as timed: CUDA graph replays, whose kernels CUPTI reports one by one).
-
-    Returns microseconds per step per kind, the kernel count per step, the GPU's idle time
-    per step after kernels of each kind, and the wall time per step of the profiled loop (the
-    profiler adds a little host time)."""
-    import re
-
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    steps = min(steps, new_tokens)
-    step_loop_decode(model, ids, steps, compile_step)  # the compiled step exists already; this warms it
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        step_loop_decode(model, ids, steps, compile_step)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    kinds: dict[str, float] = {k: 0.0 for k, _ in KERNEL_KINDS}
-    gaps: dict[str, float] = {k: 0.0 for k, _ in KERNEL_KINDS}
-    top: dict[str, float] = {}
-    count = 0
-    spans = []
-    for e in prof.events():
-        if e.device_type != DeviceType.CUDA or e.name.startswith(("Memcpy", "Memset")):
-            continue
-        count += 1
-        us = e.device_time if hasattr(e, "device_time") else e.cuda_time
-        kind = next(k for k, pat in KERNEL_KINDS if re.search(pat, e.name, re.I))
-        kinds[kind] += us
-        top[e.name[:80]] = top.get(e.name[:80], 0.0) + us
-        spans.append((e.time_range.start, e.time_range.end, kind))
-    # idle GPU time after each kernel until the next one starts, by the kind of the kernel
-    # before the gap (gaps over 1 ms are the host's pauses between loops, not counted)
-    spans.sort()
-    end = None
-    for (_start, stop, kind), nxt in zip(spans, spans[1:]):
-        end = stop if end is None else max(end, stop)
-        if 0 < nxt[0] - end < 1000:
-            gaps[kind] += nxt[0] - end
-    # the prompt forward is eager and one-off; per-step figures divide everything by the
-    # steps, so they slightly overstate (by ~1/steps of a prefill of the short prompt)
-    per = {k: round(v / steps, 1) for k, v in kinds.items()}
-    return dict(
-        steps=steps,
-        kernel_us_per_step=per,
-        kernel_total_us_per_step=round(sum(kinds.values()) / steps, 1),
-        kernels_per_step=round(count / steps, 1),
-        gap_us_per_step_after=({k: round(v / steps, 1) for k, v in gaps.items()}),
-        wall_us_per_step=round(wall / steps * 1e6, 1),
-        top_kernels_us_per_step={k: round(v / steps, 1) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]},
-    )
-
-
-def profile_host(model, ids, new_tokens, compile_step, steps=64, top=20) -> dict:
-    """Where the host's time to issue a decode step goes: cProfile over the loop of one
-    step-loop decode of ``steps`` tokens (the eager prompt excluded), the ``top`` functions by
-    own time, in microseconds and calls per step. cProfile slows Python calls, so read the
-    split, not the total."""
-    import cProfile
-    import pstats
-
-    steps = min(steps, new_tokens)
-    step_loop_decode(model, ids, steps, compile_step)  # warm
-    sync(ids.device)
-    prof = cProfile.Profile()
-    step_loop_decode(model, ids, steps, compile_step, prof=prof)
-    sync(ids.device)
-    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
-    total = sum(v[2] for v in stats.values())
-    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
-    return dict(
-        steps=steps - 1,
-        host_us_per_step=round(total / (steps - 1) * 1e6, 1),
-        top_own_time={
-            f"{name} ({os.path.basename(path)}:{line})": dict(
-                us_per_step=round(v[2] / (steps - 1) * 1e6, 1), calls_per_step=round(v[1] / (steps - 1), 1)
-            )
-            for (path, line, name), v in rows
-        },
-    )
 
 
 # ---------------------------------------------------------------------------- driver
@@ -524,7 +437,8 @@ def parse_args(argv=None):
         "--variants",
         default=",".join(VARIANTS),
         help="comma-separated, from: " + ",".join(VARIANTS) + f" (and the lowbit ones + {NO_PDL!r}: PDL off; "
-        f"lowbit_int4{NO_GEMV}: the M <= 8 GEMV tile off)",
+        f"lowbit_int4{NO_GEMV}: the M <= 8 GEMV tile off; lowbit_int4{UNWRAP}: fields as parametrized "
+        "parameters, a probe)",
     )
     p.add_argument(
         "--layers", type=int, default=0, help="decoder layers (default: 32, or 2 with --tiny); fewer for a quick check"

@@ -292,6 +292,63 @@ def test_e2e_bench_host_profile(tmp_path):
     assert all(r["calls_per_step"] > 0 for r in rows.values())
 
 
+def test_e2e_profile_idle_by_kind():
+    """GPU idle time between kernels goes to the kind of the kernel whose end opened the gap
+    (with overlapping kernels, the one that ends last so far); gaps of 1 ms or more are summed
+    apart. Spans in us, given out of order."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from e2e_profile import idle_by_kind
+    finally:
+        sys.path.pop(0)
+    spans = [
+        (30.0, 50.0, "attention"),  # 5 us after the GEMM below, which ended last (at 25)
+        (0.0, 10.0, "lowbit linear"),
+        (8.0, 25.0, "GEMM (cuBLAS)"),  # overlaps the first (PDL): no gap between them
+        (2050.0, 2060.0, "other"),  # 2000 us after attention: a host stall
+        (2062.5, 2070.0, "lowbit linear"),  # 2.5 us after "other"
+    ]
+    gaps, stalled = idle_by_kind(spans)
+    assert gaps == {"lowbit linear": 0.0, "attention": 0.0, "GEMM (cuBLAS)": 5.0, "Inductor fused": 0.0, "other": 2.5}
+    assert stalled == 2000.0
+    gaps, stalled = idle_by_kind(spans, stall_us=5000.0)
+    assert gaps["attention"] == 2000.0 and stalled == 0.0
+
+
+def test_e2e_bench_unwrapped_probe(tmp_path, monkeypatch):
+    """lowbit_int4_unwrapped: every quantized weight becomes a parametrization over its plain
+    fields (the module's parameters are no QTensor, module.weight still is); both variants
+    decode, and the switch is off again afterwards."""
+    import torch.nn.utils.parametrize as parametrize
+
+    import lowbit
+
+    e2e = _e2e_module()
+    seen = []
+    unwrap = e2e.unwrap_fields
+
+    def spy(model):
+        out = unwrap(model)
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        seen.append(
+            (
+                sum(parametrize.is_parametrized(m, "weight") for m in linears),
+                sum(isinstance(m.weight, lowbit.QTensor) for m in linears),
+                any(isinstance(p, lowbit.QTensor) for p in model.parameters()),
+            )
+        )
+        return out
+
+    monkeypatch.setattr(e2e, "unwrap_fields", spy)
+    argv = ["--tiny", "--out", str(tmp_path), "--reps", "1", "--step-loop", "--no-generate"]
+    assert e2e.main(argv + ["--variants", "lowbit_int4_unwrapped,lowbit_int4", "--batches", "1"]) == 0
+    assert len(seen) == 1 and seen[0][0] == seen[0][1] > 0 and seen[0][2] is False, seen
+    assert e2e._UNWRAP_FIELDS is False
+    by = {r["variant"]: r for r in json.loads((tmp_path / "cpu-tiny-e2e.json").read_text())["results"]}
+    assert by["lowbit_int4_unwrapped"]["label"] == "lowbit int4 g128, fields as parameters"
+    assert by["lowbit_int4_unwrapped"]["b1_step_tok_s"] > 0 and by["lowbit_int4"]["b1_step_tok_s"] > 0
+
+
 def test_e2e_bench_compiled_prefill(tmp_path):
     """--compile-prefill times prefill through torch.compile (a quantized model compiles) and says so."""
     e2e = _e2e_module()
