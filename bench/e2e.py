@@ -44,6 +44,7 @@ process per variant is one sample, not a measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import glob
 import json
@@ -241,6 +242,29 @@ def unwrap_fields(model):
     return model
 
 
+@contextlib.contextmanager
+def _setting(obj, name, value):
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
+def _ab_switch(suffix):
+    """The switch an A/B variant suffix sets while its base variant runs."""
+    if suffix == NO_GEMV:
+        from lowbit.ops.triton import int4 as int4_mod
+
+        return _setting(int4_mod, "GEMV_MAX_M", 0)
+    if suffix == NO_PDL:
+        from lowbit.ops.triton import _utils
+
+        return _setting(_utils, "PDL", False)
+    return _setting(sys.modules[__name__], "_UNWRAP_FIELDS", True)
+
+
 def run_variant(variant, args) -> dict:
     device = torch.device("cpu" if args.tiny else "cuda")
     res = dict(variant=variant, label=LABELS[variant])
@@ -253,29 +277,10 @@ def run_variant(variant, args) -> dict:
             return dict(res, skipped=f"torchao not importable: {type(e).__name__}: {e}")
     if variant.endswith("fp8") and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         return dict(res, skipped="fp8 needs sm_89+")
-    if variant.endswith(NO_GEMV):
-        from lowbit.ops.triton import int4 as int4_mod
-
-        saved, int4_mod.GEMV_MAX_M = int4_mod.GEMV_MAX_M, 0
-        try:
-            return run_variant(variant.removesuffix(NO_GEMV), args) | dict(variant=variant, label=LABELS[variant])
-        finally:
-            int4_mod.GEMV_MAX_M = saved
-    if variant.endswith(UNWRAP):
-        global _UNWRAP_FIELDS
-        _UNWRAP_FIELDS = True
-        try:
-            return run_variant(variant.removesuffix(UNWRAP), args) | dict(variant=variant, label=LABELS[variant])
-        finally:
-            _UNWRAP_FIELDS = False
-    if variant.endswith(NO_PDL):
-        from lowbit.ops.triton import _utils
-
-        saved, _utils.PDL = _utils.PDL, False
-        try:
-            return run_variant(variant.removesuffix(NO_PDL), args) | dict(variant=variant, label=LABELS[variant])
-        finally:
-            _utils.PDL = saved
+    for suffix in (NO_GEMV, UNWRAP, NO_PDL):  # A/B variants: the base variant with a switch set
+        if variant.endswith(suffix):
+            with _ab_switch(suffix):
+                return run_variant(variant.removesuffix(suffix), args) | dict(variant=variant, label=LABELS[variant])
     t0 = time.perf_counter()
     model = build_model(args, device)
     sync(device)

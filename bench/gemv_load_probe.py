@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -27,9 +26,9 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gemv_mma_probe import _parse_cfgs, gemv  # noqa: E402
+from gemv_mma_probe import _parse_cfgs, gemv, int4_stack, stack_us  # noqa: E402
 
-from lowbit.ops.triton._int4_gemv import _load_block  # noqa: E402
+from lowbit.ops.triton._int4_gemv import _load_block, lanes  # noqa: E402
 
 
 @triton.jit
@@ -48,14 +47,7 @@ def _loads_only(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_
                 GS: tl.constexpr, SPLIT_K: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    e = tl.arange(0, W * 32)
-    warp = e // 32
-    g = (e % 32) // 4
-    c = e % 4
-    rg = pid_n * 16 + g
-    okg = rg < N
-    ok8 = rg + 8 < N
-    xg = tl.minimum(g, M - 1)
+    warp, g, c, rg, okg, ok8, xg = lanes(pid_n, M, N, W)
     qw_ptr = q_ptr.to(tl.pointer_type(tl.int32))
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     acc = tl.zeros([W * 32], dtype=tl.int32)
@@ -77,7 +69,7 @@ def _loads_only(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_
                 else:
                     v = z8
                 acc ^= v.to(tl.int16, bitcast=True).to(tl.int32)
-    tl.store(out_ptr + (pid_k * tl.num_programs(0) + pid_n) * W * 32 + e, acc)
+    tl.store(out_ptr + (pid_k * tl.num_programs(0) + pid_n) * W * 32 + tl.arange(0, W * 32), acc)
 
 
 def loads_only(x, qdata, scale, zero, gs, w=4, split=1, unroll=1):
@@ -99,32 +91,18 @@ def main():
     p.add_argument("--cfgs", default="4:1:2,4:2:2,2:4:2,1:8:2,4:4:1")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    from triton.testing import do_bench_cudagraph
-
-    from lowbit.ops import reference as ref
-
     gs, rows = 128, []
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
-        n_layers = max(1, math.ceil(1024**3 / (k * n * 2)))
-        gen = torch.Generator(device="cuda").manual_seed(k + n)
-        packed = []
-        for _ in range(n_layers):
-            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
-            s, z = ref.int4_choose_qparams(w, gs, torch.bfloat16)
-            packed.append((ref.int4_pack(ref.int4_quantize(w, s, z, gs)), s, z))
+        packed, gen = int4_stack(k, n, gs)
         weight_bytes = packed[0][0].numel() + 2 * packed[0][1].numel() * 2
         for m in map(int, args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             for cf in _parse_cfgs(args.cfgs):
                 row = dict(K=k, N=n, M=m, W=cf[0], split=cf[1], unroll=cf[2])
-                for name, fn in (("loads_us", loads_only), ("tile_us", gemv)):
-                    fns = [lambda p=p, fn=fn, x=x, cf=cf: fn(x, *p, gs, *cf[:3]) for p in packed]
-                    run = lambda fns=fns: [f() for f in fns]  # noqa: E731
-                    run()
-                    us = do_bench_cudagraph(run, rep=100, return_mode="median") / len(fns) * 1e3
-                    row[name] = round(us, 2)
-                    row[name.replace("_us", "_GBps")] = round(weight_bytes / us / 1e3, 1)
+                for name, fn in (("loads", loads_only), ("tile", gemv)):
+                    us = stack_us([lambda p=p, fn=fn, x=x, cf=cf: fn(x, *p, gs, *cf) for p in packed])
+                    row[f"{name}_us"], row[f"{name}_GBps"] = round(us, 2), round(weight_bytes / us / 1e3, 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         del packed

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -50,9 +49,32 @@ def gemv(x, qdata, scale, zero, gs, w=4, split=1, unroll=1):
 
 
 # ----------------------------------------------------------------------------- GPU
-def time_main(args):
+def int4_stack(k: int, n: int, gs: int):
+    """kernels.py's >= 1 GiB stack of [N, K] layers as int4 (codes, scale, zero) by the
+    reference, and the generator for the activations."""
+    from kernels import weight_stack
+
+    from lowbit.ops import reference as ref
+
+    ws, g = weight_stack(k, n)
+    packed = []
+    while ws:
+        w = ws.pop(0)
+        s, z = ref.int4_choose_qparams(w, gs, torch.bfloat16)
+        packed.append((ref.int4_pack(ref.int4_quantize(w, s, z, gs)), s, z))
+    return packed, g
+
+
+def stack_us(fns) -> float:
+    """Median microseconds per call of ``fns`` (one per layer), all replayed in one CUDA graph."""
     from triton.testing import do_bench_cudagraph
 
+    run = lambda: [f() for f in fns]  # noqa: E731
+    run()
+    return do_bench_cudagraph(run, rep=100, return_mode="median") / len(fns) * 1e3
+
+
+def time_main(args):
     from lowbit.ops import reference as ref
 
     out = {
@@ -62,14 +84,7 @@ def time_main(args):
     gs = 128
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
-        n_layers = max(1, math.ceil(1024**3 / (k * n * 2)))
-        g = torch.Generator(device="cuda").manual_seed(k + n)
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(n_layers)]
-        packed = []
-        for w in ws:
-            s, z = ref.int4_choose_qparams(w, gs, torch.bfloat16)
-            packed.append((ref.int4_pack(ref.int4_quantize(w, s, z, gs)), s, z))
-        del ws
+        packed, g = int4_stack(k, n, gs)
         for m in map(int, args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
             r = ref.int4_linear(x, *packed[0], gs)
@@ -78,23 +93,17 @@ def time_main(args):
                 try:
                     y = gemv(x, *packed[0], gs, *cf)
                     row["rel_err"] = float((y.double() - r.double()).norm() / r.double().norm())
-                    fns = [lambda p=p, x=x, cf=cf: gemv(x, *p, gs, *cf) for p in packed]
-                    run = lambda fns=fns: [f() for f in fns]  # noqa: E731
-                    run()
-                    row["us"] = round(do_bench_cudagraph(run, rep=100, return_mode="median") / len(fns) * 1e3, 2)
+                    row["us"] = round(stack_us([lambda p=p, x=x, cf=cf: gemv(x, *p, gs, *cf) for p in packed]), 2)
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 out["rows"].append(row)
                 print(json.dumps(row), flush=True)
-            fns = [lambda p=p, x=x: int4_mod.int4_mm(x, *p, gs) for p in packed]
-            run = lambda fns=fns: [f() for f in fns]  # noqa: E731
-            run()  # the first call tunes this key: keep the autotuner's own view of it
+            y = int4_mod.int4_mm(x, *packed[0], gs)  # the first call tunes this key: keep the tuner's view
             tuner = _tuner_view(int4_mod._gemm_kernel)
-            y = int4_mod.int4_mm(x, *packed[0], gs)
+            us = stack_us([lambda p=p, x=x: int4_mod.int4_mm(x, *p, gs) for p in packed])
             row = dict(K=k, N=n, M=m, impl="int4_mm (shipped)",
                        rel_err=float((y.double() - r.double()).norm() / r.double().norm()),
-                       us=round(do_bench_cudagraph(run, rep=100, return_mode="median") / len(fns) * 1e3, 2),
-                       tuner=tuner)  # fmt: skip
+                       us=round(us, 2), tuner=tuner)  # fmt: skip
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
         del packed

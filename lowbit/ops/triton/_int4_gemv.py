@@ -176,6 +176,18 @@ def _mma_block(a0, a1, a2, a3, q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8, dtype: 
 
 
 @triton.jit
+def lanes(pid_n, M, N, W: tl.constexpr):
+    """Each of the CTA's W * 32 lanes: its warp, g = lane // 4, c = lane % 4, its row g of row
+    tile pid_n, whether rows g and g + 8 exist, and the token whose x it brings (g; tokens >= M
+    repeat the last one: their columns of the result are not stored, and an mma's columns do
+    not mix)."""
+    e = tl.arange(0, W * 32)
+    g = (e % 32) // 4
+    rg = pid_n * 16 + g
+    return e // 32, g, e % 4, rg, rg < N, rg + 8 < N, tl.minimum(g, M - 1)
+
+
+@triton.jit
 def gemv_tile(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, M, N, K, stride_xm, stride_ym, stride_q,
     stride_s, GS: tl.constexpr, ASM: tl.constexpr, SPLIT_K: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr,
@@ -186,16 +198,7 @@ def gemv_tile(
     CTA's warps; UNROLL (1 or 2) blocks per warp per iteration, their loads issued before either's
     math; PDL: the kernel's mode (3 triggers after the main loop)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    e = tl.arange(0, W * 32)
-    warp = e // 32
-    g = (e % 32) // 4
-    c = e % 4
-    rg = pid_n * 16 + g
-    okg = rg < N
-    ok8 = rg + 8 < N
-    # lane (g, c) brings token g's x; tokens >= M repeat the last one (their columns of the
-    # result are not stored, and an mma's columns do not mix)
-    xg = tl.minimum(g, M - 1)
+    warp, g, c, rg, okg, ok8, xg = lanes(pid_n, M, N, W)
     qw_ptr = q_ptr.to(tl.pointer_type(tl.int32))
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     stride_qw = stride_q // 4
