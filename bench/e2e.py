@@ -203,6 +203,13 @@ def step_loop_decode(
         mark()
     if prof is not None:  # (a cProfile.Profile: the loop only, not the eager prompt)
         prof.enable()
+    events = None
+    if host is not None and ids.is_cuda:
+        torch.cuda.synchronize()
+        if host.get("head_start_s"):  # the GPU sleeps first, so the host issues ahead of it
+            torch.cuda._sleep(int(host["head_start_s"] * host["sleep_cycles_per_s"]))
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        events[0].record()
     t0 = time.perf_counter()
     for i in range(new_tokens - 1):
         tok = step(tok, positions[prompt + i : prompt + i + 1]).argmax(-1, keepdim=True)
@@ -211,6 +218,10 @@ def step_loop_decode(
         prof.disable()
     if host is not None:
         host["issue_s"] = time.perf_counter() - t0
+        if events is not None:
+            events[1].record()
+            events[1].synchronize()
+            host["loop_s"] = events[0].elapsed_time(events[1]) / 1e3
     return torch.cat([ids, *toks], dim=1)
 
 
@@ -263,6 +274,17 @@ def _ab_switch(suffix):
 
         return _setting(_utils, "PDL", False)
     return _setting(sys.modules[__name__], "_UNWRAP_FIELDS", True)
+
+
+def sleep_cycles_per_s() -> float:
+    """``torch.cuda._sleep`` cycles per second on this GPU (timed with events)."""
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    torch.cuda._sleep(200_000_000)
+    b.record()
+    b.synchronize()
+    return 200_000_000 / (a.elapsed_time(b) / 1e3)
 
 
 def run_variant(variant, args) -> dict:
@@ -327,7 +349,8 @@ def run_variant(variant, args) -> dict:
                     res[f"b{batch}_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
             if args.step_loop:
                 step_loop_decode(model, ids, args.new_tokens, not args.no_compile)  # warm-up / compile
-                times, issue = [], []
+                times, issue, loop, ahead = [], [], [], []
+                steps = args.new_tokens - 1
                 for _ in range(args.reps):
                     sync(device)
                     t0 = time.perf_counter()
@@ -336,9 +359,19 @@ def run_variant(variant, args) -> dict:
                     sync(device)
                     times.append(time.perf_counter() - t0)
                     issue.append(host["issue_s"])
+                    loop.append(host.get("loop_s"))
                 res[f"b{batch}_step_tok_s"] = round((loop_out.shape[1] - ids.shape[1]) / min(times), 2)
                 # host time to issue one step (compiled call + argmax, no sync) against the step time
-                res[f"b{batch}_step_issue_ms"] = round(min(issue) / (args.new_tokens - 1) * 1e3, 3)
+                res[f"b{batch}_step_issue_ms"] = round(min(issue) / steps * 1e3, 3)
+                if device.type == "cuda":
+                    # the loop alone (no eager prompt), then the same with the host issuing ahead
+                    res[f"b{batch}_step_loop_ms"] = round(min(loop) / steps * 1e3, 3)
+                    cycles = sleep_cycles_per_s()
+                    for _ in range(args.reps):
+                        host = dict(head_start_s=1.5 * min(issue) + 0.05, sleep_cycles_per_s=cycles)
+                        step_loop_decode(model, ids, args.new_tokens, not args.no_compile, host)
+                        ahead.append(host["loop_s"])  # (its start event fires when the sleep ends)
+                    res[f"b{batch}_step_gpu_ms"] = round(min(ahead) / steps * 1e3, 3)
                 if args.profile_decode and device.type == "cuda":
                     res[f"b{batch}_decode_profile"] = profile_decode(
                         model, ids, args.new_tokens, not args.no_compile, step_loop_decode

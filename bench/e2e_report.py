@@ -47,6 +47,10 @@ def markdown(results, meta) -> str:
         head += [f"b{b} tok/s", f"b{b} x"]
     for b in steps:
         head += [f"b{b} step-loop tok/s", f"b{b} step x"]
+    # GPU runs: ms per step of the loop alone, and of the GPU alone (the host issuing ahead)
+    timed = [b for b in steps if any(f"b{b}_step_gpu_ms" in r for r in results)]
+    for b in timed:
+        head += [f"b{b} loop ms", f"b{b} GPU-alone ms", f"b{b} GPU-alone x"]
     head += ["prefill tok/s", "prefill x"] + [f"peak GB b{b}" for b in gens]
     lines = [
         f"End to end on {meta['device']} ({meta['date']}): Llama-3-8B shape with random weights"
@@ -75,6 +79,9 @@ def markdown(results, meta) -> str:
             cells += [r.get(f"b{b}_tok_s", "-"), ratio(r, base, f"b{b}_tok_s")]
         for b in steps:
             cells += [r.get(f"b{b}_step_tok_s", "-"), ratio(r, base, f"b{b}_step_tok_s")]
+        for b in timed:
+            gpu = r.get(f"b{b}_step_gpu_ms")
+            cells += [r.get(f"b{b}_step_loop_ms", "-"), gpu or "-", ratio(base or {}, r, f"b{b}_step_gpu_ms")]
         cells += [r.get("prefill_tok_s", "-"), ratio(r, base, "prefill_tok_s")]
         cells += [r.get(f"b{b}_peak_GB", "-") for b in gens]
         lines.append("| " + " | ".join(str(x) for x in cells) + " |")

@@ -15,6 +15,7 @@ DRAM floor.)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -43,8 +44,23 @@ def _xor(a, b):
 
 
 @triton.jit
+def _tiled_codes(qw_ptr, pid_n, blk, warp, g, c, K, okg, ok8):
+    """The code words a lane would load if each 16-row x 128-k tile were stored as one 1 KB run
+    (row r of the tile at word 16 r, the lane's 16 bytes at word 4 c): a warp's load of row g's
+    words then covers 512 contiguous bytes. Same bytes per lane as ``_load_block``'s."""
+    j4 = tl.arange(0, 4)
+    b = blk + warp
+    kok = b * 128 < K
+    base = (pid_n * tl.cdiv(K, 128) + b) * 256 + g * 16 + c * 4
+    q_g = tl.load(qw_ptr + base[:, None] + j4[None, :], mask=(okg & kok)[:, None], other=0)
+    q_8 = tl.load(qw_ptr + (base + 128)[:, None] + j4[None, :], mask=(ok8 & kok)[:, None], other=0)
+    return q_g, q_8
+
+
+@triton.jit
 def _loads_only(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_q, stride_s,
-                GS: tl.constexpr, SPLIT_K: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
+                GS: tl.constexpr, SPLIT_K: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr,
+                TILED: tl.constexpr):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     warp, g, c, rg, okg, ok8, xg = lanes(pid_n, M, N, W)
@@ -58,6 +74,8 @@ def _loads_only(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_
                 qw_ptr, xw_ptr, s_ptr, z_ptr, blk + u * step, warp, xg, c, rg, okg, ok8, K, stride_xm // 2,
                 stride_q // 4, stride_s, GS,
             )  # fmt: skip
+            if TILED:
+                q_g, q_8 = _tiled_codes(qw_ptr, pid_n, blk + u * step, warp, g, c, K, okg, ok8)
             acc ^= _fold(q_g) ^ _fold(q_8) ^ _fold(x0) ^ _fold(x1) ^ _fold(x2) ^ _fold(x3)
             for h in tl.static_range(4):
                 if h == 0:
@@ -72,14 +90,14 @@ def _loads_only(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_
     tl.store(out_ptr + (pid_k * tl.num_programs(0) + pid_n) * W * 32 + tl.arange(0, W * 32), acc)
 
 
-def loads_only(x, qdata, scale, zero, gs, w=4, split=1, unroll=1):
+def loads_only(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, tiled=False):
     m, k = x.shape
     n = qdata.shape[0]
     grid = (triton.cdiv(n, 16), split)
     out = torch.empty(grid[0] * split * w * 32, device=x.device, dtype=torch.int32)
     _loads_only[grid](
         x, qdata, scale, zero, out, m, n, k, x.stride(0), qdata.stride(0), scale.stride(0),
-        GS=gs, SPLIT_K=split, W=w, UNROLL=unroll, num_warps=w, num_stages=1,
+        GS=gs, SPLIT_K=split, W=w, UNROLL=unroll, TILED=tiled, num_warps=w, num_stages=1,
     )  # fmt: skip
     return out
 
@@ -100,7 +118,8 @@ def main():
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             for cf in _parse_cfgs(args.cfgs):
                 row = dict(K=k, N=n, M=m, W=cf[0], split=cf[1], unroll=cf[2])
-                for name, fn in (("loads", loads_only), ("tile", gemv)):
+                tiled = functools.partial(loads_only, tiled=True)
+                for name, fn in (("loads", loads_only), ("loads_tiled", tiled), ("tile", gemv)):
                     us = stack_us([lambda p=p, fn=fn, x=x, cf=cf: fn(x, *p, gs, *cf) for p in packed])
                     row[f"{name}_us"], row[f"{name}_GBps"] = round(us, 2), round(weight_bytes / us / 1e3, 1)
                 rows.append(row)

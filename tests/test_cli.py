@@ -434,3 +434,23 @@ def test_options_that_would_do_nothing_or_crash_are_usage_errors(tiny_model, tmp
     for opt, words in (("--ctx", "--ctx must be at least 2"), ("--new-tokens", "--new-tokens must be at least 1")):
         code, _, err = run_cli("demo", "--model", tiny_model, opt, "0", "--schemes", "int8", capsys=capsys)
         assert code != 0 and words in err, err
+
+
+def test_e2e_report_gpu_alone_columns():
+    """GPU runs report each batch's loop time and GPU-alone time per step; the GPU-alone column's
+    speedup is bf16's ms over the variant's (7.2 / 3.6 = 2.00x), and rows without those figures
+    (CPU) get dashes; tables without them have no such columns."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from e2e_report import markdown
+    finally:
+        sys.path.pop(0)
+    meta = dict(device="GPU", date="d", transformers="t", new_tokens=8, prefill=0, batches=[1])
+    base = dict(variant="bf16", label="bf16", b1_step_tok_s=100.0, b1_step_loop_ms=7.5, b1_step_gpu_ms=7.2)
+    q = dict(variant="lowbit_int4", label="int4", b1_step_tok_s=150.0, b1_step_loop_ms=4.4, b1_step_gpu_ms=3.6)
+    rows = {line.split(" | ")[0]: line for line in markdown([base, q], meta).splitlines() if line.startswith("| ")}
+    assert "b1 loop ms | b1 GPU-alone ms | b1 GPU-alone x" in rows["| variant"]
+    assert "| 1.50x | 4.4 | 3.6 | 2.00x |" in rows["| int4"]
+    assert "| 1.00x | 7.5 | 7.2 | 1.00x |" in rows["| bf16"]
+    cpu = [{k: v for k, v in r.items() if "_ms" not in k} for r in (base, q)]
+    assert "GPU-alone" not in markdown(cpu, meta)
