@@ -171,6 +171,13 @@ def weight_bytes(model) -> int:
     return total
 
 
+FIRST_STEPS = 2  # timed apart from the rest of a step loop (see step_loop_decode)
+# --reuse-cache: step loops of one model, batch and length share one StaticCache (reset between
+# loops) instead of a new one each (as ``generate`` makes), for A/B runs of the first steps
+_REUSE_CACHE = False
+_CACHE_POOL: dict = {}
+
+
 def step_loop_decode(
     model, ids, new_tokens, compile_step, host: dict | None = None, prof=None, mark=None
 ) -> torch.Tensor:
@@ -183,12 +190,26 @@ def step_loop_decode(
     loop, which is CPU-bound at about 10 ms per token on the H100 host. ``host``, if given,
     gets ``issue_s``: the seconds the loop took to issue every step (no sync); when that is
     close to the synchronized time, the step loop is bound by host work, not the GPU. ``prof``
-    (a ``cProfile.Profile``) is enabled around the loop alone; ``mark()`` runs just before it.
+    (a ``cProfile.Profile``, or a pair: the first steps', the rest's) is enabled around the
+    steps after the first ``FIRST_STEPS`` (the eager prompt left out); ``mark()`` runs just
+    before the loop.
+    On a GPU ``host`` also gets, from events (the eager prompt left out), ``first_s``: the first
+    ``FIRST_STEPS`` steps (a new cache moves the static inputs, so cudagraph trees record the
+    step again there), and ``steady_s``: the steps after them (``steady_issue_s``: the host's
+    time to issue those). With ``host["head_start_s"]`` (and ``sleep_cycles_per_s``) the GPU
+    first sleeps that long, so the host issues ahead and ``steady_s`` is the GPU's time alone.
     """
     from transformers import StaticCache
 
     batch, prompt = ids.shape
-    cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens)
+    key = (id(model), batch, prompt + new_tokens)
+    cache = _CACHE_POOL.get(key) if _REUSE_CACHE else None
+    if cache is not None:
+        cache.reset()  # same tensors, zeroed: the compiled step's static inputs keep their addresses
+    else:
+        cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens)
+        if _REUSE_CACHE:
+            _CACHE_POOL[key] = cache
     positions = torch.arange(prompt + new_tokens, device=ids.device)
     out = model(ids, past_key_values=cache, cache_position=positions[:prompt], use_cache=True, logits_to_keep=1)
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -201,27 +222,39 @@ def step_loop_decode(
     toks = [tok]
     if mark is not None:  # (e.g. a marker kernel: what follows it on the GPU is the loop)
         mark()
-    if prof is not None:  # (a cProfile.Profile: the loop only, not the eager prompt)
-        prof.enable()
+    profs = prof if isinstance(prof, tuple) else (None, prof)  # (first steps', steady steps')
     events = None
+    warm = min(FIRST_STEPS, new_tokens - 1)
     if host is not None and ids.is_cuda:
         torch.cuda.synchronize()
         if host.get("head_start_s"):  # the GPU sleeps first, so the host issues ahead of it
             torch.cuda._sleep(int(host["head_start_s"] * host["sleep_cycles_per_s"]))
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         events[0].record()
-    t0 = time.perf_counter()
+    t0 = t_warm = time.perf_counter()
+    if profs[0] is not None:
+        profs[0].enable()
     for i in range(new_tokens - 1):
+        if i == warm:
+            if profs[0] is not None:
+                profs[0].disable()
+            if profs[1] is not None:
+                profs[1].enable()
+            if events is not None:
+                events[1].record()
+            t_warm = time.perf_counter()
         tok = step(tok, positions[prompt + i : prompt + i + 1]).argmax(-1, keepdim=True)
         toks.append(tok)
-    if prof is not None:
-        prof.disable()
+    if profs[1] is not None:
+        profs[1].disable()
     if host is not None:
-        host["issue_s"] = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        host["issue_s"], host["steady_issue_s"] = t_end - t0, t_end - t_warm
         if events is not None:
-            events[1].record()
-            events[1].synchronize()
-            host["loop_s"] = events[0].elapsed_time(events[1]) / 1e3
+            events[2].record()
+            events[2].synchronize()
+            host["first_s"] = events[0].elapsed_time(events[1]) / 1e3
+            host["steady_s"] = events[1].elapsed_time(events[2]) / 1e3
     return torch.cat([ids, *toks], dim=1)
 
 
@@ -303,6 +336,8 @@ def run_variant(variant, args) -> dict:
         if variant.endswith(suffix):
             with _ab_switch(suffix):
                 return run_variant(variant.removesuffix(suffix), args) | dict(variant=variant, label=LABELS[variant])
+    global _REUSE_CACHE
+    _REUSE_CACHE = args.reuse_cache
     t0 = time.perf_counter()
     model = build_model(args, device)
     sync(device)
@@ -349,8 +384,9 @@ def run_variant(variant, args) -> dict:
                     res[f"b{batch}_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
             if args.step_loop:
                 step_loop_decode(model, ids, args.new_tokens, not args.no_compile)  # warm-up / compile
-                times, issue, loop, ahead = [], [], [], []
+                times, issue, runs, ahead = [], [], [], []
                 steps = args.new_tokens - 1
+                steady = max(steps - FIRST_STEPS, 1)
                 for _ in range(args.reps):
                     sync(device)
                     t0 = time.perf_counter()
@@ -359,19 +395,23 @@ def run_variant(variant, args) -> dict:
                     sync(device)
                     times.append(time.perf_counter() - t0)
                     issue.append(host["issue_s"])
-                    loop.append(host.get("loop_s"))
+                    runs.append(host)
                 res[f"b{batch}_step_tok_s"] = round((loop_out.shape[1] - ids.shape[1]) / min(times), 2)
                 # host time to issue one step (compiled call + argmax, no sync) against the step time
                 res[f"b{batch}_step_issue_ms"] = round(min(issue) / steps * 1e3, 3)
                 if device.type == "cuda":
-                    # the loop alone (no eager prompt), then the same with the host issuing ahead
-                    res[f"b{batch}_step_loop_ms"] = round(min(loop) / steps * 1e3, 3)
+                    # the loop alone (no eager prompt): its first steps, then the steady steps; then
+                    # the same with the host issuing ahead (the start event fires when the sleep ends)
+                    best = min(runs, key=lambda h: h["steady_s"])
+                    res[f"b{batch}_first_steps_ms"] = round(min(h["first_s"] for h in runs) * 1e3, 1)
+                    res[f"b{batch}_step_loop_ms"] = round(best["steady_s"] / steady * 1e3, 3)
+                    res[f"b{batch}_step_steady_issue_ms"] = round(best["steady_issue_s"] / steady * 1e3, 3)
                     cycles = sleep_cycles_per_s()
                     for _ in range(args.reps):
                         host = dict(head_start_s=1.5 * min(issue) + 0.05, sleep_cycles_per_s=cycles)
                         step_loop_decode(model, ids, args.new_tokens, not args.no_compile, host)
-                        ahead.append(host["loop_s"])  # (its start event fires when the sleep ends)
-                    res[f"b{batch}_step_gpu_ms"] = round(min(ahead) / steps * 1e3, 3)
+                        ahead.append(host["steady_s"])
+                    res[f"b{batch}_step_gpu_ms"] = round(min(ahead) / steady * 1e3, 3)
                 if args.profile_decode and device.type == "cuda":
                     res[f"b{batch}_decode_profile"] = profile_decode(
                         model, ids, args.new_tokens, not args.no_compile, step_loop_decode
@@ -535,6 +575,12 @@ def parse_args(argv=None):
         default=1,
         help="run the variant list this many times, round robin, one process each; report medians (default: 1)",
     )
+    p.add_argument(
+        "--reuse-cache",
+        action="store_true",
+        help="with --step-loop: one StaticCache per batch and length, reset between loops (default: a new one per "
+        "loop, as generate makes; cudagraph trees then see the cache at new addresses)",
+    )
     p.add_argument("--in-process", action="store_true", help="run every variant in this process (default with --tiny)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -598,6 +644,7 @@ def main(argv=None) -> int:
         new_tokens=args.new_tokens,
         prefill=args.prefill,
         prefill_compiled=args.compile_prefill,
+        reuse_cache=args.reuse_cache,
         batches=args.batches,
         group_size=args.group_size,
     )

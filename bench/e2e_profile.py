@@ -94,32 +94,43 @@ def profile_decode(model, ids, new_tokens, compile_step, decode, steps=64) -> di
     )
 
 
-def profile_host(model, ids, new_tokens, compile_step, decode, steps=64, top=20) -> dict:
-    """Where the host's time to issue a decode step goes: cProfile over the loop of one
-    step-loop decode of ``steps`` tokens (the eager prompt excluded), the ``top`` functions by
-    own time, in microseconds and calls per step. cProfile slows Python calls, so read the
+def _top(stats: dict, top: int, per: float) -> dict:
+    """pstats' table -> the ``top`` functions by own time: us and calls, each divided by ``per``."""
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return {
+        f"{name} ({os.path.basename(path)}:{line})": dict(
+            us_per_step=round(v[2] / per * 1e6, 1), calls_per_step=round(v[1] / per, 1)
+        )
+        for (path, line, name), v in rows
+    }
+
+
+def profile_host(model, ids, new_tokens, compile_step, decode, steps=64, top=20, first_steps=2) -> dict:
+    """Where the host's time to issue a decode step goes: cProfile over one step-loop decode of
+    ``steps`` tokens (the eager prompt excluded), the ``top`` functions by own time. The steady
+    steps (after the first ``first_steps``, ``decode``'s FIRST_STEPS) in microseconds and calls
+    per step; the first steps (where cudagraph trees record the step again for the new cache)
+    apart, in microseconds and calls for all of them. cProfile slows Python calls, so read the
     split, not the total."""
     import cProfile
     import pstats
 
-    steps = max(2, min(steps, new_tokens))
+    steps = max(first_steps + 2, min(steps, new_tokens))
     decode(model, ids, steps, compile_step)  # warm
     if ids.is_cuda:
         torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    decode(model, ids, steps, compile_step, prof=prof)
+    first, steady = cProfile.Profile(), cProfile.Profile()
+    decode(model, ids, steps, compile_step, prof=(first, steady))
     if ids.is_cuda:
         torch.cuda.synchronize()
-    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
-    total = sum(v[2] for v in stats.values())
-    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    n = steps - 1 - first_steps
+    stats = pstats.Stats(steady).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
+    first_stats = pstats.Stats(first).stats if first.getstats() else {}
     return dict(
-        steps=steps - 1,
-        host_us_per_step=round(total / (steps - 1) * 1e6, 1),
-        top_own_time={
-            f"{name} ({os.path.basename(path)}:{line})": dict(
-                us_per_step=round(v[2] / (steps - 1) * 1e6, 1), calls_per_step=round(v[1] / (steps - 1), 1)
-            )
-            for (path, line, name), v in rows
-        },
+        steps=n,
+        host_us_per_step=round(sum(v[2] for v in stats.values()) / n * 1e6, 1),
+        top_own_time=_top(stats, top, n),
+        first_steps=first_steps,
+        first_steps_host_us=round(sum(v[2] for v in first_stats.values()) * 1e6, 1),
+        first_steps_top_own_time=_top(first_stats, top, 1),
     )

@@ -6,7 +6,9 @@
 grid, warps, splits and unroll) and folds every loaded word into one int32 per lane with xor, so
 nothing is dead code; no unpacking, no mma, no split-K reduction. Each row has the load-only time
 next to the full tile's (same config, same layer stack, CUDA graph, median) and the weight bytes
-per second of each. If the loads alone run near the copy rate (~3 TB/s), the tile's time is its
+per second of each, plus ``loads_tiled``: the same loads if each 16-row x 128-k tile were stored as
+one 1 KB run (``_tiled_codes``; a layout probe, the values read are the same words in another
+order). If the loads alone run near the copy rate (~3 TB/s), the tile's time is its
 math and how it overlaps the loads; if they run near the tile's own rate, the access pattern is
 the bound. (Session 15 question: the tile takes 16 us on 4096 x 14336 at M=1 against a 10.4 us
 DRAM floor.)

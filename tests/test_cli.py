@@ -278,18 +278,20 @@ def test_e2e_bench_step_loop_only(tmp_path, monkeypatch):
 
 
 def test_e2e_bench_host_profile(tmp_path):
-    """--profile-host: cProfile of the decode loop, per step (new tokens - 1 steps): at most 20
-    functions by own time, whose sum is within the loop's total."""
+    """--profile-host: cProfile of the decode loop, per steady step (new tokens - 1 steps, less
+    the first two, which are profiled apart): at most 20 functions by own time, whose sum is
+    within the loop's total."""
     e2e = _e2e_module()
     argv = ["--tiny", "--out", str(tmp_path), "--reps", "1", "--step-loop", "--no-generate", "--profile-host"]
     assert e2e.main(argv + ["--variants", "lowbit_int4", "--batches", "1", "--new-tokens", "5"]) == 0
     (res,) = json.loads((tmp_path / "cpu-tiny-e2e.json").read_text())["results"]
     hp = res["b1_host_profile"]
-    assert hp["steps"] == 4 and hp["host_us_per_step"] > 0
-    rows = hp["top_own_time"]
-    assert 0 < len(rows) <= 20 and all(r["us_per_step"] >= 0 for r in rows.values())
-    assert sum(r["us_per_step"] for r in rows.values()) <= hp["host_us_per_step"] + 1e-6
-    assert all(r["calls_per_step"] > 0 for r in rows.values())
+    assert hp["steps"] == 2 and hp["host_us_per_step"] > 0 and hp["first_steps"] == 2
+    for rows, total in ((hp["top_own_time"], hp["host_us_per_step"]), (hp["first_steps_top_own_time"], None)):
+        total = total if total is not None else hp["first_steps_host_us"]
+        assert 0 < len(rows) <= 20 and all(r["us_per_step"] >= 0 for r in rows.values())
+        assert sum(r["us_per_step"] for r in rows.values()) <= total + 1e-6
+        assert all(r["calls_per_step"] > 0 for r in rows.values())
 
 
 def test_e2e_profile_idle_by_kind():
@@ -448,9 +450,32 @@ def test_e2e_report_gpu_alone_columns():
     meta = dict(device="GPU", date="d", transformers="t", new_tokens=8, prefill=0, batches=[1])
     base = dict(variant="bf16", label="bf16", b1_step_tok_s=100.0, b1_step_loop_ms=7.5, b1_step_gpu_ms=7.2)
     q = dict(variant="lowbit_int4", label="int4", b1_step_tok_s=150.0, b1_step_loop_ms=4.4, b1_step_gpu_ms=3.6)
+    base["b1_first_steps_ms"], q["b1_first_steps_ms"] = 20.0, 90.0
     rows = {line.split(" | ")[0]: line for line in markdown([base, q], meta).splitlines() if line.startswith("| ")}
-    assert "b1 loop ms | b1 GPU-alone ms | b1 GPU-alone x" in rows["| variant"]
-    assert "| 1.50x | 4.4 | 3.6 | 2.00x |" in rows["| int4"]
-    assert "| 1.00x | 7.5 | 7.2 | 1.00x |" in rows["| bf16"]
+    assert "b1 first 2 steps ms | b1 loop ms | b1 GPU-alone ms | b1 GPU-alone x" in rows["| variant"]
+    assert "| 1.50x | 90.0 | 4.4 | 3.6 | 2.00x |" in rows["| int4"]
+    assert "| 1.00x | 20.0 | 7.5 | 7.2 | 1.00x |" in rows["| bf16"]
     cpu = [{k: v for k, v in r.items() if "_ms" not in k} for r in (base, q)]
     assert "GPU-alone" not in markdown(cpu, meta)
+
+
+def test_e2e_step_loop_reuses_one_cache(monkeypatch):
+    """--reuse-cache: step loops of one model, batch and length share one StaticCache, reset
+    between loops, and decode the same tokens as loops with a new cache each."""
+    import types
+
+    import torch
+
+    e2e = _e2e_module()
+    model = e2e.build_model(types.SimpleNamespace(tiny=True, layers=None), torch.device("cpu"))
+    ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fresh = e2e.step_loop_decode(model, ids, 5, False)
+        monkeypatch.setattr(e2e, "_REUSE_CACHE", True)
+        monkeypatch.setattr(e2e, "_CACHE_POOL", {})
+        first = e2e.step_loop_decode(model, ids, 5, False)
+        (cache,) = e2e._CACHE_POOL.values()
+        second = e2e.step_loop_decode(model, ids, 5, False)
+    assert list(e2e._CACHE_POOL.values()) == [cache]
+    assert torch.equal(first, fresh) and torch.equal(second, fresh)
+    assert "--reuse-cache" in e2e.parse_args(["--reuse-cache"]).child_argv
