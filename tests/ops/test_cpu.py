@@ -251,3 +251,27 @@ def test_w8a8_cpu_rescales_as_the_reference(m, k, dtype, w_exp, x_exp, seed):
         )
     else:
         assert torch.equal(got, want)
+
+
+@needs_layout
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_eager_int4_operand_is_the_fields_view_and_follows_writes(dtype):
+    """A quantized layer's (scale, zero) are views of one [G, N, 2] buffer: the kernel operand is
+    that buffer itself (no copy) whatever x's dtype matches, the same object on the next call,
+    and a later copy_ into the weight reaches it (outputs match the reference after the write)."""
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(128, 32, bias=False).to(dtype)
+    lowbit.quantize_(lin, lowbit.int4_weight_only(group_size=64), progress=False)
+    w = lin.weight
+    sz = cpu._scales_and_zeros(w.scale, w.zero, dtype)
+    assert sz.shape == (2, 32, 2) and sz.data_ptr() == w.scale.data_ptr()
+    assert torch.equal(sz[..., 0].t(), w.scale) and torch.equal(sz[..., 1].t(), w.zero)
+    assert cpu._scales_and_zeros(w.scale, w.zero, dtype) is sz
+    with torch.no_grad():
+        w.copy_(torch.randn(32, 128, generator=g).to(dtype))
+    assert torch.equal(sz[..., 0].t(), w.scale)  # the write went into the operand's storage
+    x = torch.randn(3, 128, generator=g).to(dtype)
+    with torch.no_grad():
+        y = lin(x)
+    want = ref.int4_linear(x.double(), ref.int4_pack(w.codes()), w.scale.double(), w.zero.double(), 64)
+    assert torch.allclose(y.double(), want, atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-2)
