@@ -172,6 +172,14 @@ def weight_bytes(model) -> int:
 
 
 FIRST_STEPS = 2  # timed apart from the rest of a step loop (see step_loop_decode)
+
+
+def first_steps(new_tokens: int) -> int:
+    """How many of a step loop's ``new_tokens - 1`` steps are timed apart: FIRST_STEPS, fewer
+    in a short loop so that at least one steady step follows."""
+    return min(FIRST_STEPS, max(new_tokens - 2, 0))
+
+
 # --reuse-cache: step loops of one model, batch and length share one StaticCache (reset between
 # loops) instead of a new one each (as ``generate`` makes), for A/B runs of the first steps
 _REUSE_CACHE = False
@@ -191,12 +199,12 @@ def step_loop_decode(
     gets ``issue_s``: the seconds the loop took to issue every step (no sync); when that is
     close to the synchronized time, the step loop is bound by host work, not the GPU. ``prof``
     (a ``cProfile.Profile``, or a pair: the first steps', the rest's) is enabled around the
-    steps after the first ``FIRST_STEPS`` (the eager prompt left out); ``mark()`` runs just
-    before the loop.
+    steps after the first ``first_steps(new_tokens)`` (the eager prompt left out); ``mark()``
+    runs just before the loop.
     On a GPU ``host`` also gets, from events (the eager prompt left out), ``first_s``: the first
-    ``FIRST_STEPS`` steps (a new cache moves the static inputs, so cudagraph trees record the
-    step again there), and ``steady_s``: the steps after them (``steady_issue_s``: the host's
-    time to issue those). With ``host["head_start_s"]`` (and ``sleep_cycles_per_s``) the GPU
+    ``first_steps(new_tokens)`` steps (after a new cache they cost lowbit int4 ~60 ms each on the
+    H100, bf16 a normal step; cause open), and ``steady_s``: the steps after them
+    (``steady_issue_s``: the host's time to issue those). With ``host["head_start_s"]`` (and ``sleep_cycles_per_s``) the GPU
     first sleeps that long, so the host issues ahead and ``steady_s`` is the GPU's time alone.
     """
     from transformers import StaticCache
@@ -224,7 +232,7 @@ def step_loop_decode(
         mark()
     profs = prof if isinstance(prof, tuple) else (None, prof)  # (first steps', steady steps')
     events = None
-    warm = min(FIRST_STEPS, new_tokens - 1)
+    warm = first_steps(new_tokens)
     if host is not None and ids.is_cuda:
         torch.cuda.synchronize()
         if host.get("head_start_s"):  # the GPU sleeps first, so the host issues ahead of it
@@ -338,6 +346,7 @@ def run_variant(variant, args) -> dict:
                 return run_variant(variant.removesuffix(suffix), args) | dict(variant=variant, label=LABELS[variant])
     global _REUSE_CACHE
     _REUSE_CACHE = args.reuse_cache
+    _CACHE_POOL.clear()  # (--in-process: no variant keeps another's caches)
     t0 = time.perf_counter()
     model = build_model(args, device)
     sync(device)
@@ -386,7 +395,7 @@ def run_variant(variant, args) -> dict:
                 step_loop_decode(model, ids, args.new_tokens, not args.no_compile)  # warm-up / compile
                 times, issue, runs, ahead = [], [], [], []
                 steps = args.new_tokens - 1
-                steady = max(steps - FIRST_STEPS, 1)
+                steady = steps - first_steps(args.new_tokens)
                 for _ in range(args.reps):
                     sync(device)
                     t0 = time.perf_counter()
@@ -419,7 +428,7 @@ def run_variant(variant, args) -> dict:
                     print(f"{variant} b{batch} decode profile: {res[f'b{batch}_decode_profile']}", flush=True)
                 if args.profile_host:
                     res[f"b{batch}_host_profile"] = profile_host(
-                        model, ids, args.new_tokens, not args.no_compile, step_loop_decode
+                        model, ids, args.new_tokens, not args.no_compile, step_loop_decode, first_steps
                     )
                     print(f"{variant} b{batch} host profile: {res[f'b{batch}_host_profile']}", flush=True)
                 if out is not None and not torch.equal(loop_out, out):

@@ -105,17 +105,17 @@ def _top(stats: dict, top: int, per: float) -> dict:
     }
 
 
-def profile_host(model, ids, new_tokens, compile_step, decode, steps=64, top=20, first_steps=2) -> dict:
+def profile_host(model, ids, new_tokens, compile_step, decode, first_steps, steps=64, top=20) -> dict:
     """Where the host's time to issue a decode step goes: cProfile over one step-loop decode of
-    ``steps`` tokens (the eager prompt excluded), the ``top`` functions by own time. The steady
-    steps (after the first ``first_steps``, ``decode``'s FIRST_STEPS) in microseconds and calls
-    per step; the first steps (where cudagraph trees record the step again for the new cache)
-    apart, in microseconds and calls for all of them. cProfile slows Python calls, so read the
-    split, not the total."""
+    ``steps`` tokens (the eager prompt excluded), the ``top`` functions by own time, in
+    microseconds and calls per step. The steady steps and the first ``first_steps(steps)`` (what
+    ``decode`` times apart; after a new cache they cost lowbit int4 more) are profiled apart.
+    cProfile slows Python calls, so read the split, not the total."""
     import cProfile
     import pstats
 
-    steps = max(first_steps + 2, min(steps, new_tokens))
+    steps = max(4, min(steps, new_tokens))
+    k = first_steps(steps)
     decode(model, ids, steps, compile_step)  # warm
     if ids.is_cuda:
         torch.cuda.synchronize()
@@ -123,14 +123,14 @@ def profile_host(model, ids, new_tokens, compile_step, decode, steps=64, top=20,
     decode(model, ids, steps, compile_step, prof=(first, steady))
     if ids.is_cuda:
         torch.cuda.synchronize()
-    n = steps - 1 - first_steps
+    n = steps - 1 - k
     stats = pstats.Stats(steady).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
     first_stats = pstats.Stats(first).stats if first.getstats() else {}
     return dict(
         steps=n,
         host_us_per_step=round(sum(v[2] for v in stats.values()) / n * 1e6, 1),
         top_own_time=_top(stats, top, n),
-        first_steps=first_steps,
-        first_steps_host_us=round(sum(v[2] for v in first_stats.values()) * 1e6, 1),
-        first_steps_top_own_time=_top(first_stats, top, 1),
+        first_steps=k,
+        first_steps_host_us_per_step=round(sum(v[2] for v in first_stats.values()) / k * 1e6, 1),
+        first_steps_top_own_time=_top(first_stats, top, k),
     )

@@ -9,7 +9,7 @@ import statistics
 
 
 def merge_rounds(rounds: dict[str, list[dict]]) -> list[dict]:
-    """One result per variant from its rounds: every ``*_tok_s`` figure is the median over the
+    """One result per variant from its rounds: every ``*_tok_s`` and ``*_ms`` figure is the median over the
     rounds that measured it, with the samples under ``<key>_samples`` (more than one round);
     other fields come from the first round without an error. A variant whose every round
     failed keeps its first round's error."""
@@ -23,7 +23,7 @@ def merge_rounds(rounds: dict[str, list[dict]]) -> list[dict]:
         if len(rs) > 1:
             merged["rounds"] = len(rs)
             merged["failed_rounds"] = len(rs) - len(ok)
-            for key in {k for r in ok for k in r if k.endswith("_tok_s")}:
+            for key in {k for r in ok for k in r if k.endswith(("_tok_s", "_ms"))}:
                 samples = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
                 merged[key] = round(statistics.median(samples), 2)
                 merged[key + "_samples"] = samples
@@ -48,7 +48,7 @@ def markdown(results, meta) -> str:
     for b in steps:
         head += [f"b{b} step-loop tok/s", f"b{b} step x"]
     # GPU runs: ms per steady step (after the first two) of the loop, and of the GPU alone (the
-    # host issuing ahead); the first two steps' ms (cudagraph trees record again for a new cache)
+    # host issuing ahead); the first two steps' ms (slower for lowbit after a new cache)
     timed = [b for b in steps if any(f"b{b}_step_gpu_ms" in r for r in results)]
     for b in timed:
         head += [f"b{b} first 2 steps ms", f"b{b} loop ms", f"b{b} GPU-alone ms", f"b{b} GPU-alone x"]

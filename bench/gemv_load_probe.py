@@ -8,7 +8,8 @@ nothing is dead code; no unpacking, no mma, no split-K reduction. Each row has t
 next to the full tile's (same config, same layer stack, CUDA graph, median) and the weight bytes
 per second of each, plus ``loads_tiled``: the same loads if each 16-row x 128-k tile were stored as
 one 1 KB run (``_tiled_codes``; a layout probe, the values read are the same words in another
-order). If the loads alone run near the copy rate (~3 TB/s), the tile's time is its
+order; its row-major code loads from ``_load_block`` are dead and left to the compiler to drop,
+not checked in SASS). If the loads alone run near the copy rate (~3 TB/s), the tile's time is its
 math and how it overlaps the loads; if they run near the tile's own rate, the access pattern is
 the bound. (Session 15 question: the tile takes 16 us on 4096 x 14336 at M=1 against a 10.4 us
 DRAM floor.)
@@ -95,6 +96,8 @@ def _loads_only(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_
 def loads_only(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, tiled=False):
     m, k = x.shape
     n = qdata.shape[0]
+    if tiled and (n % 16 or k % 128):  # _tiled_codes has no masks for partial tiles
+        raise ValueError(f"tiled addressing needs N % 16 == 0 and K % 128 == 0, got N={n}, K={k}")
     grid = (triton.cdiv(n, 16), split)
     out = torch.empty(grid[0] * split * w * 32, device=x.device, dtype=torch.int32)
     _loads_only[grid](
@@ -112,6 +115,7 @@ def main():
     p.add_argument("--out", default=None)
     args = p.parse_args()
     gs, rows = 128, []
+    tiled = functools.partial(loads_only, tiled=True)
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
         packed, gen = int4_stack(k, n, gs)
@@ -120,7 +124,6 @@ def main():
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             for cf in _parse_cfgs(args.cfgs):
                 row = dict(K=k, N=n, M=m, W=cf[0], split=cf[1], unroll=cf[2])
-                tiled = functools.partial(loads_only, tiled=True)
                 for name, fn in (("loads", loads_only), ("loads_tiled", tiled), ("tile", gemv)):
                     us = stack_us([lambda p=p, fn=fn, x=x, cf=cf: fn(x, *p, gs, *cf) for p in packed])
                     row[f"{name}_us"], row[f"{name}_GBps"] = round(us, 2), round(weight_bytes / us / 1e3, 1)

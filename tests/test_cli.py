@@ -288,7 +288,7 @@ def test_e2e_bench_host_profile(tmp_path):
     hp = res["b1_host_profile"]
     assert hp["steps"] == 2 and hp["host_us_per_step"] > 0 and hp["first_steps"] == 2
     for rows, total in ((hp["top_own_time"], hp["host_us_per_step"]), (hp["first_steps_top_own_time"], None)):
-        total = total if total is not None else hp["first_steps_host_us"]
+        total = total if total is not None else hp["first_steps_host_us_per_step"]
         assert 0 < len(rows) <= 20 and all(r["us_per_step"] >= 0 for r in rows.values())
         assert sum(r["us_per_step"] for r in rows.values()) <= total + 1e-6
         assert all(r["calls_per_step"] > 0 for r in rows.values())
@@ -479,3 +479,31 @@ def test_e2e_step_loop_reuses_one_cache(monkeypatch):
     assert list(e2e._CACHE_POOL.values()) == [cache]
     assert torch.equal(first, fresh) and torch.equal(second, fresh)
     assert "--reuse-cache" in e2e.parse_args(["--reuse-cache"]).child_argv
+
+
+@pytest.mark.parametrize("new_tokens, first", [(6, 2), (3, 1), (2, 0)])
+def test_e2e_step_loop_profiles_first_and_steady_steps_apart(new_tokens, first):
+    """A (first, steady) pair of profiles: the loop's step function runs first_steps(new_tokens)
+    times under the first and the remaining new_tokens - 1 - first times under the second; short
+    loops keep at least one steady step."""
+    import cProfile
+    import pstats
+    import types
+
+    import torch
+
+    e2e = _e2e_module()
+    assert e2e.first_steps(new_tokens) == first
+    model = e2e.build_model(types.SimpleNamespace(tiny=True, layers=None), torch.device("cpu"))
+    ids = torch.randint(0, 512, (1, 4), generator=torch.Generator().manual_seed(2))
+    profs = cProfile.Profile(), cProfile.Profile()
+    with torch.no_grad():
+        e2e.step_loop_decode(model, ids, new_tokens, False, prof=profs)
+
+    def step_calls(prof):
+        if not prof.getstats():
+            return 0
+        stats = pstats.Stats(prof).stats
+        return sum(v[1] for (path, _, name), v in stats.items() if name == "step" and path.endswith("e2e.py"))
+
+    assert [step_calls(p) for p in profs] == [first, new_tokens - 1 - first]

@@ -256,9 +256,13 @@ def test_w8a8_cpu_rescales_as_the_reference(m, k, dtype, w_exp, x_exp, seed):
 @needs_layout
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_eager_int4_operand_is_the_fields_view_and_follows_writes(dtype):
-    """A quantized layer's (scale, zero) are views of one [G, N, 2] buffer: the kernel operand is
-    that buffer itself (no copy) whatever x's dtype matches, the same object on the next call,
-    and a later copy_ into the weight reaches it (outputs match the reference after the write)."""
+    """A quantized layer's (scale, zero) are views of one [G, N, 2] buffer: in their dtype the
+    kernel operand is that buffer itself (no copy), the same object on the next call; a later
+    copy_ into the weight reaches it (outputs match the reference after the write); a field
+    moved to other memory is not served the old operand; and the cache keeps no field alive."""
+    import gc
+    import weakref
+
     g = torch.Generator().manual_seed(3)
     lin = torch.nn.Linear(128, 32, bias=False).to(dtype)
     lowbit.quantize_(lin, lowbit.int4_weight_only(group_size=64), progress=False)
@@ -275,3 +279,10 @@ def test_eager_int4_operand_is_the_fields_view_and_follows_writes(dtype):
         y = lin(x)
     want = ref.int4_linear(x.double(), ref.int4_pack(w.codes()), w.scale.double(), w.zero.double(), 64)
     assert torch.allclose(y.double(), want, atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-2)
+    scale, zero = cpu.interleave_scale_zero(w.scale * 2, w.zero)  # new memory, same layout
+    w.scale.data, w.zero.data = scale, zero
+    assert torch.equal(cpu._scales_and_zeros(w.scale, w.zero, dtype)[..., 0].t(), scale)
+    alive = weakref.ref(w.scale)
+    del lin, w, sz, scale, zero
+    gc.collect()
+    assert alive() is None

@@ -18,6 +18,8 @@ try:
 finally:
     sys.path.pop(0)
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter without a GPU (conftest)
+
 
 @pytest.mark.parametrize("w,split,unroll", [(4, 1, 1), (1, 2, 2), (2, 1, 2)])
 def test_tiled_loads_cover_the_same_words(w, split, unroll):
@@ -27,6 +29,7 @@ def test_tiled_loads_cover_the_same_words(w, split, unroll):
     s = torch.rand(n, k // 128, generator=g).to(torch.bfloat16)
     z = torch.rand(n, k // 128, generator=g).to(torch.bfloat16)
     x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    q, s, z, x = (t.to(DEVICE) for t in (q, s, z, x))
     plain = loads_only(x, q, s, z, 128, w, split, unroll)
     tiled = loads_only(x, q, s, z, 128, w, split, unroll, tiled=True)
     # every word of q is loaded once either way: the xor over all lanes is the same, and it
