@@ -204,8 +204,9 @@ def step_loop_decode(
     On a GPU ``host`` also gets, from events (the eager prompt left out), ``first_s``: the first
     ``first_steps(new_tokens)`` steps (after a new cache they cost lowbit int4 ~60 ms each on the
     H100, bf16 a normal step; cause open), and ``steady_s``: the steps after them
-    (``steady_issue_s``: the host's time to issue those). With ``host["head_start_s"]`` (and ``sleep_cycles_per_s``) the GPU
-    first sleeps that long, so the host issues ahead and ``steady_s`` is the GPU's time alone.
+    (``steady_issue_s``: the host's time to issue those). With ``host["head_start_s"]`` (and
+    ``sleep_cycles_per_s``) the GPU first sleeps that long, so the host issues ahead and
+    ``steady_s`` is the GPU's time alone.
     """
     from transformers import StaticCache
 
@@ -605,6 +606,8 @@ def parse_args(argv=None):
         args.in_process = True
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.step_loop and args.new_tokens < 2:
+        p.error(f"--step-loop needs --new-tokens >= 2 (at least one decode step), got {args.new_tokens}")
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variant_list if v not in ALL_VARIANTS]
     if bad:

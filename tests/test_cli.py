@@ -479,6 +479,8 @@ def test_e2e_step_loop_reuses_one_cache(monkeypatch):
     assert list(e2e._CACHE_POOL.values()) == [cache]
     assert torch.equal(first, fresh) and torch.equal(second, fresh)
     assert "--reuse-cache" in e2e.parse_args(["--reuse-cache"]).child_argv
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--step-loop", "--new-tokens", "1"])
 
 
 @pytest.mark.parametrize("new_tokens, first", [(6, 2), (3, 1), (2, 0)])
