@@ -394,7 +394,7 @@ def run_variant(variant, args) -> dict:
                     res[f"b{batch}_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
             if args.step_loop:
                 step_loop_decode(model, ids, args.new_tokens, not args.no_compile)  # warm-up / compile
-                times, issue, runs, ahead = [], [], [], []
+                times, runs, ahead = [], [], []
                 steps = args.new_tokens - 1
                 steady = steps - first_steps(args.new_tokens)
                 for _ in range(args.reps):
@@ -404,11 +404,11 @@ def run_variant(variant, args) -> dict:
                     loop_out = step_loop_decode(model, ids, args.new_tokens, not args.no_compile, host)
                     sync(device)
                     times.append(time.perf_counter() - t0)
-                    issue.append(host["issue_s"])
                     runs.append(host)
                 res[f"b{batch}_step_tok_s"] = round((loop_out.shape[1] - ids.shape[1]) / min(times), 2)
+                issue = min(h["issue_s"] for h in runs)
                 # host time to issue one step (compiled call + argmax, no sync) against the step time
-                res[f"b{batch}_step_issue_ms"] = round(min(issue) / steps * 1e3, 3)
+                res[f"b{batch}_step_issue_ms"] = round(issue / steps * 1e3, 3)
                 if device.type == "cuda":
                     # the loop alone (no eager prompt): its first steps, then the steady steps; then
                     # the same with the host issuing ahead (the start event fires when the sleep ends)
@@ -418,7 +418,7 @@ def run_variant(variant, args) -> dict:
                     res[f"b{batch}_step_steady_issue_ms"] = round(best["steady_issue_s"] / steady * 1e3, 3)
                     cycles = sleep_cycles_per_s()
                     for _ in range(args.reps):
-                        host = dict(head_start_s=1.5 * min(issue) + 0.05, sleep_cycles_per_s=cycles)
+                        host = dict(head_start_s=1.5 * issue + 0.05, sleep_cycles_per_s=cycles)
                         step_loop_decode(model, ids, args.new_tokens, not args.no_compile, host)
                         ahead.append(host["steady_s"])
                     res[f"b{batch}_step_gpu_ms"] = round(min(ahead) / steady * 1e3, 3)
