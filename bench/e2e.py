@@ -202,8 +202,9 @@ def step_loop_decode(
     steps after the first ``first_steps(new_tokens)`` (the eager prompt left out); ``mark()``
     runs just before the loop.
     On a GPU ``host`` also gets, from events (the eager prompt left out), ``first_s``: the first
-    ``first_steps(new_tokens)`` steps (after a new cache they cost lowbit int4 ~60 ms each on the
-    H100, bf16 a normal step; cause open), and ``steady_s``: the steps after them
+    ``first_steps(new_tokens)`` steps (after a new cache at new addresses the CUDA-graph tree
+    records the step again: the two then take lowbit int4 84-138 ms on the H100, bf16 41-68;
+    ``bench/diag_cudagraph.py``), and ``steady_s``: the steps after them
     (``steady_issue_s``: the host's time to issue those). With ``host["head_start_s"]`` (and
     ``sleep_cycles_per_s``) the GPU first sleeps that long, so the host issues ahead and
     ``steady_s`` is the GPU's time alone.

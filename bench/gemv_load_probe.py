@@ -9,7 +9,8 @@ next to the full tile's (same config, same layer stack, CUDA graph, median) and 
 per second of each, plus ``loads_tiled``: the same loads if each 16-row x 128-k tile were stored as
 one 1 KB run (``_tiled_codes``; a layout probe, the values read are the same words in another
 order; its row-major code loads from ``_load_block`` are dead and left to the compiler to drop,
-not checked in SASS). If the loads alone run near the copy rate (~3 TB/s), the tile's time is its
+not checked in SASS); ``loads_adj`` / ``tile_adj``: the blocks of the tile's ADJ mode (a warp's
+two blocks adjacent, so each of its rows is read 128 contiguous bytes at a time). If the loads alone run near the copy rate (~3 TB/s), the tile's time is its
 math and how it overlaps the loads; if they run near the tile's own rate, the access pattern is
 the bound. (Session 15 question: the tile takes 16 us on 4096 x 14336 at M=1 against a 10.4 us
 DRAM floor.)
@@ -63,7 +64,7 @@ def _tiled_codes(qw_ptr, pid_n, blk, warp, g, c, K, okg, ok8):
 @triton.jit
 def _loads_only(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_q, stride_s,
                 GS: tl.constexpr, SPLIT_K: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr,
-                TILED: tl.constexpr):  # fmt: skip
+                TILED: tl.constexpr, ADJ: tl.constexpr = 0):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     warp, g, c, rg, okg, ok8, xg = lanes(pid_n, M, N, W)
@@ -71,14 +72,22 @@ def _loads_only(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     acc = tl.zeros([W * 32], dtype=tl.int32)
     step = W * SPLIT_K
-    for blk in range(pid_k * W, tl.cdiv(K, 128), step * UNROLL):
+    if ADJ:  # the blocks of gemv_tile's ADJ mode: a warp's UNROLL blocks adjacent
+        start = pid_k * W * UNROLL
+    else:
+        start = pid_k * W
+    for it in range(start, tl.cdiv(K, 128), step * UNROLL):
         for u in tl.static_range(UNROLL):
+            if ADJ:
+                blk = it + warp * (UNROLL - 1) + u
+            else:
+                blk = it + u * step
             q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8 = _load_block(
-                qw_ptr, xw_ptr, s_ptr, z_ptr, blk + u * step, warp, xg, c, rg, okg, ok8, K, stride_xm // 2,
+                qw_ptr, xw_ptr, s_ptr, z_ptr, blk, warp, xg, c, rg, okg, ok8, K, stride_xm // 2,
                 stride_q // 4, stride_s, GS,
             )  # fmt: skip
             if TILED:
-                q_g, q_8 = _tiled_codes(qw_ptr, pid_n, blk + u * step, warp, g, c, K, okg, ok8)
+                q_g, q_8 = _tiled_codes(qw_ptr, pid_n, blk, warp, g, c, K, okg, ok8)
             acc ^= _fold(q_g) ^ _fold(q_8) ^ _fold(x0) ^ _fold(x1) ^ _fold(x2) ^ _fold(x3)
             for h in tl.static_range(4):
                 if h == 0:
@@ -93,7 +102,7 @@ def _loads_only(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_
     tl.store(out_ptr + (pid_k * tl.num_programs(0) + pid_n) * W * 32 + tl.arange(0, W * 32), acc)
 
 
-def loads_only(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, tiled=False):
+def loads_only(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, tiled=False, adj=False):
     m, k = x.shape
     n = qdata.shape[0]
     if tiled and (n % 16 or k % 128):  # _tiled_codes has no masks for partial tiles
@@ -102,7 +111,7 @@ def loads_only(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, tiled=False):
     out = torch.empty(grid[0] * split * w * 32, device=x.device, dtype=torch.int32)
     _loads_only[grid](
         x, qdata, scale, zero, out, m, n, k, x.stride(0), qdata.stride(0), scale.stride(0),
-        GS=gs, SPLIT_K=split, W=w, UNROLL=unroll, TILED=tiled, num_warps=w, num_stages=1,
+        GS=gs, SPLIT_K=split, W=w, UNROLL=unroll, TILED=tiled, ADJ=int(adj), num_warps=w, num_stages=1,
     )  # fmt: skip
     return out
 
@@ -115,7 +124,13 @@ def main():
     p.add_argument("--out", default=None)
     args = p.parse_args()
     gs, rows = 128, []
-    tiled = functools.partial(loads_only, tiled=True)
+    variants = dict(
+        loads=loads_only,
+        loads_adj=functools.partial(loads_only, adj=True),
+        loads_tiled=functools.partial(loads_only, tiled=True),
+        tile=gemv,
+        tile_adj=functools.partial(gemv, adj=True),
+    )
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
         packed, gen = int4_stack(k, n, gs)
@@ -124,7 +139,7 @@ def main():
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             for cf in _parse_cfgs(args.cfgs):
                 row = dict(K=k, N=n, M=m, W=cf[0], split=cf[1], unroll=cf[2])
-                for name, fn in (("loads", loads_only), ("loads_tiled", tiled), ("tile", gemv)):
+                for name, fn in variants.items():
                     us = stack_us([lambda p=p, fn=fn, x=x, cf=cf: fn(x, *p, gs, *cf) for p in packed])
                     row[f"{name}_us"], row[f"{name}_GBps"] = round(us, 2), round(weight_bytes / us / 1e3, 1)
                 rows.append(row)

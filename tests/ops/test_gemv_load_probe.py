@@ -40,3 +40,25 @@ def test_tiled_loads_cover_the_same_words(w, split, unroll):
     q2 = q.clone()
     q2[5, 17] ^= 0x40  # one bit of one code byte
     assert xor(loads_only(x, q2, s, z, 128, w, split, unroll, tiled=True).tolist()) != xor(tiled.tolist())
+
+
+@pytest.mark.parametrize("w,split", [(2, 2), (1, 4)])
+def test_adjacent_block_order_loads_every_word_once(w, split):
+    """The ADJ block order (a warp's two blocks adjacent, as ``gemv_tile`` runs it) loads each
+    code word once, like the strided order: the xor over all lanes agrees, and a changed byte
+    in the last block changes it. K = 6 blocks leaves some (split, warp) pairs a partial or
+    empty iteration."""
+    g = torch.Generator().manual_seed(7 * w + split)
+    k, n = 6 * 128, 32
+    q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    s = torch.rand(n, k // 128, generator=g).to(torch.bfloat16)
+    z = torch.rand(n, k // 128, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    q, s, z, x = (t.to(DEVICE) for t in (q, s, z, x))
+    xor = functools.partial(functools.reduce, operator.xor)
+    strided = xor(loads_only(x, q, s, z, 128, w, split, 2).tolist())
+    adjacent = xor(loads_only(x, q, s, z, 128, w, split, 2, adj=True).tolist())
+    assert adjacent == strided
+    q2 = q.clone()
+    q2[31, k // 2 - 1] ^= 0x01
+    assert xor(loads_only(x, q2, s, z, 128, w, split, 2, adj=True).tolist()) != adjacent

@@ -487,7 +487,9 @@ def test_every_gemv_config_matches_reference(m, dtype, gs):
     want = ref.int4_linear(x, plain, scale, zero, gs).double()
     named = dict(GS=gs, m_bucket=m_bucket(m), K=k, N=n, SWAP_MODE=0, ASM=not INTERPRET, x_ptr=x)
     space = [c for c in int4_mod._prune(int4_mod._gemm_configs(), named) if c.kwargs.get("GEMV")]
-    assert {c.kwargs["GEMV"] for c in space} == {1, 2, 4, 8} and {c.kwargs["UNROLL"] for c in space} == {1, 2}
+    assert {c.kwargs["GEMV"] for c in space} == {1, 2, 4, 8}
+    # one block per warp per iteration, or two adjacent ones (ADJ): both block orders are checked
+    assert {(c.kwargs["UNROLL"], c.kwargs.get("ADJ", 0)) for c in space} == {(1, 0), (2, 1)}
     errors = {
         (str(c), sz): _config_error(c, x, qdata, scale, zero, want, gs, 0, sz) for c in space for sz in (True, False)
     }

@@ -28,7 +28,7 @@ for kernel, mode in json.loads(sys.argv[1]):
     if name != "int4":
         meta["GROUP_M"] = 8
     if kernel == "int4_gemv":
-        meta.update(BLOCK_N=16, GEMV=4, UNROLL=2)
+        meta.update(BLOCK_N=16, GEMV=4, UNROLL=2, ADJ=1)
     k = offline_sass.compile_config(triton.Config(meta, num_warps=4, num_stages=3), 90, name)
     ptx = k.asm["ptx"].splitlines()
 

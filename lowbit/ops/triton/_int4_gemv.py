@@ -191,12 +191,14 @@ def lanes(pid_n, M, N, W: tl.constexpr):
 def gemv_tile(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, M, N, K, stride_xm, stride_ym, stride_q,
     stride_s, GS: tl.constexpr, ASM: tl.constexpr, SPLIT_K: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, ADJ: tl.constexpr = 0,
 ):  # fmt: skip
     """y[:M, 16 pid_n : 16 pid_n + 16] (M <= 8) for split ``pid_k``; x bf16 / fp16 with K % 32 == 0,
     "plain" codes, scale / zero through 16-bit pointers, x and the codes 16-byte aligned. W = the
     CTA's warps; UNROLL (1 or 2) blocks per warp per iteration, their loads issued before either's
-    math; PDL: the kernel's mode (3 triggers after the main loop)."""
+    math: blocks ``step`` apart (each warp's rows then span 64 bytes per block), or with ADJ
+    adjacent (128 contiguous bytes of each row per warp: whole cache lines); PDL: the kernel's
+    mode (3 triggers after the main loop)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     warp, g, c, rg, okg, ok8, xg = lanes(pid_n, M, N, W)
     qw_ptr = q_ptr.to(tl.pointer_type(tl.int32))
@@ -208,13 +210,25 @@ def gemv_tile(
     a2 = tl.zeros([W * 32], dtype=tl.float32)
     a3 = tl.zeros([W * 32], dtype=tl.float32)
     step = W * SPLIT_K
-    for blk in range(pid_k * W, tl.cdiv(K, 128), step * UNROLL):
+    # the (split, warp, iteration) -> block maps take every block once: it + warp and it + warp +
+    # step, or with ADJ it + UNROLL warp and the one after it (_load_block adds the warp)
+    if ADJ:
+        start = pid_k * W * UNROLL
+    else:
+        start = pid_k * W
+    for it in range(start, tl.cdiv(K, 128), step * UNROLL):
+        if ADJ:
+            blk = it + warp * (UNROLL - 1)
+            nxt = blk + 1
+        else:
+            blk = it
+            nxt = it + step
         q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8 = _load_block(
             qw_ptr, xw_ptr, s_ptr, z_ptr, blk, warp, xg, c, rg, okg, ok8, K, stride_xw, stride_qw, stride_s, GS
         )
         if UNROLL == 2:
             n_g, n_8, y0, y1, y2, y3, tg, ug, t8, u8 = _load_block(
-                qw_ptr, xw_ptr, s_ptr, z_ptr, blk + step, warp, xg, c, rg, okg, ok8, K, stride_xw, stride_qw,
+                qw_ptr, xw_ptr, s_ptr, z_ptr, nxt, warp, xg, c, rg, okg, ok8, K, stride_xw, stride_qw,
                 stride_s, GS,
             )  # fmt: skip
         a0, a1, a2, a3 = _mma_block(a0, a1, a2, a3, q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8, DT, ASM, W)

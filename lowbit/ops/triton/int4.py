@@ -328,11 +328,13 @@ def _gemm_configs():
         (256, 128, 64, 8, 3, (1,)),
     ]
     # GEMV tiles (warps W, splits, blocks per iteration): the best of bench/gemv_mma_probe.py per
-    # Llama-3-8B shape (H100; 4096 x 14336 W4 split 1, 14336 x 4096 W4 split 4, 4096^2 W1 split 8)
+    # Llama-3-8B shape (H100; 4096 x 14336 W4 split 1, 14336 x 4096 W4 split 4, 4096^2 W1 split 8);
+    # a warp's two blocks adjacent (ADJ: whole 128-byte lines of each row; 1-2% faster on the H100
+    # at the best configs, bench/gemv_load_probe.py session 17)
     gemv = [(4, 1, 2), (4, 2, 2), (4, 4, 1), (2, 4, 2), (1, 8, 2), (2, 2, 2), (8, 1, 2)]
     out = [
         triton.Config(
-            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=sp, SWAP=False, GEMV=w, UNROLL=u),
+            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=sp, SWAP=False, GEMV=w, UNROLL=u, ADJ=int(u == 2)),
             num_warps=w,
             num_stages=1,
         )  # fmt: skip
@@ -395,7 +397,7 @@ def _gemm_kernel(
     GS: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr, MMA: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
     SZ: tl.constexpr, QDT: tl.constexpr, PDL: tl.constexpr = 0, GEMV: tl.constexpr = 0, UNROLL: tl.constexpr = 1,
-    GEMV_MAX=0,
+    ADJ: tl.constexpr = 0, GEMV_MAX=0,
 ):  # fmt: skip
     # (GEMM tiles) BLOCK_K divides GS (pruned), and GS divides K: no K masks, one group per tile.
     # SPLIT_K > 1: programs along axis 1 take every SPLIT_K-th K tile (pair of K tiles with SZ
@@ -417,7 +419,7 @@ def _gemm_kernel(
             s16, z16, stride_s16 = s_ptr, z_ptr, stride_s
         gemv_tile(
             x_ptr, q_ptr, s16, z16, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, M, N, K, stride_xm, stride_ym, stride_q,
-            stride_s16, GS, ASM, SPLIT_K, GEMV, UNROLL, PDL,
+            stride_s16, GS, ASM, SPLIT_K, GEMV, UNROLL, PDL, ADJ,
         )  # fmt: skip
         return
     pid_m = tl.program_id(2)
