@@ -1,12 +1,15 @@
 """What the CUDA-graph tree does across ``bench/e2e.py`` step loops (GPU diagnostic).
 
 Each step loop of ``e2e.py`` makes a new StaticCache (as ``generate`` does), so the compiled
-step's static inputs (the cache tensors) move. This runs several loops with a new cache each,
-then several sharing one cache (``--reuse-cache``), optionally as many again skipping Dynamo's guard evaluation
-(``--skip-guards``, unsafe: a measurement), and prints per loop: the first steps' and
-the steady steps' time, the host's issue time, and what the tree manager did during the loop
-(eager warm-up runs, recordings, graph replays, calls run without a graph), the number of
-recorded graphs, and Inductor's cudagraph counters.
+step's static inputs (the cache tensors) may move. This runs several loops with a new cache
+each, then several sharing one cache (``--reuse-cache``), optionally as many again skipping
+Dynamo's guard evaluation (``--skip-guards``, unsafe: a measurement), and prints per loop: the
+first steps' and the steady steps' time, the host's issue time, what the tree manager did
+during the loop (calls of its ``_run``, which re-enters itself, so about two per step; eager
+warm-up runs, recordings and graph replays), the recorded graphs, the re-record count and the
+mutation hints (past the re-record limit, or with a hint, the tree runs the step without a graph), and Inductor's cudagraph
+counters (summed over the process, so later variants start from earlier ones' counts).
+``--profile-record``: a cProfile of one loop's first steps with a forced re-recording.
 
     python bench/diag_cudagraph.py --variants bf16,lowbit_int4[,lowbit_int4_unwrapped] [--layers 32]
         [--skip-guards] [--profile-record] [--profile] --out DIR

@@ -203,7 +203,7 @@ def step_loop_decode(
     runs just before the loop.
     On a GPU ``host`` also gets, from events (the eager prompt left out), ``first_s``: the first
     ``first_steps(new_tokens)`` steps (after a new cache at new addresses the CUDA-graph tree
-    records the step again: the two then take lowbit int4 84-138 ms on the H100, bf16 41-68;
+    records the step again: the two then take lowbit int4 83-138 ms on the H100, bf16 41-68;
     ``bench/diag_cudagraph.py``), and ``steady_s``: the steps after them
     (``steady_issue_s``: the host's time to issue those). With ``host["head_start_s"]`` (and
     ``sleep_cycles_per_s``) the GPU first sleeps that long, so the host issues ahead and

@@ -128,7 +128,7 @@ def main():
         loads=loads_only,
         loads_adj=functools.partial(loads_only, adj=True),
         loads_tiled=functools.partial(loads_only, tiled=True),
-        tile=gemv,
+        tile=functools.partial(gemv, adj=False),
         tile_adj=functools.partial(gemv, adj=True),
     )
     for shape in args.shapes.split(","):

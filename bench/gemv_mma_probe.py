@@ -33,16 +33,23 @@ from lowbit.ops.triton import int4 as int4_mod  # noqa: E402
 from lowbit.ops.triton._utils import split_k_buffers  # noqa: E402
 
 
-def gemv(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, adj=False):
+def gemv(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, adj=None):
     """One launch of int4._gemm_kernel's GEMV tile with warps ``w``, ``split`` and ``unroll``
-    (``adj``: a warp's blocks adjacent)."""
+    (``adj``: a warp's two blocks adjacent; None: as the shipped configs, i.e. with unroll 2)."""
     m, k = x.shape
     n = qdata.shape[0]
     assert m <= 8 and k % 32 == 0 and x.dtype in (torch.bfloat16, torch.float16) and scale.dtype == x.dtype
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     ws, cnt = split_k_buffers(x.device, m, n, split)
     meta = dict(
-        BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(128, gs), SPLIT_K=split, SWAP=False, GEMV=w, UNROLL=unroll, ADJ=int(adj)
+        BLOCK_M=16,
+        BLOCK_N=16,
+        BLOCK_K=min(128, gs),
+        SPLIT_K=split,
+        SWAP=False,
+        GEMV=w,
+        UNROLL=unroll,
+        ADJ=int(unroll == 2 if adj is None else adj),
     )
     int4_mod._gemm_kernel.fn[(triton.cdiv(n, 16), split, 1)](
         x, qdata, scale, zero, y, ws, cnt, m, n, k, m, x.stride(0), y.stride(0), qdata.stride(0), scale.stride(0), 0,

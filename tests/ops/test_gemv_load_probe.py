@@ -45,19 +45,22 @@ def test_tiled_loads_cover_the_same_words(w, split, unroll):
 @pytest.mark.parametrize("w,split", [(2, 2), (1, 4)])
 def test_adjacent_block_order_loads_every_word_once(w, split):
     """The ADJ block order (a warp's two blocks adjacent, as ``gemv_tile`` runs it) loads each
-    code word once, like the strided order: the xor over all lanes agrees, and a changed byte
-    in the last block changes it. K = 6 blocks leaves some (split, warp) pairs a partial or
-    empty iteration."""
+    code word once, like the strided order: the xor over all lanes agrees, lanes read other
+    words than in the strided order, and a changed byte in the last block changes the xor.
+    K = 7 blocks: the last pair has one block in range and one masked, and some (split, warp)
+    pairs find no block."""
     g = torch.Generator().manual_seed(7 * w + split)
-    k, n = 6 * 128, 32
+    k, n = 7 * 128, 32
     q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
     s = torch.rand(n, k // 128, generator=g).to(torch.bfloat16)
     z = torch.rand(n, k // 128, generator=g).to(torch.bfloat16)
     x = torch.randn(1, k, generator=g).to(torch.bfloat16)
     q, s, z, x = (t.to(DEVICE) for t in (q, s, z, x))
     xor = functools.partial(functools.reduce, operator.xor)
-    strided = xor(loads_only(x, q, s, z, 128, w, split, 2).tolist())
-    adjacent = xor(loads_only(x, q, s, z, 128, w, split, 2, adj=True).tolist())
+    strided_lanes = loads_only(x, q, s, z, 128, w, split, 2)
+    adjacent_lanes = loads_only(x, q, s, z, 128, w, split, 2, adj=True)
+    assert not torch.equal(strided_lanes, adjacent_lanes)  # the ADJ switch changes who reads what
+    strided, adjacent = xor(strided_lanes.tolist()), xor(adjacent_lanes.tolist())
     assert adjacent == strided
     q2 = q.clone()
     q2[31, k // 2 - 1] ^= 0x01

@@ -9,8 +9,9 @@ each 128-k block, the k run [32 c, 32 c + 32) of rows g and g + 8 ("plain" code 
 order of the A and B fragments only has to agree: the lane's own k pairs fill its slots in load
 order (slot pair 2c / 2c + 8 of step s takes byte 2 (s % 2) / 2 (s % 2) + 1 of word s // 2), and
 neither operand goes through shared memory, ldmatrix or a split of x. The W warps of a CTA take
-every W-th block of the same 16 rows and are summed at the end; SPLIT_K CTAs per row tile
-reduce in-kernel like the GEMM's splits.
+every W-th block of the same 16 rows (with UNROLL 2 and ADJ, the shipped configs: every W-th
+pair of adjacent blocks) and are summed at the end; SPLIT_K CTAs per row tile reduce in-kernel
+like the GEMM's splits.
 
 Offline SASS (Triton 3.6, sm_90): 178-199 instructions per 64 weights per lane (2.8-3.1 per
 weight; the tensor-core tiles 3.6), 48-72 registers, no shared memory in the loop. On the

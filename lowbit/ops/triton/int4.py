@@ -329,8 +329,9 @@ def _gemm_configs():
     ]
     # GEMV tiles (warps W, splits, blocks per iteration): the best of bench/gemv_mma_probe.py per
     # Llama-3-8B shape (H100; 4096 x 14336 W4 split 1, 14336 x 4096 W4 split 4, 4096^2 W1 split 8);
-    # a warp's two blocks adjacent (ADJ: whole 128-byte lines of each row; 1-2% faster on the H100
-    # at the best configs, bench/gemv_load_probe.py session 17)
+    # a warp's two blocks adjacent (ADJ: whole 128-byte lines of each row; 0.2-2.2% faster on the
+    # H100 at each shape's best config in one run of bench/gemv_load_probe.py, session 17; a few
+    # other configs 1-2.4% slower)
     gemv = [(4, 1, 2), (4, 2, 2), (4, 4, 1), (2, 4, 2), (1, 8, 2), (2, 2, 2), (8, 1, 2)]
     out = [
         triton.Config(
