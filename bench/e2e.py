@@ -59,7 +59,7 @@ import traceback
 import zipfile
 
 import torch
-from e2e_profile import profile_decode, profile_host  # bench/, this script's folder, is on sys.path
+from e2e_profile import profile_decode, profile_host, unwrap_fields  # bench/ (this folder) is on sys.path
 from e2e_report import merge_rounds, write_outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,10 +180,26 @@ def first_steps(new_tokens: int) -> int:
     return min(FIRST_STEPS, max(new_tokens - 2, 0))
 
 
-# --reuse-cache: step loops of one model, batch and length share one StaticCache (reset between
-# loops) instead of a new one each (as ``generate`` makes), for A/B runs of the first steps
+# --reuse-cache: step loops and generate calls of one model, batch and length share one StaticCache
+# (reset before each) instead of a new one each (as ``generate`` makes), so the CUDA-graph tree
+# does not re-record the step for a cache at new addresses
 _REUSE_CACHE = False
 _CACHE_POOL: dict = {}
+
+
+def static_cache(model, batch: int, length: int):
+    """A StaticCache for ``batch`` sequences of ``length`` tokens: new, or with --reuse-cache the
+    pooled one, reset (same tensors, zeroed: the compiled step's static inputs keep their addresses)."""
+    from transformers import StaticCache
+
+    key = (id(model), batch, length)
+    if _REUSE_CACHE and key in _CACHE_POOL:
+        _CACHE_POOL[key].reset()
+        return _CACHE_POOL[key]
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    if _REUSE_CACHE:
+        _CACHE_POOL[key] = cache
+    return cache
 
 
 def step_loop_decode(
@@ -209,17 +225,8 @@ def step_loop_decode(
     ``sleep_cycles_per_s``) the GPU first sleeps that long, so the host issues ahead and
     ``steady_s`` is the GPU's time alone.
     """
-    from transformers import StaticCache
-
     batch, prompt = ids.shape
-    key = (id(model), batch, prompt + new_tokens)
-    cache = _CACHE_POOL.get(key) if _REUSE_CACHE else None
-    if cache is not None:
-        cache.reset()  # same tensors, zeroed: the compiled step's static inputs keep their addresses
-    else:
-        cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens)
-        if _REUSE_CACHE:
-            _CACHE_POOL[key] = cache
+    cache = static_cache(model, batch, prompt + new_tokens)
     positions = torch.arange(prompt + new_tokens, device=ids.device)
     out = model(ids, past_key_values=cache, cache_position=positions[:prompt], use_cache=True, logits_to_keep=1)
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -266,34 +273,6 @@ def step_loop_decode(
             host["first_s"] = events[0].elapsed_time(events[1]) / 1e3
             host["steady_s"] = events[1].elapsed_time(events[2]) / 1e3
     return torch.cat([ids, *toks], dim=1)
-
-
-def unwrap_fields(model):
-    """Each quantized weight becomes a parametrization whose parameters are its plain fields
-    and whose forward rebuilds the QTensor (traced by Dynamo), so a compiled model takes plain
-    tensors: AOT autograd flattens no subclass per call. A probe for the host cost per step
-    (Dynamo guards the parametrization modules instead); state_dict keys change."""
-    import torch.nn.utils.parametrize as parametrize
-
-    import lowbit
-
-    class Fields(torch.nn.Module):
-        def __init__(self, qt):
-            super().__init__()
-            self.cls, (self.names, self.ctx) = type(qt), qt.__tensor_flatten__()
-            self.outer = (tuple(qt.size()), tuple(qt.stride()))
-
-        def forward(self, *fields):
-            return self.cls.__tensor_unflatten__(dict(zip(self.names, fields)), self.ctx, *self.outer)
-
-        def right_inverse(self, qt):
-            return tuple(getattr(qt, n) for n in self.names)
-
-    for mod in list(model.modules()):
-        w = getattr(mod, "weight", None)
-        if isinstance(w, lowbit.QTensor) and not parametrize.is_parametrized(mod, "weight"):
-            parametrize.register_parametrization(mod, "weight", Fields(w), unsafe=True)
-    return model
 
 
 @contextlib.contextmanager
@@ -375,18 +354,27 @@ def run_variant(variant, args) -> dict:
         for batch in args.batches:
             ids = torch.randint(1, min(vocab, 128000), (batch, args.prompt_tokens), generator=gen).to(device)
             out = None
+
+            def gen_kw(batch=batch):  # --reuse-cache: generate takes the pooled cache (and no cache_implementation)
+                if not _REUSE_CACHE:
+                    return kw
+                cache = static_cache(model, batch, args.prompt_tokens + args.new_tokens)
+                return {k: v for k, v in kw.items() if k != "cache_implementation"} | dict(past_key_values=cache)
+
             if not args.no_generate:
+                warm_kw = gen_kw()
                 t0 = time.perf_counter()
-                model.generate(ids, **kw)  # warm-up: compiles the decode step
+                model.generate(ids, **warm_kw)  # warm-up: compiles the decode step
                 sync(device)
                 res[f"b{batch}_first_generate_s"] = round(time.perf_counter() - t0, 1)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 times = []
                 for _ in range(args.reps):
+                    rep_kw = gen_kw()
                     sync(device)
                     t0 = time.perf_counter()
-                    out = model.generate(ids, **kw)
+                    out = model.generate(ids, **rep_kw)
                     sync(device)
                     times.append(time.perf_counter() - t0)
                 new = out.shape[1] - ids.shape[1]
@@ -589,8 +577,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--reuse-cache",
         action="store_true",
-        help="with --step-loop: one StaticCache per batch and length, reset between loops (default: a new one per "
-        "loop, as generate makes; cudagraph trees then see the cache at new addresses)",
+        help="one StaticCache per batch and length, reset before each step loop or generate call (passed to it "
+        "as past_key_values) (default: a new one each, as generate makes; CUDA-graph trees may re-record for it)",
     )
     p.add_argument("--in-process", action="store_true", help="run every variant in this process (default with --tiny)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -1,6 +1,7 @@
 """Profiles for ``bench/e2e.py``'s step-loop decode (``decode`` is its ``step_loop_decode``):
 GPU kernel time and idle time per step by kernel kind (``--profile-decode``), and the host's
-Python time per step (``--profile-host``)."""
+Python time per step (``--profile-host``); and ``unwrap_fields``, the probe behind the
+``lowbit_int4_unwrapped`` variant."""
 
 from __future__ import annotations
 
@@ -134,3 +135,31 @@ def profile_host(model, ids, new_tokens, compile_step, decode, first_steps, step
         first_steps_host_us_per_step=round(sum(v[2] for v in first_stats.values()) / k * 1e6, 1),
         first_steps_top_own_time=_top(first_stats, top, k),
     )
+
+
+def unwrap_fields(model):
+    """Each quantized weight becomes a parametrization whose parameters are its plain fields
+    and whose forward rebuilds the QTensor (traced by Dynamo), so a compiled model takes plain
+    tensors: AOT autograd flattens no subclass per call. A probe for the host cost per step
+    (Dynamo guards the parametrization modules instead); state_dict keys change."""
+    import torch.nn.utils.parametrize as parametrize
+
+    import lowbit
+
+    class Fields(torch.nn.Module):
+        def __init__(self, qt):
+            super().__init__()
+            self.cls, (self.names, self.ctx) = type(qt), qt.__tensor_flatten__()
+            self.outer = (tuple(qt.size()), tuple(qt.stride()))
+
+        def forward(self, *fields):
+            return self.cls.__tensor_unflatten__(dict(zip(self.names, fields)), self.ctx, *self.outer)
+
+        def right_inverse(self, qt):
+            return tuple(getattr(qt, n) for n in self.names)
+
+    for mod in list(model.modules()):
+        w = getattr(mod, "weight", None)
+        if isinstance(w, lowbit.QTensor) and not parametrize.is_parametrized(mod, "weight"):
+            parametrize.register_parametrization(mod, "weight", Fields(w), unsafe=True)
+    return model

@@ -459,6 +459,41 @@ def test_e2e_report_gpu_alone_columns():
     assert "GPU-alone" not in markdown(cpu, meta)
 
 
+def test_e2e_generate_reuses_one_cache(tmp_path, monkeypatch):
+    """--reuse-cache also reaches ``generate``: every call of a variant gets the same StaticCache
+    as past_key_values (reset, no cache_implementation) and decodes the tokens a new cache per
+    call gives."""
+    import torch
+
+    e2e = _e2e_module()
+    calls = []
+    build = e2e.build_model
+
+    def spy_build(args, device):
+        model = build(args, device)
+        generate = model.generate
+
+        def spy(ids, **kw):
+            out = generate(ids, **kw)
+            calls.append((kw.get("past_key_values"), kw.get("cache_implementation"), out))
+            return out
+
+        model.generate = spy
+        return model
+
+    monkeypatch.setattr(e2e, "build_model", spy_build)
+    argv = ["--tiny", "--out", str(tmp_path), "--reps", "2", "--variants", "bf16", "--batches", "1", "--prefill", "0"]
+    assert e2e.main(argv) == 0
+    fresh, calls[:] = list(calls), []
+    assert e2e.main(argv + ["--reuse-cache"]) == 0
+    assert len(fresh) == len(calls) == 3  # warm-up + 2 reps
+    assert all(cache is None and impl == "static" for cache, impl, _ in fresh)
+    caches = [cache for cache, _, _ in calls]
+    assert caches[0] is not None and all(c is caches[0] for c in caches)
+    assert all(impl is None for _, impl, _ in calls)
+    assert all(torch.equal(out, fresh[0][2]) for _, _, out in fresh + calls)
+
+
 def test_e2e_step_loop_reuses_one_cache(monkeypatch):
     """--reuse-cache: step loops of one model, batch and length share one StaticCache, reset
     between loops, and decode the same tokens as loops with a new cache each."""
