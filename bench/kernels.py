@@ -44,6 +44,8 @@ GS = 128
 BYTES_PER_W = {"bf16": 2.0, "int4": 0.5 + 4 / GS, "int8_wo": 1.0, "int8_dyn": 1.0, "fp8": 1.0}
 SCHEMES = ["int4", "int8_wo", "int8_dyn", "fp8"]
 SHIPPED_INT4 = cuda_packing()
+# --int4-other's byte order (--int4-other-packing; default: "mma" if "plain" is shipped, else "plain")
+OTHER_INT4 = "mma" if SHIPPED_INT4 == "plain" else "plain"
 
 
 def log(*a):
@@ -91,14 +93,14 @@ def device_tag() -> str:
 def lowbit_layers(ws: list[torch.Tensor]) -> dict:
     """Per scheme: (list of per-layer callables x -> y, reference fn on layer 0)."""
     out = {}
-    packed = {"plain": [], "mma": []}
+    packed = {p: [] for p in {"plain", SHIPPED_INT4, OTHER_INT4}}
     for w in ws:  # the fields CUDA Int4Tensors hold, in each byte order
         t = Int4Tensor.from_float(w, group_size=GS, packing="plain")
         for packing in packed:
             t = t.repack(packing)
             packed[packing].append((t.qdata, t.scale, t.zero))
-    # "lowbit" is the byte order CUDA Int4Tensors get (cuda_packing()); --int4-other times the other
-    other = "mma" if SHIPPED_INT4 == "plain" else "plain"
+    # "lowbit" is the byte order CUDA Int4Tensors get (cuda_packing()); --int4-other times OTHER_INT4
+    other = OTHER_INT4
     out["int4"] = (
         [lambda x, p=p: int4_mm(x, *p, GS, SHIPPED_INT4) for p in packed[SHIPPED_INT4]],
         lambda x, p=packed["plain"][0]: ref.int4_linear(x, *p, GS),
@@ -331,7 +333,7 @@ def markdown(info, ceil, rows) -> str:
             )
     plain = [r for r in rows if r["impl"] == "lowbit_other"]
     if plain:
-        other = "mma" if SHIPPED_INT4 == "plain" else "plain"
+        other = OTHER_INT4
         lines += ["", "int4 byte order (`--int4-other`), speedup over bf16 in the same run:", "",
                   f"| K | N | M | {SHIPPED_INT4} (shipped) | {other} | torchao |", "|---|---|---|---|---|---|"]  # fmt: skip
         for r in plain:
@@ -384,7 +386,17 @@ def main():
     p.add_argument("--explore-filter", default="", help="regex: only --explore rows whose name matches")
     p.add_argument("--schemes", default=",".join(SCHEMES), help="subset of " + ",".join(SCHEMES))
     p.add_argument("--int4-other", action="store_true", help="also time int4 in the byte order not shipped")
+    p.add_argument(
+        "--int4-other-packing",
+        choices=["plain", "mma", "tiled"],
+        default=None,
+        help="that byte order (default: "
+        "mma if plain is shipped, else plain); tiled needs every shape in whole 16 x 128 tiles",
+    )
     args = p.parse_args()
+    if args.int4_other_packing:
+        global OTHER_INT4
+        OTHER_INT4 = args.int4_other_packing
     torch.manual_seed(0)
     info = env()
     log(json.dumps(info))

@@ -138,6 +138,33 @@ def int4_mma_unpack(qdata: torch.Tensor) -> torch.Tensor:
     return v.permute(0, 1, 3, 5, 2, 4).reshape(n, kh * 2)
 
 
+def _tile_view(t: torch.Tensor, n: int, kh: int, tiled: bool) -> torch.Tensor:
+    # plain rows (n, kh) as (n / 16, 16, kh / 64, 64), or the tiled storage as (n / 16, kh / 64, 16, 64)
+    return t.reshape(n // 16, kh // 64, 16, 64) if tiled else t.reshape(n // 16, 16, kh // 64, 64)
+
+
+def int4_tiled_pack(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes (N % 16 == 0, K % 128 == 0) -> [N, K // 2] uint8 in the ``"tiled"`` order.
+
+    The bytes of ``int4_pack`` (even k in the low nibble) regrouped so that each tile of 16
+    rows x 128 k is one contiguous 1 KB run: tile (i, j) (rows 16 i .., k 128 j ..) starts at
+    byte (i K / 128 + j) * 1024 and holds its 16 rows' 64 bytes one after the other. A GEMV
+    warp reading 16 rows of one 128-k block then reads 1 KB in one place. Row slices stay
+    whole tiles only at multiples of 16 rows."""
+    n, k = q.shape
+    if n % 16 or k % 128:
+        raise ValueError(f"int4 'tiled' packing needs N % 16 == 0 and K % 128 == 0, got N={n}, K={k}")
+    plain = int4_pack(q)
+    return _tile_view(plain, n, k // 2, False).permute(0, 2, 1, 3).reshape(n, k // 2).contiguous()
+
+
+def int4_tiled_unpack(qdata: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``int4_tiled_pack``: [N, K // 2] uint8 -> [N, K] codes."""
+    n, kh = qdata.shape
+    plain = _tile_view(qdata, n, kh, True).permute(0, 2, 1, 3).reshape(n, kh)
+    return int4_unpack(plain)
+
+
 def int4_dequantize(qdata, scale, zero, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     q = int4_unpack(qdata).float()
     n, k = q.shape

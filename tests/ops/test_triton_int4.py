@@ -18,7 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 2e-3}
 
 
-PACK = {"plain": ref.int4_pack, "mma": ref.int4_mma_pack}
+PACK = {"plain": ref.int4_pack, "mma": ref.int4_mma_pack, "tiled": ref.int4_tiled_pack}
 
 
 def _weight(n, k, gs, qdtype, seed, packing="plain"):
@@ -55,6 +55,37 @@ CASES = dict(
 @given(m=st.integers(1, 17), **CASES)
 def test_int4_mm_matches_reference(m, n, groups, gs, dtype, seed, packing):
     _check(m, n, groups * max(gs, 64), gs, dtype, seed, packing)
+
+
+@settings(deadline=None, max_examples=10)
+@given(
+    m=st.integers(1, 17),
+    tiles=st.integers(1, 3),
+    blocks=st.integers(1, 3),
+    gs=st.sampled_from(ref.INT4_GROUP_SIZES),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_int4_mm_tiled_matches_reference(m, tiles, blocks, gs, dtype, seed):
+    """ "tiled" codes (each 16-row x 128-k tile one 1 KB run): any N of whole tiles, K of whole
+    128-k blocks (and groups), every group size and dtype, the same products as the reference."""
+    _check(m, 16 * tiles, 128 * blocks * max(1, gs // 128), gs, dtype, seed, "tiled")
+
+
+@pytest.mark.parametrize("m", [70, 260])  # the GEMM's byte path; the dequantize kernel
+def test_int4_mm_tiled_mid_and_large_m(m):
+    _check(m, 48, 384, 64, torch.bfloat16, m, "tiled")
+
+
+def test_int4_mm_tiled_rejects_partial_tiles():
+    """ "tiled" codes exist only for whole 16-row x 128-k tiles: the launcher names the shape."""
+    x = torch.randn(1, 256, device=DEVICE, dtype=torch.bfloat16)
+    q = torch.zeros(40, 128, dtype=torch.uint8, device=DEVICE)
+    s = torch.ones(40, 2, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"'tiled' codes need N % 16 == 0 and K % 128 == 0, got N=40, K=256"):
+        int4_mm(x, q, s, s, 128, "tiled")
+    with pytest.raises(ValueError, match="'tiled' packing needs N % 16 == 0"):
+        ref.int4_tiled_pack(torch.zeros(16, 192, dtype=torch.uint8))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="large tiles are for the GPU")
@@ -122,7 +153,7 @@ def test_int4_pair_order_matches_the_mma_byte_order():
 def test_int4_mm_rejects_unknown_packing():
     qdata, scale, zero, _ = _weight(8, 64, 32, torch.bfloat16, 0)
     x = torch.randn(1, 64, device=DEVICE, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="packing must be 'plain' or 'mma', got 'cpu'"):
+    with pytest.raises(ValueError, match="packing must be 'plain', 'mma' or 'tiled', got 'cpu'"):
         int4_mm(x, qdata, scale, zero, 32, "cpu")
 
 
@@ -407,9 +438,10 @@ def test_int4_swapped_gemm_matches_reference(m, n, groups, gs, dtype, seed, pack
         int4_mod.GEMM_SWAP, int4_mod._split_k = saved
 
 
-def _config_error(c, x, qdata, scale, zero, want, gs, swap_mode, sz):
+def _config_error(c, x, qdata, scale, zero, want, gs, swap_mode, sz, tiled=False):
     """Launch ``_gemm_kernel`` once with config ``c`` as the launcher would (qparam words when
-    ``sz``) into a NaN-filled output; the relative error against ``want``."""
+    ``sz``; "tiled" codes when ``tiled``) into a NaN-filled output; the relative error against
+    ``want``."""
     import triton
 
     import lowbit.ops.triton.int4 as int4_mod
@@ -424,6 +456,7 @@ def _config_error(c, x, qdata, scale, zero, want, gs, swap_mode, sz):
         x, qdata, s, z, y, ws, cnt, m, n, k, m_bucket(m), x.stride(0), y.stride(0), qdata.stride(0), s.stride(0),
         swap_mode, GS=gs, ASM=not INTERPRET, DOT_F32=INTERPRET, MMA=False, SZ=sz,
         QDT=int4_mod._TL_DTYPES[x.dtype] if sz else None, **meta, num_warps=c.num_warps, num_stages=c.num_stages,
+        TILED=tiled,
     )  # fmt: skip
     return float((y.double() - want).norm() / want.norm())
 
@@ -470,12 +503,16 @@ _GEMV_CASES = [(m, dt, gs) for m in (1, 3, 8) for dt in (torch.bfloat16, torch.f
 
 
 @pytest.mark.parametrize(
-    "m, dtype, gs", _GEMV_CASES if DEVICE == "cuda" else [(3, torch.bfloat16, 128), (8, torch.float16, 32)]
+    "m, dtype, gs, packing",
+    [(*c, p) for c in _GEMV_CASES for p in ("plain", "tiled")]
+    if DEVICE == "cuda"
+    else [(3, torch.bfloat16, 128, "plain"), (8, torch.float16, 32, "plain"), (3, torch.bfloat16, 128, "tiled")],
 )
-def test_every_gemv_config_matches_reference(m, dtype, gs):
+def test_every_gemv_config_matches_reference(m, dtype, gs, packing):
     """Each GEMV config of the M <= 8 buckets (``_int4_gemv``: the weight as the mma's A operand,
-    each lane's own k pairs in its fragment slots), with and without qparam words, on a row count
-    that is no multiple of 16 and a K that leaves some warps' last blocks empty. On the GPU the
+    each lane's own k pairs in its fragment slots), with and without qparam words, in "plain"
+    codes on a row count that is no multiple of 16 and in "tiled" codes (whole 16-row tiles), on a
+    K that leaves some warps' last blocks empty. On the GPU the
     inline-PTX mma; on the interpreter its lane-by-lane emulation (a wrong pairing of weight and
     x fragments reads rel. err ~0.9)."""
     import lowbit.ops.triton.int4 as int4_mod
@@ -484,8 +521,8 @@ def test_every_gemv_config_matches_reference(m, dtype, gs):
     # some warps of the 8- and 16-block strides find no block; with 21 blocks (group size < 128:
     # an even group count, as qparam words need) an ADJ pair ends with one block in range and one
     # masked
-    n, k = 37, (21 if gs < 128 else 22) * 128
-    qdata, scale, zero, plain = _weight(n, k, gs, dtype, m, "plain")
+    n, k = 37 if packing == "plain" else 48, (21 if gs < 128 else 22) * 128  # ("tiled": whole 16-row tiles)
+    qdata, scale, zero, plain = _weight(n, k, gs, dtype, m, packing)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + 1)).to(DEVICE, dtype)
     want = ref.int4_linear(x, plain, scale, zero, gs).double()
     named = dict(GS=gs, m_bucket=m_bucket(m), K=k, N=n, SWAP_MODE=0, ASM=not INTERPRET, x_ptr=x)
@@ -494,7 +531,9 @@ def test_every_gemv_config_matches_reference(m, dtype, gs):
     # one block per warp per iteration, or two adjacent ones (ADJ): both block orders are checked
     assert {(c.kwargs["UNROLL"], c.kwargs.get("ADJ", 0)) for c in space} == {(1, 0), (2, 1)}
     errors = {
-        (str(c), sz): _config_error(c, x, qdata, scale, zero, want, gs, 0, sz) for c in space for sz in (True, False)
+        (str(c), sz): _config_error(c, x, qdata, scale, zero, want, gs, 0, sz, packing == "tiled")
+        for c in space
+        for sz in (True, False)
     }
     assert errors and all(e < TOL[dtype] for e in errors.values()), errors
 

@@ -168,7 +168,7 @@ def test_int4_packings_compute_the_same_function():
     w = torch.randn(64, 128) * 0.02
     plain = Int4Tensor.from_float(w, group_size=32, packing="plain")
     x = torch.randn(3, 128)
-    for packing in ["plain", "mma", *__import__("lowbit.ops.cpu", fromlist=["x"]).INT4_CPU_LAYOUTS]:
+    for packing in ["plain", "mma", "tiled", *__import__("lowbit.ops.cpu", fromlist=["x"]).INT4_CPU_LAYOUTS]:
         other = plain.repack(packing)
         assert other.packing == packing and torch.equal(other.codes(), plain.codes())
         assert torch.equal(other.dequantize(), plain.dequantize())
@@ -195,8 +195,33 @@ def test_int4_cuda_packing_is_an_opt_in(monkeypatch):
     monkeypatch.setenv("LOWBIT_INT4_CUDA_PACKING", "mma")
     assert cuda_packing() == "mma"
     monkeypatch.setenv("LOWBIT_INT4_CUDA_PACKING", "tile")
-    with pytest.raises(ValueError, match="LOWBIT_INT4_CUDA_PACKING must be 'plain' or 'mma', got 'tile'"):
+    with pytest.raises(ValueError, match="LOWBIT_INT4_CUDA_PACKING must be 'plain', 'mma' or 'tiled', got 'tile'"):
         cuda_packing()
+
+
+def test_int4_tiled_packing_whole_tiles_only(monkeypatch):
+    """ "tiled" (each 16-row x 128-k tile one 1 KB run): CUDA weights get it from
+    LOWBIT_INT4_CUDA_PACKING=tiled only when they are whole tiles (else "plain"); a tensor in it
+    refuses a partial-tile shape when loaded, and its row slices are copies with the right rows (a slice of
+    whole tiles stays "tiled" on CUDA, any other becomes "plain")."""
+    from lowbit.qtensor.int4 import _best_packing
+
+    monkeypatch.setenv("LOWBIT_INT4_CUDA_PACKING", "tiled")
+    cuda = torch.device("cuda")
+    assert _best_packing(cuda, 64, 256, 32) == "tiled"
+    assert _best_packing(cuda, 40, 256, 32) == "plain" and _best_packing(cuda, 64, 192, 64) == "plain"
+    w = torch.randn(48, 256) * 0.02
+    tiled = Int4Tensor.from_float(w, group_size=64, packing="tiled")
+    plain = tiled.repack("plain")
+    assert tiled.packing == "tiled" and not torch.equal(tiled.qdata, plain.qdata)
+    rows = tiled.slice_rows(16, 40)
+    assert rows.packing != "tiled" and torch.equal(rows.dequantize(), plain.dequantize()[16:40])
+    bad = Int4Tensor.from_float(torch.randn(40, 256) * 0.02, group_size=64, packing="plain")
+    loaded = Int4Tensor(
+        bad.qdata, bad.scale, bad.zero, shape=bad.shape, dtype=bad.dtype, group_size=64, packing="tiled"
+    )
+    with pytest.raises(ValueError, match=r"field 'packing' is 'tiled', expected whole 16-row x 128-k tiles"):
+        loaded.check_fields()  # (what loading a checkpoint runs)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -74,15 +74,22 @@ def _cols4(t):
 
 @triton.jit
 def _load_block(qw_ptr, xw_ptr, s_ptr, z_ptr, blk, warp, xg, c, rg, okg, ok8, K, stride_xw, stride_qw, stride_s,
-                GS: tl.constexpr):  # fmt: skip
+                GS: tl.constexpr, TILED: tl.constexpr = 0):  # fmt: skip
     """The lane's operands of 128-k block ``blk + warp``: code words of rows g and g + 8 ([R, 4]
-    each), x words of token xg ([R, 4] x 4) and the two rows' scale and zero."""
+    each), x words of token xg ([R, 4] x 4) and the two rows' scale and zero. TILED: "tiled"
+    codes (``reference.int4_tiled_pack``: the block's 16 rows are one 1 KB run, 16 words a row)."""
     j4 = tl.arange(0, 4)
     kk = (blk + warp) * 128 + 32 * c  # the lane's 32-k run (K % 32 == 0: all in or all out)
     kok = kk < K
-    qg_ptrs = qw_ptr + (rg * stride_qw + kk // 8)[:, None] + j4[None, :]
+    if TILED:  # rows g, g + 8 of the tile: words 16 g and 16 g + 128 of its run
+        qg_ptrs = qw_ptr + ((rg // 16) * 16 * stride_qw + (rg % 16) * 16 + (kk // 128) * 256 + 4 * c)[:, None]
+        qg_ptrs += j4[None, :]
+        row8 = 128
+    else:
+        qg_ptrs = qw_ptr + (rg * stride_qw + kk // 8)[:, None] + j4[None, :]
+        row8 = 8 * stride_qw
     q_g = tl.load(qg_ptrs, mask=(okg & kok)[:, None], other=0)
-    q_8 = tl.load(qg_ptrs + 8 * stride_qw, mask=(ok8 & kok)[:, None], other=0)
+    q_8 = tl.load(qg_ptrs + row8, mask=(ok8 & kok)[:, None], other=0)
     xrow = xw_ptr + (xg * stride_xw + kk // 2)[:, None] + j4[None, :]
     x0 = tl.load(xrow, mask=kok[:, None], other=0)
     x1 = tl.load(xrow + 4, mask=kok[:, None], other=0)
@@ -192,14 +199,14 @@ def lanes(pid_n, M, N, W: tl.constexpr):
 def gemv_tile(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, M, N, K, stride_xm, stride_ym, stride_q,
     stride_s, GS: tl.constexpr, ASM: tl.constexpr, SPLIT_K: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr,
-    PDL: tl.constexpr, ADJ: tl.constexpr = 0,
+    PDL: tl.constexpr, ADJ: tl.constexpr = 0, TILED: tl.constexpr = 0,
 ):  # fmt: skip
     """y[:M, 16 pid_n : 16 pid_n + 16] (M <= 8) for split ``pid_k``; x bf16 / fp16 with K % 32 == 0,
     "plain" codes, scale / zero through 16-bit pointers, x and the codes 16-byte aligned. W = the
     CTA's warps; UNROLL (1 or 2) blocks per warp per iteration, their loads issued before either's
     math: blocks ``step`` apart (each warp's rows then span 64 bytes per block), or with ADJ
     adjacent (128 contiguous bytes of each row per warp: whole cache lines); PDL: the kernel's
-    mode (3 triggers after the main loop)."""
+    mode (3 triggers after the main loop); TILED: "tiled" codes (N % 16 == 0, K % 128 == 0)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     warp, g, c, rg, okg, ok8, xg = lanes(pid_n, M, N, W)
     qw_ptr = q_ptr.to(tl.pointer_type(tl.int32))
@@ -225,12 +232,28 @@ def gemv_tile(
             blk = it
             nxt = it + step
         q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8 = _load_block(
-            qw_ptr, xw_ptr, s_ptr, z_ptr, blk, warp, xg, c, rg, okg, ok8, K, stride_xw, stride_qw, stride_s, GS
+            qw_ptr,
+            xw_ptr,
+            s_ptr,
+            z_ptr,
+            blk,
+            warp,
+            xg,
+            c,
+            rg,
+            okg,
+            ok8,
+            K,
+            stride_xw,
+            stride_qw,
+            stride_s,
+            GS,
+            TILED,
         )
         if UNROLL == 2:
             n_g, n_8, y0, y1, y2, y3, tg, ug, t8, u8 = _load_block(
                 qw_ptr, xw_ptr, s_ptr, z_ptr, nxt, warp, xg, c, rg, okg, ok8, K, stride_xw, stride_qw,
-                stride_s, GS,
+                stride_s, GS, TILED,
             )  # fmt: skip
         a0, a1, a2, a3 = _mma_block(a0, a1, a2, a3, q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8, DT, ASM, W)
         if UNROLL == 2:

@@ -357,12 +357,18 @@ _GEMM_CONFIGS = _gemm_configs()
 def _k_tile(
     acc, k0, s, z, x_ptrs, q_ptrs, m_ok, n_ok,
     ASM: tl.constexpr, DOT_F32: tl.constexpr, MMA: tl.constexpr, SWAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILED: tl.constexpr = 0,
 ):  # fmt: skip
     """acc + the K tile at k0 (scale s and zero z [BLOCK_N, 1]): the main loop's body. x_ptrs
-    points at x [BLOCK_M, BLOCK_K], or at x.T [BLOCK_K, BLOCK_M] for SWAP."""
+    points at x [BLOCK_M, BLOCK_K], or at x.T [BLOCK_K, BLOCK_M] for SWAP. TILED: "tiled" codes,
+    q_ptrs at each row's bytes in its 16-row tile; the K tile (BLOCK_K <= 128, k0 % BLOCK_K == 0)
+    lies in one 128-k block, whose run starts 1 KB per block further."""
+    if TILED:
+        kb = k0 // 2 + (k0 // 128) * 960
+    else:
+        kb = k0 // 2
     if SWAP:
-        qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
+        qb = tl.load(q_ptrs + kb, mask=n_ok[:, None], other=0)
         xt = tl.load(x_ptrs + k0, mask=m_ok[None, :], other=0.0)
         lo, hi = _dequant_tile(qb, s, z, xt.dtype, ASM)
         w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])  # k order: byte j holds k = 2j, 2j + 1
@@ -374,7 +380,7 @@ def _k_tile(
             w = _dequant_words(qw, s, z, x.dtype, ASM, BLOCK_N, BLOCK_K)
             acc = dot_acc(x, tl.trans(w), acc, DOT_F32)
         else:
-            qb = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
+            qb = tl.load(q_ptrs + kb, mask=n_ok[:, None], other=0)
             xe, xo = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
             lo, hi = _dequant_tile(qb, s, z, x.dtype, ASM)
             acc = dot_acc(xe, tl.trans(lo), acc, DOT_F32)
@@ -385,7 +391,7 @@ def _k_tile(
 @triton.autotune(
     configs=configs(_GEMM_CONFIGS, cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)),
     # ASM: qparam words hide the qparams' dtype from the key, and a GEMV pick needs the PTX path
-    key=["m_bucket", "N", "K", "GS", "MMA", "SWAP_MODE", "SZ", "GEMV_MAX", "ASM"],
+    key=["m_bucket", "N", "K", "GS", "MMA", "SWAP_MODE", "SZ", "GEMV_MAX", "ASM", "TILED"],
     **TUNE_CACHE,
     prune_configs_by={"early_config_prune": _prune},
     do_bench=tune_bench,
@@ -398,7 +404,7 @@ def _gemm_kernel(
     GS: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr, MMA: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
     SZ: tl.constexpr, QDT: tl.constexpr, PDL: tl.constexpr = 0, GEMV: tl.constexpr = 0, UNROLL: tl.constexpr = 1,
-    ADJ: tl.constexpr = 0, GEMV_MAX=0,
+    ADJ: tl.constexpr = 0, TILED: tl.constexpr = 0, GEMV_MAX=0,
 ):  # fmt: skip
     # (GEMM tiles) BLOCK_K divides GS (pruned), and GS divides K: no K masks, one group per tile.
     # SPLIT_K > 1: programs along axis 1 take every SPLIT_K-th K tile (pair of K tiles with SZ
@@ -420,7 +426,7 @@ def _gemm_kernel(
             s16, z16, stride_s16 = s_ptr, z_ptr, stride_s
         gemv_tile(
             x_ptr, q_ptr, s16, z16, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, M, N, K, stride_xm, stride_ym, stride_q,
-            stride_s16, GS, ASM, SPLIT_K, GEMV, UNROLL, PDL, ADJ,
+            stride_s16, GS, ASM, SPLIT_K, GEMV, UNROLL, PDL, ADJ, TILED,
         )  # fmt: skip
         return
     pid_m = tl.program_id(2)
@@ -436,6 +442,9 @@ def _gemm_kernel(
         q_ptrs = (
             q_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None] * (stride_q // 4) + tl.arange(0, BLOCK_K // 8)[None, :]
         )
+    elif TILED:  # "tiled" codes (byte path): row rn's 64 bytes of each block's 1 KB run
+        tl.static_assert(BLOCK_K <= 128)
+        q_ptrs = q_ptr + ((rn // 16) * 16 * stride_q + (rn % 16) * 64)[:, None] + tl.arange(0, BLOCK_K // 2)[None, :]
     else:
         q_ptrs = q_ptr + rn[:, None] * stride_q + tl.arange(0, BLOCK_K // 2)[None, :]
     if SWAP:  # acc is the tile of y.T; x.T is loaded k-major
@@ -451,12 +460,14 @@ def _gemm_kernel(
             zw = tl.load(z_ptr + rn * stride_s + k0 // (2 * GS), mask=n_ok, other=0)
             s = (sw & 0xFFFF).to(tl.uint16).to(QDT, bitcast=True)[:, None]
             z = (zw & 0xFFFF).to(tl.uint16).to(QDT, bitcast=True)[:, None]
-            acc = _k_tile(acc, k0, s, z, x_ptrs, q_ptrs, m_ok, n_ok, ASM, DOT_F32, MMA, SWAP, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _k_tile(
+                acc, k0, s, z, x_ptrs, q_ptrs, m_ok, n_ok, ASM, DOT_F32, MMA, SWAP, BLOCK_M, BLOCK_N, BLOCK_K, TILED
+            )
             s = ((sw >> 16) & 0xFFFF).to(tl.uint16).to(QDT, bitcast=True)[:, None]
             z = ((zw >> 16) & 0xFFFF).to(tl.uint16).to(QDT, bitcast=True)[:, None]
             acc = _k_tile(
                 acc, k0 + BLOCK_K, s, z, x_ptrs, q_ptrs, m_ok, n_ok,
-                ASM, DOT_F32, MMA, SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
+                ASM, DOT_F32, MMA, SWAP, BLOCK_M, BLOCK_N, BLOCK_K, TILED,
             )  # fmt: skip
     else:
         if SZ:  # words, but BLOCK_K < GS: read the 16-bit values one by one
@@ -468,7 +479,9 @@ def _gemm_kernel(
             # 2-byte loads are too narrow for the cp.async pipeline: each iteration waits for them
             s = tl.load(s_ptr + rn * stride_s + k0 // GS, mask=n_ok, other=0)[:, None]
             z = tl.load(z_ptr + rn * stride_s + k0 // GS, mask=n_ok, other=0)[:, None]
-            acc = _k_tile(acc, k0, s, z, x_ptrs, q_ptrs, m_ok, n_ok, ASM, DOT_F32, MMA, SWAP, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _k_tile(
+                acc, k0, s, z, x_ptrs, q_ptrs, m_ok, n_ok, ASM, DOT_F32, MMA, SWAP, BLOCK_M, BLOCK_N, BLOCK_K, TILED
+            )
     pdl_trigger(PDL, 3)
     # (not tl.trans(acc): ptxas then serializes the wgmmas, "non wgmma instructions defining
     # accumulator registers", offline on Triton 3.6)
@@ -490,8 +503,10 @@ def _gemm_kernel(
 
 # ----------------------------------------------------------------------------- dequant
 @triton.jit
-def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, GS: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr):
-    """w_hat [N, K] in w's dtype, one group (GS columns) of BLOCK_N rows per program."""
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, GS: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr,
+                    TILED: tl.constexpr = 0):  # fmt: skip
+    """w_hat [N, K] in w's dtype, one group (GS columns) of BLOCK_N rows per program (TILED:
+    "tiled" codes)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     grp = tl.program_id(1)
     ng = K // GS
@@ -505,7 +520,12 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, GS: tl.constexpr, MMA: tl.
         w = _dequant_words(qw, s, z, w_ptr.dtype.element_ty, False, BLOCK_N, GS)
     else:
         rj = tl.arange(0, GS // 2)
-        qb = tl.load(q_ptr + rn[:, None] * (K // 2) + grp * (GS // 2) + rj[None, :], mask=n_ok, other=0)
+        if TILED:  # byte b of row rn: its 16-row tile's run of block b // 64, row rn % 16
+            b = grp * (GS // 2) + rj[None, :]
+            q_off = ((rn // 16) * 16 * (K // 2) + (rn % 16) * 64)[:, None] + b + (b // 64) * 960
+        else:
+            q_off = rn[:, None] * (K // 2) + grp * (GS // 2) + rj[None, :]
+        qb = tl.load(q_ptr + q_off, mask=n_ok, other=0)
         q = tl.join(qb & 15, qb >> 4).reshape(BLOCK_N, GS)
         w = ((q.to(tl.float32) - 8.0) * s.to(tl.float32) + z.to(tl.float32)).to(w_ptr.dtype.element_ty)
     tl.store(w_ptr + rn[:, None] * K + grp * GS + tl.arange(0, GS)[None, :], w, mask=n_ok)
@@ -566,8 +586,10 @@ def int4_mm(
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(qdata, scale, zero).T -> [M, N]`` in x.dtype (see module doc).
 
-    ``packing``: the byte order of qdata, ``"plain"`` (``reference.int4_pack``) or
-    ``"mma"`` (``reference.int4_mma_pack``; the opt-in CUDA order, see ``cuda_packing``).
+    ``packing``: the byte order of qdata, ``"plain"`` (``reference.int4_pack``),
+    ``"mma"`` (``reference.int4_mma_pack``) or ``"tiled"`` (``reference.int4_tiled_pack``, N % 16 ==
+    0 and K % 128 == 0; the GEMV reads each 16-row x 128-k tile as one 1 KB run); the last two
+    are opt-in CUDA orders, see ``cuda_packing``.
     """
     m, k = x.shape
     n = qdata.shape[0]
@@ -578,8 +600,11 @@ def int4_mm(
             f"int4_mm: x {tuple(x.shape)}, qdata {tuple(qdata.shape)}, scale {tuple(scale.shape)}, zero "
             f"{tuple(zero.shape)} do not match group_size {group_size} (scale and zero must be [N, K // group_size])"
         )
-    if packing not in ("plain", "mma"):
-        raise ValueError(f"int4_mm: packing must be 'plain' or 'mma', got {packing!r}")
+    if packing not in ("plain", "mma", "tiled"):
+        raise ValueError(f"int4_mm: packing must be 'plain', 'mma' or 'tiled', got {packing!r}")
+    tiled = packing == "tiled"
+    if tiled and (n % 16 or k % 128):
+        raise ValueError(f"int4_mm: 'tiled' codes need N % 16 == 0 and K % 128 == 0, got N={n}, K={k}")
     if m == 0:
         return x.new_empty(0, n)
     x = x.contiguous()
@@ -594,8 +619,8 @@ def int4_mm(
         # words' registers rearranged and spills (offline SASS: 255 registers + stack)
         def fill(n0, r, buf):
             _dequant_kernel[(triton.cdiv(r, 32), k // group_size)](
-                qdata[n0:], scale[n0:], zero[n0:], buf, r, k, GS=group_size, MMA=mma, BLOCK_N=32
-            )
+                qdata[n0:], scale[n0:], zero[n0:], buf, r, k, GS=group_size, MMA=mma, BLOCK_N=32, TILED=tiled
+            )  # (chunks start at multiples of DEQUANT_ROWS: whole 16-row tiles)
 
         return chunked_dequant_mm(x, n, DEQUANT_ROWS, fill)
     asm = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and scale.dtype == zero.dtype == x.dtype
@@ -628,6 +653,6 @@ def int4_mm(
         x, qdata, s_arg, z_arg, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0), stride_s,
         _SWAP_MODES[GEMM_SWAP], GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, MMA=words,
         SZ=use_words, QDT=_TL_DTYPES[scale.dtype] if use_words else None, **fixed, **pdl_args(x.device, GEMM_PDL),
-        GEMV_MAX=GEMV_MAX_M,
+        TILED=tiled, GEMV_MAX=GEMV_MAX_M,
     )  # fmt: skip
     return y
