@@ -93,16 +93,19 @@ def device_tag() -> str:
 def lowbit_layers(ws: list[torch.Tensor]) -> dict:
     """Per scheme: (list of per-layer callables x -> y, reference fn on layer 0)."""
     out = {}
-    packed = {p: [] for p in {"plain", SHIPPED_INT4, OTHER_INT4}}
+    n, k = ws[0].shape
+    # "tiled" exists for whole 16-row x 128-k tiles only; other shapes use "plain", as Int4Tensor does
+    fit = {p: "plain" if p == "tiled" and (n % 16 or k % 128) else p for p in {"plain", SHIPPED_INT4, OTHER_INT4}}
+    packed = {p: [] for p in set(fit.values())}
     for w in ws:  # the fields CUDA Int4Tensors hold, in each byte order
         t = Int4Tensor.from_float(w, group_size=GS, packing="plain")
         for packing in packed:
             t = t.repack(packing)
             packed[packing].append((t.qdata, t.scale, t.zero))
     # "lowbit" is the byte order CUDA Int4Tensors get (cuda_packing()); --int4-other times OTHER_INT4
-    other = OTHER_INT4
+    shipped, other = fit[SHIPPED_INT4], fit[OTHER_INT4]
     out["int4"] = (
-        [lambda x, p=p: int4_mm(x, *p, GS, SHIPPED_INT4) for p in packed[SHIPPED_INT4]],
+        [lambda x, p=p: int4_mm(x, *p, GS, shipped) for p in packed[shipped]],
         lambda x, p=packed["plain"][0]: ref.int4_linear(x, *p, GS),
         [lambda x, p=p: int4_mm(x, *p, GS, other) for p in packed[other]],
     )

@@ -38,6 +38,11 @@ class Int4Tensor(QTensor):
     attr_fields = ("group_size", "packing")
 
     def __init__(self, qdata, scale, zero, *, shape, dtype, group_size: int, packing: str):
+        if packing == "tiled" and (shape[0] % 16 or shape[1] % 128):
+            raise ValueError(
+                f"Int4Tensor {tuple(shape)}: the 'tiled' packing needs whole 16-row x 128-k tiles "
+                "(N % 16 == 0, K % 128 == 0)"
+            )
         if packing in cpu.INT4_CPU_LAYOUTS and not cpu.is_interleaved(scale, zero):
             # the CPU kernel reads (scale, zero) interleaved as [G, N, 2]: keep them so
             scale, zero = cpu.interleave_scale_zero(scale, zero)
@@ -64,8 +69,6 @@ class Int4Tensor(QTensor):
             self._field_error("group_size", repr(g), f"one of {ref.INT4_GROUP_SIZES} dividing K={k}")
         if self.packing not in TRITON_PACKINGS and self.packing not in cpu.INT4_CPU_LAYOUTS:
             self._field_error("packing", repr(self.packing), f"one of {[*TRITON_PACKINGS, *cpu.INT4_CPU_LAYOUTS]}")
-        if self.packing == "tiled" and (n % 16 or k % 128):
-            self._field_error("packing", "'tiled'", f"whole 16-row x 128-k tiles (N={n}, K={k})")
         if self.qdata.dtype != torch.uint8:
             self._field_error("qdata", self.qdata.dtype, torch.uint8)
         if tuple(self.qdata.shape) != (n, k // 2):  # every packing: N rows of K / 2 bytes
@@ -182,8 +185,9 @@ def cuda_packing() -> str:
     H100 with Triton 3.9 code, bench/results/h100-aot39-int4.md), and only Triton >= 3.8
     compiles its word path well; so it is an opt-in for decode-heavy serving. "tiled" (weights
     of whole 16-row x 128-k tiles; others stay "plain") makes the M <= 8 GEMV's loads contiguous:
-    on the H100 (session 17, one run) +3-5% at M = 1 and -2% to +11% at M = 8 on the large
-    Llama-8B shapes, -3% to +2% at M = 32, M >= 64 unmeasured; so an opt-in for now."""
+    on the H100 (session 17, one run) +3-5% at M = 1, -2% to +11% at M = 8 and -0.3% to +2% at
+    M = 32 on the large Llama-8B shapes (4096 x 1024: -0.6%, +0.3%, -3%), M >= 64 unmeasured; so
+    an opt-in for now."""
     name = os.environ.get("LOWBIT_INT4_CUDA_PACKING", "plain")
     if name not in TRITON_PACKINGS:
         raise ValueError(f"LOWBIT_INT4_CUDA_PACKING must be 'plain', 'mma' or 'tiled', got {name!r}")

@@ -77,6 +77,21 @@ def test_int4_mm_tiled_mid_and_large_m(m):
     _check(m, 48, 384, 64, torch.bfloat16, m, "tiled")
 
 
+def test_int4_tiled_pack_places_each_tile_in_one_run():
+    """The "tiled" layout built by hand from the plain bytes: tile (i, j) (rows 16 i .., bytes
+    64 j ..) is bytes (i K / 128 + j) 1024 .. + 1024, row r of it at 64 (r % 16)."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 48, 384
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    plain, flat = ref.int4_pack(q), ref.int4_tiled_pack(q).flatten()
+    for i in range(n // 16):
+        for j in range(k // 128):
+            for r in range(16):
+                start = (i * (k // 128) + j) * 1024 + 64 * r
+                assert torch.equal(flat[start : start + 64], plain[16 * i + r, 64 * j : 64 * j + 64])
+    assert torch.equal(ref.int4_tiled_unpack(ref.int4_tiled_pack(q)), q)
+
+
 def test_int4_mm_tiled_rejects_partial_tiles():
     """ "tiled" codes exist only for whole 16-row x 128-k tiles: the launcher names the shape."""
     x = torch.randn(1, 256, device=DEVICE, dtype=torch.bfloat16)
@@ -228,6 +243,9 @@ def test_int4_mm_dequant_path_in_row_chunks(monkeypatch):
 
     monkeypatch.setattr(int4_mod, "DEQUANT_ROWS", 16)
     _check(260, 37, 256, 32, torch.bfloat16, 8)
+    _check(260, 48, 256, 32, torch.bfloat16, 8, "tiled")  # chunks of whole tiles: qdata[n0:] at n0 = 16, 32
+    monkeypatch.setattr(int4_mod, "DEQUANT_ROWS", 24)  # not whole tiles: "tiled" chunks round down to 16 rows
+    _check(260, 48, 256, 32, torch.bfloat16, 8, "tiled")
 
 
 def test_int4_mm_empty():
@@ -461,40 +479,49 @@ def _config_error(c, x, qdata, scale, zero, want, gs, swap_mode, sz, tiled=False
     return float((y.double() - want).norm() / want.norm())
 
 
-def _every_config_error(mb, mode, gs, k):
+def _every_config_error(mb, mode, gs, k, packing="plain"):
     """Launch each config of the GPU search space for M bucket ``mb`` (GEMM_SWAP ``mode``), with
-    and without qparam words, as it is (big tiles, masks on N and M, its split); returns
-    {(config, words): relative error against the reference}."""
+    and without qparam words, as it is (big tiles, masks on N and M, its split), on codes in
+    ``packing`` ("plain", or "tiled" on whole 16-row tiles); returns {(config, words): relative
+    error against the reference}."""
     import lowbit.ops.triton.int4 as int4_mod
 
-    n, m = 133, mb - 27 if mb > 32 else mb - 3  # an M inside the bucket, not a multiple of the tiles
-    qdata, scale, zero, plain = _weight(n, k, gs, torch.bfloat16, mb, "plain")
+    n, m = 133 if packing == "plain" else 144, mb - 27 if mb > 32 else mb - 3  # M inside the bucket, off the tiles
+    qdata, scale, zero, plain = _weight(n, k, gs, torch.bfloat16, mb, packing)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(mb)).to(DEVICE, torch.bfloat16)
     want = ref.int4_linear(x, plain, scale, zero, gs).double()
     named = dict(GS=gs, m_bucket=mb, K=k, N=n, SWAP_MODE=int4_mod._SWAP_MODES[mode])
     spaces = {sz: int4_mod._prune(int4_mod._gemm_configs(), dict(named, SZ=sz)) for sz in (True, False)}
     assert all(space and all(c.kwargs["SWAP"] == (mode == "on") for c in space) for space in spaces.values())
     return {
-        (str(c), sz): _config_error(c, x, qdata, scale, zero, want, gs, named["SWAP_MODE"], sz)
+        (str(c), sz): _config_error(c, x, qdata, scale, zero, want, gs, named["SWAP_MODE"], sz, packing == "tiled")
         for sz, space in spaces.items()
         for c in space
     }
 
 
-@pytest.mark.parametrize("mb", [64, 128, 256])
-def test_every_swapped_gpu_config_matches_reference(mb):
-    """Each swapped tile: on the GPU the real wgmma code, on the interpreter the same program logic."""
-    errors = _every_config_error(mb, "on", 64, 512)
+@pytest.mark.parametrize(
+    "mb, packing",
+    [(mb, p) for mb in (64, 128, 256) for p in ("plain", "tiled")]
+    if DEVICE == "cuda"
+    else [(64, "plain"), (128, "plain"), (256, "plain"), (64, "tiled")],
+)
+def test_every_swapped_gpu_config_matches_reference(mb, packing):
+    """Each swapped tile: on the GPU the real wgmma code, on the interpreter the same program
+    logic; "plain" and "tiled" codes."""
+    errors = _every_config_error(mb, "on", 64, 512, packing)
     assert errors and all(e < TOL[torch.bfloat16] for e in errors.values()), errors
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs the fixed config's logic (tested above)")
 @pytest.mark.parametrize("mb", [16, 64, 128])
 @pytest.mark.parametrize("gs", [64, 128])
-def test_every_plain_gpu_config_matches_reference(mb, gs):
+@pytest.mark.parametrize("packing", ["plain", "tiled"])
+def test_every_plain_gpu_config_matches_reference(mb, gs, packing):
     """Each plain tile on the GPU, with and without qparam words: at group size 64 every tile
-    runs two K tiles per iteration with words, at 128 the BLOCK_K 64 ones read 16-bit halves."""
-    errors = _every_config_error(mb, "off", gs, 1024)
+    runs two K tiles per iteration with words, at 128 the BLOCK_K 64 ones read 16-bit halves;
+    "plain" and "tiled" codes."""
+    errors = _every_config_error(mb, "off", gs, 1024, packing)
     assert errors and all(e < TOL[torch.bfloat16] for e in errors.values()), errors
 
 
@@ -574,6 +601,14 @@ def test_int4_tensor_every_packing_through_the_triton_backend():
         with lowbit.use_backend("triton"), torch.no_grad():
             got = F.linear(x, plain.repack(packing)).double()
         assert (got - want).norm() / want.norm() < TOL[torch.bfloat16], packing
+    # "tiled" on whole 16-row tiles (48 rows)
+    plain48 = lowbit.Int4Tensor.from_float(
+        torch.cat([w, w[:8]]).to(DEVICE, torch.bfloat16), group_size=64, packing="plain"
+    )  # fmt: skip
+    want48 = ref.int4_linear(x, plain48.qdata, plain48.scale, plain48.zero, 64).double()
+    with lowbit.use_backend("triton"), torch.no_grad():
+        got48 = F.linear(x, plain48.repack("tiled")).double()
+    assert (got48 - want48).norm() / want48.norm() < TOL[torch.bfloat16]
 
 
 @settings(deadline=None, max_examples=12)

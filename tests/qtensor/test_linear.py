@@ -202,8 +202,8 @@ def test_int4_cuda_packing_is_an_opt_in(monkeypatch):
 def test_int4_tiled_packing_whole_tiles_only(monkeypatch):
     """ "tiled" (each 16-row x 128-k tile one 1 KB run): CUDA weights get it from
     LOWBIT_INT4_CUDA_PACKING=tiled only when they are whole tiles (else "plain"); a tensor in it
-    refuses a partial-tile shape when loaded, and its row slices are copies with the right rows (a slice of
-    whole tiles stays "tiled" on CUDA, any other becomes "plain")."""
+    refuses a partial-tile shape (also what loading a checkpoint builds), and its row slices are
+    copies with the right rows."""
     from lowbit.qtensor.int4 import _best_packing
 
     monkeypatch.setenv("LOWBIT_INT4_CUDA_PACKING", "tiled")
@@ -214,14 +214,14 @@ def test_int4_tiled_packing_whole_tiles_only(monkeypatch):
     tiled = Int4Tensor.from_float(w, group_size=64, packing="tiled")
     plain = tiled.repack("plain")
     assert tiled.packing == "tiled" and not torch.equal(tiled.qdata, plain.qdata)
+    assert torch.equal(tiled.dequantize(), plain.dequantize())
     rows = tiled.slice_rows(16, 40)
     assert rows.packing != "tiled" and torch.equal(rows.dequantize(), plain.dequantize()[16:40])
     bad = Int4Tensor.from_float(torch.randn(40, 256) * 0.02, group_size=64, packing="plain")
-    loaded = Int4Tensor(
-        bad.qdata, bad.scale, bad.zero, shape=bad.shape, dtype=bad.dtype, group_size=64, packing="tiled"
-    )
-    with pytest.raises(ValueError, match=r"field 'packing' is 'tiled', expected whole 16-row x 128-k tiles"):
-        loaded.check_fields()  # (what loading a checkpoint runs)
+    with pytest.raises(ValueError, match=r"Int4Tensor \(40, 256\): the 'tiled' packing needs whole 16-row"):
+        Int4Tensor(bad.qdata, bad.scale, bad.zero, shape=bad.shape, dtype=bad.dtype, group_size=64, packing="tiled")
+    with pytest.raises(ValueError, match=r"'tiled' packing needs N % 16 == 0 and K % 128 == 0, got N=40, K=256"):
+        bad.repack("tiled")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -620,9 +620,10 @@ def int4_mm(
         def fill(n0, r, buf):
             _dequant_kernel[(triton.cdiv(r, 32), k // group_size)](
                 qdata[n0:], scale[n0:], zero[n0:], buf, r, k, GS=group_size, MMA=mma, BLOCK_N=32, TILED=tiled
-            )  # (chunks start at multiples of DEQUANT_ROWS: whole 16-row tiles)
+            )  # (chunks start at multiples of rows: whole 16-row tiles for "tiled")
 
-        return chunked_dequant_mm(x, n, DEQUANT_ROWS, fill)
+        rows = max(16, DEQUANT_ROWS - DEQUANT_ROWS % 16) if tiled else DEQUANT_ROWS  # "tiled": whole tiles
+        return chunked_dequant_mm(x, n, rows, fill)
     asm = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and scale.dtype == zero.dtype == x.dtype
     sw, zw = (qparam_words(scale), qparam_words(zero)) if SZ_WORDS and scale.dtype == zero.dtype else (None, None)
     use_words = sw is not None and zw is not None and sw.stride() == zw.stride()
