@@ -6,12 +6,12 @@
 grid, warps, splits and unroll) and folds every loaded word into one int32 per lane with xor, so
 nothing is dead code; no unpacking, no mma, no split-K reduction. Each row has the load-only time
 next to the full tile's (same config, same layer stack, CUDA graph, median) and the weight bytes
-per second of each, plus ``loads_tiled``: the same loads if each 16-row x 128-k tile were stored as
-one 1 KB run (``_tiled_codes``; a layout probe, the values read are the same words in another
-order; its row-major code loads from ``_load_block`` are dead and left to the compiler to drop,
-not checked in SASS); ``loads_adj`` / ``tile_adj``: the blocks of the tile's ADJ mode (a warp's
-two blocks adjacent, so each of its rows is read 128 contiguous bytes at a time). If the loads alone run near the copy rate (~3 TB/s), the tile's time is its
-math and how it overlaps the loads; if they run near the tile's own rate, the access pattern is
+per second of each, plus ``loads_tiled``: the same loads with the "tiled" packing's addressing
+(``_load_block``'s TILED: each 16-row x 128-k tile one 1 KB run; the plain codes read in that
+order, the same set of words); ``loads_adj`` / ``tile_adj``: the blocks of the tile's ADJ mode
+(a warp's two blocks adjacent, so each of its rows is read 128 contiguous bytes at a time). If
+the loads alone run near the copy rate (~3 TB/s), the tile's time is its math and how it
+overlaps the loads; if they run near the tile's own rate, the access pattern is
 the bound. (Session 15 question: the tile takes 16 us on 4096 x 14336 at M=1 against a 10.4 us
 DRAM floor.)
 """
@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gemv_mma_probe import _parse_cfgs, gemv, int4_stack, stack_us  # noqa: E402
 
+from lowbit.ops.reference import int4_tiled_fits  # noqa: E402
 from lowbit.ops.triton._int4_gemv import _load_block, lanes  # noqa: E402
 
 
@@ -48,26 +49,12 @@ def _xor(a, b):
 
 
 @triton.jit
-def _tiled_codes(qw_ptr, pid_n, blk, warp, g, c, K, okg, ok8):
-    """The code words a lane would load if each 16-row x 128-k tile were stored as one 1 KB run
-    (row r of the tile at word 16 r, the lane's 16 bytes at word 4 c): a warp's load of row g's
-    words then covers 512 contiguous bytes. Same bytes per lane as ``_load_block``'s."""
-    j4 = tl.arange(0, 4)
-    b = blk + warp
-    kok = b * 128 < K
-    base = (pid_n * tl.cdiv(K, 128) + b) * 256 + g * 16 + c * 4
-    q_g = tl.load(qw_ptr + base[:, None] + j4[None, :], mask=(okg & kok)[:, None], other=0)
-    q_8 = tl.load(qw_ptr + (base + 128)[:, None] + j4[None, :], mask=(ok8 & kok)[:, None], other=0)
-    return q_g, q_8
-
-
-@triton.jit
 def _loads_only(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_q, stride_s,
                 GS: tl.constexpr, SPLIT_K: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr,
                 TILED: tl.constexpr, ADJ: tl.constexpr = 0):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    warp, g, c, rg, okg, ok8, xg = lanes(pid_n, M, N, W)
+    warp, _, c, rg, okg, ok8, xg = lanes(pid_n, M, N, W)
     qw_ptr = q_ptr.to(tl.pointer_type(tl.int32))
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     acc = tl.zeros([W * 32], dtype=tl.int32)
@@ -84,10 +71,8 @@ def _loads_only(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_
                 blk = it + u * step
             q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8 = _load_block(
                 qw_ptr, xw_ptr, s_ptr, z_ptr, blk, warp, xg, c, rg, okg, ok8, K, stride_xm // 2,
-                stride_q // 4, stride_s, GS,
+                stride_q // 4, stride_s, GS, TILED,
             )  # fmt: skip
-            if TILED:
-                q_g, q_8 = _tiled_codes(qw_ptr, pid_n, blk, warp, g, c, K, okg, ok8)
             acc ^= _fold(q_g) ^ _fold(q_8) ^ _fold(x0) ^ _fold(x1) ^ _fold(x2) ^ _fold(x3)
             for h in tl.static_range(4):
                 if h == 0:
@@ -105,7 +90,7 @@ def _loads_only(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_
 def loads_only(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, tiled=False, adj=False):
     m, k = x.shape
     n = qdata.shape[0]
-    if tiled and (n % 16 or k % 128):  # _tiled_codes has no masks for partial tiles
+    if tiled and not int4_tiled_fits(n, k):  # the tiled addressing has no masks for partial tiles
         raise ValueError(f"tiled addressing needs N % 16 == 0 and K % 128 == 0, got N={n}, K={k}")
     grid = (triton.cdiv(n, 16), split)
     out = torch.empty(grid[0] * split * w * 32, device=x.device, dtype=torch.int32)

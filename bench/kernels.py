@@ -95,7 +95,8 @@ def lowbit_layers(ws: list[torch.Tensor]) -> dict:
     out = {}
     n, k = ws[0].shape
     # "tiled" exists for whole 16-row x 128-k tiles only; other shapes use "plain", as Int4Tensor does
-    fit = {p: "plain" if p == "tiled" and (n % 16 or k % 128) else p for p in {"plain", SHIPPED_INT4, OTHER_INT4}}
+    whole_tiles = ref.int4_tiled_fits(n, k)
+    fit = {p: p if p != "tiled" or whole_tiles else "plain" for p in {"plain", SHIPPED_INT4, OTHER_INT4}}
     packed = {p: [] for p in set(fit.values())}
     for w in ws:  # the fields CUDA Int4Tensors hold, in each byte order
         t = Int4Tensor.from_float(w, group_size=GS, packing="plain")

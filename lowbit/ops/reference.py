@@ -138,9 +138,9 @@ def int4_mma_unpack(qdata: torch.Tensor) -> torch.Tensor:
     return v.permute(0, 1, 3, 5, 2, 4).reshape(n, kh * 2)
 
 
-def _tile_view(t: torch.Tensor, n: int, kh: int, tiled: bool) -> torch.Tensor:
-    # plain rows (n, kh) as (n / 16, 16, kh / 64, 64), or the tiled storage as (n / 16, kh / 64, 16, 64)
-    return t.reshape(n // 16, kh // 64, 16, 64) if tiled else t.reshape(n // 16, 16, kh // 64, 64)
+def int4_tiled_fits(n: int, k: int) -> bool:
+    """Whether an [N, K] weight is whole 16-row x 128-k tiles, which ``"tiled"`` needs."""
+    return n % 16 == 0 and k % 128 == 0
 
 
 def int4_tiled_pack(q: torch.Tensor) -> torch.Tensor:
@@ -152,17 +152,16 @@ def int4_tiled_pack(q: torch.Tensor) -> torch.Tensor:
     warp reading 16 rows of one 128-k block then reads 1 KB in one place. Row slices stay
     whole tiles only at multiples of 16 rows."""
     n, k = q.shape
-    if n % 16 or k % 128:
+    if not int4_tiled_fits(n, k):
         raise ValueError(f"int4 'tiled' packing needs N % 16 == 0 and K % 128 == 0, got N={n}, K={k}")
-    plain = int4_pack(q)
-    return _tile_view(plain, n, k // 2, False).permute(0, 2, 1, 3).reshape(n, k // 2).contiguous()
+    # plain rows as (tile row, row in tile, block, byte) -> (tile row, block, row in tile, byte)
+    return int4_pack(q).reshape(n // 16, 16, k // 128, 64).transpose(1, 2).reshape(n, k // 2)
 
 
 def int4_tiled_unpack(qdata: torch.Tensor) -> torch.Tensor:
     """Inverse of ``int4_tiled_pack``: [N, K // 2] uint8 -> [N, K] codes."""
     n, kh = qdata.shape
-    plain = _tile_view(qdata, n, kh, True).permute(0, 2, 1, 3).reshape(n, kh)
-    return int4_unpack(plain)
+    return int4_unpack(qdata.reshape(n // 16, kh // 64, 16, 64).transpose(1, 2).reshape(n, kh))
 
 
 def int4_dequantize(qdata, scale, zero, group_size: int, dtype: torch.dtype) -> torch.Tensor:

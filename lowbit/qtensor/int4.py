@@ -38,7 +38,7 @@ class Int4Tensor(QTensor):
     attr_fields = ("group_size", "packing")
 
     def __init__(self, qdata, scale, zero, *, shape, dtype, group_size: int, packing: str):
-        if packing == "tiled" and (shape[0] % 16 or shape[1] % 128):
+        if packing == "tiled" and not ref.int4_tiled_fits(shape[0], shape[1]):
             raise ValueError(
                 f"Int4Tensor {tuple(shape)}: the 'tiled' packing needs whole 16-row x 128-k tiles "
                 "(N % 16 == 0, K % 128 == 0)"
@@ -174,7 +174,7 @@ def _best_packing(device: torch.device, n: int, k: int, group_size: int) -> str:
         return cpu.int4_cpu_layout()
     if device.type == "cuda":
         name = cuda_packing()
-        return "plain" if name == "tiled" and (n % 16 or k % 128) else name  # (partial tiles: plain)
+        return "plain" if name == "tiled" and not ref.int4_tiled_fits(n, k) else name  # (partial tiles: plain)
     return "plain"
 
 

@@ -232,24 +232,9 @@ def gemv_tile(
             blk = it
             nxt = it + step
         q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8 = _load_block(
-            qw_ptr,
-            xw_ptr,
-            s_ptr,
-            z_ptr,
-            blk,
-            warp,
-            xg,
-            c,
-            rg,
-            okg,
-            ok8,
-            K,
-            stride_xw,
-            stride_qw,
-            stride_s,
-            GS,
+            qw_ptr, xw_ptr, s_ptr, z_ptr, blk, warp, xg, c, rg, okg, ok8, K, stride_xw, stride_qw, stride_s, GS,
             TILED,
-        )
+        )  # fmt: skip
         if UNROLL == 2:
             n_g, n_8, y0, y1, y2, y3, tg, ug, t8, u8 = _load_block(
                 qw_ptr, xw_ptr, s_ptr, z_ptr, nxt, warp, xg, c, rg, okg, ok8, K, stride_xw, stride_qw,

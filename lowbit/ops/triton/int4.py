@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from lowbit.compile import kernel_op, linear_out_fake
-from lowbit.ops.reference import INT4_GROUP_SIZES
+from lowbit.ops.reference import INT4_GROUP_SIZES, int4_tiled_fits
 from lowbit.ops.triton._int4_gemv import gemv_tile
 from lowbit.ops.triton._utils import (
     AUTOTUNE,
@@ -603,7 +603,7 @@ def int4_mm(
     if packing not in ("plain", "mma", "tiled"):
         raise ValueError(f"int4_mm: packing must be 'plain', 'mma' or 'tiled', got {packing!r}")
     tiled = packing == "tiled"
-    if tiled and (n % 16 or k % 128):
+    if tiled and not int4_tiled_fits(n, k):
         raise ValueError(f"int4_mm: 'tiled' codes need N % 16 == 0 and K % 128 == 0, got N={n}, K={k}")
     if m == 0:
         return x.new_empty(0, n)
