@@ -125,3 +125,27 @@ def test_kernel_op_on_a_tensor_that_requires_grad_raises():
         torch.testing.assert_close(cpu.int8_mm(x, w.qdata, w.scale), F.linear(x, w.dequantize()), rtol=1e-2, atol=1e-2)
     F.linear(x, w).sum().backward()
     torch.testing.assert_close(x.grad, w.dequantize().sum(0).expand(2, -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+)
+@pytest.mark.parametrize("name", ["int4", "int8", "w8a8"])
+def test_compile_with_inductor_freezing_keeps_the_quantized_kernel(name, device):
+    """Freezing (weights as graph constants) gives eager's output and still calls lowbit's kernel
+    op: constant folding does not turn a quantized weight into a dense one."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Block().to(device, torch.bfloat16)
+    lowbit.quantize_(model, CONFIGS[name])
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16, device=device)
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        eager = model(x)
+        out, codes = run_and_get_code(torch.compile(model, fullgraph=True), x)
+    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
+    code = "\n".join(codes)
+    assert code.count("torch.ops.lowbit.") >= 4, code[-3000:]
+    assert "_frozen_param" in code, code[-3000:]  # the weights' fields are constants, not call arguments

@@ -62,7 +62,7 @@ def test_cpu_quantized_model_moves_to_cuda_and_back(name):
     assert torch.equal(back, want)
     if name == "int4":
         assert m[0].weight.packing != "plain" or not lowbit.ops.cpu.int4_cpu_supported(1024, 512, 128)
-        assert m.cuda()[0].weight.packing == "plain"  # the default CUDA packing
+        assert m.cuda()[0].weight.packing == "tiled"  # the default CUDA packing (whole 16 x 128 tiles)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -15,7 +15,7 @@ from lowbit.qtensor.base import QTensor, not_a_view
 # slices are views): name -> (pack codes [N, K], unpack qdata [N, K // 2]).
 ROW_PACKINGS = {"plain": (ref.int4_pack, ref.int4_unpack), "mma": (ref.int4_mma_pack, ref.int4_mma_unpack)}
 # Every packing the Triton kernel reads: the row packings and "tiled" (each 16-row x 128-k tile one
-# 1 KB run; whole tiles only, and row slices are copies)
+# 1 KB run; whole tiles only; row slices at multiples of 16 rows are views, others copies)
 TRITON_PACKINGS = {**ROW_PACKINGS, "tiled": (ref.int4_tiled_pack, ref.int4_tiled_unpack)}
 
 
@@ -27,11 +27,12 @@ class Int4Tensor(QTensor):
     ``"plain"`` (the reference layout, used in checkpoints and FSDP shards),
     ``"mma"`` (``reference.int4_mma_pack``: the CUDA kernel's fast decode order,
     opted into with ``LOWBIT_INT4_CUDA_PACKING=mma``, see ``cuda_packing``), ``"tiled"``
-    (``reference.int4_tiled_pack``: each 16-row x 128-k tile one 1 KB run, for the M <= 8
-    GEMV; N % 16 == 0 and K % 128 == 0; ``LOWBIT_INT4_CUDA_PACKING=tiled``) or one of
+    (``reference.int4_tiled_pack``: each 16-row x 128-k tile one 1 KB run; N % 16 == 0 and
+    K % 128 == 0; what CUDA weights of whole tiles get by default) or one of
     ``lowbit.ops.cpu.INT4_CPU_LAYOUTS`` (what the CPU kernel reads on this
     machine; chosen automatically for CPU weights). "plain" and "mma" keep each
-    row's bytes in that row, so row slices are views.
+    row's bytes in that row, so row slices are views; "tiled" keeps each 16 rows' bytes in
+    those rows, so slices at multiples of 16 rows are views.
     """
 
     tensor_fields = ("qdata", "scale", "zero")
@@ -142,6 +143,8 @@ class Int4Tensor(QTensor):
     def slice_rows(self, start: int, end: int) -> Int4Tensor:
         if self.packing in ROW_PACKINGS:  # a view, as for a plain tensor (FSDP writes shards through narrow().copy_())
             return QTensor.slice_rows(self, start, end)
+        if self.packing == "tiled" and start % 16 == 0 and end % 16 == 0:
+            return QTensor.slice_rows(self, start, end)  # whole 16-row tile rows: qdata rows [start, end), a view
         plain = self.repack("plain")
         out = QTensor.slice_rows(plain, start, end)
         out = out.repack(_best_packing(out.device, end - start, self.shape[1], self.group_size))
@@ -179,16 +182,16 @@ def _best_packing(device: torch.device, n: int, k: int, group_size: int) -> str:
 
 
 def cuda_packing() -> str:
-    """The packing CUDA int4 weights get: ``LOWBIT_INT4_CUDA_PACKING`` ("plain" by default).
+    """The packing CUDA int4 weights get: ``LOWBIT_INT4_CUDA_PACKING``, "tiled" by default
+    (weights that are not whole 16-row x 128-k tiles get "plain", see ``_best_packing``).
 
-    "mma" is faster for M <= 32 (decode) and slower for 64 <= M < 256 (both measured on
-    H100 with Triton 3.9 code, bench/results/h100-aot39-int4.md), and only Triton >= 3.8
-    compiles its word path well; so it is an opt-in for decode-heavy serving. "tiled" (weights
-    of whole 16-row x 128-k tiles; others stay "plain") makes the M <= 8 GEMV's loads contiguous:
-    on the H100 (session 17, one run) +3-5% at M = 1, -2% to +11% at M = 8 and -0.3% to +2% at
-    M = 32 on the large Llama-8B shapes (4096 x 1024: -0.6%, +0.3%, -3%), M >= 64 unmeasured; so
-    an opt-in for now."""
-    name = os.environ.get("LOWBIT_INT4_CUDA_PACKING", "plain")
+    "tiled" makes the M <= 8 GEMV's loads contiguous. On the H100 against "plain", in the same
+    runs (bench/results/h100-kernels-int4-tiled-s18.md and session 17's): +3-5% at M = 1 and
+    -2% to +11% at M = 8 on the large Llama-8B shapes, -3% to +2% at M = 32, and -0.3% to
+    +6% at M = 64 to 2048. "mma" is faster than "plain" for M <= 32 (decode) and slower for
+    64 <= M < 256 (bench/results/h100-aot39-int4.md), and only Triton >= 3.8 compiles its word
+    path well: an opt-in."""
+    name = os.environ.get("LOWBIT_INT4_CUDA_PACKING", "tiled")
     if name not in TRITON_PACKINGS:
         raise ValueError(f"LOWBIT_INT4_CUDA_PACKING must be 'plain', 'mma' or 'tiled', got {name!r}")
     return name

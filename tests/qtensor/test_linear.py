@@ -187,10 +187,14 @@ def test_copy_into_other_packing_and_mismatch_errors():
         dst.copy_(Int8Tensor.from_float(w))
 
 
-def test_int4_cuda_packing_is_an_opt_in(monkeypatch):
-    from lowbit.qtensor.int4 import cuda_packing
+def test_int4_cuda_packing_defaults_to_tiled(monkeypatch):
+    from lowbit.qtensor.int4 import _best_packing, cuda_packing
 
     monkeypatch.delenv("LOWBIT_INT4_CUDA_PACKING", raising=False)
+    assert cuda_packing() == "tiled"
+    assert _best_packing(torch.device("cuda"), 4096, 4096, 128) == "tiled"
+    assert _best_packing(torch.device("cuda"), 4104, 4096, 128) == "plain"  # not whole tiles
+    monkeypatch.setenv("LOWBIT_INT4_CUDA_PACKING", "plain")
     assert cuda_packing() == "plain"
     monkeypatch.setenv("LOWBIT_INT4_CUDA_PACKING", "mma")
     assert cuda_packing() == "mma"
@@ -200,10 +204,10 @@ def test_int4_cuda_packing_is_an_opt_in(monkeypatch):
 
 
 def test_int4_tiled_packing_whole_tiles_only(monkeypatch):
-    """ "tiled" (each 16-row x 128-k tile one 1 KB run): CUDA weights get it from
-    LOWBIT_INT4_CUDA_PACKING=tiled only when they are whole tiles (else "plain"); a tensor in it
-    refuses a partial-tile shape (also what loading a checkpoint builds), and its row slices are
-    copies with the right rows."""
+    """ "tiled" (each 16-row x 128-k tile one 1 KB run): CUDA weights get it only when they are
+    whole tiles (else "plain"); a tensor in it refuses a partial-tile shape (also what loading a
+    checkpoint builds); its row slices at multiples of 16 rows are views that writes go through,
+    other row slices copies with the right rows that refuse writes."""
     from lowbit.qtensor.int4 import _best_packing
 
     monkeypatch.setenv("LOWBIT_INT4_CUDA_PACKING", "tiled")
@@ -217,6 +221,15 @@ def test_int4_tiled_packing_whole_tiles_only(monkeypatch):
     assert torch.equal(tiled.dequantize(), plain.dequantize())
     rows = tiled.slice_rows(16, 40)
     assert rows.packing != "tiled" and torch.equal(rows.dequantize(), plain.dequantize()[16:40])
+    with pytest.raises(NotImplementedError, match="repacked into a copy"):
+        rows.copy_(Int4Tensor.from_float(torch.randn(24, 256) * 0.02, group_size=64, packing="plain"))
+    whole = tiled.slice_rows(16, 48)
+    assert whole.packing == "tiled" and whole.qdata.data_ptr() == tiled.qdata[16:].data_ptr()
+    assert torch.equal(whole.dequantize(), plain.dequantize()[16:48])
+    new = Int4Tensor.from_float(torch.randn(32, 256) * 0.02, group_size=64, packing="tiled")
+    whole.copy_(new)  # lands in the parent's rows 16..47, rows 0..15 untouched
+    assert torch.equal(tiled.dequantize()[16:], new.dequantize())
+    assert torch.equal(tiled.dequantize()[:16], plain.dequantize()[:16])
     bad = Int4Tensor.from_float(torch.randn(40, 256) * 0.02, group_size=64, packing="plain")
     with pytest.raises(ValueError, match=r"Int4Tensor \(40, 256\): the 'tiled' packing needs whole 16-row"):
         Int4Tensor(bad.qdata, bad.scale, bad.zero, shape=bad.shape, dtype=bad.dtype, group_size=64, packing="tiled")

@@ -588,8 +588,8 @@ def int4_mm(
 
     ``packing``: the byte order of qdata, ``"plain"`` (``reference.int4_pack``),
     ``"mma"`` (``reference.int4_mma_pack``) or ``"tiled"`` (``reference.int4_tiled_pack``, N % 16 ==
-    0 and K % 128 == 0; the GEMV reads each 16-row x 128-k tile as one 1 KB run); the last two
-    are opt-in CUDA orders, see ``cuda_packing``.
+    0 and K % 128 == 0; the GEMV reads each 16-row x 128-k tile as one 1 KB run; what CUDA
+    weights of whole tiles get by default), see ``cuda_packing``.
     """
     m, k = x.shape
     n = qdata.shape[0]
