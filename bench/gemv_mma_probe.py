@@ -1,6 +1,6 @@
 """Probe: int4's GEMV tile (``lowbit/ops/triton/_int4_gemv.py``) at chosen (warps, split, unroll).
 
-    python bench/gemv_mma_probe.py [--cfgs W:split:unroll,...] [--out D]   # GPU
+    python bench/gemv_mma_probe.py [--cfgs W:split:unroll,...|all] [--packing tiled] [--out D]   # GPU
 
 Checks each launch against the reference and times it (>= 1 GiB of layers, CUDA graph, median)
 next to the shipped ``int4_mm``, whose row also records what Triton's autotuner measured for that
@@ -33,9 +33,10 @@ from lowbit.ops.triton import int4 as int4_mod  # noqa: E402
 from lowbit.ops.triton._utils import split_k_buffers  # noqa: E402
 
 
-def gemv(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, adj=None):
+def gemv(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, adj=None, tiled=False):
     """One launch of int4._gemm_kernel's GEMV tile with warps ``w``, ``split`` and ``unroll``
-    (``adj``: a warp's two blocks adjacent; None: as the shipped configs, i.e. with unroll 2)."""
+    (``adj``: a warp's two blocks adjacent; None: as the shipped configs, i.e. with unroll 2;
+    ``tiled``: qdata in the "tiled" packing)."""
     m, k = x.shape
     n = qdata.shape[0]
     assert m <= 8 and k % 32 == 0 and x.dtype in (torch.bfloat16, torch.float16) and scale.dtype == x.dtype
@@ -50,6 +51,7 @@ def gemv(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, adj=None):
         GEMV=w,
         UNROLL=unroll,
         ADJ=int(unroll == 2 if adj is None else adj),
+        TILED=int(tiled),
     )
     int4_mod._gemm_kernel.fn[(triton.cdiv(n, 16), split, 1)](
         x, qdata, scale, zero, y, ws, cnt, m, n, k, m, x.stride(0), y.stride(0), qdata.stride(0), scale.stride(0), 0,
@@ -59,9 +61,9 @@ def gemv(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, adj=None):
 
 
 # ----------------------------------------------------------------------------- GPU
-def int4_stack(k: int, n: int, gs: int):
-    """kernels.py's >= 1 GiB stack of [N, K] layers as int4 (codes, scale, zero) by the
-    reference, and the generator for the activations."""
+def int4_stack(k: int, n: int, gs: int, packing: str = "plain"):
+    """kernels.py's >= 1 GiB stack of [N, K] layers as int4 (codes in ``packing``, scale, zero)
+    by the reference, and the generator for the activations."""
     from kernels import weight_stack
 
     from lowbit.ops import reference as ref
@@ -71,7 +73,8 @@ def int4_stack(k: int, n: int, gs: int):
     while ws:
         w = ws.pop(0)
         s, z = ref.int4_choose_qparams(w, gs, torch.bfloat16)
-        packed.append((ref.int4_pack(ref.int4_quantize(w, s, z, gs)), s, z))
+        pack = ref.int4_tiled_pack if packing == "tiled" else ref.int4_pack
+        packed.append((pack(ref.int4_quantize(w, s, z, gs)), s, z))
     return packed, g
 
 
@@ -94,23 +97,26 @@ def time_main(args):
     gs = 128
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
-        packed, g = int4_stack(k, n, gs)
+        tiled = args.packing == "tiled"
+        packed, g = int4_stack(k, n, gs, args.packing)
         for m in map(int, args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
-            r = ref.int4_linear(x, *packed[0], gs)
+            q0 = ref.int4_pack(ref.int4_tiled_unpack(packed[0][0])) if tiled else packed[0][0]
+            r = ref.int4_linear(x, q0, *packed[0][1:], gs)
             for cf in _parse_cfgs(args.cfgs):
                 row = dict(K=k, N=n, M=m, W=cf[0], split=cf[1], unroll=cf[2])
                 try:
-                    y = gemv(x, *packed[0], gs, *cf)
+                    y = gemv(x, *packed[0], gs, *cf, tiled=tiled)
                     row["rel_err"] = float((y.double() - r.double()).norm() / r.double().norm())
-                    row["us"] = round(stack_us([lambda p=p, x=x, cf=cf: gemv(x, *p, gs, *cf) for p in packed]), 2)
+                    fns = [lambda p=p, x=x, cf=cf, t=tiled: gemv(x, *p, gs, *cf, tiled=t) for p in packed]
+                    row["us"] = round(stack_us(fns), 2)
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 out["rows"].append(row)
                 print(json.dumps(row), flush=True)
-            y = int4_mod.int4_mm(x, *packed[0], gs)  # the first call tunes this key: keep the tuner's view
+            y = int4_mod.int4_mm(x, *packed[0], gs, args.packing)  # the first call tunes this key
             tuner = _tuner_view(int4_mod._gemm_kernel)
-            us = stack_us([lambda p=p, x=x: int4_mod.int4_mm(x, *p, gs) for p in packed])
+            us = stack_us([lambda p=p, x=x: int4_mod.int4_mm(x, *p, gs, args.packing) for p in packed])
             row = dict(K=k, N=n, M=m, impl="int4_mm (shipped)",
                        rel_err=float((y.double() - r.double()).norm() / r.double().norm()),
                        us=round(us, 2), tuner=tuner)  # fmt: skip
@@ -140,7 +146,9 @@ def _tuner_view(kernel) -> dict:
 
 
 def _parse_cfgs(text):
-    """ "W:split:unroll,..." (unroll 1 or 2) -> tuples of ints."""
+    """ "W:split:unroll,..." (unroll 1 or 2) -> tuples of ints; "all": W 1-8 x split 1-16 x unroll 1-2."""
+    if text == "all":
+        return [(w, sp, u) for w in (1, 2, 4, 8) for sp in (1, 2, 4, 8, 16) for u in (1, 2)]
     out = [tuple(int(v) for v in c.split(":")) for c in text.split(",")]
     if any(len(c) != 3 or c[2] not in (1, 2) or min(c) < 1 for c in out):  # unroll 0 would never end
         raise SystemExit(f"--cfgs: want W:split:unroll with unroll 1 or 2, got {text!r}")
@@ -152,6 +160,7 @@ def main():
     p.add_argument("--shapes", default="4096x4096,4096x1024,4096x14336,14336x4096")
     p.add_argument("--ms", default="1,8")
     p.add_argument("--cfgs", default="4:1:2,4:2:2,4:4:1,2:4:2,1:8:2,2:2:2,8:1:2")
+    p.add_argument("--packing", choices=["plain", "tiled"], default="plain", help="qdata's byte order")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

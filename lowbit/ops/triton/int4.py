@@ -331,8 +331,11 @@ def _gemm_configs():
     # Llama-3-8B shape (H100; 4096 x 14336 W4 split 1, 14336 x 4096 W4 split 4, 4096^2 W1 split 8);
     # a warp's two blocks adjacent (ADJ: whole 128-byte lines of each row; 0.2-2.2% faster on the
     # H100 at each shape's best config in one run of bench/gemv_load_probe.py, session 17; a few
-    # other configs 1-2.4% slower)
-    gemv = [(4, 1, 2), (4, 2, 2), (4, 4, 1), (2, 4, 2), (1, 8, 2), (2, 2, 2), (8, 1, 2)]
+    # other configs 1-2.4% slower); W2 split 8 from session 18's sweep of 40 configs on the "tiled"
+    # packing (bench/gemv_mma_probe.py --packing tiled --cfgs all): the best GEMV on 14336 x 4096
+    # (M = 1 15.56 us against 16.82 for the best listed before; M = 8 17.55 against 18.43) and
+    # 4096 x 1024 (5.09 against 5.45; M = 8 5.38 against 5.66)
+    gemv = [(4, 1, 2), (4, 2, 2), (4, 4, 1), (2, 4, 2), (1, 8, 2), (2, 2, 2), (8, 1, 2), (2, 8, 2)]
     out = [
         triton.Config(
             dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=sp, SWAP=False, GEMV=w, UNROLL=u, ADJ=int(u == 2)),
