@@ -159,10 +159,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="4096x4096,4096x1024,4096x14336,14336x4096")
     p.add_argument("--ms", default="1,8")
-    p.add_argument("--cfgs", default="4:1:2,4:2:2,4:4:1,2:4:2,1:8:2,2:2:2,8:1:2")
-    p.add_argument("--packing", choices=["plain", "tiled"], default="plain", help="qdata's byte order")
+    p.add_argument(
+        "--cfgs", default="4:1:2,4:2:2,4:4:1,2:4:2,1:8:2,2:2:2,8:1:2,2:8:2", help="default: the shipped ones"
+    )
+    p.add_argument("--packing", choices=["plain", "tiled"], default=None, help="qdata's byte order (default: shipped)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.packing is None:  # what CUDA weights of these (whole-tile) shapes get
+        from lowbit.qtensor.int4 import cuda_packing
+
+        args.packing = "tiled" if cuda_packing() == "tiled" else "plain"
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     time_main(args)
 

@@ -146,6 +146,8 @@ def test_compile_with_inductor_freezing_keeps_the_quantized_kernel(name, device)
         eager = model(x)
         out, codes = run_and_get_code(torch.compile(model, fullgraph=True), x)
     torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
-    code = "\n".join(codes)
-    assert code.count("torch.ops.lowbit.") >= 4, code[-3000:]
-    assert "_frozen_param" in code, code[-3000:]  # the weights' fields are constants, not call arguments
+    import re
+
+    calls = re.findall(r"= torch\.ops\.lowbit\.\w+\.default\((.*)\)", "\n".join(codes))
+    # one kernel call per quantized linear takes its weight, as constants (none made dense)
+    assert len([args for args in calls if "_frozen_param" in args]) == 4, calls

@@ -56,6 +56,21 @@ def test_fsdp_sharding_ops(cls):
         assert (padded.dequantize()[chunk.shape[0] :] == 0).all()
 
 
+@pytest.mark.parametrize("n", [64, 48])
+def test_fsdp_sharding_ops_on_a_tiled_int4_weight(n):
+    """The same replay for an int4 weight in the "tiled" packing (the CUDA default for whole
+    16 x 128 tiles): chunks of whole tile rows (64 rows) are views, others (48 rows: 24 each)
+    copies; either way the plain shards hold exactly the chunk's values."""
+    q = Int4Tensor.from_float(torch.randn(n, 256), group_size=64, packing="tiled")
+    rows = -(-n // WORLD)
+    for chunk in torch.chunk(q, WORLD, dim=0):
+        padded = q.new_zeros((rows, 256))
+        assert padded.packing == "plain"
+        padded.narrow(0, 0, chunk.shape[0]).copy_(chunk)
+        torch.testing.assert_close(padded.dequantize()[: chunk.shape[0]], chunk.dequantize(), rtol=0, atol=0)
+    assert torch.equal(torch.cat([c.dequantize() for c in torch.chunk(q, WORLD, dim=0)]), q.dequantize())
+
+
 class _Mesh:
     def __init__(self, world):
         self.world = world

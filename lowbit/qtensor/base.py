@@ -438,8 +438,11 @@ def _(func, types, args, kwargs):
     if step != 1:
         raise NotImplementedError(f"{type(self).__name__}: slicing with step {step} is not supported")
     if start == 0 and end == n:
-        return self._rebuild(lambda t: t)
-    return self.slice_rows(start, end) if dim == 0 else self.slice_cols(start, end)
+        out = self._rebuild(lambda t: t)
+    else:
+        out = self.slice_rows(start, end) if dim == 0 else self.slice_cols(start, end)
+    why = getattr(self, "_not_a_view", None)
+    return not_a_view(out, why) if why else out  # a slice of a copy is part of that copy
 
 
 @QTensor.implements(aten.split.Tensor, aten.split_with_sizes.default)

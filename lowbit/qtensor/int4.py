@@ -145,8 +145,8 @@ class Int4Tensor(QTensor):
             return QTensor.slice_rows(self, start, end)
         if self.packing == "tiled" and start % 16 == 0 and end % 16 == 0:
             return QTensor.slice_rows(self, start, end)  # whole 16-row tile rows: qdata rows [start, end), a view
-        plain = self.repack("plain")
-        out = QTensor.slice_rows(plain, start, end)
+        # a copy, every field of it (scale and zero too: a write into it must never reach the parent)
+        out = QTensor.slice_rows(self.repack("plain"), start, end)._rebuild(torch.clone)
         out = out.repack(_best_packing(out.device, end - start, self.shape[1], self.group_size))
         return not_a_view(out, f"rows of the {self.packing!r} packing are repacked into a copy")
 
@@ -156,20 +156,16 @@ class Int4Tensor(QTensor):
             raise NotImplementedError(
                 f"Int4Tensor: columns [{start}, {end}) do not fall on group boundaries (group_size={g})"
             )
-        plain = self.repack("plain")
-        out = Int4Tensor(
-            plain.qdata[:, start // 2 : end // 2],
-            self.scale[:, start // g : end // g],
-            self.zero[:, start // g : end // g],
-            shape=(self.shape[0], end - start),
-            dtype=self.dtype,
-            group_size=g,
-            packing="plain",
-        )
-        packed = out.repack(_best_packing(out.device, *out.shape, g))
-        if self.packing != "plain" or packed.packing != "plain":
-            not_a_view(packed, f"columns of the {self.packing!r} packing are repacked into a copy")
-        return packed
+        fields = [self.repack("plain").qdata[:, start // 2 : end // 2]]
+        fields += [self.scale[:, start // g : end // g], self.zero[:, start // g : end // g]]
+        target = _best_packing(self.device, self.shape[0], end - start, g)
+        copy = self.packing != "plain" or target != "plain"
+        if copy:  # every field copied, so that a write into the slice never reaches the parent
+            fields = [f.clone() for f in fields]
+        out = Int4Tensor(*fields, shape=(self.shape[0], end - start), dtype=self.dtype, group_size=g, packing="plain")
+        if not copy:
+            return out
+        return not_a_view(out.repack(target), f"columns of the {self.packing!r} packing are repacked into a copy")
 
 
 def _best_packing(device: torch.device, n: int, k: int, group_size: int) -> str:
@@ -185,10 +181,11 @@ def cuda_packing() -> str:
     """The packing CUDA int4 weights get: ``LOWBIT_INT4_CUDA_PACKING``, "tiled" by default
     (weights that are not whole 16-row x 128-k tiles get "plain", see ``_best_packing``).
 
-    "tiled" makes the M <= 8 GEMV's loads contiguous. On the H100 against "plain", in the same
-    runs (bench/results/h100-kernels-int4-tiled-s18.md and session 17's): +3-5% at M = 1 and
-    -2% to +11% at M = 8 on the large Llama-8B shapes, -3% to +2% at M = 32, and -0.3% to
-    +6% at M = 64 to 2048. "mma" is faster than "plain" for M <= 32 (decode) and slower for
+    "tiled" makes the M <= 8 GEMV's loads contiguous. On the H100 against "plain" in the same
+    run (bench/results/h100-kernels-int4-tiled-s18.md), on the three large Llama-8B shapes:
+    +3-9% at M = 1, +2-9% at M = 8, +0-3% at M = 32, +0-5% at M = 128 to 2048. On 4096 x 1024
+    (the k / v projections) it was level in session 17 and 1-7% slower in a later session 18
+    run (h100-kernels-int4-small-m-s18.md). "mma" is faster than "plain" for M <= 32 (decode) and slower for
     64 <= M < 256 (bench/results/h100-aot39-int4.md), and only Triton >= 3.8 compiles its word
     path well: an opt-in."""
     name = os.environ.get("LOWBIT_INT4_CUDA_PACKING", "tiled")

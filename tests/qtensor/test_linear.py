@@ -210,7 +210,7 @@ def test_int4_tiled_packing_whole_tiles_only(monkeypatch):
     other row slices copies with the right rows that refuse writes."""
     from lowbit.qtensor.int4 import _best_packing
 
-    monkeypatch.setenv("LOWBIT_INT4_CUDA_PACKING", "tiled")
+    monkeypatch.delenv("LOWBIT_INT4_CUDA_PACKING", raising=False)  # (the default)
     cuda = torch.device("cuda")
     assert _best_packing(cuda, 64, 256, 32) == "tiled"
     assert _best_packing(cuda, 40, 256, 32) == "plain" and _best_packing(cuda, 64, 192, 64) == "plain"
@@ -230,6 +230,11 @@ def test_int4_tiled_packing_whole_tiles_only(monkeypatch):
     whole.copy_(new)  # lands in the parent's rows 16..47, rows 0..15 untouched
     assert torch.equal(tiled.dequantize()[16:], new.dequantize())
     assert torch.equal(tiled.dequantize()[:16], plain.dequantize()[:16])
+    inner = tiled[16:32]  # an interior tile row: rows 32..47 stay as they are
+    assert inner.packing == "tiled" and not hasattr(inner, "_not_a_view")
+    inner.copy_(Int4Tensor.from_float(w[:16], group_size=64, packing="tiled"))
+    assert torch.equal(tiled.dequantize()[16:32], plain.dequantize()[:16])
+    assert torch.equal(tiled.dequantize()[32:], new.dequantize()[16:])
     bad = Int4Tensor.from_float(torch.randn(40, 256) * 0.02, group_size=64, packing="plain")
     with pytest.raises(ValueError, match=r"Int4Tensor \(40, 256\): the 'tiled' packing needs whole 16-row"):
         Int4Tensor(bad.qdata, bad.scale, bad.zero, shape=bad.shape, dtype=bad.dtype, group_size=64, packing="tiled")

@@ -40,6 +40,28 @@ def test_writes_through_row_slices_land_or_raise():
         assert torch.equal(a.dequantize()[16:], make(_w(seed=1)).dequantize()[16:])
 
 
+@pytest.mark.parametrize("packing", ["auto", "tiled"])
+@pytest.mark.parametrize("cut", ["rows", "cols"])
+def test_a_slice_of_a_copied_slice_refuses_writes_and_never_changes_the_parent(packing, cut):
+    """A slice that is a copy (CPU layout or "tiled" int4 rows not on 16-row tile rows, int4
+    columns of a non-plain packing) owns every field, and slices of it stay marked: writing into
+    one raises, and the parent is unchanged either way."""
+    a = Int4Tensor.from_float(_w(n=64, k=256, seed=1), group_size=32, packing=packing)
+    src = Int4Tensor.from_float(_w(n=64, k=256, seed=2), group_size=32, packing="plain")
+    before = a.dequantize().clone()
+    if cut == "rows":
+        copied, dst, new = a[8:40], a[8:40][0:16], src[0:16]
+    else:
+        copied, dst, new = a.narrow(1, 32, 128), a.narrow(1, 32, 128)[0:16], src.narrow(1, 32, 128)[0:16]
+    assert copied.packing != "plain" or a.packing != "plain", "the parent and slice must not both be plain here"
+    for mine, theirs in zip(copied._tensors(), a._tensors()):
+        assert mine.untyped_storage().data_ptr() != theirs.untyped_storage().data_ptr()
+    for target in (copied[:], dst):
+        with pytest.raises(NotImplementedError, match="write the whole weight"):
+            target.copy_(new if target is dst else type(copied).from_float(copied.dequantize(), group_size=32))
+    assert torch.equal(a.dequantize(), before)
+
+
 @pytest.mark.parametrize("make", [Int8Tensor.from_float, Int8DynActTensor.from_float, Float8Tensor.from_float])
 def test_writes_through_column_slices_of_per_row_scales_raise(make):
     a, b = make(_w(seed=1)), make(_w(seed=2))

@@ -3,8 +3,10 @@
 Shapes and math (the spec is ``lowbit.ops.reference.int4_linear``)::
 
     x      [M, K]              bf16 / fp16 / fp32 activations
-    qdata  [N, K // 2] uint8   two codes per byte, in one of two byte orders (``packing``):
+    qdata  [N, K // 2] uint8   two codes per byte, in one of three byte orders (``packing``):
                                "plain": q[n, 2j] in the low nibble of qdata[n, j], q[n, 2j+1] high
+                               "tiled": "plain" bytes, each 16-row x 128-k tile one 1 KB run
+                               (``reference.int4_tiled_pack``; the default for CUDA weights of whole tiles)
                                "mma": ``reference.int4_mma_pack`` (opt-in for CUDA weights)
     scale  [N, K // gs]        weight dtype; zero likewise
     w_hat[n, k] = (q[n, k] - 8) * scale[n, k // gs] + zero[n, k // gs]     (fp32, cast to x.dtype)
@@ -12,7 +14,7 @@ Shapes and math (the spec is ``lowbit.ops.reference.int4_linear``)::
 
 Two paths, picked by M:
 
-* ``_gemm_kernel`` (M < DEQUANT_MIN_M, and fp32 x with "plain" codes at any M):
+* ``_gemm_kernel`` (M < DEQUANT_MIN_M, and fp32 x with "plain" or "tiled" codes at any M):
   tensor-core GEMM; the weight tile is unpacked and dequantized in registers inside
   the main loop. On the GPU (bf16 / fp16 activations with qparams of the same dtype)
   inline PTX turns 4 code bytes into 8 weights (prmt + lop3 with a magic exponent,
@@ -20,7 +22,7 @@ Two paths, picked by M:
   ``(q - 8) * s + z`` to x.dtype); elsewhere the reference's fp32 formula.
   For M <= 8 its autotune space also holds GEMV configs (``GEMV`` warps), which run
   ``_int4_gemv.gemv_tile`` instead: the weight as the A operand of mma.sync in inline
-  PTX, no shared memory (PTX path and "plain" codes only; emulated on the interpreter).
+  PTX, no shared memory (PTX path, "plain" or "tiled" codes; emulated on the interpreter).
   "mma" codes, M bucket < 64, i.e. M <= 32 (``_dequant_words``): each int32 word
   unpacks into exactly the bf16x2 registers one thread feeds to the m16n8k16 mma, in
   k order, so one full-depth dot takes x straight from ldmatrix (Triton >= 3.8,
@@ -30,7 +32,8 @@ Two paths, picked by M:
   "plain" codes (``_dequant_tile``): even k live in the low nibbles, so x is split
   into even/odd columns and two half-depth dots run. "mma" codes from M bucket 64
   (M >= 33; wgmma tiles) take this byte path too, with x's columns reordered once per call
-  (``_pair_order``) so that byte j's nibbles meet their k.
+  (``_pair_order``) so that byte j's nibbles meet their k. "tiled" codes are the same bytes,
+  each K tile (BLOCK_K <= 128) read from its row's 64-byte piece of the tile's run.
   Scale and zero (16-bit, an even number of groups) are read as int32 words of two groups
   (``SZ_WORDS``); tiles with BLOCK_K == group size then run two K tiles per loop iteration,
   each taking a fixed half of the word. Otherwise one 2-byte value per tile.
@@ -250,13 +253,13 @@ def _prune(configs_, named_args, **kwargs):
     tile), splits only for M <= 128 with >= 2 K tiles per split and a workspace of at
     most MAX_WORKSPACE bytes, BLOCK_M by M bucket; swapped tiles as SWAP_MODE says
     (``GEMM_SWAP``), from M bucket 64 and with BLOCK_M <= the bucket; GEMV configs for M
-    bucket <= min(GEMV_MAX, 8) on the PTX path (or the interpreter) with "plain" codes and
+    bucket <= min(GEMV_MAX, 8) on the PTX path (or the interpreter) with "plain" or "tiled" codes and
     16-bit x, two 128-k blocks per split at least."""
     a = {**named_args, **kwargs}
     gs, mb, k, n = a["GS"], a["m_bucket"], a["K"], a["N"]
     swap_mode = a.get("SWAP_MODE", _SWAP_MODES["off"])
     out, seen = [], set()
-    # the GEMV tile: M <= 8, the PTX path (or its emulation on the interpreter), "plain" codes
+    # the GEMV tile: M <= 8, the PTX path (or its emulation on the interpreter), not "mma" codes
     # (the tile computes 8 tokens: never above 8, whatever GEMV_MAX says)
     gemv_ok = (
         mb <= min(a.get("GEMV_MAX", GEMV_MAX_M), 8) and not a.get("MMA", False) and (a.get("ASM", False) or INTERPRET)
