@@ -69,11 +69,11 @@ def int4_stack(k: int, n: int, gs: int, packing: str = "plain"):
     from lowbit.ops import reference as ref
 
     ws, g = weight_stack(k, n)
+    pack = ref.int4_tiled_pack if packing == "tiled" else ref.int4_pack
     packed = []
     while ws:
         w = ws.pop(0)
         s, z = ref.int4_choose_qparams(w, gs, torch.bfloat16)
-        pack = ref.int4_tiled_pack if packing == "tiled" else ref.int4_pack
         packed.append((pack(ref.int4_quantize(w, s, z, gs)), s, z))
     return packed, g
 
@@ -94,10 +94,9 @@ def time_main(args):
         "env": dict(torch=torch.__version__, triton=triton.__version__, gpu=torch.cuda.get_device_name()),
         "rows": [],
     }
-    gs = 128
+    gs, tiled = 128, args.packing == "tiled"
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
-        tiled = args.packing == "tiled"
         packed, g = int4_stack(k, n, gs, args.packing)
         for m in map(int, args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -108,7 +107,7 @@ def time_main(args):
                 try:
                     y = gemv(x, *packed[0], gs, *cf, tiled=tiled)
                     row["rel_err"] = float((y.double() - r.double()).norm() / r.double().norm())
-                    fns = [lambda p=p, x=x, cf=cf, t=tiled: gemv(x, *p, gs, *cf, tiled=t) for p in packed]
+                    fns = [lambda p=p, x=x, cf=cf: gemv(x, *p, gs, *cf, tiled=tiled) for p in packed]
                     row["us"] = round(stack_us(fns), 2)
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -159,8 +158,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="4096x4096,4096x1024,4096x14336,14336x4096")
     p.add_argument("--ms", default="1,8")
+    shipped = [c.kwargs for c in int4_mod._GEMM_CONFIGS if c.kwargs.get("GEMV")]
     p.add_argument(
-        "--cfgs", default="4:1:2,4:2:2,4:4:1,2:4:2,1:8:2,2:2:2,8:1:2,2:8:2", help="default: the shipped ones"
+        "--cfgs",
+        default=",".join(f"{c['GEMV']}:{c['SPLIT_K']}:{c['UNROLL']}" for c in shipped),
+        help="default: shipped",
     )
     p.add_argument("--packing", choices=["plain", "tiled"], default=None, help="qdata's byte order (default: shipped)")
     p.add_argument("--out", default=None)

@@ -1,5 +1,7 @@
 """torch.compile(fullgraph=True) over quantized weights: no graph break, same output."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,8 +148,6 @@ def test_compile_with_inductor_freezing_keeps_the_quantized_kernel(name, device)
         eager = model(x)
         out, codes = run_and_get_code(torch.compile(model, fullgraph=True), x)
     torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
-    import re
-
     calls = re.findall(r"= torch\.ops\.lowbit\.\w+\.default\((.*)\)", "\n".join(codes))
     # one kernel call per quantized linear takes its weight, as constants (none made dense)
     assert len([args for args in calls if "_frozen_param" in args]) == 4, calls
