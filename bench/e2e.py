@@ -134,9 +134,12 @@ def build_model(args, device):
     return model.eval()
 
 
-def quantize(model, variant, group_size):
+def quantize(model, variant, group_size, with_head=False):
+    """The decoder layers' linears, or with ``with_head`` every linear (the output head too, as
+    a bare ``quantize_(model, config)`` does in both libraries)."""
     if variant == "bf16":
         return
+    target = model if with_head else model.model
     if variant.startswith("lowbit_"):
         import lowbit
 
@@ -146,7 +149,7 @@ def quantize(model, variant, group_size):
             "lowbit_w8a8": lowbit.int8_dynamic_activation_int8_weight,
             "lowbit_fp8": lowbit.float8_dynamic_activation_float8_weight,
         }[variant]()
-        lowbit.quantize_(model.model, cfg)  # decoder layers; lm_head stays bf16
+        lowbit.quantize_(target, cfg)
         return
     import torchao.quantization as ao
 
@@ -154,7 +157,7 @@ def quantize(model, variant, group_size):
         "ao_int4": lambda: ao.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d"),
         "ao_fp8": lambda: ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerRow()),
     }[variant]()
-    ao.quantize_(model.model, cfg)
+    ao.quantize_(target, cfg)
 
 
 def weight_bytes(model) -> int:
@@ -333,7 +336,7 @@ def run_variant(variant, args) -> dict:
     sync(device)
     res["build_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    quantize(model, variant, args.group_size)
+    quantize(model, variant, args.group_size, args.with_head)
     if _UNWRAP_FIELDS:
         unwrap_fields(model)
     sync(device)
@@ -530,6 +533,9 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=3, help="timed repetitions after the warm-up (default: 3)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default: 128)")
     p.add_argument(
+        "--with-head", action="store_true", help="quantize the output head too (default: decoder layers only)"
+    )
+    p.add_argument(
         "--no-compile", action="store_true", help="eager decode (Transformers compiles static-cache decode by default)"
     )
     p.add_argument("--timeout", type=int, default=540, help="seconds per variant process (default: 540)")
@@ -648,6 +654,7 @@ def main(argv=None) -> int:
         reuse_cache=args.reuse_cache,
         batches=args.batches,
         group_size=args.group_size,
+        with_head=args.with_head,
     )
     env = dict(os.environ)
     if not args.in_process and any(v.startswith("ao_") for v in args.variant_list):

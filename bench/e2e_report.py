@@ -62,6 +62,7 @@ def markdown(results, meta) -> str:
         f"prefill = one {meta['prefill']}-token forward"
         + (" compiled (`torch.compile`, default mode)" if meta.get("prefill_compiled") else " (eager)")
         + ("; one StaticCache reused across step loops (`--reuse-cache`)" if meta.get("reuse_cache") else "")
+        + ("; the output head quantized too (`--with-head`)" if meta.get("with_head") else "; output head bf16")
         + ". tok/s is per sequence; x = ratio to bf16 in the same run"
         + (
             f"; each figure the median of {meta['rounds']} processes per variant." if meta.get("rounds", 1) > 1 else "."

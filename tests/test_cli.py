@@ -248,9 +248,9 @@ def test_e2e_bench_step_loop_only(tmp_path, monkeypatch):
     seen = {}
     quantize = e2e.quantize
 
-    def spy(model, variant, group_size):
+    def spy(model, variant, *rest):
         seen.setdefault(variant, []).append((_utils.PDL, int4_mod.GEMV_MAX_M))
-        return quantize(model, variant, group_size)
+        return quantize(model, variant, *rest)
 
     monkeypatch.setattr(e2e, "quantize", spy)
     monkeypatch.setattr(_utils, "PDL", True)
@@ -275,6 +275,42 @@ def test_e2e_bench_step_loop_only(tmp_path, monkeypatch):
         e2e.parse_args(["--variants", "bf16_nopdl"])
     with pytest.raises(SystemExit):
         e2e.parse_args(["--variants", "lowbit_int8_nogemv"])
+
+
+def test_e2e_bench_with_head_quantizes_the_output_head(tmp_path, monkeypatch):
+    """--with-head quantizes every linear, the output head too (what a bare ``quantize_(model,
+    config)`` does); by default the decoder layers alone, the head left in bf16. The table says
+    which, and the quantized head makes the weights smaller."""
+    import lowbit
+
+    e2e = _e2e_module()
+    quantize, heads, weights = e2e.quantize, {}, {}
+
+    def spy(model, variant, group_size, with_head=False):
+        quantize(model, variant, group_size, with_head)
+        layer = model.model.layers[0].mlp.down_proj.weight
+        heads[(variant, with_head)] = (
+            isinstance(layer, lowbit.QTensor),
+            isinstance(model.lm_head.weight, lowbit.QTensor),
+        )
+        weights[(variant, with_head)] = e2e.weight_bytes(model)
+
+    monkeypatch.setattr(e2e, "quantize", spy)
+    argv = ["--tiny", "--reps", "1", "--step-loop", "--no-generate", "--batches", "1", "--new-tokens", "3"]
+    mds = {}
+    for extra in ([], ["--with-head"]):
+        out = tmp_path / ("head" if extra else "layers")
+        assert e2e.main(argv + extra + ["--out", str(out), "--variants", "bf16,lowbit_int4"]) == 0
+        mds[bool(extra)] = (out / "cpu-tiny-e2e.md").read_text()
+    assert heads == {
+        ("bf16", False): (False, False),
+        ("bf16", True): (False, False),
+        ("lowbit_int4", False): (True, False),
+        ("lowbit_int4", True): (True, True),
+    }
+    assert weights[("bf16", True)] == weights[("bf16", False)]
+    assert weights[("lowbit_int4", True)] < weights[("lowbit_int4", False)] < weights[("bf16", False)]
+    assert "output head quantized too" in mds[True] and "output head bf16" in mds[False]
 
 
 def test_e2e_bench_host_profile(tmp_path):
