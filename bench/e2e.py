@@ -59,7 +59,8 @@ import traceback
 import zipfile
 
 import torch
-from e2e_profile import profile_decode, profile_host, unwrap_fields  # bench/ (this folder) is on sys.path
+from e2e_fuse import fuse_siblings  # bench/ (this folder) is on sys.path
+from e2e_profile import profile_decode, profile_host, unwrap_fields
 from e2e_report import merge_rounds, write_outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +89,10 @@ LABELS["lowbit_int4" + NO_GEMV] = LABELS["lowbit_int4"] + ", no GEMV tile"
 UNWRAP = "_unwrapped"
 LABELS["lowbit_int4" + UNWRAP] = LABELS["lowbit_int4"] + ", fields as parameters"
 _UNWRAP_FIELDS = False
+# lowbit int4 with sibling projections (q / k / v, gate / up) run as one matmul each (``e2e_fuse``, probe)
+FUSED = "_fused"
+LABELS["lowbit_int4" + FUSED] = LABELS["lowbit_int4"] + ", q/k/v and gate/up fused"
+_FUSE_SIBLINGS = False
 ALL_VARIANTS = list(LABELS)
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -298,7 +303,7 @@ def _ab_switch(suffix):
         from lowbit.ops.triton import _utils
 
         return _setting(_utils, "PDL", False)
-    return _setting(sys.modules[__name__], "_UNWRAP_FIELDS", True)
+    return _setting(sys.modules[__name__], {UNWRAP: "_UNWRAP_FIELDS", FUSED: "_FUSE_SIBLINGS"}[suffix], True)
 
 
 def sleep_cycles_per_s() -> float:
@@ -324,7 +329,7 @@ def run_variant(variant, args) -> dict:
             return dict(res, skipped=f"torchao not importable: {type(e).__name__}: {e}")
     if variant.endswith("fp8") and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         return dict(res, skipped="fp8 needs sm_89+")
-    for suffix in (NO_GEMV, UNWRAP, NO_PDL):  # A/B variants: the base variant with a switch set
+    for suffix in (NO_GEMV, UNWRAP, NO_PDL, FUSED):  # A/B variants: the base variant with a switch set
         if variant.endswith(suffix):
             with _ab_switch(suffix):
                 return run_variant(variant.removesuffix(suffix), args) | dict(variant=variant, label=LABELS[variant])
@@ -342,6 +347,8 @@ def run_variant(variant, args) -> dict:
     sync(device)
     res["quantize_s"] = round(time.perf_counter() - t0, 2)
     res["weights_GB"] = round(weight_bytes(model) / 1e9, 3)
+    if _FUSE_SIBLINGS:  # (after weight_bytes: the fused weights are no module's parameters)
+        res["fused_groups"] = fuse_siblings(model)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     kw = dict(
@@ -518,7 +525,7 @@ def parse_args(argv=None):
         default=",".join(VARIANTS),
         help="comma-separated, from: " + ",".join(VARIANTS) + f" (and the lowbit ones + {NO_PDL!r}: PDL off; "
         f"lowbit_int4{NO_GEMV}: the M <= 8 GEMV tile off; lowbit_int4{UNWRAP}: fields as parametrized "
-        "parameters, a probe)",
+        f"parameters, a probe; lowbit_int4{FUSED}: sibling projections as one matmul, a probe)",
     )
     p.add_argument(
         "--layers", type=int, default=0, help="decoder layers (default: 32, or 2 with --tiny); fewer for a quick check"
@@ -532,9 +539,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length for decode (default: 16)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions after the warm-up (default: 3)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default: 128)")
-    p.add_argument(
-        "--with-head", action="store_true", help="quantize the output head too (default: decoder layers only)"
-    )
+    p.add_argument("--with-head", action="store_true", help="quantize the output head too (default: the layers)")
     p.add_argument(
         "--no-compile", action="store_true", help="eager decode (Transformers compiles static-cache decode by default)"
     )
