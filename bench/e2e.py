@@ -59,8 +59,7 @@ import traceback
 import zipfile
 
 import torch
-from e2e_fuse import fuse_siblings  # bench/ (this folder) is on sys.path
-from e2e_profile import profile_decode, profile_host, unwrap_fields
+from e2e_profile import profile_decode, profile_host, unwrap_fields  # bench/ (this folder) is on sys.path
 from e2e_report import merge_rounds, write_outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,9 +88,10 @@ LABELS["lowbit_int4" + NO_GEMV] = LABELS["lowbit_int4"] + ", no GEMV tile"
 UNWRAP = "_unwrapped"
 LABELS["lowbit_int4" + UNWRAP] = LABELS["lowbit_int4"] + ", fields as parameters"
 _UNWRAP_FIELDS = False
-# lowbit int4 with sibling projections (q / k / v, gate / up) run as one matmul each (``e2e_fuse``, probe)
+# lowbit int4 / int8 with sibling projections (q / k / v, gate / up) run as one matmul each (``lowbit.fuse_projections_``)
 FUSED = "_fused"
-LABELS["lowbit_int4" + FUSED] = LABELS["lowbit_int4"] + ", q/k/v and gate/up fused"
+for _v in ("lowbit_int4", "lowbit_int8"):
+    LABELS[_v + FUSED] = LABELS[_v] + ", q/k/v and gate/up fused"
 _FUSE_SIBLINGS = False
 ALL_VARIANTS = list(LABELS)
 LLAMA3_8B = dict(
@@ -347,8 +347,8 @@ def run_variant(variant, args) -> dict:
     sync(device)
     res["quantize_s"] = round(time.perf_counter() - t0, 2)
     res["weights_GB"] = round(weight_bytes(model) / 1e9, 3)
-    if _FUSE_SIBLINGS:  # (after weight_bytes: the fused weights are no module's parameters)
-        res["fused_groups"] = fuse_siblings(model)
+    if _FUSE_SIBLINGS:  # (a lowbit variant: quantize imported lowbit)
+        res["fused_groups"] = len(sys.modules["lowbit"].fuse_projections_(model))
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     kw = dict(
@@ -525,7 +525,7 @@ def parse_args(argv=None):
         default=",".join(VARIANTS),
         help="comma-separated, from: " + ",".join(VARIANTS) + f" (and the lowbit ones + {NO_PDL!r}: PDL off; "
         f"lowbit_int4{NO_GEMV}: the M <= 8 GEMV tile off; lowbit_int4{UNWRAP}: fields as parametrized "
-        f"parameters, a probe; lowbit_int4{FUSED}: sibling projections as one matmul, a probe)",
+        f"parameters, a probe; lowbit_int{{4,8}}{FUSED}: lowbit.fuse_projections_)",
     )
     p.add_argument(
         "--layers", type=int, default=0, help="decoder layers (default: 32, or 2 with --tiny); fewer for a quick check"

@@ -14,6 +14,7 @@ from lowbit.config import (
     int8_dynamic_activation_int8_weight,
     int8_weight_only,
 )
+from lowbit.fuse import fuse_projections_
 from lowbit.ops.backend import use_backend
 from lowbit.qat import QATConfig
 from lowbit.qtensor import Float8Tensor, Int4Tensor, Int8DynActTensor, Int8Tensor, QTensor
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "quantize_",
+    "fuse_projections_",
     "QuantizeReport",
     "QATConfig",
     "use_backend",

@@ -328,6 +328,9 @@ def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str
     """Plain tensors for safetensors plus the header metadata describing the lowbit ones."""
     flat: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
+    # a field sharing storage with one met before is copied: safetensors refuses shared storage (CPU
+    # int4 keeps scale and zero in one buffer; fuse_projections_ makes siblings' rows views of one stack)
+    storages: set[int] = set()
     for name, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
@@ -338,9 +341,7 @@ def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str
             raise ValueError(f"tensor {name!r}: {type(t).__name__} is not a lowbit class that can be saved")
         if getattr(t, "packing", "plain") != "plain":
             t = t.repack("plain")
-        storages: set[int] = set()
         for field, part in zip(t.tensor_fields, t._tensors()):
-            # CPU int4 keeps scale and zero as views of one buffer; safetensors refuses shared storage
             ptr = part.untyped_storage().data_ptr()
             part = (
                 part.detach().clone(memory_format=torch.contiguous_format)

@@ -1,0 +1,198 @@
+"""lowbit.fuse_projections_: sibling projections as one matmul over their row-stacked weight.
+
+Every result is checked against the same model unfused (bitwise: each output column comes from
+its own row of the weight whichever matmul computes it) or against F.linear on the dequantized
+weight."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from lowbit import fuse as fuse_mod
+from lowbit.safetensors import flatten_state_dict, load_file, save_file
+
+
+def tiny_llama(scheme: str, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+    configs = {"int8": lowbit.int8_weight_only, "w8a8": lowbit.int8_dynamic_activation_int8_weight}
+    lowbit.quantize_(model, configs[scheme]())
+    return model
+
+
+IDS = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+class Siblings(nn.Module):
+    """q / k / v over one input, int4 "plain" weights (row slices are views) of different heights."""
+
+    def __init__(self, rows=(48, 16, 32), k=128, bias=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(sum(rows))
+        for name, n in zip(("q_proj", "k_proj", "v_proj"), rows):
+            lin = nn.Linear(k, n, bias=bias, dtype=torch.bfloat16)
+            w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+            lin.weight = nn.Parameter(lowbit.Int4Tensor.from_float(w, group_size=32, packing="plain"), False)
+            if bias:
+                lin.bias = nn.Parameter(torch.randn(n, generator=g).to(torch.bfloat16), False)
+            setattr(self, name, lin)
+
+    def forward(self, x):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "w8a8"])
+def test_fused_llama_gives_the_unfused_logits_eager_and_compiled(scheme):
+    plain, fused = tiny_llama(scheme), tiny_llama(scheme)
+    names = lowbit.fuse_projections_(fused)
+    assert names == [
+        f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.{q_proj,k_proj,v_proj}", "mlp.{gate_proj,up_proj}")
+    ]
+    with torch.no_grad():
+        assert torch.equal(fused(IDS).logits, plain(IDS).logits)
+        got = torch.compile(fused, fullgraph=True)(IDS).logits  # no graph break in the members
+        assert torch.equal(got, torch.compile(plain, fullgraph=True)(IDS).logits)
+    # compiled, the members' weights are no graph inputs (torch.compile unwraps each input weight on
+    # every call): the 4 group stacks, o_proj and down_proj of 2 layers and the head, against 15
+    inputs = {}
+    for name, m in (("plain", plain), ("fused", fused)):
+        torch._dynamo.reset()
+        backend = lambda gm, args, name=name: inputs.setdefault(name, args) and gm.forward  # noqa: E731
+        with torch.no_grad():
+            torch.compile(m, backend=backend, fullgraph=True)(IDS)
+    qtensors = {k: sum(isinstance(a, lowbit.QTensor) for a in v) for k, v in inputs.items()}
+    assert qtensors == {"plain": 15, "fused": 9}, qtensors
+    attn = fused.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (128, 128) and attn.k_proj.weight.shape == (64, 128)
+    assert isinstance(attn.q_proj, nn.Linear) and type(attn.o_proj) is nn.Linear
+    # no memory added: the members' fields are rows of the group's stacked weight
+    stack = attn.q_proj._lowbit_group.weight
+    assert stack.shape == (256, 128)
+    for m in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert m.weight.qdata.untyped_storage().data_ptr() == stack.qdata.untyped_storage().data_ptr()
+    # the state dict keeps its keys and values
+    sd_plain, sd_fused = plain.state_dict(), fused.state_dict()
+    assert list(sd_fused) == list(sd_plain)
+    assert all(
+        torch.equal(sd_fused[k].dequantize(), v.dequantize()) for k, v in sd_plain.items() if hasattr(v, "dequantize")
+    )
+
+
+def test_one_matmul_per_group_and_inputs_are_not_mixed(monkeypatch):
+    plain, fused = Siblings(bias=True), Siblings(bias=True)
+    assert lowbit.fuse_projections_(fused) == ["<root>.{q_proj,k_proj,v_proj}"]
+    x, x2 = (torch.randn(5, 128, generator=torch.Generator().manual_seed(s)).to(torch.bfloat16) for s in (2, 3))
+    calls = []
+    linear = F.linear
+    counting = types.SimpleNamespace(linear=lambda *a: calls.append(tuple(a[1].shape)) or linear(*a))
+    with torch.no_grad():
+        with monkeypatch.context() as patch:
+            patch.setattr(fuse_mod, "F", counting)
+            got = fused(x)
+        assert calls == [(96, 128)]  # the group's one matmul
+        want = plain(x)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        g = fused.q_proj._lowbit_group
+        assert g.x is None and g.y is None  # the last member let go
+        # members called with different inputs: each gets its columns for its own input
+        assert torch.equal(fused.q_proj(x), plain.q_proj(x)) and torch.equal(fused.k_proj(x2), plain.k_proj(x2))
+        assert torch.equal(fused.v_proj(x2), plain.v_proj(x2))
+        ref = F.linear(x.float(), plain.v_proj.weight.dequantize().float(), plain.v_proj.bias.float())
+        assert (fused.v_proj(x).float() - ref).abs().max() < 0.05
+
+
+def test_in_place_loads_reach_the_stack_and_replaced_weights_run_alone():
+    a, b, fused = Siblings(), Siblings(rows=(48, 16, 32), k=128), Siblings()
+    with torch.no_grad():  # b: other values, same shapes
+        for m in (b.q_proj, b.k_proj, b.v_proj):
+            w = torch.randn(m.weight.shape, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16) * 0.05
+            m.weight = nn.Parameter(lowbit.Int4Tensor.from_float(w, group_size=32, packing="plain"), False)
+    lowbit.fuse_projections_(fused)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert all(torch.equal(p, q) for p, q in zip(fused(x), a(x)))
+        fused.load_state_dict(b.state_dict())  # copy_ into the views: the stack changes with them
+        assert all(torch.equal(p, q) for p, q in zip(fused(x), b(x)))
+        fused.k_proj.weight = a.k_proj.weight  # a new parameter: k runs alone on it, q and v stay fused
+        q, k, v = fused(x)
+        assert torch.equal(k, a.k_proj(x)) and torch.equal(q, b.q_proj(x)) and torch.equal(v, b.v_proj(x))
+
+
+def test_a_fused_model_saves_and_loads_unfused(tmp_path):
+    fused, plain = tiny_llama("int8"), tiny_llama("int8", seed=5)
+    lowbit.fuse_projections_(fused)
+    flat, _ = flatten_state_dict(fused.state_dict())
+    ptrs = [t.untyped_storage().data_ptr() for t in flat.values()]
+    assert len(set(ptrs)) == len(ptrs)  # no two saved tensors share storage (safetensors refuses that)
+    save_file(fused.state_dict(), tmp_path / "m.safetensors")
+    plain.load_state_dict(load_file(tmp_path / "m.safetensors"))
+    fused.save_pretrained(tmp_path / "hf")  # Transformers' own save, then a plain from_pretrained
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        want = fused(IDS).logits
+        assert torch.equal(plain(IDS).logits, want) and torch.equal(loaded(IDS).logits, want)
+
+
+def test_groups_that_cannot_be_fused_raise_and_stay_unchanged():
+    m = Siblings()
+    m.k_proj.weight = nn.Parameter(lowbit.Int8Tensor.from_float(torch.randn(16, 128).to(torch.bfloat16)), False)
+    with pytest.raises(ValueError, match=r"<root>\.k_proj is .*Int8Tensor.*<root>\.q_proj is .*Int4Tensor"):
+        lowbit.fuse_projections_(m)
+    assert type(m.q_proj) is nn.Linear  # nothing changed
+    m = Siblings()
+    m.v_proj.weight = nn.Parameter(torch.randn(32, 128, dtype=torch.bfloat16), False)
+    with pytest.raises(ValueError, match=r"<root>\.v_proj has a Parameter weight; quantize"):
+        lowbit.fuse_projections_(m)
+    m = Siblings()
+    lowbit.fuse_projections_(m)
+    with pytest.raises(ValueError, match="already fused"):
+        lowbit.fuse_projections_(m)
+    m = Siblings()
+    for lin in (m.q_proj, m.k_proj, m.v_proj):  # a CPU packing: its rows are repacked copies, not views
+        lin.weight = nn.Parameter(lin.weight.repack("cpu_scalar"), False)
+    with pytest.raises(ValueError, match=r"<root>\.q_proj .*cannot be fused: rows of the 'cpu_scalar' packing"):
+        lowbit.fuse_projections_(m)
+    assert type(m.q_proj) is nn.Linear and m.q_proj.weight.packing == "cpu_scalar"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_int4_llama_on_cuda_matches_unfused():
+    """int4 on CUDA ("tiled": whole 16-row x 128-k tiles, rows are views): the fused groups' one
+    kernel per group against each member's own kernel, eager and compiled with CUDA graphs. The
+    kernels' configs (and so the fp32 summation order) depend on N, so the logits agree to
+    rounding rather than bitwise."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False,
+        )  # fmt: skip
+        m = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+        return lowbit.quantize_(m, lowbit.int4_weight_only(group_size=128))
+
+    plain, fused = model(), model()
+    assert plain.model.layers[0].self_attn.k_proj.weight.packing == "tiled"
+    assert len(lowbit.fuse_projections_(fused)) == 4
+    ids = IDS.cuda()
+    with torch.no_grad():
+        want = plain(ids).logits.float()
+        for run in (fused, torch.compile(fused, mode="reduce-overhead", fullgraph=True)):
+            for _ in range(3):  # (CUDA graphs: warm-up, record, replay)
+                got = run(ids).logits.float()
+            assert (got - want).abs().max() <= 0.02 * want.abs().max(), (got - want).abs().max()
