@@ -331,6 +331,7 @@ def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str
     # a field sharing storage with one met before is copied: safetensors refuses shared storage (CPU
     # int4 keeps scale and zero in one buffer; fuse_projections_ makes siblings' rows views of one stack)
     storages: set[int] = set()
+    tied: dict[int, str] = {}
     for name, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
@@ -339,6 +340,11 @@ def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str
             continue
         if QTENSOR_CLASSES.get(type(t).__name__) is not type(t) or type(t).__name__ not in _SPECS:
             raise ValueError(f"tensor {name!r}: {type(t).__name__} is not a lowbit class that can be saved")
+        if id(t) in tied:  # (the copies below would save a tie as two tensors)
+            raise ValueError(
+                f"tensors {tied[id(t)]!r} and {name!r} are one quantized tensor (tied weights); save it once"
+            )
+        tied[id(t)] = name
         if getattr(t, "packing", "plain") != "plain":
             t = t.repack("plain")
         for field, part in zip(t.tensor_fields, t._tensors()):

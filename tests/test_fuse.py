@@ -90,48 +90,113 @@ def test_fused_llama_gives_the_unfused_logits_eager_and_compiled(scheme):
     )
 
 
+def _counting(monkeypatch, calls):
+    """fuse.py's F.linear, counting the weight shapes it is called with (its calls only)."""
+    linear = F.linear
+    monkeypatch.setattr(
+        fuse_mod, "F", types.SimpleNamespace(linear=lambda *a: calls.append(tuple(a[1].shape)) or linear(*a))
+    )
+
+
+def _x(seed, m=5):
+    return torch.randn(m, 128, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
 def test_one_matmul_per_group_and_inputs_are_not_mixed(monkeypatch):
     plain, fused = Siblings(bias=True), Siblings(bias=True)
     assert lowbit.fuse_projections_(fused) == ["<root>.{q_proj,k_proj,v_proj}"]
-    x, x2 = (torch.randn(5, 128, generator=torch.Generator().manual_seed(s)).to(torch.bfloat16) for s in (2, 3))
-    calls = []
-    linear = F.linear
-    counting = types.SimpleNamespace(linear=lambda *a: calls.append(tuple(a[1].shape)) or linear(*a))
+    x, x2 = _x(2), _x(3)
+    g, calls = fused.q_proj._lowbit_group, []
+    _counting(monkeypatch, calls)
     with torch.no_grad():
-        with monkeypatch.context() as patch:
-            patch.setattr(fuse_mod, "F", counting)
-            got = fused(x)
+        got = fused(x)
         assert calls == [(96, 128)]  # the group's one matmul
-        want = plain(x)
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
-        g = fused.q_proj._lowbit_group
+        assert all(torch.equal(a, b) for a, b in zip(got, plain(x)))
         assert g.x is None and g.y is None  # the last member let go
         # members called with different inputs: each gets its columns for its own input
+        calls.clear()
         assert torch.equal(fused.q_proj(x), plain.q_proj(x)) and torch.equal(fused.k_proj(x2), plain.k_proj(x2))
-        assert torch.equal(fused.v_proj(x2), plain.v_proj(x2))
+        assert torch.equal(fused.v_proj(x2), plain.v_proj(x2))  # (reuses k's matmul of x2)
+        assert calls == [(96, 128)] * 2 and g.x is x2  # (called outside their parent: held until a round ends)
+        fused(x)
+        assert g.x is None  # the parent's forward hook drops it
         ref = F.linear(x.float(), plain.v_proj.weight.dequantize().float(), plain.v_proj.bias.float())
         assert (fused.v_proj(x).float() - ref).abs().max() < 0.05
+        # an input changed in place between two members' calls (eagerly: its version counter)
+        y = x.clone()
+        assert torch.equal(fused.q_proj(y), plain.q_proj(x))
+        y.mul_(2)
+        assert torch.equal(fused.k_proj(y), plain.k_proj(2 * x)) and torch.equal(fused.q_proj(y), plain.q_proj(2 * x))
+        # a member called again on the same input (a cross-attention step that skips k / v) recomputes
+        z = x.clone()
+        assert torch.equal(fused.q_proj(z), plain.q_proj(x))
+        calls.clear()
+        assert torch.equal(fused.q_proj(z), plain.q_proj(x)) and calls == [(96, 128)]
+    # training: an input that needs a gradient runs each member alone (the unfused graph)
+    calls.clear()
+    xg = x.clone().requires_grad_()
+    outs = fused(xg)
+    assert calls == [(48, 128), (16, 128), (32, 128)]
+    assert all(torch.equal(a, b) for a, b in zip(outs, plain(x)))
+    fused.k_proj.bias = nn.Parameter(fused.k_proj.bias.float(), False)
+    with torch.no_grad(), pytest.raises(TypeError, match="bias is torch.float32, the output torch.bfloat16"):
+        fused(x)
+
+
+def test_fusing_in_a_llama_drops_the_memo_after_each_layer():
+    fused = tiny_llama("int8")
+    lowbit.fuse_projections_(fused)
+    with torch.no_grad():
+        fused(IDS)
+    groups = {m._lowbit_group for m in fused.modules() if isinstance(m, fuse_mod.FusedLinear)}
+    assert len(groups) == 4 and all(g.x is None and g.y is None and g.served == 0 for g in groups)
+
+
+def _other_weights(m):
+    """m's q / k / v with new values (one generator, so no two rows repeat another's)."""
+    g = torch.Generator().manual_seed(9)
+    for lin in (m.q_proj, m.k_proj, m.v_proj):
+        w = torch.randn(lin.weight.shape, generator=g).to(torch.bfloat16) * 0.05
+        lin.weight = nn.Parameter(lowbit.Int4Tensor.from_float(w, group_size=32, packing="plain"), False)
+    return m
 
 
 def test_in_place_loads_reach_the_stack_and_replaced_weights_run_alone():
-    a, b, fused = Siblings(), Siblings(rows=(48, 16, 32), k=128), Siblings()
-    with torch.no_grad():  # b: other values, same shapes
-        for m in (b.q_proj, b.k_proj, b.v_proj):
-            w = torch.randn(m.weight.shape, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16) * 0.05
-            m.weight = nn.Parameter(lowbit.Int4Tensor.from_float(w, group_size=32, packing="plain"), False)
+    a, b, fused = Siblings(), _other_weights(Siblings()), Siblings()
     lowbit.fuse_projections_(fused)
-    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     compiled = torch.compile(fused, backend="eager", fullgraph=True)  # Dynamo's guards, no codegen
     with torch.no_grad():
-        for run in (fused, compiled):
+        for seed, run in ((4, fused), (5, compiled)):
+            x = _x(seed, 3)
             assert all(torch.equal(p, q) for p, q in zip(run(x), a(x)))
         fused.load_state_dict(b.state_dict())  # copy_ into the views: the stack changes with them
-        for run in (fused, compiled):
+        assert type(fused.q_proj) is fuse_mod.FusedLinear
+        for seed, run in ((6, fused), (7, compiled)):
+            x = _x(seed, 3)
             assert all(torch.equal(p, q) for p, q in zip(run(x), b(x)))
         fused.k_proj.weight = a.k_proj.weight  # a new parameter: k runs alone on it, q and v stay fused
-        for run in (fused, compiled):  # (compiled: the identity guard fails, and it recompiles)
+        for seed, run in ((8, fused), (10, compiled)):  # (compiled: the identity guard fails, it recompiles)
+            x = _x(seed, 3)
             q, k, v = run(x)
             assert torch.equal(k, a.k_proj(x)) and torch.equal(q, b.q_proj(x)) and torch.equal(v, b.v_proj(x))
+            assert fused.q_proj._lowbit_group.x is None  # the round ends without k
+
+
+def test_moves_and_assigning_loads_unfuse_the_group():
+    a, b = Siblings(), _other_weights(Siblings())
+    for change in ("apply", "assign"):
+        fused = Siblings()
+        lowbit.fuse_projections_(fused)
+        if change == "apply":  # what .to(another device) does: every weight a new copy
+            fused._apply(lambda t: t.clone())
+            fused.load_state_dict(b.state_dict())
+        else:
+            fused.load_state_dict(b.state_dict(), assign=True)
+        assert [type(m) for m in (fused.q_proj, fused.k_proj, fused.v_proj)] == [nn.Linear] * 3, change
+        x = _x(11, 3)
+        with torch.no_grad():
+            assert all(torch.equal(p, q) for p, q in zip(fused(x), b(x))), change
+        assert all(torch.equal(p, q) for p, q in zip(Siblings()(x), a(x)))
 
 
 def test_a_fused_model_saves_and_loads_unfused(tmp_path):
@@ -140,6 +205,8 @@ def test_a_fused_model_saves_and_loads_unfused(tmp_path):
     flat, _ = flatten_state_dict(fused.state_dict())
     ptrs = [t.untyped_storage().data_ptr() for t in flat.values()]
     assert len(set(ptrs)) == len(ptrs)  # no two saved tensors share storage (safetensors refuses that)
+    with pytest.raises(ValueError, match="'a' and 'b' are one quantized tensor"):  # a tie is not saved twice
+        flatten_state_dict({"a": fused.lm_head.weight, "b": fused.lm_head.weight})
     save_file(fused.state_dict(), tmp_path / "m.safetensors")
     plain.load_state_dict(load_file(tmp_path / "m.safetensors"))
     fused.save_pretrained(tmp_path / "hf")  # Transformers' own save, then a plain from_pretrained
@@ -161,6 +228,14 @@ def test_groups_that_cannot_be_fused_raise_and_stay_unchanged():
     m.v_proj.weight = nn.Parameter(torch.randn(32, 128, dtype=torch.bfloat16), False)
     with pytest.raises(ValueError, match=r"<root>\.v_proj has a Parameter weight; quantize"):
         lowbit.fuse_projections_(m)
+    two = nn.ModuleDict({"a": Siblings(), "b": Siblings()})  # the second group fails: the first stays as it was
+    two["b"].k_proj.weight = nn.Parameter(torch.randn(16, 128, dtype=torch.bfloat16), False)
+    with pytest.raises(ValueError, match=r"b\.k_proj has a Parameter weight"):
+        lowbit.fuse_projections_(two)
+    assert type(two["a"].q_proj) is nn.Linear
+    sub = Siblings()  # an nn.Linear subclass (its own forward) is not a plain sibling: the group is left alone
+    sub.k_proj.__class__ = type("MyLinear", (nn.Linear,), {})
+    assert lowbit.fuse_projections_(sub) == [] and type(sub.q_proj) is nn.Linear
     m = Siblings()
     lowbit.fuse_projections_(m)
     with pytest.raises(ValueError, match="already fused"):
