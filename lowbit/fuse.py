@@ -98,13 +98,17 @@ class FusedLinear(nn.Linear):
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        if type(self) is FusedLinear and not self._lowbit_group.intact():  # moved or replaced: unfuse
-            self._lowbit_group.unfuse()
+        self._unfuse_if_broken()  # moved or replaced
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        if type(self) is FusedLinear and not self._lowbit_group.intact():  # assign=True: unfuse
+        self._unfuse_if_broken()  # assign=True
+
+    def _unfuse_if_broken(self):
+        """Unfuse the group once a member's weight is no longer its fused view of the stack (an
+        earlier member's call may already have unfused it)."""
+        if type(self) is FusedLinear and not self._lowbit_group.intact():
             self._lowbit_group.unfuse()
 
 
