@@ -13,17 +13,24 @@ module (a forward hook), so nothing carries over from one forward to the next.
 
 For inference, as the last step (after ``.to()``, sharding, adapters):
 - a member called with an input that needs a gradient runs alone (the unfused result);
-- a member whose ``weight`` is no longer the parameter it was fused with runs alone;
+- a member whose ``weight`` is not the parameter it was fused with (assigned since, or swapped by
+  ``torch.func.functional_call``) runs alone on it;
 - ``.to()``, ``load_state_dict(assign=True)`` or anything else that leaves a member's weight no
   longer a view of the stack unfuses the whole group (the members become plain ``nn.Linear``
   again, on their own weights); in-place writes (``load_state_dict``, ``copy_``) go through the
   views into the stack and keep it fused;
+- ``copy.deepcopy`` and pickling give plain, unfused ``nn.Linear`` members (fuse the copy again);
 - the memo is shared by the group, so one model must not run forwards in several threads at
   once, and an input changed in place between two members' calls is caught only eagerly (its
   version counter; not for inference-mode tensors).
 """
 
 from __future__ import annotations
+
+import copyreg
+import functools
+import itertools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -33,23 +40,37 @@ from lowbit.qtensor import QTensor
 
 DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
+# The groups and their open rounds, by group id. A member reaches its group only through these
+# (by its id), never through an attribute holding the group: torch.compile guards every object it
+# meets under two names with an identity check evaluated in Python on each call, and a group
+# object on each member (and on the parent's hook) made ~5 such checks per group, 320 in a
+# 32-layer model (0.3-0.5 ms per decode step); an integer id is one value guard.
+_GROUPS: dict[int, _Group] = {}
+_MEMO: dict[int, tuple] = {}  # group id -> (input, the group's output, members served, input version)
+_IDS = itertools.count()
+
 
 def _storage(t: QTensor) -> int:
     return t._tensors()[0].untyped_storage().data_ptr()
 
 
+def _end_round(gid: int, *_):
+    """The parent's forward hook: drop the group's memo (a dropped memo only costs a recompute)."""
+    _MEMO.pop(gid, None)
+
+
 class _Group:
-    """A fused group: its stacked weight, its members and their parameters as fused, the memo."""
+    """A fused group: its stacked weight, its members and their parameters as fused."""
 
     def __init__(self, weight: QTensor, members: list[nn.Linear], params: list[nn.Parameter]):
-        self.weight, self.members, self.params = weight, members, params
-        self.full, self.dead = (1 << len(members)) - 1, 0
+        self.gid = next(_IDS)
+        # a Parameter (of no module): torch.compile takes parameters as static inputs, so CUDA graphs
+        # read the stack where it is (a plain tensor reached from a global would be copied into the
+        # graph's input buffer on every replay: 2 ms per Llama-8B step on the H100)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.members, self.params = members, params
+        self.full = (1 << len(members)) - 1
         self.hook = None
-        self.reset()
-
-    def reset(self, *_):
-        self.x = self.y = self.version = None
-        self.served = 0
 
     def intact(self) -> bool:
         """Every member holds the parameter it was fused with, and it is still a view of the stack."""
@@ -58,43 +79,61 @@ class _Group:
 
     def unfuse(self):
         for m in self.members:
-            if type(m) is FusedLinear:
-                m.__class__ = nn.Linear
-                del m._lowbit_group, m._lowbit_index, m._lowbit_rows
+            if type(m) is FusedLinear and m._lowbit_gid == self.gid:
+                _make_plain(m)
         if self.hook is not None:
             self.hook.remove()
-        self.reset()
+        _GROUPS.pop(self.gid, None)
+        _MEMO.pop(self.gid, None)
         self.weight = self.members = self.params = None
 
 
-class FusedLinear(nn.Linear):
-    """An ``nn.Linear`` in a fused group (``fuse_projections_`` swaps the class in place)."""
+_FUSED_ATTRS = ("_lowbit_gid", "_lowbit_index", "_lowbit_rows", "_lowbit_param_id")
 
-    _lowbit_group: _Group
+
+def _make_plain(m: nn.Module):
+    m.__class__ = nn.Linear
+    for name in _FUSED_ATTRS:
+        m.__dict__.pop(name, None)
+
+
+class FusedLinear(nn.Linear):
+    """An ``nn.Linear`` in a fused group (``fuse_projections_`` swaps the class in place). Copies
+    and pickles of it are plain, unfused ``nn.Linear`` modules."""
+
+    _lowbit_gid: int
     _lowbit_index: int
     _lowbit_rows: tuple[int, int]
+    _lowbit_param_id: int  # id() of the parameter fused (the group holds it, so the id stays its own)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, bit = self._lowbit_group, 1 << self._lowbit_index
-        if self.weight is not g.params[self._lowbit_index]:  # replaced since fusing: alone from now on
-            g.dead |= bit
+        gid, bit = self._lowbit_gid, 1 << self._lowbit_index
+        g = _GROUPS.get(gid)
+        if g is None or id(self.weight) != self._lowbit_param_id:  # replaced since fusing: alone
             return F.linear(x, self.weight, self.bias)
         if torch.is_grad_enabled() and x.requires_grad:  # training: the unfused graph
             return F.linear(x, self.weight, self.bias)
         eager = not torch.compiler.is_compiling() and not x.is_inference()
-        if g.x is not x or g.served & bit or (eager and g.version != x._version):
-            g.x, g.y, g.served = x, F.linear(x, g.weight), 0  # a new input: one matmul for the group
-            g.version = x._version if eager else None
-        g.served |= bit
+        memo = _MEMO.get(gid)
+        if memo is None or memo[0] is not x or memo[2] & bit or (eager and memo[3] != x._version):
+            memo = (x, F.linear(x, g.weight), 0, x._version if eager else None)  # a new input: one matmul
+        served = memo[2] | bit
+        if served == g.full:
+            _MEMO.pop(gid, None)
+        else:
+            _MEMO[gid] = (memo[0], memo[1], served, memo[3])
         start, end = self._lowbit_rows
-        out = g.y[..., start:end]
-        if g.served | g.dead == g.full:
-            g.reset()
+        out = memo[1][..., start:end]
         if self.bias is None:
             return out
         if self.bias.dtype != out.dtype:
             raise TypeError(f"FusedLinear: bias is {self.bias.dtype}, the output {out.dtype}; they must match")
         return out + self.bias
+
+    def __reduce_ex__(self, protocol):
+        """copy.deepcopy and pickle make a plain nn.Linear of it (the copy shares nothing with the group)."""
+        state = {k: v for k, v in self.__dict__.items() if k not in _FUSED_ATTRS}
+        return copyreg._reconstructor, (nn.Linear, object, None), state
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -108,8 +147,13 @@ class FusedLinear(nn.Linear):
     def _unfuse_if_broken(self):
         """Unfuse the group once a member's weight is no longer its fused view of the stack (an
         earlier member's call may already have unfused it)."""
-        if type(self) is FusedLinear and not self._lowbit_group.intact():
-            self._lowbit_group.unfuse()
+        if type(self) is not FusedLinear:
+            return
+        g = _GROUPS.get(self._lowbit_gid)
+        if g is None:
+            _make_plain(self)
+        elif not g.intact():
+            g.unfuse()
 
 
 def _stack(where: str, names, weights) -> QTensor:
@@ -179,6 +223,13 @@ def fuse_projections_(model: nn.Module, groups=DEFAULT_GROUPS) -> list[str]:
         for i, (m, p, (_, rows)) in enumerate(zip(mods, params, views)):
             m.weight = p
             m.__class__ = FusedLinear
-            m._lowbit_group, m._lowbit_index, m._lowbit_rows = group, i, rows
-        group.hook = parent.register_forward_hook(group.reset)
+            m._lowbit_gid, m._lowbit_index, m._lowbit_rows, m._lowbit_param_id = group.gid, i, rows, id(p)
+        _GROUPS[group.gid] = group
+        group.hook = parent.register_forward_hook(functools.partial(_end_round, group.gid))
+        weakref.finalize(parent, _forget, group.gid)  # the registry does not keep a model alive
     return [p[0] for p in plans]
+
+
+def _forget(gid: int):
+    _GROUPS.pop(gid, None)
+    _MEMO.pop(gid, None)
