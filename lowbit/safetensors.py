@@ -319,8 +319,21 @@ def build_qtensor(name: str, entry: Entry, parts: Mapping[str, torch.Tensor], so
         raise ValueError(f"{where} field {sorted(extra)[0]!r}: not a field of {entry.cls.__name__}")
     for field, t in parts.items():
         check_field_values(name, field, t, source)
-    tensors = [parts[f] for f in entry.cls.tensor_fields]
+    tensors = [_cpu_aligned(parts[f]) for f in entry.cls.tensor_fields]
     return entry.cls(*tensors, shape=entry.shape, dtype=entry.dtype, **entry.attrs)
+
+
+CPU_ALIGN = 64  # bytes: what the CPU allocator gives and AVX-512 loads may assume
+
+
+def _cpu_aligned(t: torch.Tensor) -> torch.Tensor:
+    """A CPU field that does not start on a 64-byte boundary, copied into fresh memory. Transformers
+    maps a safetensors file and hands out views of it, which start wherever the file put them (8-byte
+    steps); aten's AVX-512 int8 matmul (``_weight_int8pack_mm``, torch 2.11 on a Xeon) faults on
+    those, SIGSEGV on the first forward."""
+    if t.device.type == "cpu" and t.data_ptr() % CPU_ALIGN:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 # ----------------------------------------------------------------------------- flatten / unflatten

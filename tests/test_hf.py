@@ -125,6 +125,35 @@ def test_reload_in_process_resave_and_sharded(saved, ids, tmp_path):
         assert torch.equal(again(ids).logits, logits)
 
 
+def test_reloaded_cpu_fields_start_on_64_byte_boundaries(saved, ids):
+    """from_pretrained hands out views of the mapped safetensors file at 8-byte offsets; aten's AVX-512
+    int8 kernel faulted on them (SIGSEGV on a Xeon, torch 2.11): lowbit copies such fields."""
+    d, logits = saved["int8_weight_only"]
+    model = AutoModelForCausalLM.from_pretrained(d)
+    fields = [t for p in model.parameters() if isinstance(p, lowbit.QTensor) for t in p._tensors()]
+    assert len(fields) == 2 * 14 and all(t.data_ptr() % 64 == 0 for t in fields)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+
+
+def test_build_qtensor_copies_misaligned_cpu_fields():
+    from lowbit.safetensors import build_qtensor, flatten_state_dict, parse_metadata
+
+    w = lowbit.Int8Tensor.from_float(torch.randn(48, 64, dtype=torch.bfloat16))
+    flat, meta = flatten_state_dict({"w": w})
+    (entry,) = parse_metadata(meta).values()
+    parts = {}
+    for key, t in flat.items():  # each field a view 8 bytes into a larger buffer
+        raw = torch.empty(t.numel() * t.element_size() + 72, dtype=torch.uint8)
+        view = raw[8 : 8 + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        assert view.data_ptr() % 64 == 8
+        parts[key.rpartition(".")[2]] = view
+    got = build_qtensor("w", entry, parts)
+    assert all(t.data_ptr() % 64 == 0 for t in got._tensors())
+    assert all(torch.equal(a, b) for a, b in zip(got._tensors(), w._tensors()))
+
+
 def test_modules_to_not_convert(base_dir):
     cfg = LowbitConfig("int8_weight_only", modules_to_not_convert=["lm_head", "mlp"])
     model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=cfg)
