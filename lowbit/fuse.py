@@ -20,6 +20,8 @@ For inference, as the last step (after ``.to()``, sharding, adapters):
   again, on their own weights); in-place writes (``load_state_dict``, ``copy_``) go through the
   views into the stack and keep it fused;
 - ``copy.deepcopy`` and pickling give plain, unfused ``nn.Linear`` members (fuse the copy again);
+- compile the whole model: a member's group id is a constant to ``torch.compile``, so compiling
+  each decoder layer on its own recompiles for every fused layer (8 by default, then eager);
 - the memo is shared by the group, so one model must not run forwards in several threads at
   once, and an input changed in place between two members' calls is caught only eagerly (its
   version counter; not for inference-mode tensors).
@@ -68,17 +70,18 @@ class _Group:
         # read the stack where it is (a plain tensor reached from a global would be copied into the
         # graph's input buffer on every replay: 2 ms per Llama-8B step on the H100)
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.members, self.params = members, params
+        self.members = [weakref.ref(m) for m in members]  # (the registry must not keep a model alive)
+        self.params = params
         self.full = (1 << len(members)) - 1
         self.hook = None
 
     def intact(self) -> bool:
         """Every member holds the parameter it was fused with, and it is still a view of the stack."""
-        base = _storage(self.weight)
-        return all(m.weight is p and _storage(p) == base for m, p in zip(self.members, self.params))
+        base, members = _storage(self.weight), [r() for r in self.members]
+        return all(m is not None and m.weight is p and _storage(p) == base for m, p in zip(members, self.params))
 
     def unfuse(self):
-        for m in self.members:
+        for m in (r() for r in self.members):
             if type(m) is FusedLinear and m._lowbit_gid == self.gid:
                 _make_plain(m)
         if self.hook is not None:
@@ -142,6 +145,7 @@ class FusedLinear(nn.Linear):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
+        _MEMO.pop(self._lowbit_gid, None)  # an open round's output is of the old weights
         self._unfuse_if_broken()  # assign=True
 
     def _unfuse_if_broken(self):
@@ -204,9 +208,10 @@ def fuse_projections_(model: nn.Module, groups=DEFAULT_GROUPS) -> list[str]:
 
     Raises ``ValueError`` naming the layer, and changes nothing, when a group's weights are not
     lowbit weights of one class, in_features, dtype, device and attributes, when a format's rows
-    are not views of its fields (int4's CPU packings), or when a member is already fused.
+    are not views of its fields (int4's CPU packings), or when a member is already fused or in
+    two groups.
     """
-    plans = []
+    plans, seen = [], {}
     for fqn, parent in model.named_modules():
         for names in groups:
             mods = [parent._modules.get(n) for n in names]
@@ -216,6 +221,9 @@ def fuse_projections_(model: nn.Module, groups=DEFAULT_GROUPS) -> list[str]:
             label = f"{where}.{{{','.join(names)}}}"
             if any(type(m) is FusedLinear for m in mods):
                 raise ValueError(f"fuse_projections_: {label} is already fused")
+            for m in mods:
+                if seen.setdefault(id(m), label) != label:
+                    raise ValueError(f"fuse_projections_: a member of {label} is also in {seen[id(m)]}")
             plans.append((label, parent, mods, *_plan(where, names, mods)))
     for _label, parent, mods, stacked, views in plans:  # every group checked: now change them
         params = [nn.Parameter(v, requires_grad=False) for v, _ in views]
@@ -225,9 +233,22 @@ def fuse_projections_(model: nn.Module, groups=DEFAULT_GROUPS) -> list[str]:
             m.__class__ = FusedLinear
             m._lowbit_gid, m._lowbit_index, m._lowbit_rows, m._lowbit_param_id = group.gid, i, rows, id(p)
         _GROUPS[group.gid] = group
-        group.hook = parent.register_forward_hook(functools.partial(_end_round, group.gid))
+        _drop_stale_hooks(parent)
+        group.hook = parent.register_forward_hook(functools.partial(_end_round, group.gid), always_call=True)
         weakref.finalize(parent, _forget, group.gid)  # the registry does not keep a model alive
     return [p[0] for p in plans]
+
+
+def _drop_stale_hooks(parent: nn.Module):
+    """A copied or unpickled parent keeps its original's hooks, for groups it does not have."""
+    children = {id(c) for c in parent.children()}
+    for key, hook in list(parent._forward_hooks.items()):
+        if not (isinstance(hook, functools.partial) and hook.func is _end_round):
+            continue
+        group = _GROUPS.get(hook.args[0])
+        if group is None or not any(id(r()) in children for r in group.members):
+            del parent._forward_hooks[key]
+            parent._forward_hooks_always_called.pop(key, None)
 
 
 def _forget(gid: int):

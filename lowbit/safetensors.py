@@ -323,7 +323,7 @@ def build_qtensor(name: str, entry: Entry, parts: Mapping[str, torch.Tensor], so
     return entry.cls(*tensors, shape=entry.shape, dtype=entry.dtype, **entry.attrs)
 
 
-CPU_ALIGN = 64  # bytes: what the CPU allocator gives and AVX-512 loads may assume
+CPU_ALIGN = 64  # bytes: what the CPU allocator gives (aten's int8 kernels load weight rows with aligned loads)
 
 
 def _cpu_aligned(t: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,7 @@ def test_one_matmul_per_group_and_inputs_are_not_mixed(monkeypatch):
     fused.k_proj.bias = nn.Parameter(fused.k_proj.bias.float(), False)
     with torch.no_grad(), pytest.raises(TypeError, match="bias is torch.float32, the output torch.bfloat16"):
         fused(x)
+    assert gid not in fuse_mod._MEMO  # (k raised after q opened a round: the hook runs anyway)
 
 
 def test_fusing_in_a_llama_drops_the_memo_after_each_layer():
@@ -218,7 +219,11 @@ def test_copies_and_pickles_are_plain_independent_modules():
             assert all(torch.equal(p, q) for p, q in zip(copied(x), want_b(x))), how
             assert all(torch.equal(p, q) for p, q in zip(fused(x), a(x))), how
     copied = cases[0][1]
+    for _ in range(2):  # (fused, copied, fused again: one hook, of the live group)
+        assert lowbit.fuse_projections_(copied) == ["<root>.{q_proj,k_proj,v_proj}"]
+        copied = copy.deepcopy(copied)
     assert lowbit.fuse_projections_(copied) == ["<root>.{q_proj,k_proj,v_proj}"]
+    assert len(copied._forward_hooks) == 1 and len(fused._forward_hooks) == 1
     with torch.no_grad():
         assert all(torch.equal(p, q) for p, q in zip(copied(x), b(x)))
 
@@ -226,11 +231,30 @@ def test_copies_and_pickles_are_plain_independent_modules():
 def test_a_fused_model_is_freed_with_its_group():
     m = Siblings()
     lowbit.fuse_projections_(m)
+    m.k_proj.register_forward_hook(lambda *_, m=m: None)  # a member that refers back to the model
     gid, member = m.q_proj._lowbit_gid, weakref.ref(m.q_proj)
     assert gid in fuse_mod._GROUPS
     del m
     gc.collect()
     assert member() is None and gid not in fuse_mod._GROUPS
+
+
+def test_an_in_place_load_during_an_open_round_is_seen():
+    a, b, fused = Siblings(), _other_weights(Siblings()), Siblings()
+    lowbit.fuse_projections_(fused)
+    x = _x(17, 3)
+    with torch.no_grad():
+        assert torch.equal(fused.q_proj(x), a.q_proj(x))  # (called alone: the round stays open)
+        fused.load_state_dict(b.state_dict())
+        assert torch.equal(fused.k_proj(x), b.k_proj(x)) and torch.equal(fused.v_proj(x), b.v_proj(x))
+
+
+def test_a_member_of_two_groups_is_refused():
+    m = nn.ModuleDict({"a": Siblings(), "b": Siblings()})
+    m["b"].k_proj = m["a"].k_proj
+    with pytest.raises(ValueError, match=r"a member of b\.\{q_proj,k_proj,v_proj\} is also in a\."):
+        lowbit.fuse_projections_(m)
+    assert type(m["a"].q_proj) is nn.Linear
 
 
 def test_compiled_members_add_no_identity_guards_run_in_python():
