@@ -86,8 +86,7 @@ class _Group:
                 _make_plain(m)
         if self.hook is not None:
             self.hook.remove()
-        _GROUPS.pop(self.gid, None)
-        _MEMO.pop(self.gid, None)
+        _forget(self.gid)
         self.weight = self.members = self.params = None
 
 
@@ -112,9 +111,8 @@ class FusedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gid, bit = self._lowbit_gid, 1 << self._lowbit_index
         g = _GROUPS.get(gid)
-        if g is None or id(self.weight) != self._lowbit_param_id:  # replaced since fusing: alone
-            return F.linear(x, self.weight, self.bias)
-        if torch.is_grad_enabled() and x.requires_grad:  # training: the unfused graph
+        replaced = g is None or id(self.weight) != self._lowbit_param_id  # since fusing: runs alone
+        if replaced or (torch.is_grad_enabled() and x.requires_grad):  # (training: the unfused graph)
             return F.linear(x, self.weight, self.bias)
         eager = not torch.compiler.is_compiling() and not x.is_inference()
         memo = _MEMO.get(gid)
