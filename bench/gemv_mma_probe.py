@@ -26,11 +26,18 @@ import sys
 
 import torch
 import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lowbit.ops.triton import int4 as int4_mod  # noqa: E402
-from lowbit.ops.triton._utils import split_k_buffers  # noqa: E402
+from lowbit.ops.triton._utils import pdl_args, pdl_start, split_k_buffers  # noqa: E402
+
+
+@triton.jit
+def _empty(y_ptr, PDL: tl.constexpr = 0):
+    """A kernel that only waits for its predecessor (as the GEMM's PDL mode 2 does): the launch floor."""
+    pdl_start(PDL)
 
 
 def gemv(x, qdata, scale, zero, gs, w=4, split=1, unroll=1, adj=None, tiled=False):
@@ -109,6 +116,12 @@ def time_main(args):
                     row["rel_err"] = float((y.double() - r.double()).norm() / r.double().norm())
                     fns = [lambda p=p, x=x, cf=cf: gemv(x, *p, gs, *cf, tiled=tiled) for p in packed]
                     row["us"] = round(stack_us(fns), 2)
+                    if args.hot:  # one layer over and over: its weight stays in L2
+                        hot = [lambda x=x, cf=cf, p=packed[0]: gemv(x, *p, gs, *cf, tiled=tiled)] * len(fns)
+                        row["hot_us"] = round(stack_us(hot), 2)
+                        grid = (triton.cdiv(n, 16), cf[1], 1)  # the same grid doing nothing but PDL's wait
+                        empty = [lambda y=y, grid=grid, w=cf[0]: _empty[grid](y, num_warps=w, **pdl_args(y.device, 2))]
+                        row["empty_us"] = round(stack_us(empty * len(packed)), 2)
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 out["rows"].append(row)
@@ -166,6 +179,7 @@ def main():
     )
     p.add_argument("--packing", choices=["plain", "tiled"], default=None, help="qdata's byte order (default: shipped)")
     p.add_argument("--out", default=None)
+    p.add_argument("--hot", action="store_true", help="also time each config on one L2-resident layer")
     args = p.parse_args()
     if args.packing is None:  # what CUDA weights of these (whole-tile) shapes get
         from lowbit.qtensor.int4 import cuda_packing
