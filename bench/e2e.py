@@ -93,6 +93,10 @@ FUSED = "_fused"
 for _v in ("lowbit_int4", "lowbit_int8"):
     LABELS[_v + FUSED] = LABELS[_v] + ", q/k/v and gate/up fused"
 _FUSE_SIBLINGS = False
+# the same with the MLPs' silu(gate) * up left to its own kernel (fuse_projections_(swiglu=False))
+NO_GLU = "_fused_noglu"
+LABELS["lowbit_int4" + NO_GLU] = LABELS["lowbit_int4"] + ", q/k/v and gate/up fused, not silu(gate) * up"
+_FUSE_GLU = True
 ALL_VARIANTS = list(LABELS)
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -303,6 +307,11 @@ def _ab_switch(suffix):
         from lowbit.ops.triton import _utils
 
         return _setting(_utils, "PDL", False)
+    if suffix == NO_GLU:
+        both = contextlib.ExitStack()
+        both.enter_context(_setting(sys.modules[__name__], "_FUSE_SIBLINGS", True))
+        both.enter_context(_setting(sys.modules[__name__], "_FUSE_GLU", False))
+        return both
     return _setting(sys.modules[__name__], {UNWRAP: "_UNWRAP_FIELDS", FUSED: "_FUSE_SIBLINGS"}[suffix], True)
 
 
@@ -329,7 +338,7 @@ def run_variant(variant, args) -> dict:
             return dict(res, skipped=f"torchao not importable: {type(e).__name__}: {e}")
     if variant.endswith("fp8") and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         return dict(res, skipped="fp8 needs sm_89+")
-    for suffix in (NO_GEMV, UNWRAP, NO_PDL, FUSED):  # A/B variants: the base variant with a switch set
+    for suffix in (NO_GEMV, UNWRAP, NO_PDL, FUSED, NO_GLU):  # A/B variants: the base variant with a switch set
         if variant.endswith(suffix):
             with _ab_switch(suffix):
                 return run_variant(variant.removesuffix(suffix), args) | dict(variant=variant, label=LABELS[variant])
@@ -348,7 +357,9 @@ def run_variant(variant, args) -> dict:
     res["quantize_s"] = round(time.perf_counter() - t0, 2)
     res["weights_GB"] = round(weight_bytes(model) / 1e9, 3)
     if _FUSE_SIBLINGS:  # (a lowbit variant: quantize imported lowbit)
-        res["fused_groups"] = len(sys.modules["lowbit"].fuse_projections_(model))
+        fused = sys.modules["lowbit"].fuse_projections_(model, swiglu=_FUSE_GLU)
+        res["fused_groups"] = sum(": " not in f for f in fused)
+        res["fused_swiglu"] = sum(": " in f for f in fused)  # MLPs with silu(gate) * up in the gate / up call
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     kw = dict(

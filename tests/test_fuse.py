@@ -60,7 +60,7 @@ class Siblings(nn.Module):
 @pytest.mark.parametrize("scheme", ["int8", "w8a8"])
 def test_fused_llama_gives_the_unfused_logits_eager_and_compiled(scheme):
     plain, fused = tiny_llama(scheme), tiny_llama(scheme)
-    names = lowbit.fuse_projections_(fused)
+    names = lowbit.fuse_projections_(fused, swiglu=False)
     assert names == [
         f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.{q_proj,k_proj,v_proj}", "mlp.{gate_proj,up_proj}")
     ]
@@ -308,7 +308,7 @@ def test_moves_and_assigning_loads_unfuse_the_group():
 
 def test_a_fused_model_saves_and_loads_unfused(tmp_path):
     fused, plain = tiny_llama("int8"), tiny_llama("int8", seed=5)
-    lowbit.fuse_projections_(fused)
+    lowbit.fuse_projections_(fused, swiglu=False)  # (bitwise against plain: the eager MLP product)
     flat, _ = flatten_state_dict(fused.state_dict())
     ptrs = [t.untyped_storage().data_ptr() for t in flat.values()]
     assert len(set(ptrs)) == len(ptrs)  # no two saved tensors share storage (safetensors refuses that)
@@ -374,11 +374,107 @@ def test_fused_int4_llama_on_cuda_matches_unfused():
 
     plain, fused = model(), model()
     assert plain.model.layers[0].self_attn.k_proj.weight.packing == "tiled"
-    assert len(lowbit.fuse_projections_(fused)) == 4
-    ids = IDS.cuda()
+    assert len(lowbit.fuse_projections_(fused)) == 6  # 4 groups, 2 MLPs with silu(gate) * up fused
+    compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
+    for ids in (IDS.cuda(), IDS[:, :1].cuda(), IDS[:1, :1].cuda()):  # 14 tokens; 2 and 1: the fused MLP tile
+        with torch.no_grad():
+            want = plain(ids).logits.float()
+            for run in (fused, compiled):
+                for _ in range(3):  # (CUDA graphs: warm-up, record, replay)
+                    got = run(ids).logits.float()
+                assert (got - want).abs().max() <= 0.02 * want.abs().max(), (got - want).abs().max()
+
+
+def _reference_mlps(model):
+    """``model`` with each MLP computing down_proj(reference.swiglu([gate_proj(x), up_proj(x)])):
+    the fused activation's definition, from the unfused members."""
+    from lowbit.ops import reference as ref
+
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        mlp.forward = lambda x, mlp=mlp: mlp.down_proj(ref.swiglu(torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1)))
+    return model
+
+
+@pytest.mark.parametrize("scheme", ["int8", "w8a8"])
+def test_swiglu_fused_mlps_give_the_reference_product(scheme):
+    """With swiglu (the default) each Llama MLP also computes silu(gate) * up in the fused call:
+    eager logits equal the reference formula on the unfused model bitwise; compiled with
+    fullgraph they agree with the unfused compiled model (Inductor forms the same fp32 product);
+    the MLP keeps its class (a same-named subclass) and the state dict is unchanged."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    plain, fused = tiny_llama(scheme), tiny_llama(scheme)
+    names = lowbit.fuse_projections_(fused)
+    mlps = [f"model.layers.{i}.mlp: silu(gate_proj) * up_proj" for i in (0, 1)]
+    assert names[-2:] == mlps and len(names) == 6
+    mlp = fused.model.layers[0].mlp
+    assert isinstance(mlp, LlamaMLP) and type(mlp) is not LlamaMLP and type(mlp).__name__ == "LlamaMLP"
     with torch.no_grad():
-        want = plain(ids).logits.float()
-        for run in (fused, torch.compile(fused, mode="reduce-overhead", fullgraph=True)):
-            for _ in range(3):  # (CUDA graphs: warm-up, record, replay)
-                got = run(ids).logits.float()
-            assert (got - want).abs().max() <= 0.02 * want.abs().max(), (got - want).abs().max()
+        assert torch.equal(fused(IDS).logits, _reference_mlps(tiny_llama(scheme))(IDS).logits)
+        want = torch.compile(plain, fullgraph=True)(IDS).logits.float()
+        got = torch.compile(fused, fullgraph=True)(IDS).logits.float()
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max(), (got - want).abs().max()
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_swiglu_mlps_fall_back_copy_plain_and_unfuse():
+    """A fused MLP runs its own forward when a member's weight is replaced or the input needs a
+    gradient; copies and pickles are the plain class; unfusing the group restores the class."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    plain, fused = tiny_llama("int8"), tiny_llama("int8")
+    lowbit.fuse_projections_(fused)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    mlp, ref_mlp = fused.model.layers[0].mlp, plain.model.layers[0].mlp
+    with torch.no_grad():
+        for other in (copy.deepcopy(fused), _pickled(fused)):
+            assert type(other.model.layers[0].mlp) is LlamaMLP
+            assert type(other.model.layers[0].mlp.gate_proj) is nn.Linear
+            assert torch.equal(other(IDS).logits, plain(IDS).logits)  # unfused: the eager product
+    xg = x.clone().requires_grad_()
+    assert torch.equal(mlp(xg), ref_mlp(x))  # a gradient wanted: the module's own forward
+    mlp(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    new = lowbit.Int8Tensor.from_float(torch.randn(256, 128, generator=torch.Generator()).to(torch.bfloat16))
+    for m in (mlp, ref_mlp):
+        m.up_proj.weight = nn.Parameter(new, requires_grad=False)
+    with torch.no_grad():
+        assert torch.equal(mlp(x), ref_mlp(x))  # the replaced member runs alone, gate from its group
+    fused.model.layers[1].mlp.gate_proj._apply(lambda t: t.clone())  # (.to another device): the views break
+    assert type(fused.model.layers[1].mlp) is LlamaMLP and type(fused.model.layers[1].mlp.up_proj) is nn.Linear
+
+
+def test_swiglu_is_left_alone_for_other_activations():
+    """An MLP whose act_fn is not SiLU (GELU here) keeps its own forward: only its projections fuse."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, hidden_act="gelu",
+    )  # fmt: skip
+    model = lowbit.quantize_(LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval(), lowbit.int8_weight_only())
+    plain = copy.deepcopy(model)
+    names = lowbit.fuse_projections_(model)
+    assert names == ["model.layers.0.self_attn.{q_proj,k_proj,v_proj}", "model.layers.0.mlp.{gate_proj,up_proj}"]
+    assert type(model.model.layers[0].mlp).__module__ == "transformers.models.llama.modeling_llama"
+    assert not hasattr(model.model.layers[0].mlp, "_lowbit_glu_gid")
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, plain(IDS).logits)
+
+
+def test_swiglu_linear_checks_its_inputs():
+    from lowbit.qtensor.base import swiglu_linear
+
+    w = lowbit.Int8Tensor.from_float(torch.randn(10, 16).to(torch.bfloat16))
+    x = torch.randn(2, 16).to(torch.bfloat16)
+    from lowbit.ops import reference as ref
+
+    assert torch.equal(swiglu_linear(x, w), ref.swiglu(F.linear(x, w)))
+    with pytest.raises(ValueError, match="11 rows"):
+        swiglu_linear(x, lowbit.Int8Tensor.from_float(torch.randn(11, 16).to(torch.bfloat16)))
+    with pytest.raises(RuntimeError, match="inference"):
+        swiglu_linear(x.clone().requires_grad_(), w)
+    with pytest.raises(ValueError, match="expects 16"):
+        swiglu_linear(torch.randn(2, 8).to(torch.bfloat16), w)

@@ -177,6 +177,17 @@ def int4_linear(x, qdata, scale, zero, group_size: int, bias=None):
 
 
 # --------------------------------------------------------------------------- int8
+def swiglu(y: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a [..., 2 I] projection output whose first I columns are the gate
+    (Llama's MLP), in fp32 from y's values, rounded once to y's dtype: what the unfused
+    ``act_fn(gate_proj(x)) * up_proj(x)`` gives under torch.compile (Inductor fuses the two
+    pointwise ops; eager rounds silu(gate) to the dtype before the product)."""
+    if y.shape[-1] % 2:
+        raise ValueError(f"swiglu: the last dimension must be even (gate and up halves), got {tuple(y.shape)}")
+    gate, up = y.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(y.dtype)
+
+
 def int8_choose_qparams(w: torch.Tensor, qparam_dtype: torch.dtype) -> torch.Tensor:
     """Symmetric scale per row of ``w`` [N, K] (or per token of an activation)."""
     amax = w.float().abs().amax(dim=-1)

@@ -169,6 +169,13 @@ class QTensor(torch.Tensor):
         """``x [M, K] @ self.T`` (2-D, contiguous, supported dtype), no bias."""
         raise NotImplementedError
 
+    def linear_swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """``reference.swiglu(self.linear(x))`` for a weight whose rows are [gate; up] (Llama's
+        MLP); formats with a fused kernel override this."""
+        from lowbit.ops.reference import swiglu
+
+        return swiglu(self.linear(x))
+
     def to_device(self, device) -> QTensor:
         """Move every field; formats with device-specific packing override this."""
         return self._rebuild(lambda t: t.to(device))
@@ -296,6 +303,23 @@ def _forward(x: torch.Tensor, w: QTensor) -> torch.Tensor:
         x2 = x2.clone(memory_format=torch.contiguous_format)
     y = w.linear(x2)
     return y if x.dim() == 2 else y.reshape(*lead, n)
+
+
+def swiglu_linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
+    """``silu(x @ gate.T) * (x @ up.T)`` for a quantized weight stacked as [gate; up] (2 I rows):
+    x [..., K] -> [..., I], inference only (``reference.swiglu`` of the linear's output)."""
+    check_activation(x, w)
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("swiglu_linear is for inference; call the gate and up linears for gradients")
+    if w._size[0] % 2:
+        raise ValueError(f"swiglu_linear: the weight has {w._size[0]} rows; want [gate; up] halves")
+    lead, half = x.shape[:-1], w._size[0] // 2
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        return x.new_zeros(*lead, half)
+    if not x2.is_contiguous() or x2.stride(-1) != 1:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    return w.linear_swiglu(x2).reshape(*lead, half)
 
 
 class _QuantLinearFn(torch.autograd.Function):

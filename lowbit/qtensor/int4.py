@@ -139,6 +139,14 @@ class Int4Tensor(QTensor):
             return triton_int4.int4_mm(x, w.qdata, w.scale, w.zero, self.group_size, w.packing)
         return ref.int4_linear(x, self.repack("plain").qdata, self.scale, self.zero, self.group_size)
 
+    def linear_swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        if resolve(x.device) == "triton":  # one launch at M <= 8 (``_int4_gemv.int4_mm_swiglu``)
+            from lowbit.ops.triton import int4 as triton_int4
+
+            w = self if self.packing in TRITON_PACKINGS else self.repack("mma")
+            return triton_int4.int4_mm_swiglu(x, w.qdata, w.scale, w.zero, self.group_size, w.packing)
+        return ref.swiglu(self.linear(x))
+
     # ------------------------------------------------------------------ slicing
     def slice_rows(self, start: int, end: int) -> Int4Tensor:
         if self.packing in ROW_PACKINGS:  # a view, as for a plain tensor (FSDP writes shards through narrow().copy_())

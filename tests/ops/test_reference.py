@@ -125,3 +125,23 @@ def test_fp8_error_within_half_ulp_of_e4m3(w):
     # e4m3: 3 mantissa bits -> half-ulp 2**-4 relative for normals; subnormal step 2**-9
     bound = (x.abs() * 2.0**-4 + 2.0**-10) * s * (1 + 1e-6)
     assert bool(((deq - w.double()).abs() <= bound).all())
+
+
+@given(
+    rows=st.integers(1, 5),
+    half=st.integers(1, 40),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_swiglu_is_silu_of_the_gate_times_up_rounded_once(rows, half, dtype, seed):
+    """reference.swiglu against float64 math: silu(gate) * up of y's values (the first half of the
+    last dimension is the gate), within half an ulp of the dtype (one rounding), any shape."""
+    y = (torch.randn(rows, 2 * half, generator=torch.Generator().manual_seed(seed)) * 4).to(dtype)
+    got = ref.swiglu(y)
+    g, u = y.double()[:, :half], y.double()[:, half:]
+    exact = g / (1 + torch.exp(-g)) * u
+    assert got.shape == (rows, half) and got.dtype == dtype
+    ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert bool(((got.double() - exact).abs() <= 0.5 * ulp + 1e-6 * exact.abs()).all())
+    with pytest.raises(ValueError, match="even"):
+        ref.swiglu(y[:, :-1])

@@ -21,10 +21,36 @@ the CPU tests check the fragment bookkeeping; the PTX itself runs only on a GPU.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from lowbit.ops.triton._utils import pdl_trigger, split_k_reduce
+from lowbit.compile import kernel_op
+from lowbit.ops.reference import INT4_GROUP_SIZES, int4_tiled_fits, swiglu
+from lowbit.ops.triton._utils import (
+    INTERPRET,
+    TUNE_CACHE,
+    cfg,
+    configs,
+    launcher,
+    m_bucket,
+    pdl_args,
+    pdl_start,
+    pdl_trigger,
+    split_k_buffers,
+    split_k_reduce,
+    tune_bench,
+)
+
+# The tile's configs (warps W, splits, blocks per iteration), in int4._gemm_kernel's space and
+# _glu_kernel's: the best of bench/gemv_mma_probe.py per Llama-3-8B shape (H100; 4096 x 14336 W4
+# split 1, 14336 x 4096 W4 split 4, 4096^2 W1 split 8); a warp's two blocks adjacent (ADJ: whole
+# 128-byte lines of each row; 0.2-2.2% faster on the H100 at each shape's best config in one run
+# of bench/gemv_load_probe.py, session 17; a few other configs 1-2.4% slower); W2 split 8 from
+# session 18's sweep of 40 configs on the "tiled" packing (bench/gemv_mma_probe.py --packing tiled
+# --cfgs all): the best GEMV on 14336 x 4096 (M = 1 15.56 us against 16.82 for the best listed
+# before; M = 8 17.55 against 18.43) and 4096 x 1024 (5.09 against 5.45; M = 8 5.38 against 5.66)
+GEMV_CONFIGS = [(4, 1, 2), (4, 2, 2), (4, 4, 1), (2, 4, 2), (1, 8, 2), (2, 2, 2), (8, 1, 2), (2, 8, 2)]
 
 
 def _word_mma_ptx(magic: str, one: str, neg: str, ty: str) -> str:
@@ -184,13 +210,18 @@ def _mma_block(a0, a1, a2, a3, q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8, dtype: 
 
 
 @triton.jit
-def lanes(pid_n, M, N, W: tl.constexpr):
-    """Each of the CTA's W * 32 lanes: its warp, g = lane // 4, c = lane % 4, its row g of row
-    tile pid_n, whether rows g and g + 8 exist, and the token whose x it brings (g; tokens >= M
-    repeat the last one: their columns of the result are not stored, and an mma's columns do
-    not mix)."""
-    e = tl.arange(0, W * 32)
+def lanes(pid_n, M, N, W: tl.constexpr, GLU: tl.constexpr = 0, NH=0):
+    """Each of the CTA's lanes: the warp's index among the W warps of its row tile, g = lane //
+    4, c = lane % 4, its row g of row tile pid_n, whether rows g and g + 8 exist, and the token
+    whose x it brings (g; tokens >= M repeat the last one: their columns of the result are not
+    stored, and an mma's columns do not mix). GLU: 2 W warps, the first W on row tile pid_n of
+    the gate half (rows < NH), the others on the same tile of the up half (rows NH + ...)."""
+    e = tl.arange(0, W * (1 + GLU) * 32)
     g = (e % 32) // 4
+    if GLU:
+        up = (e // 32) // W
+        rl = pid_n * 16 + g  # the row within its half
+        return (e // 32) % W, g, e % 4, rl + up * NH, rl < NH, rl + 8 < NH, tl.minimum(g, M - 1)
     rg = pid_n * 16 + g
     return e // 32, g, e % 4, rg, rg < N, rg + 8 < N, tl.minimum(g, M - 1)
 
@@ -199,24 +230,28 @@ def lanes(pid_n, M, N, W: tl.constexpr):
 def gemv_tile(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, M, N, K, stride_xm, stride_ym, stride_q,
     stride_s, GS: tl.constexpr, ASM: tl.constexpr, SPLIT_K: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr,
-    PDL: tl.constexpr, ADJ: tl.constexpr = 0, TILED: tl.constexpr = 0,
+    PDL: tl.constexpr, ADJ: tl.constexpr = 0, TILED: tl.constexpr = 0, GLU: tl.constexpr = 0, NH=0,
 ):  # fmt: skip
     """y[:M, 16 pid_n : 16 pid_n + 16] (M <= 8) for split ``pid_k``; x bf16 / fp16 with K % 32 == 0,
     "plain" codes, scale / zero through 16-bit pointers, x and the codes 16-byte aligned. W = the
     CTA's warps; UNROLL (1 or 2) blocks per warp per iteration, their loads issued before either's
     math: blocks ``step`` apart (each warp's rows then span 64 bytes per block), or with ADJ
     adjacent (128 contiguous bytes of each row per warp: whole cache lines); PDL: the kernel's
-    mode (3 triggers after the main loop); TILED: "tiled" codes (N % 16 == 0, K % 128 == 0)."""
+    mode (3 triggers after the main loop); TILED: "tiled" codes (N % 16 == 0, K % 128 == 0).
+    GLU: the weight is [gate; up] (N = 2 NH rows), the CTA has 2 W warps on row tile pid_n of
+    each half, and y [M, NH] gets ``silu(gate) * up`` (both rounded to x's dtype first, as the
+    unfused linear's output would be; ``reference.swiglu``)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    warp, g, c, rg, okg, ok8, xg = lanes(pid_n, M, N, W)
+    WT: tl.constexpr = W * (1 + GLU)
+    warp, g, c, rg, okg, ok8, xg = lanes(pid_n, M, N, W, GLU, NH)
     qw_ptr = q_ptr.to(tl.pointer_type(tl.int32))
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     stride_qw = stride_q // 4
     stride_xw = stride_xm // 2
-    a0 = tl.zeros([W * 32], dtype=tl.float32)
-    a1 = tl.zeros([W * 32], dtype=tl.float32)
-    a2 = tl.zeros([W * 32], dtype=tl.float32)
-    a3 = tl.zeros([W * 32], dtype=tl.float32)
+    a0 = tl.zeros([WT * 32], dtype=tl.float32)
+    a1 = tl.zeros([WT * 32], dtype=tl.float32)
+    a2 = tl.zeros([WT * 32], dtype=tl.float32)
+    a3 = tl.zeros([WT * 32], dtype=tl.float32)
     step = W * SPLIT_K
     # the (split, warp, iteration) -> block maps take every block once: it + warp and it + warp +
     # step, or with ADJ it + UNROLL warp and the one after it (_load_block adds the warp)
@@ -240,19 +275,143 @@ def gemv_tile(
                 qw_ptr, xw_ptr, s_ptr, z_ptr, nxt, warp, xg, c, rg, okg, ok8, K, stride_xw, stride_qw,
                 stride_s, GS, TILED,
             )  # fmt: skip
-        a0, a1, a2, a3 = _mma_block(a0, a1, a2, a3, q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8, DT, ASM, W)
+        a0, a1, a2, a3 = _mma_block(a0, a1, a2, a3, q_g, q_8, x0, x1, x2, x3, sg, zg, s8, z8, DT, ASM, WT)
         if UNROLL == 2:
-            a0, a1, a2, a3 = _mma_block(a0, a1, a2, a3, n_g, n_8, y0, y1, y2, y3, tg, ug, t8, u8, DT, ASM, W)
+            a0, a1, a2, a3 = _mma_block(a0, a1, a2, a3, n_g, n_8, y0, y1, y2, y3, tg, ug, t8, u8, DT, ASM, WT)
     pdl_trigger(PDL, 3)
     # lane (g, c) holds rows g, g + 8 x tokens 2c, 2c + 1; the warps' sums are added
-    acc = tl.join(tl.join(a0, a1), tl.join(a2, a3))  # [W * 32, token, row]
-    acc = tl.sum(tl.reshape(acc, [W, 32, 2, 2]), axis=0)
+    acc = tl.join(tl.join(a0, a1), tl.join(a2, a3))  # [WT * 32, token, row]
     ln = tl.arange(0, 32)
     row = pid_n * 16 + (ln // 4)[:, None, None] + 8 * tl.arange(0, 2)[None, None, :]
     tok = 2 * (ln % 4)[:, None, None] + tl.arange(0, 2)[None, :, None]
-    mask = (row < N) & (tok < M)
-    if SPLIT_K > 1:
-        acc, last = split_k_reduce(acc, ws_ptr, cnt_ptr + pid_n, pid_k, tok * N + row, mask, M * N, SPLIT_K)
-        if last == 0:
-            return
-    tl.store(y_ptr + tok * stride_ym + row, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if GLU:  # [half, lane, token, row]: the halves' partial sums side by side, rows of the stack
+        acc = tl.sum(tl.reshape(acc, [2, W, 32, 2, 2]), axis=1)
+        mask = ((row < NH) & (tok < M))[None, :, :, :] & (tl.arange(0, 2) < 2)[:, None, None, None]
+        full = row[None, :, :, :] + NH * tl.arange(0, 2)[:, None, None, None]
+        if SPLIT_K > 1:
+            acc, last = split_k_reduce(acc, ws_ptr, cnt_ptr + pid_n, pid_k, tok[None] * N + full, mask, M * N, SPLIT_K)
+            if last == 0:
+                return
+        gate, up = tl.split(tl.permute(acc, (1, 2, 3, 0)))  # each [lane, token, row]
+        gate = gate.to(DT).to(tl.float32)
+        up = up.to(DT).to(tl.float32)
+        out = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(y_ptr + tok * stride_ym + row, out.to(y_ptr.dtype.element_ty), mask=(row < NH) & (tok < M))
+    else:  # (an else, not a return above: the compiler would still build this branch's shapes)
+        acc = tl.sum(tl.reshape(acc, [W, 32, 2, 2]), axis=0)
+        mask = (row < N) & (tok < M)
+        if SPLIT_K > 1:
+            acc, last = split_k_reduce(acc, ws_ptr, cnt_ptr + pid_n, pid_k, tok * N + row, mask, M * N, SPLIT_K)
+            if last == 0:
+                return
+        tl.store(y_ptr + tok * stride_ym + row, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- gate / up + SwiGLU
+# Llama's MLP at M <= 8: one launch computes silu(x @ W_gate.T) * (x @ W_up.T) from the stacked
+# [gate; up] weight (``lowbit.fuse_projections_``), where the unfused step runs the stacked GEMV
+# and then a pointwise kernel; each CTA has the GEMV's W warps on a row tile of the gate half and
+# W on the same tile of the up half, so the product is formed in its epilogue.
+# (W warps per half, splits, blocks per iteration): on the H100 (bench/glu_probe.py, session 21)
+# 2 warps per half without a split was the best on Llama-3-8B's 4096 x 28672 at M = 1 (25.55 us,
+# against 27.08 for the stacked GEMV alone and 28.5 with the product's kernel after it) and M = 8
+# (27.6 against 31.3 / 33.6); the rest cover smaller MLPs, where splits fill the GPU
+GLU_SHAPES = [(2, 1, 2), (2, 1, 1), (1, 2, 2), (4, 1, 2), (1, 4, 2), (2, 2, 2), (2, 4, 2), (1, 8, 2)]
+_GLU_CONFIGS = [
+    triton.Config(dict(SPLIT_K=sp, W=w, UNROLL=u, ADJ=int(u == 2)), num_warps=2 * w, num_stages=1)
+    for w, sp, u in GLU_SHAPES
+]
+
+
+@triton.autotune(
+    configs=configs(_GLU_CONFIGS, cfg(SPLIT_K=2, W=1, UNROLL=2, ADJ=1, num_warps=2, num_stages=1)),
+    key=["m_bucket", "N", "K", "GS", "TILED", "ASM"],
+    **TUNE_CACHE,
+    do_bench=tune_bench,
+)
+@triton.jit
+def _glu_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, NH, m_bucket, stride_xm, stride_ym, stride_q,
+    stride_s, GS: tl.constexpr, ASM: tl.constexpr, TILED: tl.constexpr, SPLIT_K: tl.constexpr, W: tl.constexpr,
+    UNROLL: tl.constexpr, ADJ: tl.constexpr, PDL: tl.constexpr = 0,
+):  # fmt: skip
+    pdl_start(PDL)
+    gemv_tile(
+        x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, tl.program_id(0), tl.program_id(1), M, N, K, stride_xm,
+        stride_ym, stride_q, stride_s, GS, ASM, SPLIT_K, W, UNROLL, PDL, ADJ, TILED, 1, NH,
+    )  # fmt: skip
+
+
+def check_int4_args(name: str, x, qdata, scale, zero, group_size: int, packing: str) -> None:
+    """The int4 launchers' checks of what the kernels cannot see: group size, shapes, packing."""
+    k, n = x.shape[1], qdata.shape[0]
+    if group_size not in INT4_GROUP_SIZES:  # the tiles assume a power of two >= 32
+        raise ValueError(f"{name}: group_size {group_size} is not supported; use one of {INT4_GROUP_SIZES}")
+    if k != qdata.shape[1] * 2 or k % group_size or scale.shape != (n, k // group_size) or zero.shape != scale.shape:
+        raise ValueError(
+            f"{name}: x {tuple(x.shape)}, qdata {tuple(qdata.shape)}, scale {tuple(scale.shape)}, zero "
+            f"{tuple(zero.shape)} do not match group_size {group_size} (scale and zero must be [N, K // group_size])"
+        )
+    if packing not in ("plain", "mma", "tiled"):
+        raise ValueError(f"{name}: packing must be 'plain', 'mma' or 'tiled', got {packing!r}")
+    if packing == "tiled" and not int4_tiled_fits(n, k):
+        raise ValueError(f"{name}: 'tiled' codes need N % 16 == 0 and K % 128 == 0, got N={n}, K={k}")
+
+
+def _swiglu_fake(x: torch.Tensor, qdata: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qdata.shape[0] // 2)
+
+
+def swiglu_fits(m: int, n: int, k: int, packing: str, x_dtype, qparam_dtype, device: torch.device) -> bool:
+    """Whether ``int4_mm_swiglu`` runs the fused tile (else it composes ``int4_mm`` and
+    ``reference.swiglu``): M <= 8, 16-bit x with qparams of its dtype on a GPU (or the
+    interpreter), "plain" codes or "tiled" ones whose up half starts on a 16-row tile, K % 32 == 0."""
+    from lowbit.ops.triton.int4 import GEMV_MAX_M
+
+    return (
+        1 <= m <= min(8, GEMV_MAX_M)
+        and (device.type == "cuda" or INTERPRET)
+        and x_dtype in (torch.bfloat16, torch.float16)
+        and qparam_dtype == x_dtype
+        and (packing == "plain" or packing == "tiled" and (n // 2) % 16 == 0)
+        and k % 32 == 0
+    )
+
+
+@kernel_op("int4_mm_swiglu_triton", fake=_swiglu_fake)
+@launcher("int4_mm_swiglu", (torch.uint8,))
+def int4_mm_swiglu(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    packing: str = "plain",
+) -> torch.Tensor:
+    """``reference.swiglu(x @ dequant(qdata, scale, zero).T)``: the weight's rows are [gate; up]
+    (N = 2 I), the result [M, I] in x.dtype. One launch where ``swiglu_fits``, else ``int4_mm``
+    and the reference's product (the same numbers either way, up to the GEMM's summation order)."""
+    from lowbit.ops.triton.int4 import GEMM_PDL, int4_mm
+
+    m, k = x.shape
+    n = qdata.shape[0]
+    if n % 2:
+        raise ValueError(f"int4_mm_swiglu: the weight has {n} rows; want an even number ([gate; up] halves)")
+    check_int4_args("int4_mm_swiglu", x, qdata, scale, zero, group_size, packing)
+    if not swiglu_fits(m, n, k, packing, x.dtype, scale.dtype, x.device) or zero.dtype != scale.dtype:
+        return swiglu(int4_mm(x, qdata, scale, zero, group_size, packing))
+    x, qdata = (
+        t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+        for t in (x, qdata)
+    )  # fmt: skip  (the tile reads x and the codes as 16-byte vectors)
+    scale, zero = scale.contiguous(), zero.contiguous()
+    nh = n // 2
+    y = torch.empty(m, nh, device=x.device, dtype=x.dtype)
+    most = max(c.kwargs["SPLIT_K"] for c in _glu_kernel.configs)
+    ws, cnt = split_k_buffers(x.device, m, n, most)
+    _glu_kernel[lambda meta: (triton.cdiv(nh, 16), meta["SPLIT_K"])](
+        x, qdata, scale, zero, y, ws, cnt, m, n, k, nh, m_bucket(m), x.stride(0), y.stride(0), qdata.stride(0),
+        scale.stride(0), GS=group_size, ASM=x.is_cuda and not INTERPRET, TILED=int(packing == "tiled"),
+        **pdl_args(x.device, GEMM_PDL),
+    )  # fmt: skip
+    return y

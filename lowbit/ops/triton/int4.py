@@ -60,8 +60,7 @@ import triton
 import triton.language as tl
 
 from lowbit.compile import kernel_op, linear_out_fake
-from lowbit.ops.reference import INT4_GROUP_SIZES, int4_tiled_fits
-from lowbit.ops.triton._int4_gemv import gemv_tile
+from lowbit.ops.triton._int4_gemv import GEMV_CONFIGS, check_int4_args, gemv_tile, int4_mm_swiglu  # noqa: F401
 from lowbit.ops.triton._utils import (
     AUTOTUNE,
     INTERPRET,
@@ -330,22 +329,14 @@ def _gemm_configs():
         (128, 64, 128, 4, 4, (1,)),
         (256, 128, 64, 8, 3, (1,)),
     ]
-    # GEMV tiles (warps W, splits, blocks per iteration): the best of bench/gemv_mma_probe.py per
-    # Llama-3-8B shape (H100; 4096 x 14336 W4 split 1, 14336 x 4096 W4 split 4, 4096^2 W1 split 8);
-    # a warp's two blocks adjacent (ADJ: whole 128-byte lines of each row; 0.2-2.2% faster on the
-    # H100 at each shape's best config in one run of bench/gemv_load_probe.py, session 17; a few
-    # other configs 1-2.4% slower); W2 split 8 from session 18's sweep of 40 configs on the "tiled"
-    # packing (bench/gemv_mma_probe.py --packing tiled --cfgs all): the best GEMV on 14336 x 4096
-    # (M = 1 15.56 us against 16.82 for the best listed before; M = 8 17.55 against 18.43) and
-    # 4096 x 1024 (5.09 against 5.45; M = 8 5.38 against 5.66)
-    gemv = [(4, 1, 2), (4, 2, 2), (4, 4, 1), (2, 4, 2), (1, 8, 2), (2, 2, 2), (8, 1, 2), (2, 8, 2)]
+    # GEMV tiles (warps W, splits, blocks per iteration): ``_int4_gemv.GEMV_CONFIGS``
     out = [
         triton.Config(
             dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=sp, SWAP=False, GEMV=w, UNROLL=u, ADJ=int(u == 2)),
             num_warps=w,
             num_stages=1,
         )  # fmt: skip
-        for w, sp, u in gemv
+        for w, sp, u in GEMV_CONFIGS
     ]
     for tiles, swap in ((small, False), ([(*t, (1,)) for t in large], False), (swapped, True)):
         for bm, bn, bk, w, st, splits in tiles:
@@ -599,18 +590,8 @@ def int4_mm(
     """
     m, k = x.shape
     n = qdata.shape[0]
-    if group_size not in INT4_GROUP_SIZES:  # the tiles assume a power of two >= 32
-        raise ValueError(f"int4_mm: group_size {group_size} is not supported; use one of {INT4_GROUP_SIZES}")
-    if k != qdata.shape[1] * 2 or k % group_size or scale.shape != (n, k // group_size) or zero.shape != scale.shape:
-        raise ValueError(
-            f"int4_mm: x {tuple(x.shape)}, qdata {tuple(qdata.shape)}, scale {tuple(scale.shape)}, zero "
-            f"{tuple(zero.shape)} do not match group_size {group_size} (scale and zero must be [N, K // group_size])"
-        )
-    if packing not in ("plain", "mma", "tiled"):
-        raise ValueError(f"int4_mm: packing must be 'plain', 'mma' or 'tiled', got {packing!r}")
+    check_int4_args("int4_mm", x, qdata, scale, zero, group_size, packing)
     tiled = packing == "tiled"
-    if tiled and not int4_tiled_fits(n, k):
-        raise ValueError(f"int4_mm: 'tiled' codes need N % 16 == 0 and K % 128 == 0, got N={n}, K={k}")
     if m == 0:
         return x.new_empty(0, n)
     x = x.contiguous()
