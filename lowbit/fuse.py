@@ -12,13 +12,16 @@ is dropped when every member has been served, and after every call of the member
 module (a forward hook), so nothing carries over from one forward to the next.
 
 With ``swiglu=True`` (the default) a module with children gate_proj, up_proj, down_proj and
-act_fn whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with act_fn SiLU (Llama,
-Mistral, Qwen2 MLPs; checked on a random input when fusing) also gets the activation fused: its
-forward becomes ``down_proj(swiglu_linear(x, stack))``, one launch for the gate / up matmul and
-``silu(gate) * up`` where the format has a kernel for it (int4 on CUDA at M <= 8), so the separate
-pointwise kernel goes. Numerics: silu(gate) * up in fp32 from the rounded gate and up, rounded
-once (``reference.swiglu``, what torch.compile gives unfused; eager PyTorch rounds silu(gate)
-first). The module falls back to its own forward when its group is unfused or a member replaced.
+act_fn whose act_fn is SiLU (checked on a grid) and whose forward is
+``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (Llama, Mistral, Qwen2 MLPs; checked on a
+random row when fusing), and whose stacked weight's format has a kernel for it (int4), also gets
+the activation fused: where that kernel runs (int4 on CUDA at M <= 8) its forward is
+``down_proj(swiglu_linear(x, stack))``, one launch for the gate / up matmul and
+``silu(gate) * up``, so the separate pointwise kernel goes. Numerics there: silu(gate) * up in
+fp32 from the rounded gate and up, rounded once (``reference.swiglu``, what torch.compile gives
+unfused; eager PyTorch rounds silu(gate) first). Everywhere else (more tokens, other devices, a
+gradient, other arguments, and once the group is unfused, a member replaced or hooked, a bias
+added or act_fn swapped) the module runs its own forward.
 
 For inference, as the last step (after ``.to()``, sharding, adapters):
 - a member called with an input that needs a gradient runs alone (the unfused result);
@@ -173,10 +176,18 @@ class FusedLinear(nn.Linear):
             g.unfuse()
 
 
-def _glu_forward(self, x: torch.Tensor) -> torch.Tensor:
+def _glu_forward(self, *args, **kwargs):
     """The forward of a fused Llama-style MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))`` with
-    the gate / up matmul and the product in one call; the module's own forward when its group is
-    gone or a member was replaced (checked by type and id: constant guards under torch.compile)."""
+    the gate / up matmul and the product in one kernel where the stack's format has one for this
+    input (``QTensor.swiglu_max_tokens``, asked when fusing: int4 on CUDA up to 8 tokens of its
+    dtype); else, and whenever what was checked
+    at fuse time no longer holds (the group, the members and their weights, no bias, no hooks on
+    them, the same act_fn; type / id / emptiness checks, constant guards under torch.compile), or
+    the input needs a gradient or comes with other arguments, the module's own forward."""
+    base = self._lowbit_glu_base
+    if len(args) != 1 or kwargs:
+        return base.forward(self, *args, **kwargs)
+    x = args[0]
     gid, gate, up = self._lowbit_glu_gid, self.gate_proj, self.up_proj
     g = _GROUPS.get(gid)
     if (
@@ -187,15 +198,32 @@ def _glu_forward(self, x: torch.Tensor) -> torch.Tensor:
         or up._lowbit_gid != gid
         or id(gate.weight) != gate._lowbit_param_id
         or id(up.weight) != up._lowbit_param_id
+        or gate.bias is not None
+        or up.bias is not None
+        or id(self.act_fn) != self._lowbit_glu_act
+        or _hooked(gate)
+        or _hooked(up)
         or (torch.is_grad_enabled() and x.requires_grad)
+        or x.dtype != self._lowbit_glu_dtype
+        or x.numel() > self._lowbit_glu_max_m * x.shape[-1]  # more tokens than the kernel serves
     ):
-        return self._lowbit_glu_base.forward(self, x)
+        return base.forward(self, x)
     return self.down_proj(swiglu_linear(x, g.weight))
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Hooks that a fused call would skip: the module's own, or global module hooks."""
+    from torch.nn.modules import module as mod
+
+    return bool(m._forward_hooks or m._forward_pre_hooks or mod._global_forward_hooks or mod._global_forward_pre_hooks)
+
+
+_GLU_ATTRS = ("_lowbit_glu_gid", "_lowbit_glu_act", "_lowbit_glu_max_m", "_lowbit_glu_dtype")
 
 
 def _glu_reduce_ex(self, protocol):
     """copy.deepcopy and pickle make the module's own class of it (with plain, unfused members)."""
-    state = {k: v for k, v in self.__dict__.items() if k != "_lowbit_glu_gid"}
+    state = {k: v for k, v in self.__dict__.items() if k not in _GLU_ATTRS}
     return copyreg._reconstructor, (self._lowbit_glu_base, object, None), state
 
 
@@ -206,37 +234,56 @@ def _glu_class(base: type) -> type:
     """A subclass of the MLP's class with the fused forward (one per class, same name)."""
     if base not in _GLU_CLASSES:
         body = {"forward": _glu_forward, "__reduce_ex__": _glu_reduce_ex, "_lowbit_glu_base": base}
-        _GLU_CLASSES[base] = type(base.__name__, (base,), {**body, "__module__": base.__module__})
+        body.update(__module__=base.__module__, __qualname__=base.__qualname__)
+        _GLU_CLASSES[base] = type(base.__name__, (base,), body)
     return _GLU_CLASSES[base]
 
 
 def _make_plain_glu(parent: nn.Module):
     parent.__class__ = parent._lowbit_glu_base
-    parent.__dict__.pop("_lowbit_glu_gid", None)
+    for name in _GLU_ATTRS:
+        parent.__dict__.pop(name, None)
+
+
+def _is_silu(act) -> bool:
+    """``act`` computes SiLU: on a fixed fp32 grid over [-8, 8], to fp32 rounding."""
+    t = torch.linspace(-8, 8, 257)
+    try:
+        with torch.no_grad():
+            got = act(t)
+    except Exception:  # (a device-bound activation: not one we can check, so not fused)
+        return False
+    return isinstance(got, torch.Tensor) and got.shape == t.shape and torch.allclose(got, F.silu(t), 1e-5, 1e-6)
 
 
 def _fuse_glu(parent: nn.Module, group: _Group, mods) -> bool:
-    """Give ``parent`` the fused MLP forward if it computes down_proj(silu(gate) * up): checked on
-    one random row against its own forward (a different activation or formula reads rel. err ~1;
-    the fused one differs by bf16 roundings). False, and nothing changed, otherwise."""
+    """Give ``parent`` the fused MLP forward if the stack's format has a kernel for it on its
+    device (``QTensor.swiglu_max_tokens``, under the backend current when fusing), its
+    act_fn is SiLU (checked on a grid) and its forward computes down_proj(act_fn(gate) * up)
+    (checked on one row against the fused formula: another structure reads rel. err ~1, the fused
+    one differs by roundings). False, and nothing changed, otherwise."""
     gate, up = mods
+    w = group.weight
+    base = getattr(type(parent), "_lowbit_glu_base", type(parent))  # (a parent fused before: its class)
     down = parent._modules.get("down_proj")
+    max_m = w.swiglu_max_tokens()
     if (
-        down is None
-        or "act_fn" not in parent._modules
+        max_m < 1  # no kernel for it here: the module's own forward is as good
+        or down is None
+        or "forward" in parent.__dict__  # an instance forward (e.g. a dispatch hook) would bypass ours
         or gate.bias is not None
         or up.bias is not None
         or gate.weight.shape != up.weight.shape
         or gate.weight.device.type == "meta"
+        or not _is_silu(parent._modules.get("act_fn"))
     ):
         return False
-    w = group.weight
     x = torch.randn(1, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
     try:
         with torch.no_grad():
-            want = type(parent).forward(parent, x).float()
+            want = base.forward(parent, x).float()
             got = down(ref.swiglu(F.linear(x, w))).float()
-    except Exception:  # a forward that wants other inputs: not this pattern
+    except (TypeError, ValueError, RuntimeError):  # a forward that wants other inputs: not this pattern
         return False
     finally:
         _MEMO.pop(group.gid, None)
@@ -244,8 +291,10 @@ def _fuse_glu(parent: nn.Module, group: _Group, mods) -> bool:
         return False
     if float((got - want).norm()) > 0.05 * float(want.norm()) + 1e-6:
         return False
-    parent.__class__ = _glu_class(type(parent))
+    parent.__class__ = _glu_class(base)
     parent._lowbit_glu_gid = group.gid
+    parent._lowbit_glu_act = id(parent.act_fn)
+    parent._lowbit_glu_max_m, parent._lowbit_glu_dtype = max_m, w.dtype
     group.glu = weakref.ref(parent)
     return True
 

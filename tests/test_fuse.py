@@ -396,82 +396,155 @@ def _reference_mlps(model):
     return model
 
 
-@pytest.mark.parametrize("scheme", ["int8", "w8a8"])
-def test_swiglu_fused_mlps_give_the_reference_product(scheme):
-    """With swiglu (the default) each Llama MLP also computes silu(gate) * up in the fused call:
-    eager logits equal the reference formula on the unfused model bitwise; compiled with
-    fullgraph they agree with the unfused compiled model (Inductor forms the same fp32 product);
-    the MLP keeps its class (a same-named subclass) and the state dict is unchanged."""
+def int4_llama(seed: int = 0, act: str = "silu", layers: int = 2):
+    """A tiny Llama in int4 with "plain" codes (row slices are views, so it fuses on the CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False, hidden_act=act,
+    )  # fmt: skip
+    model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+    lowbit.quantize_(model, lowbit.int4_weight_only(group_size=64))
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and isinstance(m.weight, lowbit.Int4Tensor):
+            m.weight = nn.Parameter(m.weight.repack("plain"), requires_grad=False)
+    return model
+
+
+@pytest.fixture
+def fused_kernel(monkeypatch):
+    """Int4Tensor says its fused gate / up kernel serves up to 8 tokens: on the CPU its
+    linear_swiglu is then the reference's product of its linear (the CUDA kernel's definition)."""
+    monkeypatch.setattr(lowbit.Int4Tensor, "swiglu_max_tokens", lambda self: 8)
+
+
+IDS1 = IDS[:, :1]  # one token per sequence: 2 tokens, which the fused kernel serves
+
+
+def test_swiglu_fused_mlps_give_the_reference_product(fused_kernel):
+    """With swiglu (the default) each Llama MLP of an int4 model computes silu(gate) * up in the
+    fused call: eager logits equal the reference formula on the unfused model bitwise; compiled with
+    fullgraph they agree with the unfused compiled model; the MLP keeps its class name (a subclass)
+    and the state dict is unchanged."""
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    plain, fused = tiny_llama(scheme), tiny_llama(scheme)
+    plain, fused = int4_llama(), int4_llama()
     names = lowbit.fuse_projections_(fused)
-    mlps = [f"model.layers.{i}.mlp: silu(gate_proj) * up_proj" for i in (0, 1)]
-    assert names[-2:] == mlps and len(names) == 6
+    assert names[-2:] == [f"model.layers.{i}.mlp: silu(gate_proj) * up_proj" for i in (0, 1)] and len(names) == 6
     mlp = fused.model.layers[0].mlp
     assert isinstance(mlp, LlamaMLP) and type(mlp) is not LlamaMLP and type(mlp).__name__ == "LlamaMLP"
     with torch.no_grad():
-        assert torch.equal(fused(IDS).logits, _reference_mlps(tiny_llama(scheme))(IDS).logits)
-        want = torch.compile(plain, fullgraph=True)(IDS).logits.float()
-        got = torch.compile(fused, fullgraph=True)(IDS).logits.float()
-    assert (got - want).abs().max() <= 1e-2 * want.abs().max(), (got - want).abs().max()
+        assert torch.equal(fused(IDS1).logits, _reference_mlps(int4_llama())(IDS1).logits)
+        assert torch.equal(fused(IDS).logits, plain(IDS).logits)  # 14 tokens: beyond it, its own forward
+        for ids in (IDS1, IDS):
+            want = torch.compile(plain, fullgraph=True)(ids).logits.float()
+            got = torch.compile(fused, fullgraph=True)(ids).logits.float()
+            assert (got - want).abs().max() <= 1e-2 * want.abs().max(), (got - want).abs().max()
     assert fused.state_dict().keys() == plain.state_dict().keys()
 
 
-def test_swiglu_mlps_fall_back_copy_plain_and_unfuse():
-    """A fused MLP runs its own forward when a member's weight is replaced or the input needs a
-    gradient; copies and pickles are the plain class; unfusing the group restores the class."""
+def test_swiglu_is_left_alone_where_no_kernel_serves():
+    """Where the format has no fused kernel on the device (int4 on the CPU, 8-bit formats) the
+    MLPs keep their class and forward: only the projections fuse."""
+    plain, fused = int4_llama(), int4_llama()
+    assert not any(": " in n for n in lowbit.fuse_projections_(fused))
+    with torch.no_grad():
+        assert torch.equal(fused(IDS).logits, plain(IDS).logits)
+    int8 = tiny_llama("int8")
+    assert not any(": " in n for n in lowbit.fuse_projections_(int8))
+    assert type(int8.model.layers[0].mlp).__module__ == "transformers.models.llama.modeling_llama"
+    assert not hasattr(int8.model.layers[0].mlp, "_lowbit_glu_gid")
+
+
+def test_swiglu_mlps_fall_back_copy_plain_and_unfuse(fused_kernel):
+    """A fused MLP runs its own forward when a member's weight is replaced or hooked, its act_fn
+    swapped, the input needs a gradient or comes by keyword; copies and pickles are the plain
+    class; unfusing the group restores the class; fusing again does not stack the subclass."""
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    plain, fused = tiny_llama("int8"), tiny_llama("int8")
+    plain, fused = int4_llama(), int4_llama()
     lowbit.fuse_projections_(fused)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     mlp, ref_mlp = fused.model.layers[0].mlp, plain.model.layers[0].mlp
     with torch.no_grad():
+        want = plain(IDS).logits
         for other in (copy.deepcopy(fused), _pickled(fused)):
             assert type(other.model.layers[0].mlp) is LlamaMLP
             assert type(other.model.layers[0].mlp.gate_proj) is nn.Linear
-            assert torch.equal(other(IDS).logits, plain(IDS).logits)  # unfused: the eager product
+            got = other(IDS).logits  # unfused: the module's forward (a loaded CPU int4 weight takes the
+            assert (got - want).abs().max() <= 1e-2 * want.abs().max()  # CPU kernel's packing, so not bitwise)
+        assert torch.equal(copy.deepcopy(fused)(IDS).logits, want)
+        assert not torch.equal(mlp(x), ref_mlp(x))  # fused: the reference product (one rounding)
+        assert torch.equal(mlp(x=x), ref_mlp(x))  # by keyword: its own forward
+        handle = mlp.up_proj.register_forward_hook(lambda m, i, o: o * 0)
+        assert torch.equal(mlp(x), ref_mlp.down_proj(ref_mlp.act_fn(ref_mlp.gate_proj(x)) * 0))
+        handle.remove()
+        act = mlp.act_fn
+        mlp.act_fn = nn.GELU()
+        ref_mlp.act_fn = nn.GELU()
+        assert torch.equal(mlp(x), ref_mlp(x))  # a swapped act_fn: its own forward
+        mlp.act_fn = ref_mlp.act_fn = act
     xg = x.clone().requires_grad_()
     assert torch.equal(mlp(xg), ref_mlp(x))  # a gradient wanted: the module's own forward
     mlp(xg).sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
-    new = lowbit.Int8Tensor.from_float(torch.randn(256, 128, generator=torch.Generator()).to(torch.bfloat16))
+    new = lowbit.Int4Tensor.from_float(torch.randn(256, 128).to(torch.bfloat16), group_size=64, packing="plain")
     for m in (mlp, ref_mlp):
         m.up_proj.weight = nn.Parameter(new, requires_grad=False)
     with torch.no_grad():
         assert torch.equal(mlp(x), ref_mlp(x))  # the replaced member runs alone, gate from its group
-    fused.model.layers[1].mlp.gate_proj._apply(lambda t: t.clone())  # (.to another device): the views break
-    assert type(fused.model.layers[1].mlp) is LlamaMLP and type(fused.model.layers[1].mlp.up_proj) is nn.Linear
+    layer1 = fused.model.layers[1].mlp
+    layer1.gate_proj._apply(lambda t: t.clone())  # (.to another device): the views break
+    assert type(layer1) is LlamaMLP and type(layer1.up_proj) is nn.Linear
+    # replace the members of a fused MLP and fuse again: one subclass level, copies still plain
+    stale = int4_llama(seed=3)
+    lowbit.fuse_projections_(stale)
+    mlp0 = stale.model.layers[0].mlp
+    fresh = int4_llama(seed=4).model.layers[0].mlp
+    mlp0.gate_proj, mlp0.up_proj = fresh.gate_proj, fresh.up_proj
+    assert lowbit.fuse_projections_(mlp0)[-1] == "<root>: silu(gate_proj) * up_proj"
+    assert type(mlp0).__mro__[1] is LlamaMLP and type(mlp0)._lowbit_glu_base is LlamaMLP
+    assert type(copy.deepcopy(mlp0)) is LlamaMLP
+    with torch.no_grad():
+        assert torch.equal(mlp0(x.requires_grad_(False)), _reference_mlps_one(mlp0)(x))
 
 
-def test_swiglu_is_left_alone_for_other_activations():
-    """An MLP whose act_fn is not SiLU (GELU here) keeps its own forward: only its projections fuse."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _reference_mlps_one(mlp):
+    from lowbit.ops import reference as ref
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=256, hidden_act="gelu",
-    )  # fmt: skip
-    model = lowbit.quantize_(LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval(), lowbit.int8_weight_only())
+    return lambda x: mlp.down_proj(ref.swiglu(torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1)))
+
+
+def test_swiglu_is_left_alone_for_other_activations(fused_kernel):
+    """An MLP whose act_fn is not SiLU (GELU, tanh form, as Gemma's) keeps its own forward, whatever
+    the scale of its weights (the activation is checked on a grid, not only through one row)."""
+    model = int4_llama(act="gelu_pytorch_tanh", layers=1)
+    with torch.no_grad():
+        for p in model.model.layers[0].mlp.parameters():
+            if isinstance(p, lowbit.Int4Tensor):
+                p.scale.mul_(8)  # large gate values: GELU and SiLU nearly agree on one random row
+                p.zero.mul_(8)
     plain = copy.deepcopy(model)
     names = lowbit.fuse_projections_(model)
     assert names == ["model.layers.0.self_attn.{q_proj,k_proj,v_proj}", "model.layers.0.mlp.{gate_proj,up_proj}"]
-    assert type(model.model.layers[0].mlp).__module__ == "transformers.models.llama.modeling_llama"
     assert not hasattr(model.model.layers[0].mlp, "_lowbit_glu_gid")
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, plain(IDS).logits)
 
 
 def test_swiglu_linear_checks_its_inputs():
+    """swiglu_linear against silu(gate) * up in float64 from the linear's rounded output (any
+    leading dims), and its refusals."""
     from lowbit.qtensor.base import swiglu_linear
 
     w = lowbit.Int8Tensor.from_float(torch.randn(10, 16).to(torch.bfloat16))
-    x = torch.randn(2, 16).to(torch.bfloat16)
-    from lowbit.ops import reference as ref
-
-    assert torch.equal(swiglu_linear(x, w), ref.swiglu(F.linear(x, w)))
+    x = torch.randn(2, 3, 16).to(torch.bfloat16)
+    y = F.linear(x, w).double()
+    want = (F.silu(y[..., :5]) * y[..., 5:]).to(torch.bfloat16)
+    got = swiglu_linear(x, w)
+    assert got.shape == (2, 3, 5) and (got.double() - want.double()).abs().max() <= 2**-7 * want.abs().max()
     with pytest.raises(ValueError, match="11 rows"):
         swiglu_linear(x, lowbit.Int8Tensor.from_float(torch.randn(11, 16).to(torch.bfloat16)))
     with pytest.raises(RuntimeError, match="inference"):

@@ -176,7 +176,7 @@ def int4_linear(x, qdata, scale, zero, group_size: int, bias=None):
     return F.linear(x, int4_dequantize(qdata, scale, zero, group_size, x.dtype), bias)
 
 
-# --------------------------------------------------------------------------- int8
+# --------------------------------------------------------------------------- the MLP's product
 def swiglu(y: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of a [..., 2 I] projection output whose first I columns are the gate
     (Llama's MLP), in fp32 from y's values, rounded once to y's dtype: what the unfused
@@ -188,6 +188,7 @@ def swiglu(y: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).to(y.dtype)
 
 
+# --------------------------------------------------------------------------- int8
 def int8_choose_qparams(w: torch.Tensor, qparam_dtype: torch.dtype) -> torch.Tensor:
     """Symmetric scale per row of ``w`` [N, K] (or per token of an activation)."""
     amax = w.float().abs().amax(dim=-1)

@@ -171,10 +171,17 @@ class QTensor(torch.Tensor):
 
     def linear_swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """``reference.swiglu(self.linear(x))`` for a weight whose rows are [gate; up] (Llama's
-        MLP); formats with a fused kernel override this."""
+        MLP); formats with a fused kernel override this and ``swiglu_max_tokens``."""
         from lowbit.ops.reference import swiglu
 
         return swiglu(self.linear(x))
+
+    def swiglu_max_tokens(self) -> int:
+        """Up to how many tokens (rows of x, of this tensor's dtype, on its device under the current
+        backend) ``linear_swiglu`` runs one fused kernel; 0: never. A fused MLP asks once, when it
+        is fused, and runs its own forward beyond that (no fp32 temporaries, and Inductor fuses the
+        product)."""
+        return 0
 
     def to_device(self, device) -> QTensor:
         """Move every field; formats with device-specific packing override this."""

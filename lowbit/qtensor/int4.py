@@ -147,6 +147,17 @@ class Int4Tensor(QTensor):
             return triton_int4.int4_mm_swiglu(x, w.qdata, w.scale, w.zero, self.group_size, w.packing)
         return ref.swiglu(self.linear(x))
 
+    def swiglu_max_tokens(self) -> int:
+        if self.packing not in ("plain", "tiled") or resolve(self._device) != "triton":
+            return 0
+        from lowbit.ops.triton._int4_gemv import swiglu_fits
+
+        n, k = self._size
+        fits = [
+            m for m in range(1, 9) if swiglu_fits(m, n, k, self.packing, self.dtype, self.scale.dtype, self._device)
+        ]
+        return max(fits, default=0)
+
     # ------------------------------------------------------------------ slicing
     def slice_rows(self, start: int, end: int) -> Int4Tensor:
         if self.packing in ROW_PACKINGS:  # a view, as for a plain tensor (FSDP writes shards through narrow().copy_())

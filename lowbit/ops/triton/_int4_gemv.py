@@ -390,7 +390,8 @@ def int4_mm_swiglu(
 ) -> torch.Tensor:
     """``reference.swiglu(x @ dequant(qdata, scale, zero).T)``: the weight's rows are [gate; up]
     (N = 2 I), the result [M, I] in x.dtype. One launch where ``swiglu_fits``, else ``int4_mm``
-    and the reference's product (the same numbers either way, up to the GEMM's summation order)."""
+    and the reference's product (the same numbers either way up to a few ulp: the GEMM's summation
+    order and the epilogue's exp)."""
     from lowbit.ops.triton.int4 import GEMM_PDL, int4_mm
 
     m, k = x.shape
