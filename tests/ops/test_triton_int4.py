@@ -683,27 +683,29 @@ def test_int4_mm_swiglu_matches_the_reference(m, nh, kb, gs, dtype, tiled, seed)
 
 
 @pytest.mark.parametrize(
-    "w, split, unroll",
-    GLU_SHAPES if DEVICE == "cuda" else [(2, 2, 2)],
+    "w, split, unroll, packing",
+    [(*c, p) for c in GLU_SHAPES for p in ("tiled", "plain")] if DEVICE == "cuda" else [(2, 2, 2, "tiled")],
 )
-def test_every_glu_config_matches_the_reference(w, split, unroll):
-    """Each config of the fused gate / up tile's space (on the interpreter one), with a K whose
-    blocks leave some warps and splits without work."""
+def test_every_glu_config_matches_the_reference(w, split, unroll, packing):
+    """Each config of the fused gate / up tile's space (on the interpreter one), "tiled" halves of
+    whole tiles and "plain" halves of an odd row count, with a K whose blocks leave some warps and
+    splits without work."""
     import triton
 
     from lowbit.ops.triton import _int4_gemv as gemv_mod
     from lowbit.ops.triton._utils import INTERPRET, m_bucket, split_k_buffers
 
-    m, nh, gs, k = 3, 32, 128, 5 * 128
+    m, nh, gs, k = 3, 32 if packing == "tiled" else 21, 128, 5 * 128
     n = 2 * nh
-    qdata, scale, zero, plain = _weight(n, k, gs, torch.bfloat16, 7, "tiled")
+    qdata, scale, zero, plain = _weight(n, k, gs, torch.bfloat16, 7, packing)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(8)).to(DEVICE, torch.bfloat16)
     want = ref.swiglu(ref.int4_linear(x, plain, scale, zero, gs)).double()
     y = torch.full((m, nh), float("nan"), device=DEVICE, dtype=x.dtype)
     ws, cnt = split_k_buffers(x.device, m, n, split)
     gemv_mod._glu_kernel.fn[(triton.cdiv(nh, 16), split)](
         x, qdata, scale, zero, y, ws, cnt, m, n, k, nh, m_bucket(m), x.stride(0), y.stride(0), qdata.stride(0),
-        scale.stride(0), GS=gs, ASM=not INTERPRET, TILED=1, SPLIT_K=split, W=w, UNROLL=unroll, ADJ=int(unroll == 2),
+        scale.stride(0), GS=gs, ASM=not INTERPRET, TILED=int(packing == "tiled"), SPLIT_K=split, W=w, UNROLL=unroll,
+        ADJ=int(unroll == 2),
         num_warps=2 * w, num_stages=1,
     )  # fmt: skip
     err = float((y.double() - want).norm() / want.norm())

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.compile import kernel_op
+from lowbit.compile import kernel_op, linear_out_fake
 from lowbit.ops.reference import INT4_GROUP_SIZES, int4_tiled_fits, swiglu
 from lowbit.ops.triton._utils import (
     INTERPRET,
@@ -359,7 +359,7 @@ def check_int4_args(name: str, x, qdata, scale, zero, group_size: int, packing: 
 
 
 def _swiglu_fake(x: torch.Tensor, qdata: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return x.new_empty(x.shape[0], qdata.shape[0] // 2)
+    return linear_out_fake(x, qdata)[:, : qdata.shape[0] // 2].clone()
 
 
 def swiglu_fits(m: int, n: int, k: int, packing: str, x_dtype, qparam_dtype, device: torch.device) -> bool:
