@@ -59,7 +59,13 @@ import traceback
 import zipfile
 
 import torch
-from e2e_profile import profile_decode, profile_host, unwrap_fields  # bench/ (this folder) is on sys.path
+from e2e_profile import (  # bench/ (this folder) is on sys.path
+    profile_decode,
+    profile_forward,
+    profile_host,
+    sleep_cycles_per_s,
+    unwrap_fields,
+)
 from e2e_report import merge_rounds, write_outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -315,17 +321,6 @@ def _ab_switch(suffix):
     return _setting(sys.modules[__name__], {UNWRAP: "_UNWRAP_FIELDS", FUSED: "_FUSE_SIBLINGS"}[suffix], True)
 
 
-def sleep_cycles_per_s() -> float:
-    """``torch.cuda._sleep`` cycles per second on this GPU (timed with events)."""
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    torch.cuda._sleep(200_000_000)
-    b.record()
-    b.synchronize()
-    return 200_000_000 / (a.elapsed_time(b) / 1e3)
-
-
 def run_variant(variant, args) -> dict:
     device = torch.device("cpu" if args.tiny else "cuda")
     res = dict(variant=variant, label=LABELS[variant])
@@ -463,18 +458,6 @@ def run_variant(variant, args) -> dict:
                 res["prefill_profile"] = profile_forward(fwd, ids, device)
                 print(f"{variant} prefill profile:\n{res['prefill_profile']}", flush=True)
     return res
-
-
-def profile_forward(model, ids, device, rows=15) -> str:
-    """The top ops (by device time on a GPU, CPU time otherwise) of one forward, as a table."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        model(ids, use_cache=False, logits_to_keep=1)
-        sync(device)
-    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
 # ---------------------------------------------------------------------------- driver

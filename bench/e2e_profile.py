@@ -163,3 +163,27 @@ def unwrap_fields(model):
         if isinstance(w, lowbit.QTensor) and not parametrize.is_parametrized(mod, "weight"):
             parametrize.register_parametrization(mod, "weight", Fields(w), unsafe=True)
     return model
+
+
+def sleep_cycles_per_s() -> float:
+    """``torch.cuda._sleep`` cycles per second on this GPU (timed with events)."""
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    torch.cuda._sleep(200_000_000)
+    b.record()
+    b.synchronize()
+    return 200_000_000 / (a.elapsed_time(b) / 1e3)
+
+
+def profile_forward(model, ids, device, rows=15) -> str:
+    """The top ops (by device time on a GPU, CPU time otherwise) of one forward, as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        model(ids, use_cache=False, logits_to_keep=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)

@@ -140,23 +140,21 @@ class Int4Tensor(QTensor):
         return ref.int4_linear(x, self.repack("plain").qdata, self.scale, self.zero, self.group_size)
 
     def linear_swiglu(self, x: torch.Tensor) -> torch.Tensor:
-        if resolve(x.device) == "triton":  # one launch at M <= 8 (``_int4_gemv.int4_mm_swiglu``)
-            from lowbit.ops.triton import int4 as triton_int4
+        if resolve(x.device) == "triton":  # one launch at M <= 8
+            from lowbit.ops.triton._int4_gemv import int4_mm_swiglu
 
             w = self if self.packing in TRITON_PACKINGS else self.repack("mma")
-            return triton_int4.int4_mm_swiglu(x, w.qdata, w.scale, w.zero, self.group_size, w.packing)
+            return int4_mm_swiglu(x, w.qdata, w.scale, w.zero, self.group_size, w.packing)
         return ref.swiglu(self.linear(x))
 
     def swiglu_max_tokens(self) -> int:
         if self.packing not in ("plain", "tiled") or resolve(self._device) != "triton":
             return 0
-        from lowbit.ops.triton._int4_gemv import swiglu_fits
+        from lowbit.ops.triton._int4_gemv import swiglu_fits, swiglu_max_m
 
         n, k = self._size
-        fits = [
-            m for m in range(1, 9) if swiglu_fits(m, n, k, self.packing, self.dtype, self.scale.dtype, self._device)
-        ]
-        return max(fits, default=0)
+        fits = swiglu_fits(1, n, k, self.packing, self.dtype, self.scale.dtype, self._device)
+        return swiglu_max_m() if fits else 0
 
     # ------------------------------------------------------------------ slicing
     def slice_rows(self, start: int, end: int) -> Int4Tensor:

@@ -362,14 +362,19 @@ def _swiglu_fake(x: torch.Tensor, qdata: torch.Tensor, *args, **kwargs) -> torch
     return linear_out_fake(x, qdata)[:, : qdata.shape[0] // 2].clone()
 
 
+def swiglu_max_m() -> int:
+    """The most tokens the fused tile serves: 8 (its mma's N), 0 with the GEMV tile off."""
+    from lowbit.ops.triton.int4 import GEMV_MAX_M
+
+    return min(8, GEMV_MAX_M)
+
+
 def swiglu_fits(m: int, n: int, k: int, packing: str, x_dtype, qparam_dtype, device: torch.device) -> bool:
     """Whether ``int4_mm_swiglu`` runs the fused tile (else it composes ``int4_mm`` and
     ``reference.swiglu``): M <= 8, 16-bit x with qparams of its dtype on a GPU (or the
     interpreter), "plain" codes or "tiled" ones whose up half starts on a 16-row tile, K % 32 == 0."""
-    from lowbit.ops.triton.int4 import GEMV_MAX_M
-
     return (
-        1 <= m <= min(8, GEMV_MAX_M)
+        1 <= m <= swiglu_max_m()
         and (device.type == "cuda" or INTERPRET)
         and x_dtype in (torch.bfloat16, torch.float16)
         and qparam_dtype == x_dtype

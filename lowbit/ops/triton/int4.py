@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from lowbit.compile import kernel_op, linear_out_fake
-from lowbit.ops.triton._int4_gemv import GEMV_CONFIGS, check_int4_args, gemv_tile, int4_mm_swiglu  # noqa: F401
+from lowbit.ops.triton._int4_gemv import GEMV_CONFIGS, check_int4_args, gemv_tile
 from lowbit.ops.triton._utils import (
     AUTOTUNE,
     INTERPRET,
