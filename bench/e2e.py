@@ -60,6 +60,7 @@ import zipfile
 
 import torch
 from e2e_profile import (  # bench/ (this folder) is on sys.path
+    direct_fields,
     profile_decode,
     profile_forward,
     profile_host,
@@ -103,6 +104,12 @@ _FUSE_SIBLINGS = False
 NO_GLU = "_fused_noglu"
 LABELS["lowbit_int4" + NO_GLU] = LABELS["lowbit_int4"] + ", q/k/v and gate/up fused, not silu(gate) * up"
 _FUSE_GLU = True
+# lowbit int4 with each quantized linear rebuilding its weight from plain field buffers inside the
+# compiled graph (``direct_fields``, after fusing): no subclass input, no parametrization (probe)
+DIRECT = "_direct"
+for _v in ("lowbit_int4", "lowbit_int4_fused"):
+    LABELS[_v + DIRECT] = LABELS[_v] + ", fields as buffers"
+_DIRECT_FIELDS = False
 ALL_VARIANTS = list(LABELS)
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -318,7 +325,8 @@ def _ab_switch(suffix):
         both.enter_context(_setting(sys.modules[__name__], "_FUSE_SIBLINGS", True))
         both.enter_context(_setting(sys.modules[__name__], "_FUSE_GLU", False))
         return both
-    return _setting(sys.modules[__name__], {UNWRAP: "_UNWRAP_FIELDS", FUSED: "_FUSE_SIBLINGS"}[suffix], True)
+    flag = {UNWRAP: "_UNWRAP_FIELDS", FUSED: "_FUSE_SIBLINGS", DIRECT: "_DIRECT_FIELDS"}[suffix]
+    return _setting(sys.modules[__name__], flag, True)
 
 
 def run_variant(variant, args) -> dict:
@@ -333,7 +341,7 @@ def run_variant(variant, args) -> dict:
             return dict(res, skipped=f"torchao not importable: {type(e).__name__}: {e}")
     if variant.endswith("fp8") and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         return dict(res, skipped="fp8 needs sm_89+")
-    for suffix in (NO_GEMV, UNWRAP, NO_PDL, FUSED, NO_GLU):  # A/B variants: the base variant with a switch set
+    for suffix in (DIRECT, NO_GEMV, UNWRAP, NO_PDL, FUSED, NO_GLU):  # A/B variants: the base variant with a switch set
         if variant.endswith(suffix):
             with _ab_switch(suffix):
                 return run_variant(variant.removesuffix(suffix), args) | dict(variant=variant, label=LABELS[variant])
@@ -355,6 +363,8 @@ def run_variant(variant, args) -> dict:
         fused = sys.modules["lowbit"].fuse_projections_(model, swiglu=_FUSE_GLU)
         res["fused_groups"] = sum(": " not in f for f in fused)
         res["fused_swiglu"] = sum(": " in f for f in fused)  # MLPs with silu(gate) * up in the gate / up call
+    if _DIRECT_FIELDS:
+        res["direct_weights"] = direct_fields(model)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     kw = dict(

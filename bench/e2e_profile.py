@@ -69,7 +69,7 @@ def profile_decode(model, ids, new_tokens, compile_step, decode, steps=64) -> di
     marks = [e.time_range.end for e in events if "spin" in e.name.lower()]
     loop_start = max(marks) if marks else float("-inf")  # (no marker found: the prompt stays in)
     kinds: dict[str, float] = {k: 0.0 for k, _ in KERNEL_KINDS}
-    top: dict[str, float] = {}
+    top: dict[str, tuple[float, int]] = {}
     spans = []
     for e in events:
         if e.time_range.start < loop_start or "spin" in e.name.lower():
@@ -77,7 +77,8 @@ def profile_decode(model, ids, new_tokens, compile_step, decode, steps=64) -> di
         us = e.device_time if hasattr(e, "device_time") else e.cuda_time
         kind = next(k for k, pat in KERNEL_KINDS if re.search(pat, e.name, re.I))
         kinds[kind] += us
-        top[e.name[:80]] = top.get(e.name[:80], 0.0) + us
+        us0, n0 = top.get(e.name[:80], (0.0, 0))
+        top[e.name[:80]] = (us0 + us, n0 + 1)
         spans.append((e.time_range.start, e.time_range.end, kind))
     gaps, stalled = idle_by_kind(spans)
     return dict(
@@ -89,8 +90,9 @@ def profile_decode(model, ids, new_tokens, compile_step, decode, steps=64) -> di
         gap_over_1ms_us_per_step=round(stalled / loop_steps, 1),
         loop_marked=bool(marks),
         wall_us_per_step=round(wall / loop_steps * 1e6, 1),
-        top_kernels_us_per_step={
-            k: round(v / loop_steps, 1) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]
+        top_kernels_us_and_count_per_step={
+            k: (round(us / loop_steps, 1), round(n / loop_steps, 1))
+            for k, (us, n) in sorted(top.items(), key=lambda kv: -kv[1][0])[:30]
         },
     )
 
@@ -163,6 +165,61 @@ def unwrap_fields(model):
         if isinstance(w, lowbit.QTensor) and not parametrize.is_parametrized(mod, "weight"):
             parametrize.register_parametrization(mod, "weight", Fields(w), unsafe=True)
     return model
+
+
+def direct_fields(model):
+    """Probe: each quantized ``nn.Linear`` keeps its QTensor ``weight`` (not read by the forward)
+    and gets its fields as non-persistent buffers (views, no memory) and a forward that rebuilds
+    the QTensor from them inside the graph; each fused group's stack likewise reads its fields
+    from plain parameters. A compiled step then takes no subclass input, so torch 2.11's AOT
+    wrapper flattens nothing per call, and no parametrization module is guarded (what
+    ``unwrap_fields`` pays instead). Run after ``fuse_projections_``; not for training."""
+    import torch.nn.functional as F
+
+    import lowbit
+    from lowbit import fuse
+
+    def meta(w):
+        names, ctx = w.__tensor_flatten__()
+        return type(w), tuple(names), ctx, tuple(w.size()), tuple(w.stride())
+
+    class DirectLinear(torch.nn.Linear):
+        def forward(self, x):
+            cls, names, ctx, size, stride = self._lb_meta
+            w = cls.__tensor_unflatten__({n: getattr(self, "_lb_" + n) for n in names}, ctx, size, stride)
+            return F.linear(x, w, self.bias)
+
+    class DirectGroup(fuse._Group):
+        @property
+        def weight(self):
+            if self._lb_fields is None:
+                return None
+            cls, names, ctx, size, stride = self._lb_meta
+            return cls.__tensor_unflatten__(dict(zip(names, self._lb_fields)), ctx, size, stride)
+
+        @weight.setter
+        def weight(self, value):
+            if value is None:
+                self._lb_fields = None
+                return
+            self._lb_meta = meta(value)
+            self._lb_fields = [torch.nn.Parameter(getattr(value, n), requires_grad=False) for n in self._lb_meta[1]]
+
+    n = 0
+    for mod in list(model.modules()):
+        w = getattr(mod, "weight", None)
+        if type(mod) is torch.nn.Linear and isinstance(w, lowbit.QTensor):
+            mod._lb_meta = meta(w)
+            for name in mod._lb_meta[1]:
+                mod.register_buffer("_lb_" + name, getattr(w, name), persistent=False)
+            mod.__class__ = DirectLinear
+            n += 1
+    for g in fuse._GROUPS.values():
+        w = g.__dict__.pop("weight")
+        g.__class__ = DirectGroup
+        g.weight = w
+        n += 1
+    return n
 
 
 def sleep_cycles_per_s() -> float:
