@@ -60,7 +60,6 @@ import zipfile
 
 import torch
 from e2e_profile import (  # bench/ (this folder) is on sys.path
-    direct_fields,
     profile_decode,
     profile_forward,
     profile_host,
@@ -104,12 +103,9 @@ _FUSE_SIBLINGS = False
 NO_GLU = "_fused_noglu"
 LABELS["lowbit_int4" + NO_GLU] = LABELS["lowbit_int4"] + ", q/k/v and gate/up fused, not silu(gate) * up"
 _FUSE_GLU = True
-# lowbit int4 with each quantized linear rebuilding its weight from plain field buffers inside the
-# compiled graph (``direct_fields``, after fusing): no subclass input, no parametrization (probe)
-DIRECT = "_direct"
-for _v in ("lowbit_int4", "lowbit_int4_fused"):
-    LABELS[_v + DIRECT] = LABELS[_v] + ", fields as buffers"
-_DIRECT_FIELDS = False
+# the same with compiled forwards taking the weights as subclass inputs (fuse.REBUILD_IN_GRAPH off, so no singles)
+SUBCLASS = "_fused_subclass"
+LABELS["lowbit_int4" + SUBCLASS] = LABELS["lowbit_int4"] + ", q/k/v and gate/up fused, weights as subclass inputs"
 ALL_VARIANTS = list(LABELS)
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -320,13 +316,15 @@ def _ab_switch(suffix):
         from lowbit.ops.triton import _utils
 
         return _setting(_utils, "PDL", False)
-    if suffix == NO_GLU:
+    if suffix in (NO_GLU, SUBCLASS):
         both = contextlib.ExitStack()
         both.enter_context(_setting(sys.modules[__name__], "_FUSE_SIBLINGS", True))
-        both.enter_context(_setting(sys.modules[__name__], "_FUSE_GLU", False))
+        import lowbit.fuse
+
+        flag = (sys.modules[__name__], "_FUSE_GLU") if suffix == NO_GLU else (lowbit.fuse, "REBUILD_IN_GRAPH")
+        both.enter_context(_setting(*flag, False))
         return both
-    flag = {UNWRAP: "_UNWRAP_FIELDS", FUSED: "_FUSE_SIBLINGS", DIRECT: "_DIRECT_FIELDS"}[suffix]
-    return _setting(sys.modules[__name__], flag, True)
+    return _setting(sys.modules[__name__], {UNWRAP: "_UNWRAP_FIELDS", FUSED: "_FUSE_SIBLINGS"}[suffix], True)
 
 
 def run_variant(variant, args) -> dict:
@@ -341,7 +339,7 @@ def run_variant(variant, args) -> dict:
             return dict(res, skipped=f"torchao not importable: {type(e).__name__}: {e}")
     if variant.endswith("fp8") and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         return dict(res, skipped="fp8 needs sm_89+")
-    for suffix in (DIRECT, NO_GEMV, UNWRAP, NO_PDL, FUSED, NO_GLU):  # A/B variants: the base variant with a switch set
+    for suffix in (NO_GEMV, UNWRAP, NO_PDL, FUSED, NO_GLU, SUBCLASS):  # A/B variants: the base with a switch set
         if variant.endswith(suffix):
             with _ab_switch(suffix):
                 return run_variant(variant.removesuffix(suffix), args) | dict(variant=variant, label=LABELS[variant])
@@ -361,10 +359,9 @@ def run_variant(variant, args) -> dict:
     res["weights_GB"] = round(weight_bytes(model) / 1e9, 3)
     if _FUSE_SIBLINGS:  # (a lowbit variant: quantize imported lowbit)
         fused = sys.modules["lowbit"].fuse_projections_(model, swiglu=_FUSE_GLU)
-        res["fused_groups"] = sum(": " not in f for f in fused)
+        res["fused_groups"] = sum("{" in f for f in fused)
         res["fused_swiglu"] = sum(": " in f for f in fused)  # MLPs with silu(gate) * up in the gate / up call
-    if _DIRECT_FIELDS:
-        res["direct_weights"] = direct_fields(model)
+        res["fused_singles"] = sum("{" not in f and ": " not in f for f in fused)  # groups of one
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     kw = dict(

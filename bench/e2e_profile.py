@@ -167,61 +167,6 @@ def unwrap_fields(model):
     return model
 
 
-def direct_fields(model):
-    """Probe: each quantized ``nn.Linear`` keeps its QTensor ``weight`` (not read by the forward)
-    and gets its fields as non-persistent buffers (views, no memory) and a forward that rebuilds
-    the QTensor from them inside the graph; each fused group's stack likewise reads its fields
-    from plain parameters. A compiled step then takes no subclass input, so torch 2.11's AOT
-    wrapper flattens nothing per call, and no parametrization module is guarded (what
-    ``unwrap_fields`` pays instead). Run after ``fuse_projections_``; not for training."""
-    import torch.nn.functional as F
-
-    import lowbit
-    from lowbit import fuse
-
-    def meta(w):
-        names, ctx = w.__tensor_flatten__()
-        return type(w), tuple(names), ctx, tuple(w.size()), tuple(w.stride())
-
-    class DirectLinear(torch.nn.Linear):
-        def forward(self, x):
-            cls, names, ctx, size, stride = self._lb_meta
-            w = cls.__tensor_unflatten__({n: getattr(self, "_lb_" + n) for n in names}, ctx, size, stride)
-            return F.linear(x, w, self.bias)
-
-    class DirectGroup(fuse._Group):
-        @property
-        def weight(self):
-            if self._lb_fields is None:
-                return None
-            cls, names, ctx, size, stride = self._lb_meta
-            return cls.__tensor_unflatten__(dict(zip(names, self._lb_fields)), ctx, size, stride)
-
-        @weight.setter
-        def weight(self, value):
-            if value is None:
-                self._lb_fields = None
-                return
-            self._lb_meta = meta(value)
-            self._lb_fields = [torch.nn.Parameter(getattr(value, n), requires_grad=False) for n in self._lb_meta[1]]
-
-    n = 0
-    for mod in list(model.modules()):
-        w = getattr(mod, "weight", None)
-        if type(mod) is torch.nn.Linear and isinstance(w, lowbit.QTensor):
-            mod._lb_meta = meta(w)
-            for name in mod._lb_meta[1]:
-                mod.register_buffer("_lb_" + name, getattr(w, name), persistent=False)
-            mod.__class__ = DirectLinear
-            n += 1
-    for g in fuse._GROUPS.values():
-        w = g.__dict__.pop("weight")
-        g.__class__ = DirectGroup
-        g.weight = w
-        n += 1
-    return n
-
-
 def sleep_cycles_per_s() -> float:
     """``torch.cuda._sleep`` cycles per second on this GPU (timed with events)."""
     torch.cuda.synchronize()

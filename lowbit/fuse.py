@@ -23,6 +23,11 @@ unfused; eager PyTorch rounds silu(gate) first). Everywhere else (more tokens, o
 gradient, other arguments, and once the group is unfused, a member replaced or hooked, a bias
 added or act_fn swapped) the module runs its own forward.
 
+Under torch.compile, where this torch flattens tensor-subclass graph inputs in Python on every
+call (``REBUILD_IN_GRAPH``: torch 2.11), each group's weight is rebuilt inside the graph from its
+fields, held as plain Parameters, and ``singles`` makes the other quantized linears groups of one,
+so the compiled model takes no subclass input (see ``fuse_projections_``).
+
 For inference, as the last step (after ``.to()``, sharding, adapters):
 - a member called with an input that needs a gradient runs alone (the unfused result);
 - a member whose ``weight`` is not the parameter it was fused with (assigned since, or swapped by
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import copyreg
 import functools
+import importlib.util
 import itertools
 import weakref
 
@@ -84,11 +90,22 @@ class _Group:
         # read the stack where it is (a plain tensor reached from a global would be copied into the
         # graph's input buffer on every replay: 2 ms per Llama-8B step on the H100)
         self.weight = nn.Parameter(weight, requires_grad=False)
+        # the stack's fields as plain Parameters (views, no memory) and what rebuilds it from them:
+        # a compiled forward rebuilds the weight in its graph (``traced_weight``), so the graph takes
+        # no tensor-subclass input, which torch 2.11's AOT wrapper would flatten on every call
+        # (~9 us each, ~1.6 ms per Llama-3-8B decode step on the H100; session 22)
+        self.fields = tuple(nn.Parameter(t, requires_grad=False) for t in weight._tensors())
+        self.meta = (type(weight), weight._flatten_ctx, tuple(weight.shape), tuple(weight.stride()))
         self.members = [weakref.ref(m) for m in members]  # (the registry must not keep a model alive)
         self.params = params
         self.full = (1 << len(members)) - 1
         self.hook = None
         self.glu = None  # the parent whose forward fuses silu(gate) * up (a weak reference)
+
+    def traced_weight(self) -> QTensor:
+        """The stack as seen by a compiled forward: rebuilt from ``fields`` (plain inputs)."""
+        cls, ctx, size, stride = self.meta
+        return cls.__tensor_unflatten__(dict(zip(cls.tensor_fields, self.fields)), ctx, size, stride)
 
     def intact(self) -> bool:
         """Every member holds the parameter it was fused with, and it is still a view of the stack."""
@@ -105,7 +122,21 @@ class _Group:
         if parent is not None and getattr(parent, "_lowbit_glu_gid", None) == self.gid:
             _make_plain_glu(parent)
         _forget(self.gid)
-        self.weight = self.members = self.params = self.glu = None
+        self.weight = self.fields = self.meta = self.members = self.params = self.glu = None
+
+
+# Whether AOT autograd flattens tensor-subclass graph inputs in Python on every call (torch 2.11;
+# from the release with ``subclass_codegen`` it runs generated code, ~1.7 us per weight on the CI
+# CPU, and plain field inputs cost it more than they save: 7.2-7.7 against 7.0-7.2 ms per call of
+# a 32-layer tiny Llama, torch 2.13). Where it does, compiled forwards rebuild each weight from
+# plain fields, and ``singles`` defaults to on.
+REBUILD_IN_GRAPH = importlib.util.find_spec("torch._functorch._aot_autograd.subclass_codegen") is None
+
+
+def _weight(g: _Group) -> QTensor:
+    """The group's stack: under torch.compile with ``REBUILD_IN_GRAPH``, rebuilt from its plain
+    fields inside the graph; else the stack itself."""
+    return g.traced_weight() if REBUILD_IN_GRAPH and torch.compiler.is_compiling() else g.weight
 
 
 _FUSED_ATTRS = ("_lowbit_gid", "_lowbit_index", "_lowbit_rows", "_lowbit_param_id")
@@ -132,10 +163,12 @@ class FusedLinear(nn.Linear):
         replaced = g is None or id(self.weight) != self._lowbit_param_id  # since fusing: runs alone
         if replaced or (torch.is_grad_enabled() and x.requires_grad):  # (training: the unfused graph)
             return F.linear(x, self.weight, self.bias)
+        if g.full == 1:  # a group of one (``singles``): no memo
+            return F.linear(x, _weight(g), self.bias)
         eager = not torch.compiler.is_compiling() and not x.is_inference()
         memo = _MEMO.get(gid)
         if memo is None or memo[0] is not x or memo[2] & bit or (eager and memo[3] != x._version):
-            memo = (x, F.linear(x, g.weight), 0, x._version if eager else None)  # a new input: one matmul
+            memo = (x, F.linear(x, _weight(g)), 0, x._version if eager else None)  # a new input: one matmul
         served = memo[2] | bit
         if served == g.full:
             _MEMO.pop(gid, None)
@@ -208,7 +241,7 @@ def _glu_forward(self, *args, **kwargs):
         or x.numel() > self._lowbit_glu_max_m * x.shape[-1]  # more tokens than the kernel serves
     ):
         return base.forward(self, x)
-    return self.down_proj(swiglu_linear(x, g.weight))
+    return self.down_proj(swiglu_linear(x, _weight(g)))
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -339,12 +372,22 @@ def _plan(where: str, names, mods):
     return stacked, views
 
 
-def fuse_projections_(model: nn.Module, groups=DEFAULT_GROUPS, swiglu: bool = True) -> list[str]:
+def fuse_projections_(
+    model: nn.Module, groups=DEFAULT_GROUPS, swiglu: bool = True, singles: bool | None = None
+) -> list[str]:
     """Fuse, in place, every group of sibling quantized linears of ``model``: the children of
     one module named as in one tuple of ``groups`` (default: q_proj / k_proj / v_proj and
     gate_proj / up_proj), all plain ``nn.Linear`` (subclasses and adapter wrappers are left as
     they are). Returns the fused groups as ``"<module>.{a,b,c}"``, and with ``swiglu`` each module
     whose activation was fused too (see the module doc) as ``"<module>: silu(gate_proj) * up_proj"``.
+
+    With ``singles`` every other plain ``nn.Linear`` with a lowbit weight becomes a group of one
+    (listed as ``"<module>"``): it computes what it did, and under torch.compile it reads its
+    weight as the groups do. Where this torch flattens tensor-subclass graph inputs in Python on
+    every call (``REBUILD_IN_GRAPH``: torch 2.11), compiled forwards rebuild each weight from its
+    plain fields inside the graph, so a compiled model takes no subclass input (~1.6 ms of host time
+    per Llama-3-8B decode step on the H100, which made batch-1 decode host-bound). ``singles=None``
+    (the default) means ``REBUILD_IN_GRAPH``.
 
     Raises ``ValueError`` naming the layer, and changes nothing, when a group's weights are not
     lowbit weights of one class, in_features, dtype, device and attributes, when a format's rows
@@ -379,7 +422,22 @@ def fuse_projections_(model: nn.Module, groups=DEFAULT_GROUPS, swiglu: bool = Tr
         weakref.finalize(parent, _forget, group.gid)  # the registry does not keep a model alive
         if swiglu and label.endswith(".{gate_proj,up_proj}") and _fuse_glu(parent, group, mods):
             out.append(f"{label[: -len('.{gate_proj,up_proj}')]}: silu(gate_proj) * up_proj")
+    if REBUILD_IN_GRAPH if singles is None else singles:
+        for fqn, m in list(model.named_modules()):
+            if type(m) is nn.Linear and isinstance(m.weight, QTensor) and m.weight.device.type != "meta":
+                _fuse_single(m)
+                out.append(fqn or "<root>")
     return out
+
+
+def _fuse_single(m: nn.Linear):
+    """``m`` as a group of one: its weight is the stack (no copy, no memo, no parent hook)."""
+    p = m.weight
+    group = _Group(p, [m], [p])
+    m.__class__ = FusedLinear
+    m._lowbit_gid, m._lowbit_index, m._lowbit_rows, m._lowbit_param_id = group.gid, 0, (0, p.shape[0]), id(p)
+    _GROUPS[group.gid] = group
+    weakref.finalize(m, _forget, group.gid)
 
 
 def _drop_stale_hooks(parent: nn.Module):

@@ -39,6 +39,16 @@ def tiny_llama(scheme: str, seed: int = 0):
 IDS = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(autouse=True)
+def _subclass_inputs(monkeypatch):
+    """Every test sees one torch's behaviour: compiled forwards take the lowbit weights as they are
+    and ``singles`` is off by default (torch 2.11 would rebuild them from plain fields); the
+    tests of the rebuild path turn it on. Dynamo's caches start empty (the models of earlier tests
+    share their code objects: fullgraph compiles would reach the recompile limit)."""
+    monkeypatch.setattr(fuse_mod, "REBUILD_IN_GRAPH", False)
+    torch._dynamo.reset()
+
+
 class Siblings(nn.Module):
     """q / k / v over one input, int4 "plain" weights (row slices are views) of different heights."""
 
@@ -356,7 +366,8 @@ def test_groups_that_cannot_be_fused_raise_and_stay_unchanged():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fused_int4_llama_on_cuda_matches_unfused():
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_fused_int4_llama_on_cuda_matches_unfused(rebuild):
     """int4 on CUDA ("tiled": whole 16-row x 128-k tiles, rows are views): the fused groups' one
     kernel per group against each member's own kernel, eager and compiled with CUDA graphs. The
     kernels' configs (and so the fp32 summation order) depend on N, so the logits agree to
@@ -374,7 +385,9 @@ def test_fused_int4_llama_on_cuda_matches_unfused():
 
     plain, fused = model(), model()
     assert plain.model.layers[0].self_attn.k_proj.weight.packing == "tiled"
-    assert len(lowbit.fuse_projections_(fused)) == 6  # 4 groups, 2 MLPs with silu(gate) * up fused
+    fuse_mod.REBUILD_IN_GRAPH = rebuild  # (the fixture restores it)
+    names = lowbit.fuse_projections_(fused)
+    assert len(names) == (11 if rebuild else 6)  # 4 groups, 2 MLPs with silu(gate) * up, o / down / head
     compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
     for ids in (IDS.cuda(), IDS[:, :1].cuda(), IDS[:1, :1].cuda()):  # 14 tokens; 2 and 1: the fused MLP tile
         with torch.no_grad():
@@ -551,3 +564,68 @@ def test_swiglu_linear_checks_its_inputs():
         swiglu_linear(x.clone().requires_grad_(), w)
     with pytest.raises(ValueError, match="expects 16"):
         swiglu_linear(torch.randn(2, 8).to(torch.bfloat16), w)
+
+
+def _graph_inputs(model, ids):
+    """The tensors a fullgraph torch.compile of ``model`` takes as graph inputs, and its logits
+    (the captured graph run as is)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(t for t in example_inputs if isinstance(t, torch.Tensor))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
+    return seen, out
+
+
+def test_compiled_fused_model_takes_no_subclass_input_where_weights_are_rebuilt(fused_kernel, monkeypatch):
+    """Where torch flattens tensor-subclass graph inputs in Python on every call (2.11: ~1.6 ms per
+    Llama-3-8B decode step), a fused model's compiled forward rebuilds each lowbit weight from its
+    plain fields inside the graph: groups, the fused MLP product and ``singles`` (o_proj, down_proj,
+    the head as groups of one) alike, and the fields are static inputs (no copy per CUDA-graph
+    replay). The logits are the unfused model's, bitwise, eager and through the captured graph;
+    without the rebuild the same graph takes the lowbit weights themselves."""
+    from torch._dynamo.utils import get_static_address_type
+
+    plain, fused = int4_llama(), int4_llama()
+    monkeypatch.setattr(fuse_mod, "REBUILD_IN_GRAPH", True)
+    names = lowbit.fuse_projections_(fused)  # singles: on by default where the weights are rebuilt
+    singles = ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj", "lm_head"]
+    assert all(n in names for n in singles) and len(names) == 11, names
+    assert type(fused.lm_head) is fuse_mod.FusedLinear and fused.state_dict().keys() == plain.state_dict().keys()
+    want_mlp = _reference_mlps(int4_llama())
+    for ids, want in ((IDS1, want_mlp), (IDS, plain)):  # 2 tokens: the fused MLP's path; 14: its own forward
+        with torch.no_grad():
+            expect = want(ids).logits
+            assert torch.equal(fused(ids).logits, expect)
+        inputs, got = _graph_inputs(fused, ids)
+        assert torch.equal(got, expect)
+        assert not any(isinstance(t, lowbit.QTensor) for t in inputs), [type(t).__name__ for t in inputs]
+        gids = {m._lowbit_gid for m in fused.modules() if type(m) is fuse_mod.FusedLinear}
+        fields = [f for gid in gids for f in fuse_mod._GROUPS[gid].fields]
+        assert len(gids) == 9 and all(get_static_address_type(f) is not None for f in fields)
+    monkeypatch.setattr(fuse_mod, "REBUILD_IN_GRAPH", False)  # (the control: the test can fail)
+    inputs, got = _graph_inputs(fused, IDS)
+    assert sum(isinstance(t, lowbit.QTensor) for t in inputs) == 9  # 2 x (q/k/v, gate/up, o, down) + head
+    assert torch.equal(got, plain(IDS).logits)
+
+
+def test_singles_unfuse_on_moves_and_copy_plain():
+    """A group of one behaves as the groups do: a move unfuses it (a plain nn.Linear again, on its
+    own weight), copies are plain, and a member called with a gradient-requiring input runs alone."""
+    plain, fused = int4_llama(), int4_llama()
+    names = lowbit.fuse_projections_(fused, singles=True)
+    assert "model.layers.1.self_attn.o_proj" in names and type(fused.model.layers[1].self_attn.o_proj).__name__ == (
+        "FusedLinear"
+    )
+    copied = copy.deepcopy(fused)
+    assert type(copied.lm_head) is nn.Linear and type(copied.model.layers[0].mlp.down_proj) is nn.Linear
+    x = torch.randn(3, 128, requires_grad=True).to(torch.bfloat16)
+    assert torch.equal(fused.lm_head(x), plain.lm_head(x))
+    fused._apply(lambda t: t.clone())
+    assert type(fused.lm_head) is nn.Linear and type(fused.model.layers[0].self_attn.o_proj) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(fused(IDS).logits, plain(IDS).logits)
