@@ -93,9 +93,10 @@ class _Group:
         # the stack's fields as plain Parameters (views, no memory) and what rebuilds it from them:
         # a compiled forward rebuilds the weight in its graph (``traced_weight``), so the graph takes
         # no tensor-subclass input, which torch 2.11's AOT wrapper would flatten on every call
-        # (~9 us each, ~1.6 ms per Llama-3-8B decode step on the H100; session 22)
-        self.fields = tuple(nn.Parameter(t, requires_grad=False) for t in weight._tensors())
-        self.meta = (type(weight), weight._flatten_ctx, tuple(weight.shape), tuple(weight.stride()))
+        # (~9 us each: 1.0-1.4 ms of host time per Llama-3-8B decode step on the H100, session 22)
+        names, ctx = weight.__tensor_flatten__()
+        self.fields = tuple(nn.Parameter(getattr(weight, n), requires_grad=False) for n in names)
+        self.meta = (type(weight), tuple(names), ctx, tuple(weight.shape), tuple(weight.stride()))
         self.members = [weakref.ref(m) for m in members]  # (the registry must not keep a model alive)
         self.params = params
         self.full = (1 << len(members)) - 1
@@ -104,8 +105,8 @@ class _Group:
 
     def traced_weight(self) -> QTensor:
         """The stack as seen by a compiled forward: rebuilt from ``fields`` (plain inputs)."""
-        cls, ctx, size, stride = self.meta
-        return cls.__tensor_unflatten__(dict(zip(cls.tensor_fields, self.fields)), ctx, size, stride)
+        cls, names, ctx, size, stride = self.meta
+        return cls.__tensor_unflatten__(dict(zip(names, self.fields)), ctx, size, stride)
 
     def intact(self) -> bool:
         """Every member holds the parameter it was fused with, and it is still a view of the stack."""
@@ -127,8 +128,8 @@ class _Group:
 
 # Whether AOT autograd flattens tensor-subclass graph inputs in Python on every call (torch 2.11;
 # from the release with ``subclass_codegen`` it runs generated code, ~1.7 us per weight on the CI
-# CPU, and plain field inputs cost it more than they save: 7.2-7.7 against 7.0-7.2 ms per call of
-# a 32-layer tiny Llama, torch 2.13). Where it does, compiled forwards rebuild each weight from
+# CPU, and plain field inputs cost more than they save: 8.7-9.2 against 8.5-9.4 ms per call of a
+# 32-layer tiny Llama, torch 2.13, bench/results/cpu-singles-s22.md). Where it does, compiled forwards rebuild each weight from
 # plain fields, and ``singles`` defaults to on.
 REBUILD_IN_GRAPH = importlib.util.find_spec("torch._functorch._aot_autograd.subclass_codegen") is None
 
@@ -163,8 +164,9 @@ class FusedLinear(nn.Linear):
         replaced = g is None or id(self.weight) != self._lowbit_param_id  # since fusing: runs alone
         if replaced or (torch.is_grad_enabled() and x.requires_grad):  # (training: the unfused graph)
             return F.linear(x, self.weight, self.bias)
-        if g.full == 1:  # a group of one (``singles``): no memo
-            return F.linear(x, _weight(g), self.bias)
+        if g.full == 1:  # a group of one (``singles``): no memo; eagerly its own weight as it is
+            w = g.traced_weight() if REBUILD_IN_GRAPH and torch.compiler.is_compiling() else self.weight
+            return F.linear(x, w, self.bias)
         eager = not torch.compiler.is_compiling() and not x.is_inference()
         memo = _MEMO.get(gid)
         if memo is None or memo[0] is not x or memo[2] & bit or (eager and memo[3] != x._version):
@@ -188,9 +190,25 @@ class FusedLinear(nn.Linear):
         return copyreg._reconstructor, (nn.Linear, object, None), state
 
     def _apply(self, fn, recurse=True):
+        g = _GROUPS.get(self._lowbit_gid) if type(self) is FusedLinear else None
+        if g is not None:  # every member's weight as a new Parameter object where torch.compile holds a
+            # weak reference to the fused one (its guard on the member's id() check): swap_tensors,
+            # which moves a subclass weight, refuses a tensor with weak references; the group then
+            # unfuses below (an earlier member's unfuse makes its siblings plain before their turn)
+            for m in (r() for r in g.members):
+                p = getattr(m, "weight", None)
+                if type(m) is FusedLinear and isinstance(p, nn.Parameter) and weakref.getweakrefcount(p):
+                    m._parameters["weight"] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
         out = super()._apply(fn, recurse)
         self._unfuse_if_broken()  # moved or replaced
         return out
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "weight" and type(self) is FusedLinear:
+            g = _GROUPS.get(self._lowbit_gid)
+            if g is not None and g.full == 1 and not g.intact():  # a single's new weight: unfuse, so
+                g.unfuse()  # the group does not keep the old one alive (a group's member runs alone)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -385,7 +403,7 @@ def fuse_projections_(
     (listed as ``"<module>"``): it computes what it did, and under torch.compile it reads its
     weight as the groups do. Where this torch flattens tensor-subclass graph inputs in Python on
     every call (``REBUILD_IN_GRAPH``: torch 2.11), compiled forwards rebuild each weight from its
-    plain fields inside the graph, so a compiled model takes no subclass input (~1.6 ms of host time
+    plain fields inside the graph, so a compiled model takes no subclass input (1.0-1.4 ms of host time
     per Llama-3-8B decode step on the H100, which made batch-1 decode host-bound). ``singles=None``
     (the default) means ``REBUILD_IN_GRAPH``.
 
@@ -402,7 +420,7 @@ def fuse_projections_(
                 continue
             where = fqn or "<root>"
             label = f"{where}.{{{','.join(names)}}}"
-            if any(type(m) is FusedLinear for m in mods):
+            if any(type(m) is FusedLinear and not _single(m) for m in mods):
                 raise ValueError(f"fuse_projections_: {label} is already fused")
             for m in mods:
                 if seen.setdefault(id(m), label) != label:
@@ -410,6 +428,11 @@ def fuse_projections_(
             plans.append((label, parent, mods, *_plan(where, names, mods)))
     out = [p[0] for p in plans]
     for label, parent, mods, stacked, views in plans:  # every group checked: now change them
+        for m in mods:  # a group of one (an earlier call's ``singles``) joins this group
+            if type(m) is FusedLinear and (g := _GROUPS.get(m._lowbit_gid)) is not None:
+                g.unfuse()
+            elif type(m) is FusedLinear:
+                _make_plain(m)
         params = [nn.Parameter(v, requires_grad=False) for v, _ in views]
         group = _Group(stacked, mods, params)
         for i, (m, p, (_, rows)) in enumerate(zip(mods, params, views)):
@@ -428,6 +451,12 @@ def fuse_projections_(
                 _fuse_single(m)
                 out.append(fqn or "<root>")
     return out
+
+
+def _single(m: FusedLinear) -> bool:
+    """``m`` is a group of one (or its group is gone)."""
+    g = _GROUPS.get(m._lowbit_gid)
+    return g is None or g.full == 1
 
 
 def _fuse_single(m: nn.Linear):

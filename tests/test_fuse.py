@@ -582,7 +582,7 @@ def _graph_inputs(model, ids):
 
 
 def test_compiled_fused_model_takes_no_subclass_input_where_weights_are_rebuilt(fused_kernel, monkeypatch):
-    """Where torch flattens tensor-subclass graph inputs in Python on every call (2.11: ~1.6 ms per
+    """Where torch flattens tensor-subclass graph inputs in Python on every call (2.11: 1.0-1.4 ms per
     Llama-3-8B decode step), a fused model's compiled forward rebuilds each lowbit weight from its
     plain fields inside the graph: groups, the fused MLP product and ``singles`` (o_proj, down_proj,
     the head as groups of one) alike, and the fields are static inputs (no copy per CUDA-graph
@@ -624,8 +624,41 @@ def test_singles_unfuse_on_moves_and_copy_plain():
     copied = copy.deepcopy(fused)
     assert type(copied.lm_head) is nn.Linear and type(copied.model.layers[0].mlp.down_proj) is nn.Linear
     x = torch.randn(3, 128, requires_grad=True).to(torch.bfloat16)
-    assert torch.equal(fused.lm_head(x), plain.lm_head(x))
+    out = fused.lm_head(x)
+    assert out.requires_grad and torch.equal(out, plain.lm_head(x))
     fused._apply(lambda t: t.clone())
     assert type(fused.lm_head) is nn.Linear and type(fused.model.layers[0].self_attn.o_proj) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(fused(IDS).logits, plain(IDS).logits)
+
+
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_a_compiled_fused_model_moves_and_unfuses(monkeypatch, rebuild):
+    """torch.compile keeps weak references to the members' weights (its guards on their id()), and
+    swap_tensors, which moves a subclass weight, refuses such a tensor: moving a compiled fused
+    model must still work, unfuse it, and give the plain model's logits."""
+    monkeypatch.setattr(fuse_mod, "REBUILD_IN_GRAPH", rebuild)
+    plain, fused = tiny_llama("int8"), tiny_llama("int8")
+    lowbit.fuse_projections_(fused)
+    with torch.no_grad():
+        torch.compile(fused, backend="eager", fullgraph=True)(IDS)
+    fused._apply(lambda t: t.clone())  # what .to(another device) does: every weight a new copy
+    assert not any(type(m) is fuse_mod.FusedLinear for m in fused.modules())
+    with torch.no_grad():
+        assert torch.equal(fused(IDS).logits, plain(IDS).logits)
+
+
+def test_singles_join_a_later_group_and_a_new_weight_unfuses_them():
+    """A group of one made by an earlier call joins a group of a later call; a single whose weight
+    is assigned anew becomes a plain nn.Linear (the registry does not keep the old weight)."""
+    plain, fused = int4_llama(), int4_llama()
+    first = lowbit.fuse_projections_(fused, groups=(("q_proj", "k_proj", "v_proj"),), singles=True)
+    assert "model.layers.0.mlp.gate_proj" in first
+    second = lowbit.fuse_projections_(fused, groups=(("gate_proj", "up_proj"),), singles=False)
+    assert second == ["model.layers.0.mlp.{gate_proj,up_proj}", "model.layers.1.mlp.{gate_proj,up_proj}"]
+    head = fused.lm_head
+    gid = head._lowbit_gid
+    head.weight = nn.Parameter(plain.lm_head.weight.detach().clone(), requires_grad=False)
+    assert type(head) is nn.Linear and gid not in fuse_mod._GROUPS
     with torch.no_grad():
         assert torch.equal(fused(IDS).logits, plain(IDS).logits)
