@@ -128,8 +128,8 @@ class _Group:
 
 # Whether AOT autograd flattens tensor-subclass graph inputs in Python on every call (torch 2.11;
 # from the release with ``subclass_codegen`` it runs generated code, ~1.7 us per weight on the CI
-# CPU, and plain field inputs cost more than they save: 8.7-9.2 against 8.5-9.4 ms per call of a
-# 32-layer tiny Llama, torch 2.13, bench/results/cpu-singles-s22.md). Where it does, compiled forwards rebuild each weight from
+# CPU, and rebuilding from plain fields gained nothing measurable on a 32-layer tiny Llama:
+# bench/results/cpu-singles-s22.md). Where it does, compiled forwards rebuild each weight from
 # plain fields, and ``singles`` defaults to on.
 REBUILD_IN_GRAPH = importlib.util.find_spec("torch._functorch._aot_autograd.subclass_codegen") is None
 
