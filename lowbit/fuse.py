@@ -131,7 +131,9 @@ class _Group:
 # CPU, and rebuilding from plain fields gained nothing measurable on a 32-layer tiny Llama:
 # bench/results/cpu-singles-s22.md). Where it does, compiled forwards rebuild each weight from
 # plain fields, and ``singles`` defaults to on.
-REBUILD_IN_GRAPH = importlib.util.find_spec("torch._functorch._aot_autograd.subclass_codegen") is None
+REBUILD_IN_GRAPH = importlib.util.find_spec("torch._functorch._aot_autograd.subclass_codegen") is None and tuple(
+    int(p) for p in torch.__version__.split("+")[0].split(".")[:2]
+) < (2, 13)  # (a private module: a later torch that moves it keeps the flag off)
 
 
 def _weight(g: _Group) -> QTensor:
@@ -191,16 +193,22 @@ class FusedLinear(nn.Linear):
 
     def _apply(self, fn, recurse=True):
         g = _GROUPS.get(self._lowbit_gid) if type(self) is FusedLinear else None
-        if g is not None:  # every member's weight as a new Parameter object where torch.compile holds a
-            # weak reference to the fused one (its guard on the member's id() check): swap_tensors,
-            # which moves a subclass weight, refuses a tensor with weak references; the group then
-            # unfuses below (an earlier member's unfuse makes its siblings plain before their turn)
-            for m in (r() for r in g.members):
-                p = getattr(m, "weight", None)
-                if type(m) is FusedLinear and isinstance(p, nn.Parameter) and weakref.getweakrefcount(p):
-                    m._parameters["weight"] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-        out = super()._apply(fn, recurse)
-        self._unfuse_if_broken()  # moved or replaced
+        members = [m for m in (r() for r in g.members) if type(m) is FusedLinear] if g is not None else []
+        if any(isinstance(m.weight, nn.Parameter) and weakref.getweakrefcount(m.weight) for m in members):
+            # torch.compile holds weak references to the members' weights (its guards on their id()),
+            # and swap_tensors, which moves a subclass weight, refuses such a tensor: each gets a new
+            # Parameter object (one per shared weight), and the group unfuses before the move, so a
+            # move that fails leaves plain modules rather than a half-fused group
+            fresh = {}
+            for m in members:
+                p = m.weight
+                if isinstance(p, nn.Parameter):
+                    new = fresh.setdefault(id(p), nn.Parameter(p.detach(), requires_grad=p.requires_grad))
+                    m._parameters["weight"] = new
+            g.unfuse()
+        out = nn.Linear._apply(self, fn, recurse)  # (self may be a plain nn.Linear by now)
+        if type(self) is FusedLinear:
+            self._unfuse_if_broken()  # moved or replaced
         return out
 
     def __setattr__(self, name, value):
@@ -211,9 +219,10 @@ class FusedLinear(nn.Linear):
                 g.unfuse()  # the group does not keep the old one alive (a group's member runs alone)
 
     def _load_from_state_dict(self, *args, **kwargs):
+        gid = self._lowbit_gid  # (an assigning load may unfuse a single in __setattr__)
         super()._load_from_state_dict(*args, **kwargs)
-        _MEMO.pop(self._lowbit_gid, None)  # an open round's output is of the old weights
-        self._unfuse_if_broken()  # assign=True
+        _MEMO.pop(gid, None)  # an open round's output is of the old weights
+        FusedLinear._unfuse_if_broken(self)  # assign=True (self may be a plain nn.Linear by now)
 
     def _unfuse_if_broken(self):
         """Unfuse the group once a member's weight is no longer its fused view of the stack (an
@@ -409,8 +418,8 @@ def fuse_projections_(
 
     Raises ``ValueError`` naming the layer, and changes nothing, when a group's weights are not
     lowbit weights of one class, in_features, dtype, device and attributes, when a format's rows
-    are not views of its fields (int4's CPU packings), or when a member is already fused or in
-    two groups.
+    are not views of its fields (int4's CPU packings), or when a member is already in a fused
+    group or in two groups (a group of one made by an earlier call joins the new group).
     """
     plans, seen = [], {}
     for fqn, parent in model.named_modules():
