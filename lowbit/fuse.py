@@ -136,10 +136,12 @@ REBUILD_IN_GRAPH = importlib.util.find_spec("torch._functorch._aot_autograd.subc
 ) < (2, 13)  # (a private module: a later torch that moves it keeps the flag off)
 
 
-def _weight(g: _Group) -> QTensor:
+def _weight(g: _Group, otherwise: QTensor | None = None) -> QTensor:
     """The group's stack: under torch.compile with ``REBUILD_IN_GRAPH``, rebuilt from its plain
-    fields inside the graph; else the stack itself."""
-    return g.traced_weight() if REBUILD_IN_GRAPH and torch.compiler.is_compiling() else g.weight
+    fields inside the graph; else ``otherwise`` (default: the stack itself)."""
+    if REBUILD_IN_GRAPH and torch.compiler.is_compiling():
+        return g.traced_weight()
+    return g.weight if otherwise is None else otherwise
 
 
 _FUSED_ATTRS = ("_lowbit_gid", "_lowbit_index", "_lowbit_rows", "_lowbit_param_id")
@@ -167,8 +169,7 @@ class FusedLinear(nn.Linear):
         if replaced or (torch.is_grad_enabled() and x.requires_grad):  # (training: the unfused graph)
             return F.linear(x, self.weight, self.bias)
         if g.full == 1:  # a group of one (``singles``): no memo; eagerly its own weight as it is
-            w = g.traced_weight() if REBUILD_IN_GRAPH and torch.compiler.is_compiling() else self.weight
-            return F.linear(x, w, self.bias)
+            return F.linear(x, _weight(g, self.weight), self.bias)
         eager = not torch.compiler.is_compiling() and not x.is_inference()
         memo = _MEMO.get(gid)
         if memo is None or memo[0] is not x or memo[2] & bit or (eager and memo[3] != x._version):
@@ -438,10 +439,12 @@ def fuse_projections_(
     out = [p[0] for p in plans]
     for label, parent, mods, stacked, views in plans:  # every group checked: now change them
         for m in mods:  # a group of one (an earlier call's ``singles``) joins this group
-            if type(m) is FusedLinear and (g := _GROUPS.get(m._lowbit_gid)) is not None:
-                g.unfuse()
-            elif type(m) is FusedLinear:
-                _make_plain(m)
+            if type(m) is FusedLinear:
+                g = _GROUPS.get(m._lowbit_gid)
+                if g is not None:
+                    g.unfuse()
+                else:
+                    _make_plain(m)
         params = [nn.Parameter(v, requires_grad=False) for v, _ in views]
         group = _Group(stacked, mods, params)
         for i, (m, p, (_, rows)) in enumerate(zip(mods, params, views)):
