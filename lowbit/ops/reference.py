@@ -188,6 +188,25 @@ def swiglu(y: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).to(y.dtype)
 
 
+# --------------------------------------------------------------------------- residual add + RMSNorm
+def add_rmsnorm(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """A pre-norm decoder layer's step after a linear: ``h = residual + y`` rounded to y's dtype,
+    then Llama's RMSNorm of h, ``weight * (h * rsqrt(mean(h^2) + eps))`` with the normalised row
+    rounded to h's dtype before the product and the product rounded once (weight of h's dtype).
+    y, residual [..., N]; weight [N]. Returns (h, normed), both [..., N] in y's dtype: what the
+    unfused ``hidden = residual + linear(x); norm(hidden)`` gives (the mean's summation order
+    aside)."""
+    if residual.shape != y.shape or weight.shape != y.shape[-1:]:
+        raise ValueError(
+            f"add_rmsnorm: y {tuple(y.shape)}, residual {tuple(residual.shape)} and weight "
+            f"{tuple(weight.shape)} do not match (want residual like y, weight [{y.shape[-1]}])"
+        )
+    h = (y.float() + residual.float()).to(y.dtype)
+    hf = h.float()
+    normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return h, (weight.float() * normed.to(h.dtype).float()).to(h.dtype)
+
+
 # --------------------------------------------------------------------------- int8
 def int8_choose_qparams(w: torch.Tensor, qparam_dtype: torch.dtype) -> torch.Tensor:
     """Symmetric scale per row of ``w`` [N, K] (or per token of an activation)."""

@@ -183,6 +183,19 @@ class QTensor(torch.Tensor):
         product)."""
         return 0
 
+    def linear_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float):
+        """``reference.add_rmsnorm(self.linear(x), residual, norm_weight, eps)``: (h, normed) for a
+        pre-norm decoder layer's linear before a residual add; formats with a fused kernel override
+        this and ``add_rmsnorm_max_tokens``."""
+        from lowbit.ops.reference import add_rmsnorm
+
+        return add_rmsnorm(self.linear(x), residual, norm_weight, eps)
+
+    def add_rmsnorm_max_tokens(self) -> int:
+        """Up to how many tokens ``linear_add_rmsnorm`` runs one fused kernel (as
+        ``swiglu_max_tokens``); 0: never."""
+        return 0
+
     def to_device(self, device) -> QTensor:
         """Move every field; formats with device-specific packing override this."""
         return self._rebuild(lambda t: t.to(device))
@@ -327,6 +340,25 @@ def swiglu_linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     if not x2.is_contiguous() or x2.stride(-1) != 1:
         x2 = x2.clone(memory_format=torch.contiguous_format)
     return w.linear_swiglu(x2).reshape(*lead, half)
+
+
+def linear_add_rmsnorm(x: torch.Tensor, w: QTensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float):
+    """(h, normed) = ``reference.add_rmsnorm(x @ w.T, residual, norm_weight, eps)``: a pre-norm
+    decoder layer's residual add after a quantized linear and the RMSNorm of the sum; x [..., K],
+    residual [..., N], norm_weight [N] of x's dtype; inference only."""
+    check_activation(x, w)
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("linear_add_rmsnorm is for inference; call the linear and the norm for gradients")
+    lead, n = x.shape[:-1], w._size[0]
+    if residual.shape != (*lead, n):
+        raise ValueError(f"linear_add_rmsnorm: residual {tuple(residual.shape)}, want {(*lead, n)} (x's rows, N)")
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        return x.new_zeros(*lead, n), x.new_zeros(*lead, n)
+    if not x2.is_contiguous() or x2.stride(-1) != 1:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    h, normed = w.linear_add_rmsnorm(x2, residual.reshape(-1, n), norm_weight, eps)
+    return h.reshape(*lead, n), normed.reshape(*lead, n)
 
 
 class _QuantLinearFn(torch.autograd.Function):

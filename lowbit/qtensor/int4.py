@@ -156,6 +156,25 @@ class Int4Tensor(QTensor):
         fits = swiglu_fits(1, n, k, self.packing, self.dtype, self.scale.dtype, self._device)
         return swiglu_max_m() if fits else 0
 
+    def linear_add_rmsnorm(self, x, residual, norm_weight, eps):
+        if resolve(x.device) == "triton":  # one launch at M <= 8
+            from lowbit.ops.triton._int4_gemv import int4_mm_add_rmsnorm
+
+            w = self if self.packing in TRITON_PACKINGS else self.repack("mma")
+            return int4_mm_add_rmsnorm(
+                x, w.qdata, w.scale, w.zero, self.group_size, residual, norm_weight, eps, w.packing
+            )
+        return ref.add_rmsnorm(self.linear(x), residual, norm_weight, eps)
+
+    def add_rmsnorm_max_tokens(self) -> int:
+        if self.packing not in ("plain", "tiled") or resolve(self._device) != "triton":
+            return 0
+        from lowbit.ops.triton._int4_gemv import NORM_MAX_M, add_rmsnorm_fits, swiglu_max_m
+
+        n, k = self._size
+        fits = add_rmsnorm_fits(1, n, k, self.packing, self.dtype, self.scale.dtype, self._device)
+        return min(NORM_MAX_M, swiglu_max_m()) if fits else 0
+
     # ------------------------------------------------------------------ slicing
     def slice_rows(self, start: int, end: int) -> Int4Tensor:
         if self.packing in ROW_PACKINGS:  # a view, as for a plain tensor (FSDP writes shards through narrow().copy_())

@@ -145,3 +145,29 @@ def test_swiglu_is_silu_of_the_gate_times_up_rounded_once(rows, half, dtype, see
     assert bool(((got.double() - exact).abs() <= 0.5 * ulp + 1e-6 * exact.abs()).all())
     with pytest.raises(ValueError, match="even"):
         ref.swiglu(y[:, :-1])
+
+
+@given(
+    rows=st.integers(1, 4),
+    n=st.integers(1, 64),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    eps=st.sampled_from([1e-6, 1e-5, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_add_rmsnorm_is_the_residual_sum_then_llamas_rmsnorm(rows, n, dtype, eps, seed):
+    """reference.add_rmsnorm against float64 math: h = y + residual within half an ulp (one
+    rounding); normed = weight * h / rms(h) within an ulp and a half (the normalised value and the
+    product are each rounded), any shape and dtype; mismatched operands are refused."""
+    g = torch.Generator().manual_seed(seed)
+    y, res = ((torch.randn(rows, n, generator=g) * 3).to(dtype) for _ in range(2))
+    w = (torch.rand(n, generator=g) + 0.5).to(dtype)
+    h, normed = ref.add_rmsnorm(y, res, w, eps)
+    assert h.dtype == normed.dtype == dtype and h.shape == normed.shape == (rows, n)
+    eps_d = torch.finfo(dtype).eps
+    exact_h = y.double() + res.double()
+    assert bool(((h.double() - exact_h).abs() <= 0.5 * eps_d * exact_h.abs() + 1e-30).all())
+    hd = h.double()
+    exact = w.double() * hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + eps)
+    assert bool(((normed.double() - exact).abs() <= 1.5 * eps_d * exact.abs() + 1e-6).all())
+    with pytest.raises(ValueError, match="do not match"):
+        ref.add_rmsnorm(y, res[:, :-1] if n > 1 else res[:0], w, eps)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from lowbit.compile import kernel_op, linear_out_fake
-from lowbit.ops.reference import INT4_GROUP_SIZES, int4_tiled_fits, swiglu
+from lowbit.ops.reference import INT4_GROUP_SIZES, add_rmsnorm, int4_tiled_fits, swiglu
 from lowbit.ops.triton._utils import (
     INTERPRET,
     TUNE_CACHE,
@@ -37,8 +37,10 @@ from lowbit.ops.triton._utils import (
     pdl_args,
     pdl_start,
     pdl_trigger,
+    round_to,
     split_k_buffers,
     split_k_reduce,
+    tile_counters,
     tune_bench,
 )
 
@@ -231,6 +233,8 @@ def gemv_tile(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, M, N, K, stride_xm, stride_ym, stride_q,
     stride_s, GS: tl.constexpr, ASM: tl.constexpr, SPLIT_K: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr,
     PDL: tl.constexpr, ADJ: tl.constexpr = 0, TILED: tl.constexpr = 0, GLU: tl.constexpr = 0, NH=0,
+    NORM: tl.constexpr = 0, r_ptr=None, stride_rm=0, nw_ptr=None, n_ptr=None, stride_nm=0, eps=0.0,
+    NP: tl.constexpr = 1,
 ):  # fmt: skip
     """y[:M, 16 pid_n : 16 pid_n + 16] (M <= 8) for split ``pid_k``; x bf16 / fp16 with K % 32 == 0,
     "plain" codes, scale / zero through 16-bit pointers, x and the codes 16-byte aligned. W = the
@@ -240,7 +244,9 @@ def gemv_tile(
     mode (3 triggers after the main loop); TILED: "tiled" codes (N % 16 == 0, K % 128 == 0).
     GLU: the weight is [gate; up] (N = 2 NH rows), the CTA has 2 W warps on row tile pid_n of
     each half, and y [M, NH] gets ``silu(gate) * up`` (both rounded to x's dtype first, as the
-    unfused linear's output would be; ``reference.swiglu``)."""
+    unfused linear's output would be; ``reference.swiglu``). NORM: y gets ``residual + x @ W.T``
+    (residual [M, N] at r_ptr) and n_ptr ``rmsnorm(y) * weight`` (``reference.add_rmsnorm``; see
+    ``_norm_rows``)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     WT: tl.constexpr = W * (1 + GLU)
     warp, g, c, rg, okg, ok8, xg = lanes(pid_n, M, N, W, GLU, NH)
@@ -293,10 +299,10 @@ def gemv_tile(
             if last == 0:
                 return
         gate, up = tl.split(tl.permute(acc, (1, 2, 3, 0)))  # each [lane, token, row]
-        gate = gate.to(DT).to(tl.float32)
-        up = up.to(DT).to(tl.float32)
+        gate = round_to(gate, DT).to(tl.float32)
+        up = round_to(up, DT).to(tl.float32)
         out = gate / (1.0 + tl.exp(-gate)) * up
-        tl.store(y_ptr + tok * stride_ym + row, out.to(y_ptr.dtype.element_ty), mask=(row < NH) & (tok < M))
+        tl.store(y_ptr + tok * stride_ym + row, round_to(out, DT), mask=(row < NH) & (tok < M))
     else:  # (an else, not a return above: the compiler would still build this branch's shapes)
         acc = tl.sum(tl.reshape(acc, [W, 32, 2, 2]), axis=0)
         mask = (row < N) & (tok < M)
@@ -304,7 +310,35 @@ def gemv_tile(
             acc, last = split_k_reduce(acc, ws_ptr, cnt_ptr + pid_n, pid_k, tok * N + row, mask, M * N, SPLIT_K)
             if last == 0:
                 return
-        tl.store(y_ptr + tok * stride_ym + row, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        if NORM:  # the linear's output rounded, plus the residual, rounded (two bf16 / fp16 ops unfused)
+            res = tl.load(r_ptr + tok * stride_rm + row, mask=mask, other=0.0).to(tl.float32)
+            acc = round_to(round_to(acc, DT).to(tl.float32) + res, DT)
+        tl.store(y_ptr + tok * stride_ym + row, round_to(acc, y_ptr.dtype.element_ty), mask=mask)
+        if NORM:
+            _norm_rows(y_ptr, nw_ptr, n_ptr, cnt_ptr + tl.num_programs(0), tl.num_programs(0), M, N, stride_ym,
+                       stride_nm, eps, DT, NP)  # fmt: skip
+
+
+@triton.jit
+def _norm_rows(h_ptr, nw_ptr, n_ptr, done_ptr, tiles, M, N, stride_hm, stride_nm, eps, DT: tl.constexpr,
+               NP: tl.constexpr):  # fmt: skip
+    """After a row tile's h is stored: the CTA that stores the last of the ``tiles`` row tiles
+    (an int32 counter at done_ptr, zero at launch and put back to zero) normalises every row of h
+    [M, N] into n: ``weight * (h * rsqrt(mean(h^2) + eps))``, the normalised value rounded to DT
+    before the product (``reference.add_rmsnorm``). A whole row at once (NP = N's next power of
+    two, at most 64 values per thread: ``_norm_prune``), h read back from L2 (.cg: the other CTAs'
+    stores) with the weight's load beside it, so a row costs one L2 round trip."""
+    tl.debug_barrier()  # every thread's h is stored before the release below
+    if tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu") == tiles - 1:
+        cols = tl.arange(0, NP)
+        ok = cols < N
+        w = tl.load(nw_ptr + cols, mask=ok, other=0.0)
+        for t in range(M):
+            h = tl.load(h_ptr + t * stride_hm + cols, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            r = tl.math.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+            out = w.to(tl.float32) * round_to(h * r, DT).to(tl.float32)
+            tl.store(n_ptr + t * stride_nm + cols, round_to(out, DT), mask=ok)
+        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
 
 
 # ----------------------------------------------------------------------------- gate / up + SwiGLU
@@ -421,3 +455,136 @@ def int4_mm_swiglu(
         **pdl_args(x.device, GEMM_PDL),
     )  # fmt: skip
     return y
+
+
+# ----------------------------------------------------------------------------- + residual, RMSNorm
+# A pre-norm decoder layer at M <= 8: the linear before a residual add (o_proj, down_proj) adds
+# the residual in its epilogue and normalises the sum for the next linear (``_norm_rows``: the
+# CTA that finishes the last row tile), where the unfused step runs Inductor's add + RMSNorm
+# kernel between the two GEMVs. Configs: the GEMV's (``GEMV_CONFIGS``).
+def _norm_prune(configs_, named_args, **kwargs):
+    """Two 128-k blocks per split at least (as the GEMV's configs in ``int4._prune``), and warps
+    enough that the last CTA holds a row in at most 64 values per thread (``_norm_rows``)."""
+    a = {**named_args, **kwargs}
+    out = [c for c in configs_ if a["K"] // (128 * c.kwargs["SPLIT_K"]) >= 2 and 64 * 32 * c.kwargs["W"] >= a["NP"]]
+    return out or [max(configs_, key=lambda c: (c.kwargs["W"], -c.kwargs["SPLIT_K"]))]
+
+
+_NORM_CONFIGS = [
+    triton.Config(dict(SPLIT_K=sp, W=w, UNROLL=u, ADJ=int(u == 2)), num_warps=w, num_stages=1)
+    for w, sp, u in GEMV_CONFIGS
+]
+
+
+@triton.autotune(
+    configs=configs(_NORM_CONFIGS, cfg(SPLIT_K=2, W=1, UNROLL=2, ADJ=1, num_warps=1, num_stages=1)),
+    key=["m_bucket", "N", "K", "GS", "TILED", "ASM"],
+    **TUNE_CACHE,
+    prune_configs_by={"early_config_prune": _norm_prune},
+    do_bench=tune_bench,
+)
+@triton.jit
+def _norm_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, n_ptr, M, N, K, m_bucket, stride_xm, stride_ym,
+    stride_q, stride_s, stride_rm, stride_nm, eps, GS: tl.constexpr, ASM: tl.constexpr, TILED: tl.constexpr,
+    NP: tl.constexpr, SPLIT_K: tl.constexpr, W: tl.constexpr, UNROLL: tl.constexpr, ADJ: tl.constexpr,
+    PDL: tl.constexpr = 0,
+):  # fmt: skip
+    pdl_start(PDL)
+    gemv_tile(
+        x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, tl.program_id(0), tl.program_id(1), M, N, K, stride_xm,
+        stride_ym, stride_q, stride_s, GS, ASM, SPLIT_K, W, UNROLL, PDL, ADJ, TILED, 0, 0,
+        1, r_ptr, stride_rm, nw_ptr, n_ptr, stride_nm, eps, NP,
+    )  # fmt: skip
+
+
+# the longest row the last CTA normalises (64 values per thread of 8 warps)
+NORM_MAX_N = 16384
+# the most tokens the fused launch takes: the last CTA normalises one row after another, and on
+# the H100 (bench/norm_probe.py, session 23) the launch beat the GEMV plus Inductor's add + RMSNorm
+# kernel by 1.1-1.2 us at M = 1 and 0.3-0.5 at M = 2 on Llama-3-8B's o_proj / down_proj, and lost
+# 0.9-1.3 us at M = 4, 3.5-4.2 at M = 8
+NORM_MAX_M = 2
+
+
+def add_rmsnorm_fits(m: int, n: int, k: int, packing: str, x_dtype, qparam_dtype, device: torch.device) -> bool:
+    """Whether ``int4_mm_add_rmsnorm`` runs the fused tile: as ``swiglu_fits`` (16-bit x with
+    qparams of its dtype, a GPU or the interpreter, "plain" or "tiled" codes, K % 32 == 0), M <=
+    NORM_MAX_M and N <= NORM_MAX_N."""
+    return (
+        1 <= m <= min(NORM_MAX_M, swiglu_max_m())
+        and (device.type == "cuda" or INTERPRET)
+        and x_dtype in (torch.bfloat16, torch.float16)
+        and qparam_dtype == x_dtype
+        and packing in ("plain", "tiled")
+        and k % 32 == 0
+        and n <= NORM_MAX_N
+    )
+
+
+def _add_rmsnorm_fake(x: torch.Tensor, qdata: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    return linear_out_fake(x, qdata), linear_out_fake(x, qdata)
+
+
+@kernel_op("int4_mm_add_rmsnorm_triton", fake=_add_rmsnorm_fake)
+def int4_mm_add_rmsnorm(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    packing: str = "plain",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.add_rmsnorm(x @ dequant(qdata, scale, zero).T, residual, norm_weight, eps)``:
+    (h, normed), each [M, N] in x.dtype; residual [M, N] and norm_weight [N] of x's dtype. One
+    launch where ``add_rmsnorm_fits``, else ``int4_mm`` and the reference (the same numbers up to
+    the GEMM's and the mean's summation orders)."""
+    from lowbit.ops.triton.int4 import int4_mm
+
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"int4_mm_add_rmsnorm: x must be a 2-D floating tensor [M, K], got {x.dtype} {tuple(x.shape)}")
+    m, k = x.shape
+    n = qdata.shape[0]
+    if residual.shape != (m, n) or norm_weight.shape != (n,):
+        raise ValueError(
+            f"int4_mm_add_rmsnorm: residual {tuple(residual.shape)} and norm_weight {tuple(norm_weight.shape)} "
+            f"do not fit the output [{m}, {n}] (want residual [{m}, {n}], norm_weight [{n}])"
+        )
+    if residual.dtype != x.dtype or norm_weight.dtype != x.dtype:
+        raise TypeError(
+            f"int4_mm_add_rmsnorm: residual {residual.dtype} and norm_weight {norm_weight.dtype} must be x's "
+            f"dtype {x.dtype}"
+        )
+    if not add_rmsnorm_fits(m, n, k, packing, x.dtype, scale.dtype, x.device) or zero.dtype != scale.dtype:
+        return add_rmsnorm(int4_mm(x, qdata, scale, zero, group_size, packing), residual, norm_weight, eps)
+    return _add_rmsnorm_tile(x, qdata, scale, zero, group_size, residual, norm_weight, eps, packing)
+
+
+@launcher("int4_mm_add_rmsnorm", (torch.uint8,))
+def _add_rmsnorm_tile(x, qdata, scale, zero, group_size, residual, norm_weight, eps, packing):
+    """The fused launch (M <= 8: the launcher never splits x)."""
+    from lowbit.ops.triton.int4 import GEMM_PDL
+
+    m, k = x.shape
+    n = qdata.shape[0]
+    check_int4_args("int4_mm_add_rmsnorm", x, qdata, scale, zero, group_size, packing)
+    x, qdata = (
+        t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+        for t in (x, qdata)
+    )  # fmt: skip  (the tile reads x and the codes as 16-byte vectors)
+    scale, zero, residual, norm_weight = (t.contiguous() for t in (scale, zero, residual, norm_weight))
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    normed = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    most = max(c.kwargs["SPLIT_K"] for c in _norm_kernel.configs)
+    ws = split_k_buffers(x.device, m, n, most)[0]
+    cnt = tile_counters(x.device, triton.cdiv(n, 16) + 1)  # + the count of finished row tiles
+    _norm_kernel[lambda meta: (triton.cdiv(n, 16), meta["SPLIT_K"])](
+        x, qdata, scale, zero, y, ws, cnt, residual, norm_weight, normed, m, n, k, m_bucket(m), x.stride(0),
+        y.stride(0), qdata.stride(0), scale.stride(0), residual.stride(0), normed.stride(0), eps, GS=group_size,
+        ASM=x.is_cuda and not INTERPRET, TILED=int(packing == "tiled"), NP=triton.next_power_of_2(n),
+        **pdl_args(x.device, GEMM_PDL),
+    )  # fmt: skip
+    return y, normed

@@ -132,6 +132,22 @@ def pdl_start(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+_INTERPRET_BF16 = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def round_to(v, DT: tl.constexpr):
+    """``v`` rounded to DT to nearest even, as ``v.to(DT)`` on a GPU; Triton's interpreter
+    truncates fp32 -> bf16 (3.6 and 3.9), so there an fp32 v's bits are rounded by hand (finite
+    values)."""
+    if _INTERPRET_BF16 and DT == tl.bfloat16 and v.dtype == tl.float32:
+        b = v.to(tl.uint32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(DT)
+
+
 @triton.jit
 def pdl_trigger(PDL: tl.constexpr, WHEN: tl.constexpr):
     """Let the next kernel launch here if the kernel's PDL mode is WHEN."""

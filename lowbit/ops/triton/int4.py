@@ -76,6 +76,7 @@ from lowbit.ops.triton._utils import (
     pdl_args,
     pdl_start,
     pdl_trigger,
+    round_to,
     split_k_buffers,
     split_k_reduce,
     tune_bench,
@@ -495,7 +496,7 @@ def _gemm_kernel(
         acc, last = split_k_reduce(acc, ws_ptr, tile, pid_k, offs, mask, M * N, SPLIT_K)
         if last == 0:  # another split finishes this tile
             return
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptrs, round_to(acc, y_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- dequant
