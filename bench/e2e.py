@@ -15,13 +15,10 @@ shared between variants):
   compiled forward (``step_loop_decode``), without ``generate``'s per-token work;
 * prefill: one 2048-token forward (logits for the last position only, as
   ``generate`` computes them), median of ``--reps`` after a warm-up;
-* prefill profile (``--profile-prefill``): the top ops of one prefill forward.
-* decode profile (``--profile-decode``, with ``--step-loop``): GPU kernel time per decode
-  step by kind (quantized or bf16 linear GEMMs, the output head, attention, the rest),
-  against the step's wall time and the GPU's idle time after each kind, for the arithmetic of
-  what bounds a decode speedup.
-* host profile (``--profile-host``, with ``--step-loop``): cProfile of the loop that issues
-  the decode steps, the functions that take the host's time per step.
+* profiles: ``--profile-prefill``, the top ops of one prefill forward; ``--profile-decode`` (with
+  ``--step-loop``), GPU kernel time per decode step by kind against the step's wall time and the
+  GPU's idle time after each kind; ``--profile-host`` (with ``--step-loop``), cProfile of the loop
+  that issues the decode steps.
 * ``--compile-prefill``: prefill through ``torch.compile`` (default mode) instead of eager,
   which takes the per-linear host cost of eager dispatch out of the measurement.
 
@@ -81,16 +78,14 @@ LABELS = {
     "lowbit_w8a8": "lowbit W8A8 (int8 dyn)",
     "lowbit_fp8": "lowbit fp8 dyn",
 }
-# the lowbit variants with programmatic dependent launch off (``_utils.PDL``), for A/B runs;
-# not in the default list
+# the lowbit variants with programmatic dependent launch off (``_utils.PDL``), for A/B runs
 NO_PDL = "_nopdl"
 for _v in [v for v in VARIANTS if v.startswith("lowbit_")]:
     LABELS[_v + NO_PDL] = LABELS[_v] + ", no PDL"
 # lowbit int4 with the M <= 8 GEMV tile off (``int4.GEMV_MAX_M = 0``), for A/B runs
 NO_GEMV = "_nogemv"
 LABELS["lowbit_int4" + NO_GEMV] = LABELS["lowbit_int4"] + ", no GEMV tile"
-# lowbit int4 with its weights' plain fields as the module parameters (``unwrap_fields``): a
-# compiled step then takes plain tensors and AOT autograd unwraps no subclass per call (probe)
+# lowbit int4 with its weights' plain fields as the module parameters (``unwrap_fields``; probe)
 UNWRAP = "_unwrapped"
 LABELS["lowbit_int4" + UNWRAP] = LABELS["lowbit_int4"] + ", fields as parameters"
 _UNWRAP_FIELDS = False
@@ -106,6 +101,10 @@ _FUSE_GLU = True
 # the same with compiled forwards taking the weights as subclass inputs (fuse.REBUILD_IN_GRAPH off, so no singles)
 SUBCLASS = "_fused_subclass"
 LABELS["lowbit_int4" + SUBCLASS] = LABELS["lowbit_int4"] + ", q/k/v and gate/up fused, weights as subclass inputs"
+# the same with the layers' residual adds and RMSNorms in o_proj / down_proj (norms=True)
+NORMS = "_fused_norms"
+LABELS["lowbit_int4" + NORMS] = LABELS["lowbit_int4"] + ", q/k/v and gate/up fused, residual + RMSNorm in o / down"
+_FUSE_NORMS = False
 ALL_VARIANTS = list(LABELS)
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -316,13 +315,13 @@ def _ab_switch(suffix):
         from lowbit.ops.triton import _utils
 
         return _setting(_utils, "PDL", False)
-    if suffix in (NO_GLU, SUBCLASS):
-        both = contextlib.ExitStack()
-        both.enter_context(_setting(sys.modules[__name__], "_FUSE_SIBLINGS", True))
+    if suffix in (NO_GLU, SUBCLASS, NORMS):
+        both, here = contextlib.ExitStack(), sys.modules[__name__]
+        both.enter_context(_setting(here, "_FUSE_SIBLINGS", True))
         import lowbit.fuse
 
-        flag = (sys.modules[__name__], "_FUSE_GLU") if suffix == NO_GLU else (lowbit.fuse, "REBUILD_IN_GRAPH")
-        both.enter_context(_setting(*flag, False))
+        flag = {NO_GLU: (here, "_FUSE_GLU"), SUBCLASS: (lowbit.fuse, "REBUILD_IN_GRAPH")}.get(suffix)
+        both.enter_context(_setting(*(flag or (here, "_FUSE_NORMS")), flag is None))
         return both
     return _setting(sys.modules[__name__], {UNWRAP: "_UNWRAP_FIELDS", FUSED: "_FUSE_SIBLINGS"}[suffix], True)
 
@@ -339,7 +338,7 @@ def run_variant(variant, args) -> dict:
             return dict(res, skipped=f"torchao not importable: {type(e).__name__}: {e}")
     if variant.endswith("fp8") and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         return dict(res, skipped="fp8 needs sm_89+")
-    for suffix in (NO_GEMV, UNWRAP, NO_PDL, FUSED, NO_GLU, SUBCLASS):  # A/B variants: the base with a switch set
+    for suffix in (NO_GEMV, UNWRAP, NO_PDL, FUSED, NO_GLU, SUBCLASS, NORMS):  # A/B: the base with a switch set
         if variant.endswith(suffix):
             with _ab_switch(suffix):
                 return run_variant(variant.removesuffix(suffix), args) | dict(variant=variant, label=LABELS[variant])
@@ -358,9 +357,10 @@ def run_variant(variant, args) -> dict:
     res["quantize_s"] = round(time.perf_counter() - t0, 2)
     res["weights_GB"] = round(weight_bytes(model) / 1e9, 3)
     if _FUSE_SIBLINGS:  # (a lowbit variant: quantize imported lowbit)
-        fused = sys.modules["lowbit"].fuse_projections_(model, swiglu=_FUSE_GLU)
+        fused = sys.modules["lowbit"].fuse_projections_(model, swiglu=_FUSE_GLU, norms=_FUSE_NORMS)
         res["fused_groups"] = sum("{" in f for f in fused)
-        res["fused_swiglu"] = sum(": " in f for f in fused)  # MLPs with silu(gate) * up in the gate / up call
+        res["fused_swiglu"] = sum(": silu" in f for f in fused)  # MLPs with silu(gate) * up in the gate / up call
+        res["fused_layers"] = sum(": residual" in f for f in fused)  # layers with residual + RMSNorm in o / down
         res["fused_singles"] = sum("{" not in f and ": " not in f for f in fused)  # groups of one
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)

@@ -58,7 +58,7 @@ from torch import nn
 
 from lowbit.ops import reference as ref
 from lowbit.qtensor import QTensor
-from lowbit.qtensor.base import swiglu_linear
+from lowbit.qtensor.base import linear_add_rmsnorm, swiglu_linear
 
 DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -69,6 +69,10 @@ DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # 32-layer model (0.3-0.5 ms per decode step); an integer id is one value guard.
 _GROUPS: dict[int, _Group] = {}
 _MEMO: dict[int, tuple] = {}  # group id -> (input, the group's output, members served, input version)
+# a fused decoder layer's request to a group of one (``fuse_layers``): group id -> (residual, norm
+# weight, eps), and what the single returned: group id -> (h, normed)
+_PENDING: dict[int, tuple] = {}
+_RESULT: dict[int, tuple] = {}
 _IDS = itertools.count()
 
 
@@ -169,6 +173,10 @@ class FusedLinear(nn.Linear):
         if replaced or (torch.is_grad_enabled() and x.requires_grad):  # (training: the unfused graph)
             return F.linear(x, self.weight, self.bias)
         if g.full == 1:  # a group of one (``singles``): no memo; eagerly its own weight as it is
+            pending = _PENDING.pop(gid, None)
+            if pending is not None and self.bias is None:  # a fused layer's o_proj / down_proj: + residual, RMSNorm
+                _RESULT[gid] = linear_add_rmsnorm(x, _weight(g, self.weight), *pending)
+                return _RESULT[gid][0]
             return F.linear(x, _weight(g, self.weight), self.bias)
         eager = not torch.compiler.is_compiling() and not x.is_inference()
         memo = _MEMO.get(gid)
@@ -282,10 +290,20 @@ def _hooked(m: nn.Module) -> bool:
 _GLU_ATTRS = ("_lowbit_glu_gid", "_lowbit_glu_act", "_lowbit_glu_max_m", "_lowbit_glu_dtype")
 
 
-def _glu_reduce_ex(self, protocol):
-    """copy.deepcopy and pickle make the module's own class of it (with plain, unfused members)."""
-    state = {k: v for k, v in self.__dict__.items() if k not in _GLU_ATTRS}
-    return copyreg._reconstructor, (self._lowbit_glu_base, object, None), state
+def same_named_subclass(registry: dict, base: type, forward, attrs: tuple, base_attr: str) -> type:
+    """A subclass of ``base`` with ``forward``, the same name, one per base (kept in ``registry``),
+    and ``base`` as its attribute ``base_attr``; copy.deepcopy and pickle make ``base`` of an
+    instance, without the instance attributes ``attrs`` (with plain, unfused members)."""
+    if base not in registry:
+
+        def reduce_ex(self, protocol):
+            state = {k: v for k, v in self.__dict__.items() if k not in attrs}
+            return copyreg._reconstructor, (getattr(self, base_attr), object, None), state
+
+        body = {"forward": forward, "__reduce_ex__": reduce_ex, base_attr: base}
+        body.update(__module__=base.__module__, __qualname__=base.__qualname__)
+        registry[base] = type(base.__name__, (base,), body)
+    return registry[base]
 
 
 _GLU_CLASSES: dict[type, type] = {}
@@ -293,11 +311,7 @@ _GLU_CLASSES: dict[type, type] = {}
 
 def _glu_class(base: type) -> type:
     """A subclass of the MLP's class with the fused forward (one per class, same name)."""
-    if base not in _GLU_CLASSES:
-        body = {"forward": _glu_forward, "__reduce_ex__": _glu_reduce_ex, "_lowbit_glu_base": base}
-        body.update(__module__=base.__module__, __qualname__=base.__qualname__)
-        _GLU_CLASSES[base] = type(base.__name__, (base,), body)
-    return _GLU_CLASSES[base]
+    return same_named_subclass(_GLU_CLASSES, base, _glu_forward, _GLU_ATTRS, "_lowbit_glu_base")
 
 
 def _make_plain_glu(parent: nn.Module):
@@ -401,7 +415,7 @@ def _plan(where: str, names, mods):
 
 
 def fuse_projections_(
-    model: nn.Module, groups=DEFAULT_GROUPS, swiglu: bool = True, singles: bool | None = None
+    model: nn.Module, groups=DEFAULT_GROUPS, swiglu: bool = True, singles: bool | None = None, norms: bool = False
 ) -> list[str]:
     """Fuse, in place, every group of sibling quantized linears of ``model``: the children of
     one module named as in one tuple of ``groups`` (default: q_proj / k_proj / v_proj and
@@ -416,6 +430,12 @@ def fuse_projections_(
     plain fields inside the graph, so a compiled model takes no subclass input (1.0-1.4 ms of host time
     per Llama-3-8B decode step on the H100, which made batch-1 decode host-bound). ``singles=None``
     (the default) means ``REBUILD_IN_GRAPH``.
+
+    With ``norms`` (off by default) each Llama-style decoder layer whose o_proj and down_proj have a
+    ``linear_add_rmsnorm`` kernel here (int4 on CUDA, M <= 2) gets its residual adds and RMSNorms
+    computed in those linears' launches (``lowbit.fuse_layers``; listed as ``"<layer>: residual +
+    RMSNorm"``). On the H100 a batch-1 Llama-3-8B step ran 1.6% faster on the GPU but took ~1 ms
+    more host time per compiled step (not explained yet; bench/KERNEL_NOTES.md, session 23).
 
     Raises ``ValueError`` naming the layer, and changes nothing, when a group's weights are not
     lowbit weights of one class, in_features, dtype, device and attributes, when a format's rows
@@ -462,6 +482,10 @@ def fuse_projections_(
             if type(m) is nn.Linear and isinstance(m.weight, QTensor) and m.weight.device.type != "meta":
                 _fuse_single(m)
                 out.append(fqn or "<root>")
+    if norms:
+        from lowbit.fuse_layers import fuse_layers
+
+        out += fuse_layers(model)
     return out
 
 

@@ -366,8 +366,8 @@ def test_groups_that_cannot_be_fused_raise_and_stay_unchanged():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("rebuild", [False, True])
-def test_fused_int4_llama_on_cuda_matches_unfused(rebuild):
+@pytest.mark.parametrize("rebuild, norms", [(False, False), (True, False), (False, True), (True, True)])
+def test_fused_int4_llama_on_cuda_matches_unfused(rebuild, norms):
     """int4 on CUDA ("tiled": whole 16-row x 128-k tiles, rows are views): the fused groups' one
     kernel per group against each member's own kernel, eager and compiled with CUDA graphs. The
     kernels' configs (and so the fp32 summation order) depend on N, so the logits agree to
@@ -386,10 +386,11 @@ def test_fused_int4_llama_on_cuda_matches_unfused(rebuild):
     plain, fused = model(), model()
     assert plain.model.layers[0].self_attn.k_proj.weight.packing == "tiled"
     fuse_mod.REBUILD_IN_GRAPH = rebuild  # (the fixture restores it)
-    names = lowbit.fuse_projections_(fused)
-    assert len(names) == (11 if rebuild else 6)  # 4 groups, 2 MLPs with silu(gate) * up, o / down / head
+    names = lowbit.fuse_projections_(fused, norms=norms)
+    # 4 groups, 2 MLPs with silu(gate) * up, with norms 2 layers with residual + RMSNorm, o / down / head
+    assert len(names) == (11 if rebuild else 6) + 2 * norms and sum(n.endswith("RMSNorm") for n in names) == 2 * norms
     compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
-    for ids in (IDS.cuda(), IDS[:, :1].cuda(), IDS[:1, :1].cuda()):  # 14 tokens; 2 and 1: the fused MLP tile
+    for ids in (IDS.cuda(), IDS[:, :1].cuda(), IDS[:1, :1].cuda()):  # 14 tokens; 2 and 1: the fused tiles
         with torch.no_grad():
             want = plain(ids).logits.float()
             for run in (fused, compiled):
