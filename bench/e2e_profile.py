@@ -13,7 +13,10 @@ import torch
 # kernel name pattern -> kind, first match wins (Triton kernels keep their Python names;
 # Inductor's fused kernels start with triton_; cuBLAS / CUTLASS GEMMs are nvjet, gemm, xmma)
 KERNEL_KINDS = [
-    ("lowbit linear", r"_gemm_kernel|_gemv_kernel|_gemm_tma_kernel|_dequant_kernel|_quant_rows|quantize_rows"),
+    (
+        "lowbit linear",
+        r"_gemm_kernel|_gemv_kernel|_glu_kernel|_norm_kernel|_gemm_tma_kernel|_dequant_kernel|_quant_rows|quantize_rows",
+    ),
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
     ("GEMM (cuBLAS)", r"nvjet|gemm|xmma|cutlass|splitKreduce|sm90_|sm80_|ampere|hopper"),
     ("Inductor fused", r"^triton_"),

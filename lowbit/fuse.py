@@ -434,8 +434,9 @@ def fuse_projections_(
     With ``norms`` (off by default) each Llama-style decoder layer whose o_proj and down_proj have a
     ``linear_add_rmsnorm`` kernel here (int4 on CUDA, M <= 2) gets its residual adds and RMSNorms
     computed in those linears' launches (``lowbit.fuse_layers``; listed as ``"<layer>: residual +
-    RMSNorm"``). On the H100 a batch-1 Llama-3-8B step ran 1.6% faster on the GPU but took ~1 ms
-    more host time per compiled step (not explained yet; bench/KERNEL_NOTES.md, session 23).
+    RMSNorm"``). On the H100 a batch-1 Llama-3-8B step ran 2.945 against 2.992 ms on the GPU in
+    one call (within the spread between calls) and took ~1 ms more host time per compiled step
+    (not explained yet; bench/KERNEL_NOTES.md, session 23).
 
     Raises ``ValueError`` naming the layer, and changes nothing, when a group's weights are not
     lowbit weights of one class, in_features, dtype, device and attributes, when a format's rows
@@ -520,3 +521,5 @@ def _drop_stale_hooks(parent: nn.Module):
 def _forget(gid: int):
     _GROUPS.pop(gid, None)
     _MEMO.pop(gid, None)
+    _PENDING.pop(gid, None)
+    _RESULT.pop(gid, None)

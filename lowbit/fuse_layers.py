@@ -7,13 +7,14 @@ the next layer's ``input_layernorm``: at decode time two small kernels of their 
 ``fuse_projections_(norms=True)`` (``fuse_layers``) gives each such layer a forward that asks its
 o_proj and down_proj (made groups of one, ``fuse.FusedLinear``) for
 ``linear_add_rmsnorm(x, w, residual, norm.weight, eps)``: one launch returns h and the
-normalised h (``reference.add_rmsnorm``; int4 on CUDA at M <= 8: the CTA that finishes the last
+normalised h (``reference.add_rmsnorm``; int4 on CUDA at M <= 2: the CTA that finishes the last
 row tile normalises the row). o_proj's normalised h is the MLP's input; down_proj's is the next
 layer's input_layernorm output, handed over with h (by identity) when that layer is called with h.
 
 The layer's forward calls the same modules as the original (``self_attn(hidden_states=normed,
 **kwargs)``, ``mlp``); it runs the original forward instead for positional arguments beyond
-hidden_states, more tokens than the kernel serves (``QTensor.add_rmsnorm_max_tokens``), another
+hidden_states, more tokens than the kernel serves (``QTensor.add_rmsnorm_max_tokens``: int4 on
+CUDA up to ``_int4_gemv.NORM_MAX_M`` = 2), another
 dtype, an input that needs a gradient, hooks on the layer's modules (or global ones), and once
 o_proj or down_proj is no longer the fused single it was (replaced, wrapped by an adapter,
 unfused by ``.to()``), or a norm module was swapped. A layer is fused only where its own forward
@@ -66,7 +67,8 @@ def _rmsnorm_ok(norm, n: int, dtype: torch.dtype) -> bool:
         return False
     if "forward" in norm.__dict__ or w.device.type == "meta":
         return False
-    x = torch.randn(2, n, generator=torch.Generator().manual_seed(0)).to(w.device, dtype) * 3
+    # (rows of mean 4: a LayerNorm, which subtracts the mean, reads rel. err ~1)
+    x = (torch.randn(2, n, generator=torch.Generator().manual_seed(0)) * 3 + 4).to(w.device, dtype)
     try:
         with torch.no_grad():
             got = norm(x)
@@ -123,37 +125,44 @@ def _layer_forward(self, hidden_states, *args, **kwargs):
         return self._lowbit_layer_base.forward(self, hidden_states, *args, **kwargs)
     o_gid, d_gid = self._lowbit_layer_gids
     normed = pre[1] if pre is not None and pre[0] is hidden_states else inorm(hidden_states)
-    _PENDING[o_gid] = (hidden_states, post.weight, _eps(post))
-    out = attn(hidden_states=normed, **kwargs)[0]
-    h, normed = _take(o_gid, out, "self_attn")
-    if h is None:  # o_proj ran plain (e.g. an exception to the checks inside the attention)
+    h, normed, out = _ask(
+        o_gid, (hidden_states, post.weight, _eps(post)), attn, "self_attn", hidden_states=normed, **kwargs
+    )
+    if h is None:  # o_proj ran plain (its own checks: e.g. a replaced weight)
         h = hidden_states + out
         normed = post(h)
     link = _LINKS.get(lid)
-    if link is not None:
-        _PENDING[d_gid] = (h, link[1].weight, _eps(link[1]))
-    out = mlp(normed)
-    nxt, nxt_normed = _take(d_gid, out, "mlp") if link is not None else (None, None)
+    if link is None:
+        return h + mlp(normed)
+    nxt, nxt_normed, out = _ask(d_gid, (h, link[1].weight, _eps(link[1])), mlp, "mlp", normed)
     if nxt is None:
         return h + out
     _PRENORMED[link[0]] = (nxt, nxt_normed)
     return nxt
 
 
-def _take(gid: int, out: torch.Tensor, where: str):
-    """(h, normed) from the single ``gid`` if it served the request, which must be ``out`` itself;
-    (None, None) if it did not."""
-    _PENDING.pop(gid, None)
-    got = _RESULT.pop(gid, None)
-    if got is None:
-        return None, None
-    if got[0] is not out:  # something between the linear and the layer changed its output
+def _ask(gid: int, request: tuple, module, where: str, *args, **kwargs):
+    """Call ``module`` with a request to the single ``gid`` (residual, norm weight, eps) -> (h,
+    normed, module's output): (None, None, output) if the single did not take the request. The
+    request and the single's result never outlive the call (an exception included), and a taken
+    request whose result is not the module's output raises: that output holds the residual."""
+    _PENDING[gid] = request
+    try:
+        out = module(*args, **kwargs)
+    finally:
+        untaken = _PENDING.pop(gid, None)
+        got = _RESULT.pop(gid, None)
+    if where == "self_attn":
+        out = out[0]
+    if untaken is not None:
+        return None, None, out
+    if got is None or got[0] is not out:  # something between the linear and the layer changed it
         raise RuntimeError(
             f"fused decoder layer: {where} returned another tensor than its fused linear's output (which "
-            "includes the residual); unfuse the model (e.g. lowbit.fuse_projections_ on a fresh copy) before "
-            "wrapping its modules"
+            "includes the residual); fuse the model again after wrapping or changing its modules "
+            "(lowbit.fuse_projections_ checks each layer when fusing)"
         )
-    return got
+    return got[0], got[1], out
 
 
 _LAYER_CLASSES: dict[type, type] = {}
@@ -203,38 +212,54 @@ def _fuse_layer(layer: nn.Module) -> bool:
     layer._lowbit_layer_norms = (id(inorm), id(post))
     layer._lowbit_layer_max_m, layer._lowbit_layer_dtype = max_m, dtype
     layer._lowbit_layer_hooks = (_memo_hooks(attn), _memo_hooks(mlp))
-    if _same_as_base(layer, base, n, dtype, attn.head_dim, w.device):
-        weakref.finalize(layer, _LINKS.pop, layer._lowbit_layer_id, None)
-        return True
-    _make_plain_layer(layer)
-    for m in made:
-        _GROUPS[m._lowbit_gid].unfuse()
-    return False
+    same = False
+    try:
+        same = _same_as_base(layer, base, n, dtype, attn.head_dim, w.device, inorm)
+    finally:  # (also when the check raises, e.g. a kernel that does not compile here)
+        if not same:
+            _make_plain_layer(layer)
+            for m in made:
+                _GROUPS[m._lowbit_gid].unfuse()
+    if not same:
+        return False
+    weakref.finalize(layer, _LINKS.pop, layer._lowbit_layer_id, None)
+    return True
 
 
-def _same_as_base(layer, base, n, dtype, head_dim, device) -> bool:
-    """The fused forward equals the layer's own on two random tokens (no cache, no mask, RoPE of
-    angle zero), to a few roundings of dtype."""
+def _same_as_base(layer, base, n, dtype, head_dim, device, inorm) -> bool:
+    """The fused forward, linked to itself so that both o_proj and down_proj take requests, equals
+    the layer's own on two random tokens (no cache, no mask, RoPE of angle zero), and so does the
+    normalised output it hands on (against ``inorm`` of the layer's own output), to a few
+    roundings of dtype."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 2, n, generator=g).to(device, dtype)
     pe = (
         torch.ones(1, 2, head_dim, device=device, dtype=dtype),
         torch.zeros(1, 2, head_dim, device=device, dtype=dtype),
     )
+    lid, probe = layer._lowbit_layer_id, -1 - layer._lowbit_layer_id  # (no layer has a negative id)
+    _LINKS[lid] = (probe, inorm)
     try:
         with torch.no_grad():
             want = base.forward(layer, x, attention_mask=None, position_embeddings=pe)
             got = _layer_forward(layer, x, attention_mask=None, position_embeddings=pe)
-    except (TypeError, ValueError, RuntimeError, AttributeError):  # another signature: not this pattern
+            handed = _PRENORMED.pop(probe, None)
+            want_normed = inorm(want) if isinstance(want, torch.Tensor) else None
+    except (TypeError, ValueError, RuntimeError, AttributeError):  # another signature or structure
         return False
     finally:
-        _PENDING.clear()
-        _RESULT.clear()
-        _PRENORMED.clear()
+        _LINKS.pop(lid, None)
+        _PRENORMED.pop(probe, None)
     if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or want.shape != got.shape:
         return False
+    if handed is None or handed[0] is not got:
+        return False
+    return bool(torch.isfinite(want).all()) and _close(got, want) and _close(handed[1], want_normed)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     want, got = want.float(), got.float()
-    return bool(torch.isfinite(want).all()) and float((got - want).norm()) <= 0.02 * float(want.norm()) + 1e-6
+    return float((got - want).norm()) <= 0.02 * float(want.norm()) + 1e-6
 
 
 def fuse_layers(model: nn.Module) -> list[str]:

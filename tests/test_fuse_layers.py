@@ -51,7 +51,7 @@ def test_fused_layers_give_the_unfused_logits(_kernel_here):
     names = lowbit.fuse_projections_(fused, swiglu=False, norms=True)
     assert names[-3:] == [f"model.layers.{i}: residual + RMSNorm" for i in range(3)]
     assert type(fused.model.layers[0]).__name__ == "LlamaDecoderLayer"
-    assert len(_kernel_here) == 3  # fusing checked each layer's fused forward on two tokens
+    assert len(_kernel_here) == 6  # fusing checked each layer's fused forward (o_proj, down_proj) on two tokens
     _kernel_here.clear()
     norm_calls = []
     fused.model.layers[1].input_layernorm.register_forward_pre_hook(lambda *a: norm_calls.append(1))
@@ -61,8 +61,18 @@ def test_fused_layers_give_the_unfused_logits(_kernel_here):
         assert norm_calls == [1] and len(_kernel_here) == 3  # layer 0: o, down; layer 2: o
         fused.model.layers[1].input_layernorm._forward_pre_hooks.clear()
         _kernel_here.clear()
-        assert torch.equal(fused(IDS1).logits, plain(IDS1).logits)
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        want, norms, real = plain(IDS1).logits, [], LlamaRMSNorm.forward
+        LlamaRMSNorm.forward = lambda self, x: norms.append(1) or real(self, x)
+        try:
+            assert torch.equal(fused(IDS1).logits, want)
+        finally:
+            LlamaRMSNorm.forward = real
         assert _kernel_here == [2] * 5 and _channels_empty()  # 3 layers x (o, down) but the last down
+        # the norms computed by a norm module: layer 0's input norm and the model's final norm (the
+        # others came from o_proj / down_proj, handed to the next layer with its input)
+        assert len(norms) == 2
         _kernel_here.clear()
         assert torch.equal(fused(IDS).logits, plain(IDS).logits) and _kernel_here == []
 
@@ -163,7 +173,56 @@ def test_linear_add_rmsnorm_checks_its_inputs():
     x, res, nw = torch.randn(3, 64).bfloat16(), torch.randn(3, 32).bfloat16(), torch.ones(32).bfloat16()
     h, y = linear_add_rmsnorm(x[None], w, res[None], nw, 1e-5)
     assert h.shape == y.shape == (1, 3, 32)
-    with pytest.raises(ValueError, match=r"residual \(3, 31\), want \(3, 32\)"):
+    with pytest.raises(ValueError, match=r"residual \(3, 31\) and norm_weight \(32,\).*want residual \(3, 32\)"):
         linear_add_rmsnorm(x, w, res[:, :31], nw, 1e-5)
+    with pytest.raises(TypeError, match="norm_weight torch.float32 must be x's dtype"):
+        linear_add_rmsnorm(x, w, res, nw.float(), 1e-5)
     with pytest.raises(RuntimeError, match="for inference"):
         linear_add_rmsnorm(x.requires_grad_(), w, res, nw, 1e-5)
+
+
+def test_an_exception_inside_the_layer_leaves_no_request_behind(_kernel_here):
+    """An error raised inside the attention after o_proj took the layer's request (here an instance
+    forward that raises after the attention's own) leaves no request or result in the side
+    channels: the next calls, fused or on the layers' own forwards, give the unfused numbers."""
+    plain, fused = int4_llama(), int4_llama()
+    lowbit.fuse_projections_(fused, norms=True)
+    attn = fused.model.layers[0].self_attn
+    real = type(attn).forward
+
+    def boom(self, *args, **kwargs):
+        real(self, *args, **kwargs)  # (o_proj takes the request and returns h)
+        raise KeyboardInterrupt
+
+    attn.forward = boom.__get__(attn)
+    with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+        fused(IDS1)
+    del attn.forward
+    assert _channels_empty()
+    with torch.no_grad():
+        assert torch.equal(fused(IDS1).logits, plain(IDS1).logits)
+        assert torch.equal(fused(IDS).logits, plain(IDS).logits)  # 14 tokens: the layers' own forwards
+        h = fused.model.layers[0].register_forward_hook(lambda *a: None)
+        assert torch.equal(fused(IDS1).logits, plain(IDS1).logits)
+        h.remove()
+    assert _channels_empty()
+
+
+def test_layers_whose_modules_change_the_fused_output_are_not_fused(_kernel_here):
+    """An MLP that scales down_proj's output, or a bias-free LayerNorm as a layer's norm (equal to
+    an RMSNorm on rows of mean zero): checked when fusing, the layer keeps its own forward."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    class HalfMlp(LlamaMLP):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    model = int4_llama()
+    model.model.layers[0].mlp.__class__ = HalfMlp
+    ln = nn.LayerNorm(128, bias=False, dtype=torch.bfloat16)
+    ln.variance_epsilon = 1e-5
+    model.model.layers[1].post_attention_layernorm = ln
+    names = lowbit.fuse_projections_(model, norms=True)
+    assert not any("RMSNorm" in n for n in names), names
+    with torch.no_grad():
+        model(IDS1)  # (runs: no request left unanswered)

@@ -189,6 +189,21 @@ def swiglu(y: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- residual add + RMSNorm
+def check_add_rmsnorm_operands(name: str, out_shape: tuple, residual, norm_weight, dtype) -> None:
+    """The launchers' checks of ``add_rmsnorm``'s operands for an output of ``out_shape`` in
+    ``dtype``: residual of that shape, norm_weight [N], both of that dtype."""
+    n = out_shape[-1]
+    if residual.shape != out_shape or norm_weight.shape != (n,):
+        raise ValueError(
+            f"{name}: residual {tuple(residual.shape)} and norm_weight {tuple(norm_weight.shape)} do not fit the "
+            f"output {tuple(out_shape)} (want residual {tuple(out_shape)}, norm_weight ({n},))"
+        )
+    if residual.dtype != dtype or norm_weight.dtype != dtype:
+        raise TypeError(
+            f"{name}: residual {residual.dtype} and norm_weight {norm_weight.dtype} must be x's dtype {dtype}"
+        )
+
+
 def add_rmsnorm(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """A pre-norm decoder layer's step after a linear: ``h = residual + y`` rounded to y's dtype,
     then Llama's RMSNorm of h, ``weight * (h * rsqrt(mean(h^2) + eps))`` with the normalised row

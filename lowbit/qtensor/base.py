@@ -349,9 +349,10 @@ def linear_add_rmsnorm(x: torch.Tensor, w: QTensor, residual: torch.Tensor, norm
     check_activation(x, w)
     if x.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("linear_add_rmsnorm is for inference; call the linear and the norm for gradients")
+    from lowbit.ops.reference import check_add_rmsnorm_operands
+
     lead, n = x.shape[:-1], w._size[0]
-    if residual.shape != (*lead, n):
-        raise ValueError(f"linear_add_rmsnorm: residual {tuple(residual.shape)}, want {(*lead, n)} (x's rows, N)")
+    check_add_rmsnorm_operands("linear_add_rmsnorm", (*lead, n), residual, norm_weight, x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, n), x.new_zeros(*lead, n)

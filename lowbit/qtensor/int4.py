@@ -157,7 +157,7 @@ class Int4Tensor(QTensor):
         return swiglu_max_m() if fits else 0
 
     def linear_add_rmsnorm(self, x, residual, norm_weight, eps):
-        if resolve(x.device) == "triton":  # one launch at M <= 8
+        if resolve(x.device) == "triton":  # one launch at M <= NORM_MAX_M (2)
             from lowbit.ops.triton._int4_gemv import int4_mm_add_rmsnorm
 
             w = self if self.packing in TRITON_PACKINGS else self.repack("mma")

@@ -26,7 +26,13 @@ import triton
 import triton.language as tl
 
 from lowbit.compile import kernel_op, linear_out_fake
-from lowbit.ops.reference import INT4_GROUP_SIZES, add_rmsnorm, int4_tiled_fits, swiglu
+from lowbit.ops.reference import (
+    INT4_GROUP_SIZES,
+    add_rmsnorm,
+    check_add_rmsnorm_operands,
+    int4_tiled_fits,
+    swiglu,
+)
 from lowbit.ops.triton._utils import (
     INTERPRET,
     TUNE_CACHE,
@@ -326,8 +332,10 @@ def _norm_rows(h_ptr, nw_ptr, n_ptr, done_ptr, tiles, M, N, stride_hm, stride_nm
     (an int32 counter at done_ptr, zero at launch and put back to zero) normalises every row of h
     [M, N] into n: ``weight * (h * rsqrt(mean(h^2) + eps))``, the normalised value rounded to DT
     before the product (``reference.add_rmsnorm``). A whole row at once (NP = N's next power of
-    two, at most 64 values per thread: ``_norm_prune``), h read back from L2 (.cg: the other CTAs'
-    stores) with the weight's load beside it, so a row costs one L2 round trip."""
+    two; at most 64 values per thread in the tuned configs, ``_norm_prune``; the one fixed config
+    of the interpreter and LOWBIT_TRITON_AUTOTUNE=0 has one warp: more, correct but slower), h
+    read back from L2 (.cg: the other CTAs' stores) with the weight's load beside it, so a row
+    costs one L2 round trip."""
     tl.debug_barrier()  # every thread's h is stored before the release below
     if tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu") == tiles - 1:
         cols = tl.arange(0, NP)
@@ -548,16 +556,7 @@ def int4_mm_add_rmsnorm(
         raise ValueError(f"int4_mm_add_rmsnorm: x must be a 2-D floating tensor [M, K], got {x.dtype} {tuple(x.shape)}")
     m, k = x.shape
     n = qdata.shape[0]
-    if residual.shape != (m, n) or norm_weight.shape != (n,):
-        raise ValueError(
-            f"int4_mm_add_rmsnorm: residual {tuple(residual.shape)} and norm_weight {tuple(norm_weight.shape)} "
-            f"do not fit the output [{m}, {n}] (want residual [{m}, {n}], norm_weight [{n}])"
-        )
-    if residual.dtype != x.dtype or norm_weight.dtype != x.dtype:
-        raise TypeError(
-            f"int4_mm_add_rmsnorm: residual {residual.dtype} and norm_weight {norm_weight.dtype} must be x's "
-            f"dtype {x.dtype}"
-        )
+    check_add_rmsnorm_operands("int4_mm_add_rmsnorm", (m, n), residual, norm_weight, x.dtype)
     if not add_rmsnorm_fits(m, n, k, packing, x.dtype, scale.dtype, x.device) or zero.dtype != scale.dtype:
         return add_rmsnorm(int4_mm(x, qdata, scale, zero, group_size, packing), residual, norm_weight, eps)
     return _add_rmsnorm_tile(x, qdata, scale, zero, group_size, residual, norm_weight, eps, packing)
