@@ -14,13 +14,15 @@ layer's input_layernorm output, handed over with h (by identity) when that layer
 The layer's forward calls the same modules as the original (``self_attn(hidden_states=normed,
 **kwargs)``, ``mlp``); it runs the original forward instead for positional arguments beyond
 hidden_states, more tokens than the kernel serves (``QTensor.add_rmsnorm_max_tokens``: int4 on
-CUDA up to ``_int4_gemv.NORM_MAX_M`` = 2), another
-dtype, an input that needs a gradient, hooks on the layer's modules (or global ones), and once
-o_proj or down_proj is no longer the fused single it was (replaced, wrapped by an adapter,
-unfused by ``.to()``), or a norm module was swapped. A layer is fused only where its own forward
-equals the fused one on a random two-token input (checked when fusing: another structure, e.g.
-post-norms or a norm of ``(1 + weight)``, reads rel. err ~1) and both norms compute Llama's
-RMSNorm (checked on random rows). ``copy.deepcopy`` and pickling give the layer's own class.
+CUDA up to ``_int4_gemv.NORM_MAX_M`` = 2), another dtype, an input that needs a gradient, hooks on
+the layer's modules (or global ones), and once o_proj or down_proj is no longer the fused single
+it was (replaced, wrapped by an adapter, unfused by ``.to()``), or a norm module was swapped. A
+layer is fused only where its own forward equals the fused one, linked to itself, on a random
+two-token input, h and the normalised h it hands on (checked when fusing: another structure, e.g.
+post-norms, a module scaling o_proj's or down_proj's output, or a norm of ``(1 + weight)``, reads
+rel. err ~1), and both norms compute Llama's RMSNorm (checked on random rows of mean 4).
+A request to a single and its result never outlive the layer's call, an exception included.
+``copy.deepcopy`` and pickling give the layer's own class.
 """
 
 from __future__ import annotations
