@@ -41,6 +41,7 @@ from lowbit.fuse import (
     _end_round,
     _fuse_single,
     _hooked,
+    _make_plain,
     _single,
     same_named_subclass,
 )
@@ -204,7 +205,7 @@ def _fuse_layer(layer: nn.Module) -> bool:
     made = [m for m in (o, down) if type(m) is nn.Linear or _GROUPS.get(m._lowbit_gid) is None]
     for m in made:
         if type(m) is FusedLinear:  # (its group is gone)
-            m.__class__ = nn.Linear
+            _make_plain(m)
         _fuse_single(m)
     if type(layer) is not base:
         _make_plain_layer(layer)

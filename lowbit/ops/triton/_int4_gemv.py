@@ -415,12 +415,19 @@ def swiglu_fits(m: int, n: int, k: int, packing: str, x_dtype, qparam_dtype, dev
     """Whether ``int4_mm_swiglu`` runs the fused tile (else it composes ``int4_mm`` and
     ``reference.swiglu``): M <= 8, 16-bit x with qparams of its dtype on a GPU (or the
     interpreter), "plain" codes or "tiled" ones whose up half starts on a 16-row tile, K % 32 == 0."""
+    return _tile_fits(m, swiglu_max_m(), k, x_dtype, qparam_dtype, device) and (
+        packing == "plain" or packing == "tiled" and (n // 2) % 16 == 0
+    )
+
+
+def _tile_fits(m: int, max_m: int, k: int, x_dtype, qparam_dtype, device: torch.device) -> bool:
+    """What the fused GEMV tiles (``_glu_kernel``, ``_norm_kernel``) need of every call: 1 <= M <=
+    max_m, 16-bit x with qparams of its dtype, a GPU (or the interpreter), K % 32 == 0."""
     return (
-        1 <= m <= swiglu_max_m()
+        1 <= m <= max_m
         and (device.type == "cuda" or INTERPRET)
         and x_dtype in (torch.bfloat16, torch.float16)
         and qparam_dtype == x_dtype
-        and (packing == "plain" or packing == "tiled" and (n // 2) % 16 == 0)
         and k % 32 == 0
     )
 
@@ -466,7 +473,7 @@ def int4_mm_swiglu(
 
 
 # ----------------------------------------------------------------------------- + residual, RMSNorm
-# A pre-norm decoder layer at M <= 8: the linear before a residual add (o_proj, down_proj) adds
+# A pre-norm decoder layer at M <= NORM_MAX_M: the linear before a residual add (o_proj, down_proj) adds
 # the residual in its epilogue and normalises the sum for the next linear (``_norm_rows``: the
 # CTA that finishes the last row tile), where the unfused step runs Inductor's add + RMSNorm
 # kernel between the two GEMVs. Configs: the GEMV's (``GEMV_CONFIGS``).
@@ -519,15 +526,8 @@ def add_rmsnorm_fits(m: int, n: int, k: int, packing: str, x_dtype, qparam_dtype
     """Whether ``int4_mm_add_rmsnorm`` runs the fused tile: as ``swiglu_fits`` (16-bit x with
     qparams of its dtype, a GPU or the interpreter, "plain" or "tiled" codes, K % 32 == 0), M <=
     NORM_MAX_M and N <= NORM_MAX_N."""
-    return (
-        1 <= m <= min(NORM_MAX_M, swiglu_max_m())
-        and (device.type == "cuda" or INTERPRET)
-        and x_dtype in (torch.bfloat16, torch.float16)
-        and qparam_dtype == x_dtype
-        and packing in ("plain", "tiled")
-        and k % 32 == 0
-        and n <= NORM_MAX_N
-    )
+    max_m = min(NORM_MAX_M, swiglu_max_m())
+    return _tile_fits(m, max_m, k, x_dtype, qparam_dtype, device) and packing in ("plain", "tiled") and n <= NORM_MAX_N
 
 
 def _add_rmsnorm_fake(x: torch.Tensor, qdata: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
