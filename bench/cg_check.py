@@ -1,9 +1,13 @@
 """Whether a fused tiny int4 Llama's compiled step (mode="reduce-overhead", fullgraph) runs as CUDA
 graphs, with the layers' residual + RMSNorm fusion on and off (4 layers of bench/e2e.py's TINY
 config; session 23's call 9 ran hidden 256): prints Inductor's cudagraph logs
-(``TORCH_LOGS=perf_hints``) and the host time per call."""
+(``TORCH_LOGS=perf_hints``) and the host time per call. ``--profile``: also the Python functions
+that run per call (cProfile over the timed calls, top 25 by own time), to place a difference."""
 
+import cProfile
+import io
 import os
+import pstats
 import sys
 import time
 
@@ -37,6 +41,16 @@ def main():
                 f(ids)
             host = (time.perf_counter() - t) / 50 * 1e3
             torch.cuda.synchronize()
+            if "--profile" in sys.argv:
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(50):
+                    f(ids)
+                prof.disable()
+                torch.cuda.synchronize()
+                buf = io.StringIO()
+                pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+                print(f"norms={norms}: cProfile of 50 calls\n{buf.getvalue()}", flush=True)
         print(f"norms={norms} layers fused={sum('RMSNorm' in n for n in names)} host ms/call={host:.3f}", flush=True)
 
 

@@ -14,13 +14,22 @@ autograd formula: they run with gradients off (``_QuantLinearFn`` computes the
 input gradient from the dequantized weight); a small Autograd kernel raises if one
 is called on a tensor that requires grad. They never return an input or a view
 of one.
+
+``kernel_op`` returns a function, not the operator: in plain eager use (not under Dynamo, no
+dispatch or function mode active, no profiler running, x a plain tensor, nothing requiring
+grad while grad mode is on) it calls the launcher itself, skipping the dispatcher's round trip; anything else
+calls the operator. ``LOWBIT_DIRECT_OPS=0`` always calls the operator.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 
 import torch
+
+DIRECT = os.environ.get("LOWBIT_DIRECT_OPS", "1") != "0"
 
 _LIB = torch.library.Library("lowbit", "FRAGMENT")
 
@@ -29,8 +38,9 @@ def kernel_op(name: str, *, fake: Callable) -> Callable:
     """Decorator: register ``fn`` as ``lowbit::<name>`` with fake implementation ``fake``.
 
     ``fn`` must take and return plain tensors (and ints/floats/bools/strs), must
-    not mutate its inputs and must return fresh tensors. Returns the operator
-    (``torch.ops.lowbit.<name>.default``), called like ``fn``.
+    not mutate its inputs and must return fresh tensors. Returns a function called like ``fn``
+    that runs ``fn`` directly in plain eager use and the operator
+    (``torch.ops.lowbit.<name>.default``, its ``op`` attribute) otherwise (module doc).
     """
 
     def register(fn: Callable):
@@ -51,7 +61,23 @@ def kernel_op(name: str, *, fake: Callable) -> Callable:
                 return op(*args, **kwargs)
 
         _LIB.impl(name, no_gradient, "Autograd")
-        return op
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if (
+                DIRECT
+                and not torch.compiler.is_compiling()
+                and type(args[0]) is torch.Tensor
+                and not torch._C._len_torch_dispatch_stack()
+                and not torch._C._is_torch_function_mode_enabled()
+                and not torch.autograd._profiler_enabled()  # (profiles name the operator)
+                and not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
+            ):
+                return fn(*args, **kwargs)
+            return call.op(*args, **kwargs)
+
+        call.op = op
+        return call
 
     return register
 

@@ -322,6 +322,57 @@ def split_k_reduce(acc, part_ptr, tile_ptr, pid_k, offs, mask, MN, SPLIT_K: tl.c
     return total, last
 
 
+# ----------------------------------------------------------------------------- eager launch plans
+# An eager call of a tuned kernel pays Triton's autotuner lookup and argument binding (~50 us per
+# launch on the H100 host, bench/eager_probe.py --pieces) and the launcher's own preparation. A
+# launcher may keep a LaunchPlan per call key (every shape, stride, dtype, pointer and flag its
+# launch depends on) and launch the compiled kernel directly on later calls with that key.
+# LOWBIT_LAUNCH_PLANS=0 turns plans off (Triton's launch path on every call).
+PLANS = not INTERPRET and os.environ.get("LOWBIT_LAUNCH_PLANS", "1") != "0"
+PLANS_MAX = 4096  # keys kept per launcher (then the cache starts again)
+PLAN_CHECKS = 4  # plans checked bitwise against Triton's own launch before plans are trusted
+_plan_checks = [0]
+
+
+class LaunchPlan:
+    """A compiled Triton kernel's launch with its arguments bound once (``JITFunction.run``'s
+    binding, done at plan time): ``plan(*tensors)`` launches it with its first ``len(tensors)``
+    arguments replaced, through ``CompiledKernel[grid]`` (the compiled kernel's own launch, as
+    ``JITFunction.run`` ends), on the current stream of the tensors' device."""
+
+    __slots__ = ("launch", "tail", "extra")
+
+    def __init__(self, kernel, jit_fn, grid, args: tuple, kwargs: dict, n_tensors: int, **extra):
+        params = jit_fn.signature.parameters
+        bound = jit_fn.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
+        bound.apply_defaults()
+        g = tuple(grid(bound.arguments) if callable(grid) else grid)
+        self.launch = kernel[(g + (1, 1))[:3]]
+        self.tail = tuple(bound.arguments.values())[n_tensors:]
+        self.extra = extra
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        self.launch(*tensors, *self.tail, stream=torch._C._cuda_getCurrentRawStream(tensors[0].device.index))
+
+
+def plan_checked(plan: LaunchPlan, tensors: tuple, out: torch.Tensor, fresh: torch.Tensor) -> bool:
+    """Whether ``plan`` may be kept: true once PLAN_CHECKS plans have matched; before that, the
+    plan is launched into ``fresh`` (``tensors`` with the output replaced) and must reproduce
+    ``out`` bitwise (a Triton whose launch convention differs turns plans off)."""
+    global PLANS
+    if _plan_checks[0] >= PLAN_CHECKS:
+        return True
+    plan(*tensors)
+    if not torch.equal(out, fresh):
+        PLANS = False
+        import warnings
+
+        warnings.warn("lowbit: a direct Triton launch did not match Triton's own; launch plans are off", stacklevel=3)
+        return False
+    _plan_checks[0] += 1
+    return True
+
+
 def chunked_dequant_mm(x: torch.Tensor, n: int, rows: int, fill) -> torch.Tensor:
     """``x @ w_hat.T`` with w_hat [N, K] built ``rows`` rows at a time into one reused buffer
     by ``fill(n0, r, buf)`` (rows n0 .. n0 + r into buf[:r]); each chunk's GEMM writes its

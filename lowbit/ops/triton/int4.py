@@ -60,12 +60,15 @@ import triton
 import triton.language as tl
 
 from lowbit.compile import kernel_op, linear_out_fake
+from lowbit.ops.triton import _utils
 from lowbit.ops.triton._int4_gemv import GEMV_CONFIGS, check_int4_args, gemv_tile
 from lowbit.ops.triton._utils import (
     AUTOTUNE,
     INTERPRET,
     MAX_WORKSPACE,
+    PLANS_MAX,
     TUNE_CACHE,
+    LaunchPlan,
     cfg,
     chunked_dequant_mm,
     configs,
@@ -76,6 +79,7 @@ from lowbit.ops.triton._utils import (
     pdl_args,
     pdl_start,
     pdl_trigger,
+    plan_checked,
     round_to,
     split_k_buffers,
     split_k_reduce,
@@ -612,6 +616,22 @@ def int4_mm(
 
         rows = max(16, DEQUANT_ROWS - DEQUANT_ROWS % 16) if tiled else DEQUANT_ROWS  # "tiled": whole tiles
         return chunked_dequant_mm(x, n, rows, fill)
+    key = None
+    if _utils.PLANS and x.is_cuda:  # (the fixed config's split is a per-call choice: in the key)
+        split = 0 if AUTOTUNE else _split_k(m, n, k, group_size, num_sms(x.device))
+        key = _plan_key(x, qdata, scale, zero, group_size, packing, split)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:  # (its key pins the branches below: the qparam words, no copies)
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        plan(
+            x,
+            qdata,
+            scale.view(torch.int32),
+            zero.view(torch.int32),
+            y,
+            *split_k_buffers(x.device, m, n, plan.extra["most"]),
+        )
+        return y
     asm = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and scale.dtype == zero.dtype == x.dtype
     sw, zw = (qparam_words(scale), qparam_words(zero)) if SZ_WORDS and scale.dtype == zero.dtype else (None, None)
     use_words = sw is not None and zw is not None and sw.stride() == zw.stride()
@@ -631,17 +651,49 @@ def int4_mm(
         fixed = {"SPLIT_K": _split_k(m, n, k, group_size, num_sms(x.device)), "SWAP": GEMM_SWAP == "on" and not words}
         most = fixed["SPLIT_K"]
     ws, cnt = split_k_buffers(x.device, m, n, most)
+    plain_x = True
     if mb <= GEMV_MAX_M and (x.data_ptr() % 16 or qdata.data_ptr() % 16):
         # the GEMV tile reads x and the codes as 16-byte vectors (a contiguous view may start
         # anywhere; a misaligned vector load faults the CUDA context): aligned copies
         x, qdata = (t.clone() if t.data_ptr() % 16 else t for t in (x, qdata))
+        plain_x = False
     if mma and not words:
-        x = _pair_order(x)
+        x, plain_x = _pair_order(x), False
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
-    _gemm_kernel[grid](
-        x, qdata, s_arg, z_arg, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0), stride_s,
-        _SWAP_MODES[GEMM_SWAP], GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, MMA=words,
-        SZ=use_words, QDT=_TL_DTYPES[scale.dtype] if use_words else None, **fixed, **pdl_args(x.device, GEMM_PDL),
-        TILED=tiled, GEMV_MAX=GEMV_MAX_M,
-    )  # fmt: skip
+    args = (x, qdata, s_arg, z_arg, y, ws, cnt, m, n, k, mb, x.stride(0), y.stride(0), qdata.stride(0), stride_s,
+            _SWAP_MODES[GEMM_SWAP])  # fmt: skip
+    kw = dict(GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, MMA=words, SZ=use_words,
+              QDT=_TL_DTYPES[scale.dtype] if use_words else None, **fixed, **pdl_args(x.device, GEMM_PDL),
+              TILED=tiled, GEMV_MAX=GEMV_MAX_M)  # fmt: skip
+    compiled = _gemm_kernel[grid](*args, **kw)
+    if key is not None and use_words and plain_x and not torch.cuda.is_current_stream_capturing():
+        _keep_plan(key, compiled, grid, args, {**kw, **_gemm_kernel.best_config.all_kwargs()}, most)
     return y
+
+
+# eager launch plans of _gemm_kernel (``_utils.LaunchPlan``), by ``_plan_key``
+_PLANS: dict = {}
+
+
+def _plan_key(x, qdata, scale, zero, group_size: int, packing: str, split: int) -> tuple:
+    """Everything a GEMM launch of ``int4_mm`` depends on besides the tuned config (fixed per
+    M bucket, N, K once tuned) and the tensors' contents: shapes, strides, dtypes, device,
+    alignments and the weight's addresses (a later tensor at the same address with the same
+    key launches identically), the module switches, the fixed config's split."""
+    return (
+        x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, qdata.data_ptr(), qdata.shape, qdata.stride(),
+        scale.data_ptr(), zero.data_ptr(), scale.shape, scale.stride(), zero.stride(), scale.dtype, zero.dtype,
+        group_size, packing, GEMM_SWAP, GEMV_MAX_M, SZ_WORDS, GEMM_PDL, _utils.PDL, split,
+    )  # fmt: skip
+
+
+def _keep_plan(key: tuple, compiled, grid, args: tuple, kw: dict, most: int) -> None:
+    """Keep a plan for ``key`` made from the launch that just ran (checked against it while
+    plans are new, ``_utils.plan_checked``)."""
+    plan = LaunchPlan(compiled, _gemm_kernel.fn, grid, args, kw, 7, most=most)
+    fresh = torch.empty_like(args[4])
+    ws, cnt = split_k_buffers(args[0].device, *fresh.shape, most)
+    if plan_checked(plan, (*args[:4], fresh, ws, cnt), args[4], fresh):
+        if len(_PLANS) >= PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan

@@ -1,0 +1,180 @@
+"""The eager fast paths: ``kernel_op``'s direct launcher calls (CPU and GPU) and the int4 GEMM's
+launch plans (``_utils.LaunchPlan``, GPU only), each against the slow path it skips."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import warnings
+
+import pytest
+
+import lowbit.compile
+from lowbit.ops import reference as ref
+from lowbit.ops.triton import _utils
+from lowbit.ops.triton import int4 as int4_mod
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="launch plans are for CUDA launches")
+
+
+def _weight(n, k, gs=128, seed=0, packing="plain"):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(DEVICE)
+    scale, zero = ref.int4_choose_qparams(w, gs, torch.bfloat16)
+    q = ref.int4_quantize(w, scale, zero, gs)
+    packed = ref.int4_tiled_pack(q) if packing == "tiled" else ref.int4_pack(q)
+    return packed, scale, zero, ref.int4_pack(q)
+
+
+def _dispatched(fn, monkeypatch) -> int:
+    """How many times ``fn`` called the operator behind ``int4_mod.int4_mm`` (a spy on ``.op``)."""
+    real, calls = int4_mod.int4_mm.op, []
+    monkeypatch.setattr(int4_mod.int4_mm, "op", lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        fn()
+    finally:
+        monkeypatch.setattr(int4_mod.int4_mm, "op", real)
+    return len(calls)
+
+
+def test_direct_call_skips_the_dispatcher_and_matches_the_operator(monkeypatch):
+    qdata, scale, zero, _ = _weight(48, 256, packing="plain")
+    x = torch.randn(3, 256, device=DEVICE, dtype=torch.bfloat16)
+    call = int4_mod.int4_mm
+    for grad in (False, True):  # gradients off, or on with nothing requiring them
+        with torch.set_grad_enabled(grad):
+            assert _dispatched(lambda: call(x, qdata, scale, zero, 128, "plain"), monkeypatch) == 0
+            torch.testing.assert_close(call(x, qdata, scale, zero, 128, "plain"), call.op(x, qdata, scale, zero, 128, "plain"), rtol=0, atol=0)  # fmt: skip
+
+
+def test_the_operator_runs_wherever_the_direct_call_would_hide_it(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    qdata, scale, zero, _ = _weight(16, 128, packing="plain")
+    x = torch.randn(2, 128, device=DEVICE, dtype=torch.bfloat16)
+    run = lambda x=x: int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")  # noqa: E731
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def in_mode():  # a dispatch mode (tracers, FlopCounter) sees the operator
+        with Record():
+            run()
+
+    def profiled():  # a profile names it
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+            run()
+
+    def device_mode():  # a torch function mode
+        with torch.device(DEVICE):
+            run()
+
+    with torch.no_grad():
+        for fn in (in_mode, profiled, device_mode):
+            assert _dispatched(fn, monkeypatch) == 1, fn.__name__
+    # grad mode with an input that requires grad: the operator's error, not a silent result
+    with pytest.raises(RuntimeError, match="has no gradient"):
+        run(x.clone().requires_grad_())
+    monkeypatch.setattr(lowbit.compile, "DIRECT", False)  # the switch
+    with torch.no_grad():
+        assert _dispatched(run, monkeypatch) == 1
+
+
+def test_direct_call_under_compile_stays_an_operator():
+    qdata, scale, zero, plain = _weight(32, 256, packing="plain")
+    x = torch.randn(4, 256, device=DEVICE, dtype=torch.bfloat16)
+    gm = []
+    torch._dynamo.reset()
+    fn = torch.compile(
+        lambda x: int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain"),
+        fullgraph=True,
+        backend=lambda g, _: gm.append(g) or g.forward,
+    )
+    torch.testing.assert_close(fn(x), ref.int4_linear(x, plain, scale, zero, 128), rtol=2e-2, atol=2e-2)
+    assert any("int4_mm_triton" in str(n.target) for n in gm[0].graph.nodes)
+
+
+# ----------------------------------------------------------------------------- launch plans (GPU)
+@pytest.fixture
+def fresh_plans(monkeypatch):
+    monkeypatch.setattr(int4_mod, "_PLANS", {})
+    monkeypatch.setattr(_utils, "_plan_checks", [0])
+    monkeypatch.setattr(_utils, "PLANS", True)
+    return int4_mod._PLANS
+
+
+def _slow(x, qdata, scale, zero, packing, monkeypatch):
+    with monkeypatch.context() as mp:
+        mp.setattr(_utils, "PLANS", False)
+        return int4_mod.int4_mm(x, qdata, scale, zero, 128, packing)
+
+
+@cuda_only
+@pytest.mark.parametrize("packing", ["plain", "tiled"])
+@pytest.mark.parametrize("m", [1, 5, 8, 16, 33, 128, 256])
+def test_a_plan_launches_what_triton_launches(m, packing, fresh_plans, monkeypatch):
+    qdata, scale, zero, plain = _weight(1024, 2048, seed=m, packing=packing)
+    for _i in range(3):  # Triton's launch (makes the plan), then the plan twice
+        x = torch.randn(m, 2048, device=DEVICE, dtype=torch.bfloat16)
+        got = int4_mod.int4_mm(x, qdata, scale, zero, 128, packing)
+        assert len(fresh_plans) == 1
+        torch.testing.assert_close(got, _slow(x, qdata, scale, zero, packing, monkeypatch), rtol=0, atol=0)
+        torch.testing.assert_close(got, ref.int4_linear(x, plain, scale, zero, 128), rtol=1e-2, atol=1e-2)
+
+
+@cuda_only
+def test_plans_are_per_weight_shape_and_alignment(fresh_plans, monkeypatch):
+    ws = [_weight(512, 1024, seed=s) for s in (1, 2)]
+    buf = torch.randn(40 * 1024 + 8, device=DEVICE, dtype=torch.bfloat16)
+    # M = 4 and 40, x 16-byte aligned and one element off (contiguous views of one buffer)
+    xs = [buf[i : i + m * 1024].view(m, 1024) for m in (4, 40) for i in (0, 1)]
+    for _ in range(2):  # interleaved: each key its own plan
+        for qdata, scale, zero, _plain in ws:
+            for x in xs:
+                got = int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")
+                torch.testing.assert_close(got, _slow(x, qdata, scale, zero, "plain", monkeypatch), rtol=0, atol=0)
+    # per weight: M = 40 aligned and not (Triton specializes on alignment), M = 4 aligned; x one
+    # element off at M <= 8 is copied to an aligned buffer (the GEMV tile's vector loads), no plan
+    assert len(fresh_plans) == 6
+
+
+@cuda_only
+def test_plans_on_another_stream_and_in_a_cuda_graph(fresh_plans, monkeypatch):
+    qdata, scale, zero, plain = _weight(1000, 2048, seed=3)
+    x = torch.randn(2, 2048, device=DEVICE, dtype=torch.bfloat16)
+    int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")
+    assert len(fresh_plans) == 1
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        outs = [int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain") for _ in range(10)]
+    torch.cuda.current_stream().wait_stream(stream)
+    want = _slow(x, qdata, scale, zero, "plain", monkeypatch)
+    for o in outs:
+        torch.testing.assert_close(o, want, rtol=0, atol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(out, _slow(x, qdata, scale, zero, "plain", monkeypatch), rtol=0, atol=0)
+
+
+@cuda_only
+def test_a_plan_that_does_not_reproduce_triton_turns_plans_off(fresh_plans, monkeypatch):
+    qdata, scale, zero, _ = _weight(256, 1024, seed=4)
+    x = torch.randn(3, 1024, device=DEVICE, dtype=torch.bfloat16)
+    monkeypatch.setattr(_utils.LaunchPlan, "__call__", lambda self, *t: None)  # a launch that does nothing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")
+    assert not _utils.PLANS and not fresh_plans
+    assert any("launch plans are off" in str(w.message) for w in caught)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, _slow(x, qdata, scale, zero, "plain", monkeypatch), rtol=0, atol=0)
