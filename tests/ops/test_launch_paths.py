@@ -14,7 +14,7 @@ import pytest
 
 import lowbit.compile
 from lowbit.ops import reference as ref
-from lowbit.ops.triton import _utils
+from lowbit.ops.triton import _int4_gemv, _utils
 from lowbit.ops.triton import int4 as int4_mod
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,6 +102,7 @@ def test_direct_call_under_compile_stays_an_operator():
 # ----------------------------------------------------------------------------- launch plans (GPU)
 @pytest.fixture
 def fresh_plans(monkeypatch):
+    monkeypatch.setattr(_int4_gemv, "_GLU_PLANS", {})
     monkeypatch.setattr(int4_mod, "_PLANS", {})
     monkeypatch.setattr(_utils, "_plan_checks", [0])
     monkeypatch.setattr(_utils, "PLANS", True)
@@ -178,3 +179,19 @@ def test_a_plan_that_does_not_reproduce_triton_turns_plans_off(fresh_plans, monk
     assert any("launch plans are off" in str(w.message) for w in caught)
     monkeypatch.undo()
     torch.testing.assert_close(got, _slow(x, qdata, scale, zero, "plain", monkeypatch), rtol=0, atol=0)
+
+
+@cuda_only
+@pytest.mark.parametrize("packing", ["plain", "tiled"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_a_glu_plan_launches_what_triton_launches(m, packing, fresh_plans, monkeypatch):
+    qdata, scale, zero, plain = _weight(2 * 768, 1024, seed=m, packing=packing)  # [gate; up]
+    for _ in range(3):  # Triton's launch (makes the plan), then the plan twice
+        x = torch.randn(m, 1024, device=DEVICE, dtype=torch.bfloat16)
+        got = _int4_gemv.int4_mm_swiglu(x, qdata, scale, zero, 128, packing)
+        assert len(_int4_gemv._GLU_PLANS) == 1
+        with monkeypatch.context() as mp:
+            mp.setattr(_utils, "PLANS", False)
+            want = _int4_gemv.int4_mm_swiglu(x, qdata, scale, zero, 128, packing)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got, ref.swiglu(ref.int4_linear(x, plain, scale, zero, 128)), rtol=2e-2, atol=2e-2)

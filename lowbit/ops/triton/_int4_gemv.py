@@ -33,16 +33,19 @@ from lowbit.ops.reference import (
     int4_tiled_fits,
     swiglu,
 )
+from lowbit.ops.triton import _utils
 from lowbit.ops.triton._utils import (
     INTERPRET,
     TUNE_CACHE,
     cfg,
     configs,
+    keep_plan,
     launcher,
     m_bucket,
     pdl_args,
     pdl_start,
     pdl_trigger,
+    plan_key,
     round_to,
     split_k_buffers,
     split_k_reduce,
@@ -455,6 +458,15 @@ def int4_mm_swiglu(
     check_int4_args("int4_mm_swiglu", x, qdata, scale, zero, group_size, packing)
     if not swiglu_fits(m, n, k, packing, x.dtype, scale.dtype, x.device) or zero.dtype != scale.dtype:
         return swiglu(int4_mm(x, qdata, scale, zero, group_size, packing))
+    most = max(c.kwargs["SPLIT_K"] for c in _glu_kernel.configs)
+    key = plan_key(x, (qdata, scale, zero), group_size, packing, GEMM_PDL) if _utils.PLANS and x.is_cuda else None
+    plan = _GLU_PLANS.get(key) if key is not None else None
+    if plan is not None:  # (its key pins what the launch below would copy: nothing)
+        y = torch.empty(m, n // 2, device=x.device, dtype=x.dtype)
+        plan(x, qdata, scale, zero, y, *split_k_buffers(x.device, m, n, most))
+        return y
+    plain = all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (x, qdata)) and scale.is_contiguous()
+    plain = plain and zero.is_contiguous()
     x, qdata = (
         t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
         for t in (x, qdata)
@@ -462,14 +474,19 @@ def int4_mm_swiglu(
     scale, zero = scale.contiguous(), zero.contiguous()
     nh = n // 2
     y = torch.empty(m, nh, device=x.device, dtype=x.dtype)
-    most = max(c.kwargs["SPLIT_K"] for c in _glu_kernel.configs)
     ws, cnt = split_k_buffers(x.device, m, n, most)
-    _glu_kernel[lambda meta: (triton.cdiv(nh, 16), meta["SPLIT_K"])](
-        x, qdata, scale, zero, y, ws, cnt, m, n, k, nh, m_bucket(m), x.stride(0), y.stride(0), qdata.stride(0),
-        scale.stride(0), GS=group_size, ASM=x.is_cuda and not INTERPRET, TILED=int(packing == "tiled"),
-        **pdl_args(x.device, GEMM_PDL),
-    )  # fmt: skip
+    grid = lambda meta: (triton.cdiv(nh, 16), meta["SPLIT_K"])  # noqa: E731
+    args = (x, qdata, scale, zero, y, ws, cnt, m, n, k, nh, m_bucket(m), x.stride(0), y.stride(0), qdata.stride(0),
+            scale.stride(0))  # fmt: skip
+    kw = dict(GS=group_size, ASM=x.is_cuda and not INTERPRET, TILED=int(packing == "tiled"),
+              **pdl_args(x.device, GEMM_PDL))  # fmt: skip
+    compiled = _glu_kernel[grid](*args, **kw)
+    if key is not None and plain:
+        keep_plan(_GLU_PLANS, key, compiled, _glu_kernel, grid, args, kw, 7)
     return y
+
+
+_GLU_PLANS: dict = {}  # eager launch plans of _glu_kernel (``_utils.LaunchPlan``)
 
 
 # ----------------------------------------------------------------------------- + residual, RMSNorm

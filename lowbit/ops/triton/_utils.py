@@ -355,22 +355,38 @@ class LaunchPlan:
         self.launch(*tensors, *self.tail, stream=torch._C._cuda_getCurrentRawStream(tensors[0].device.index))
 
 
-def plan_checked(plan: LaunchPlan, tensors: tuple, out: torch.Tensor, fresh: torch.Tensor) -> bool:
-    """Whether ``plan`` may be kept: true once PLAN_CHECKS plans have matched; before that, the
-    plan is launched into ``fresh`` (``tensors`` with the output replaced) and must reproduce
-    ``out`` bitwise (a Triton whose launch convention differs turns plans off)."""
-    global PLANS
-    if _plan_checks[0] >= PLAN_CHECKS:
-        return True
-    plan(*tensors)
-    if not torch.equal(out, fresh):
-        PLANS = False
-        import warnings
+def plan_key(x: torch.Tensor, weights: tuple, *switches) -> tuple:
+    """A launch plan's key: x's shape, strides, dtype, device and 16-byte alignment; each weight
+    tensor's address, shape, strides and dtype (a later tensor at the same address and layout
+    launches the same way); the launcher's switches (and PDL)."""
+    return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
+            *[(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in weights], *switches, PDL)  # fmt: skip
 
-        warnings.warn("lowbit: a direct Triton launch did not match Triton's own; launch plans are off", stacklevel=3)
-        return False
-    _plan_checks[0] += 1
-    return True
+
+def keep_plan(plans: dict, key: tuple, compiled, kernel, grid, args: tuple, kw: dict, n_tensors: int, **extra):
+    """After ``compiled = kernel[grid](*args, **kw)`` (``kernel`` autotuned, its first ``n_tensors``
+    arguments the call's tensors, the output at index 4): keep a plan of that launch for ``key``.
+    Not inside a CUDA-graph capture. While plans are new (the first PLAN_CHECKS of a process) the
+    plan is launched once more into a fresh output and must match bitwise, else plans turn off."""
+    global PLANS
+    if torch.cuda.is_current_stream_capturing():
+        return
+    plan = LaunchPlan(compiled, kernel.fn, grid, args, {**kw, **kernel.best_config.all_kwargs()}, n_tensors, **extra)
+    if _plan_checks[0] < PLAN_CHECKS:
+        fresh = torch.empty_like(args[4])
+        plan(*args[:4], fresh, *args[5:n_tensors])
+        if not torch.equal(args[4], fresh):
+            PLANS = False
+            import warnings
+
+            warnings.warn(
+                "lowbit: a direct Triton launch did not match Triton's own; launch plans are off", stacklevel=3
+            )
+            return
+        _plan_checks[0] += 1
+    if len(plans) >= PLANS_MAX:
+        plans.clear()
+    plans[key] = plan
 
 
 def chunked_dequant_mm(x: torch.Tensor, n: int, rows: int, fill) -> torch.Tensor:

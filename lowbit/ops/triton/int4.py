@@ -66,20 +66,19 @@ from lowbit.ops.triton._utils import (
     AUTOTUNE,
     INTERPRET,
     MAX_WORKSPACE,
-    PLANS_MAX,
     TUNE_CACHE,
-    LaunchPlan,
     cfg,
     chunked_dequant_mm,
     configs,
     dot_acc,
+    keep_plan,
     launcher,
     m_bucket,
     num_sms,
     pdl_args,
     pdl_start,
     pdl_trigger,
-    plan_checked,
+    plan_key,
     round_to,
     split_k_buffers,
     split_k_reduce,
@@ -619,7 +618,8 @@ def int4_mm(
     key = None
     if _utils.PLANS and x.is_cuda:  # (the fixed config's split is a per-call choice: in the key)
         split = 0 if AUTOTUNE else _split_k(m, n, k, group_size, num_sms(x.device))
-        key = _plan_key(x, qdata, scale, zero, group_size, packing, split)
+        switches = (group_size, packing, GEMM_SWAP, GEMV_MAX_M, SZ_WORDS, GEMM_PDL, split)
+        key = plan_key(x, (qdata, scale, zero), *switches)
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:  # (its key pins the branches below: the qparam words, no copies)
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -666,34 +666,10 @@ def int4_mm(
               QDT=_TL_DTYPES[scale.dtype] if use_words else None, **fixed, **pdl_args(x.device, GEMM_PDL),
               TILED=tiled, GEMV_MAX=GEMV_MAX_M)  # fmt: skip
     compiled = _gemm_kernel[grid](*args, **kw)
-    if key is not None and use_words and plain_x and not torch.cuda.is_current_stream_capturing():
-        _keep_plan(key, compiled, grid, args, {**kw, **_gemm_kernel.best_config.all_kwargs()}, most)
+    if key is not None and use_words and plain_x:  # (a plan's call takes the words and x as they come)
+        keep_plan(_PLANS, key, compiled, _gemm_kernel, grid, args, kw, 7, most=most)
     return y
 
 
-# eager launch plans of _gemm_kernel (``_utils.LaunchPlan``), by ``_plan_key``
+# eager launch plans of _gemm_kernel (``_utils.LaunchPlan``), by ``_utils.plan_key``
 _PLANS: dict = {}
-
-
-def _plan_key(x, qdata, scale, zero, group_size: int, packing: str, split: int) -> tuple:
-    """Everything a GEMM launch of ``int4_mm`` depends on besides the tuned config (fixed per
-    M bucket, N, K once tuned) and the tensors' contents: shapes, strides, dtypes, device,
-    alignments and the weight's addresses (a later tensor at the same address with the same
-    key launches identically), the module switches, the fixed config's split."""
-    return (
-        x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, qdata.data_ptr(), qdata.shape, qdata.stride(),
-        scale.data_ptr(), zero.data_ptr(), scale.shape, scale.stride(), zero.stride(), scale.dtype, zero.dtype,
-        group_size, packing, GEMM_SWAP, GEMV_MAX_M, SZ_WORDS, GEMM_PDL, _utils.PDL, split,
-    )  # fmt: skip
-
-
-def _keep_plan(key: tuple, compiled, grid, args: tuple, kw: dict, most: int) -> None:
-    """Keep a plan for ``key`` made from the launch that just ran (checked against it while
-    plans are new, ``_utils.plan_checked``)."""
-    plan = LaunchPlan(compiled, _gemm_kernel.fn, grid, args, kw, 7, most=most)
-    fresh = torch.empty_like(args[4])
-    ws, cnt = split_k_buffers(args[0].device, *fresh.shape, most)
-    if plan_checked(plan, (*args[:4], fresh, ws, cnt), args[4], fresh):
-        if len(_PLANS) >= PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[key] = plan
