@@ -15,8 +15,9 @@ input gradient from the dequantized weight); a small Autograd kernel raises if o
 is called on a tensor that requires grad. They never return an input or a view
 of one.
 
-``kernel_op`` returns a function, not the operator: in plain eager use (not under Dynamo, no
-dispatch or function mode active, no profiler running, x a plain tensor, nothing requiring
+``kernel_op`` returns a function, not the operator: in plain eager use (x, the first positional
+argument, a plain CPU or CUDA tensor; not under Dynamo, functorch transforms, torch.jit.trace or
+functionalization; no dispatch or function mode active, no profiler running; nothing requiring
 grad while grad mode is on) it calls the launcher itself, skipping the dispatcher's round trip; anything else
 calls the operator. ``LOWBIT_DIRECT_OPS=0`` always calls the operator.
 """
@@ -66,12 +67,17 @@ def kernel_op(name: str, *, fake: Callable) -> Callable:
         def call(*args, **kwargs):
             if (
                 DIRECT
+                and args
                 and not torch.compiler.is_compiling()
                 and type(args[0]) is torch.Tensor
+                and args[0].device.type in ("cpu", "cuda")  # (meta tensors: the fake)
                 and not torch._C._len_torch_dispatch_stack()
                 and not torch._C._is_torch_function_mode_enabled()
+                and not torch._C._are_functorch_transforms_active()  # (vmap, grad, functionalize)
+                and torch._C._get_tracing_state() is None  # (torch.jit.trace records the operator)
                 and not torch.autograd._profiler_enabled()  # (profiles name the operator)
-                and not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
+                and not torch._is_functional_tensor(args[0])
+                and not (torch.is_grad_enabled() and any(_needs_grad(a) for a in (*args, *kwargs.values())))
             ):
                 return fn(*args, **kwargs)
             return call.op(*args, **kwargs)
@@ -80,6 +86,10 @@ def kernel_op(name: str, *, fake: Callable) -> Callable:
         return call
 
     return register
+
+
+def _needs_grad(a) -> bool:
+    return isinstance(a, torch.Tensor) and a.requires_grad
 
 
 def linear_out_fake(x: torch.Tensor, qdata: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -85,6 +85,22 @@ def test_the_operator_runs_wherever_the_direct_call_would_hide_it(monkeypatch):
         assert _dispatched(run, monkeypatch) == 1
 
 
+def test_direct_call_steps_aside_for_transforms_tracers_meta_and_keywords(monkeypatch):
+    qdata, scale, zero, plain = _weight(16, 128, packing="plain")
+    xs = torch.randn(3, 2, 128, device=DEVICE, dtype=torch.bfloat16)
+    run = lambda x: int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")  # noqa: E731
+    with torch.no_grad():
+        want = torch.stack([run(x) for x in xs])
+        torch.testing.assert_close(torch.vmap(run)(xs), want, rtol=0, atol=0)  # the batching rule of the operator
+        meta = int4_mod.int4_mm(xs[0].to("meta"), qdata.to("meta"), scale.to("meta"), zero.to("meta"), 128, "plain")
+        assert meta.device.type == "meta" and meta.shape == (2, 16)  # the fake
+        by_name = dict(x=xs[0], qdata=qdata, scale=scale, zero=zero, group_size=128, packing="plain")
+        torch.testing.assert_close(int4_mod.int4_mm(**by_name), want[0], rtol=0, atol=0)
+        assert _dispatched(lambda: torch.jit.trace(run, xs[0], check_trace=False), monkeypatch) == 1
+    with pytest.raises(RuntimeError, match="has no gradient"):  # a keyword tensor that requires grad
+        int4_mod.int4_mm(**{**by_name, "scale": scale.clone().requires_grad_()})
+
+
 def test_direct_call_under_compile_stays_an_operator():
     qdata, scale, zero, plain = _weight(32, 256, packing="plain")
     x = torch.randn(4, 256, device=DEVICE, dtype=torch.bfloat16)
@@ -115,15 +131,22 @@ def _slow(x, qdata, scale, zero, packing, monkeypatch):
         return int4_mod.int4_mm(x, qdata, scale, zero, 128, packing)
 
 
+def _count_plan_launches(monkeypatch) -> list:
+    launches, real = [], _utils.LaunchPlan.__call__
+    monkeypatch.setattr(_utils.LaunchPlan, "__call__", lambda self, *t: launches.append(1) or real(self, *t))
+    return launches
+
+
 @cuda_only
 @pytest.mark.parametrize("packing", ["plain", "tiled"])
 @pytest.mark.parametrize("m", [1, 5, 8, 16, 33, 128, 256])
 def test_a_plan_launches_what_triton_launches(m, packing, fresh_plans, monkeypatch):
     qdata, scale, zero, plain = _weight(1024, 2048, seed=m, packing=packing)
-    for _i in range(3):  # Triton's launch (makes the plan), then the plan twice
+    launches = _count_plan_launches(monkeypatch)
+    for i in range(3):  # Triton's launch (makes the plan, launched once to check it), then the plan twice
         x = torch.randn(m, 2048, device=DEVICE, dtype=torch.bfloat16)
         got = int4_mod.int4_mm(x, qdata, scale, zero, 128, packing)
-        assert len(fresh_plans) == 1
+        assert len(fresh_plans) == 1 and len(launches) == i + 1
         torch.testing.assert_close(got, _slow(x, qdata, scale, zero, packing, monkeypatch), rtol=0, atol=0)
         torch.testing.assert_close(got, ref.int4_linear(x, plain, scale, zero, 128), rtol=1e-2, atol=1e-2)
 
@@ -158,13 +181,19 @@ def test_plans_on_another_stream_and_in_a_cuda_graph(fresh_plans, monkeypatch):
     want = _slow(x, qdata, scale, zero, "plain", monkeypatch)
     for o in outs:
         torch.testing.assert_close(o, want, rtol=0, atol=0)
+    x5 = torch.randn(5, 2048, device=DEVICE, dtype=torch.bfloat16)
+    _slow(x5, qdata, scale, zero, "plain", monkeypatch)  # (compiled and tuned outside the capture)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")
+        out = int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")  # a plan
+        out5 = int4_mod.int4_mm(x5, qdata, scale, zero, 128, "plain")  # Triton's launch; no plan made inside
+    assert len(fresh_plans) == 1
     for _ in range(3):
         x.copy_(torch.randn_like(x))
+        x5.copy_(torch.randn_like(x5))
         graph.replay()
         torch.testing.assert_close(out, _slow(x, qdata, scale, zero, "plain", monkeypatch), rtol=0, atol=0)
+        torch.testing.assert_close(out5, _slow(x5, qdata, scale, zero, "plain", monkeypatch), rtol=0, atol=0)
 
 
 @cuda_only
@@ -186,10 +215,13 @@ def test_a_plan_that_does_not_reproduce_triton_turns_plans_off(fresh_plans, monk
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_a_glu_plan_launches_what_triton_launches(m, packing, fresh_plans, monkeypatch):
     qdata, scale, zero, plain = _weight(2 * 768, 1024, seed=m, packing=packing)  # [gate; up]
-    for _ in range(3):  # Triton's launch (makes the plan), then the plan twice
-        x = torch.randn(m, 1024, device=DEVICE, dtype=torch.bfloat16)
+    launches = _count_plan_launches(monkeypatch)
+    buf = torch.randn(m * 1024 + 1, device=DEVICE, dtype=torch.bfloat16)
+    for i in range(4):  # Triton's launch (makes the plan, launched once to check it), the plan twice,
+        # then x one element off (the tile's 16-byte loads take an aligned copy: no plan)
+        x = torch.randn(m, 1024, device=DEVICE, dtype=torch.bfloat16) if i < 3 else buf[1:].view(m, 1024)
         got = _int4_gemv.int4_mm_swiglu(x, qdata, scale, zero, 128, packing)
-        assert len(_int4_gemv._GLU_PLANS) == 1
+        assert len(_int4_gemv._GLU_PLANS) == 1 and len(launches) == min(i + 1, 3)
         with monkeypatch.context() as mp:
             mp.setattr(_utils, "PLANS", False)
             want = _int4_gemv.int4_mm_swiglu(x, qdata, scale, zero, 128, packing)
