@@ -9,7 +9,9 @@ Per variant and input shape (batch x tokens; ``use_cache=False``, logits of the 
 * ``issue_ms``: the host's time to issue one forward while the GPU sleeps (no sync), median of 10;
 * ``gpu_ms``: the forward's GPU time with the host issuing ahead (events after a GPU sleep), median.
 
-When ``issue_ms`` is above ``gpu_ms`` the eager forward is host-bound. ``--profile`` adds a
+When ``issue_ms`` is above ``gpu_ms`` the eager forward is host-bound. A forward that waits for
+the GPU part-way reads the sleep in both (on the H100 runs of session 24 Transformers' mask
+code did, with ``use_cache=False``: ~280 ms); then only ``wall_ms`` means anything. ``--profile`` adds a
 cProfile of one issued forward per (variant, shape), top 30 by own time; ``--kernels`` the top
 ops of one forward by GPU time (``e2e_profile.profile_forward``). ``--pieces``: instead,
 the host cost of one eager int4 linear (4096 x 4096, M = 1 and 16) layer by layer: bf16

@@ -169,11 +169,11 @@ class Int4Tensor(QTensor):
     def add_rmsnorm_max_tokens(self) -> int:
         if self.packing not in ("plain", "tiled") or resolve(self._device) != "triton":
             return 0
-        from lowbit.ops.triton._int4_gemv import NORM_MAX_M, add_rmsnorm_fits, swiglu_max_m
+        from lowbit.ops.triton._int4_gemv import add_rmsnorm_fits, norm_max_m
 
         n, k = self._size
         fits = add_rmsnorm_fits(1, n, k, self.packing, self.dtype, self.scale.dtype, self._device)
-        return min(NORM_MAX_M, swiglu_max_m()) if fits else 0
+        return norm_max_m() if fits else 0
 
     # ------------------------------------------------------------------ slicing
     def slice_rows(self, start: int, end: int) -> Int4Tensor:

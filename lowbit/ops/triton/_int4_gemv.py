@@ -458,20 +458,16 @@ def int4_mm_swiglu(
     check_int4_args("int4_mm_swiglu", x, qdata, scale, zero, group_size, packing)
     if not swiglu_fits(m, n, k, packing, x.dtype, scale.dtype, x.device) or zero.dtype != scale.dtype:
         return swiglu(int4_mm(x, qdata, scale, zero, group_size, packing))
-    most = max(c.kwargs["SPLIT_K"] for c in _glu_kernel.configs)
     key = plan_key(x, (qdata, scale, zero), group_size, packing, GEMM_PDL) if _utils.PLANS and x.is_cuda else None
     plan = _GLU_PLANS.get(key) if key is not None else None
     if plan is not None:  # (its key pins what the launch below would copy: nothing)
         y = torch.empty(m, n // 2, device=x.device, dtype=x.dtype)
-        plan(x, qdata, scale, zero, y, *split_k_buffers(x.device, m, n, most))
+        plan(x, qdata, scale, zero, y, *split_k_buffers(x.device, m, n, plan.extra["most"]))
         return y
-    plain = all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (x, qdata)) and scale.is_contiguous()
-    plain = plain and zero.is_contiguous()
-    x, qdata = (
-        t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
-        for t in (x, qdata)
-    )  # fmt: skip  (the tile reads x and the codes as 16-byte vectors)
+    x, qdata, copied = _aligned(x, qdata)
+    plain = not copied and scale.is_contiguous() and zero.is_contiguous()
     scale, zero = scale.contiguous(), zero.contiguous()
+    most = max(c.kwargs["SPLIT_K"] for c in _glu_kernel.configs)
     nh = n // 2
     y = torch.empty(m, nh, device=x.device, dtype=x.dtype)
     ws, cnt = split_k_buffers(x.device, m, n, most)
@@ -482,8 +478,16 @@ def int4_mm_swiglu(
               **pdl_args(x.device, GEMM_PDL))  # fmt: skip
     compiled = _glu_kernel[grid](*args, **kw)
     if key is not None and plain:
-        keep_plan(_GLU_PLANS, key, compiled, _glu_kernel, grid, args, kw, 7)
+        keep_plan(_GLU_PLANS, key, compiled, _glu_kernel, grid, args, kw, 7, most=most)
     return y
+
+
+def _aligned(x: torch.Tensor, qdata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(x, qdata, whether either was copied): contiguous and 16-byte aligned, copied where not (the
+    fused tiles read x and the codes as 16-byte vectors)."""
+    ok = [t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (x, qdata)]
+    x, qdata = (t if good else t.clone(memory_format=torch.contiguous_format) for t, good in zip((x, qdata), ok))
+    return x, qdata, not all(ok)
 
 
 _GLU_PLANS: dict = {}  # eager launch plans of _glu_kernel (``_utils.LaunchPlan``)
@@ -539,12 +543,20 @@ NORM_MAX_N = 16384
 NORM_MAX_M = 2
 
 
+def norm_max_m() -> int:
+    """The most tokens the fused norm tile serves: NORM_MAX_M, 0 with the GEMV tile off."""
+    return min(NORM_MAX_M, swiglu_max_m())
+
+
 def add_rmsnorm_fits(m: int, n: int, k: int, packing: str, x_dtype, qparam_dtype, device: torch.device) -> bool:
     """Whether ``int4_mm_add_rmsnorm`` runs the fused tile: as ``swiglu_fits`` (16-bit x with
     qparams of its dtype, a GPU or the interpreter, "plain" or "tiled" codes, K % 32 == 0), M <=
     NORM_MAX_M and N <= NORM_MAX_N."""
-    max_m = min(NORM_MAX_M, swiglu_max_m())
-    return _tile_fits(m, max_m, k, x_dtype, qparam_dtype, device) and packing in ("plain", "tiled") and n <= NORM_MAX_N
+    return (
+        _tile_fits(m, norm_max_m(), k, x_dtype, qparam_dtype, device)
+        and packing in ("plain", "tiled")
+        and n <= NORM_MAX_N
+    )
 
 
 def _add_rmsnorm_fake(x: torch.Tensor, qdata: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -587,10 +599,7 @@ def _add_rmsnorm_tile(x, qdata, scale, zero, group_size, residual, norm_weight, 
     m, k = x.shape
     n = qdata.shape[0]
     check_int4_args("int4_mm_add_rmsnorm", x, qdata, scale, zero, group_size, packing)
-    x, qdata = (
-        t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
-        for t in (x, qdata)
-    )  # fmt: skip  (the tile reads x and the codes as 16-byte vectors)
+    x, qdata, _ = _aligned(x, qdata)
     scale, zero, residual, norm_weight = (t.contiguous() for t in (scale, zero, residual, norm_weight))
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     normed = torch.empty(m, n, device=x.device, dtype=x.dtype)
