@@ -20,12 +20,20 @@ launch with the launcher's recorded arguments; the tuned config's ``JITFunction`
 the launch plans (``_utils.LaunchPlan``) and the direct op calls (``lowbit.compile``) on and off. Variants:
 ``bf16``, ``lowbit_int4`` (every linear and the head), ``lowbit_int4_fused`` (the same after
 ``lowbit.fuse_projections_``). Writes ``<device>-eager-probe.json``.
+
+``--prompt``: the step loop's prompt call instead (``e2e.step_loop_decode``: a static cache, reset
+before each call, and ``cache_position``); its rows add ``returned_ms`` (until the forward returned,
+no sync), ``layer_host_ms`` (host time per decoder layer, from pre-hooks), ``linears_host_ms`` (host
+time inside the ``nn.Linear`` / ``FusedLinear`` forwards, per forward), ``gpu_busy_ms`` (the sum of
+the forward's kernel times, profiled) and ``gc_per_10`` (Python's GC passes in the 10 timed
+forwards; ``--gc`` freezes or disables it); with ``--profile`` also the host time by op.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import os
@@ -45,21 +53,54 @@ from e2e_profile import profile_forward, sleep_cycles_per_s  # noqa: E402
 from kernels import device_tag, env, log  # noqa: E402
 
 
-def measure(model, ids, cycles: float, profile: bool) -> dict:
-    def fwd():
-        return model(ids, use_cache=False, logits_to_keep=1)
+def measure(model, ids, cycles: float, profile: bool, prompt: bool = False) -> dict:
+    if prompt:  # the step loop's prompt: a static cache, as e2e.step_loop_decode runs it
+        cache = e2e.static_cache(model, ids.shape[0], ids.shape[1] + 256)
+        pos = torch.arange(ids.shape[1], device=ids.device)
+
+        def fwd():
+            return model(ids, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1)
+
+        def prep():  # (the cache counts the tokens it was given: without a reset the 17th call overflows)
+            cache.reset()
+            torch.cuda.synchronize()
+
+    else:
+
+        def fwd():
+            return model(ids, use_cache=False, logits_to_keep=1)
+
+        def prep():
+            pass
 
     for _ in range(3):
+        prep()
         fwd()
     torch.cuda.synchronize()
     wall, issue, gpu = [], [], []
+    gc_before = [g["collections"] for g in gc.get_stats()]
+    returned, layer_host = [], []
+    layers = model.model.layers
+    stamps: list[float] = []
+    hooks = (
+        [m.register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter())) for m in layers] if prompt else []
+    )
     for _ in range(10):
+        stamps.clear()
+        prep()
         t0 = time.perf_counter()
         fwd()
+        returned.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
         wall.append(time.perf_counter() - t0)
+        if len(stamps) > 1:  # host time per decoder layer (from one layer's start to the next's)
+            layer_host.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+    for h in hooks:
+        h.remove()
+    gc_runs = [g["collections"] - b for g, b in zip(gc.get_stats(), gc_before)]  # per generation, 10 forwards
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
     for _ in range(10):
+        prep()
         torch.cuda.synchronize()
         torch.cuda._sleep(int(0.3 * cycles))  # 300 ms: the host issues the forward well ahead
         ev[0].record()
@@ -70,9 +111,52 @@ def measure(model, ids, cycles: float, profile: bool) -> dict:
         ev[1].synchronize()
         gpu.append(ev[0].elapsed_time(ev[1]) / 1e3)
     row = {
-        k: round(statistics.median(v) * 1e3, 3) for k, v in (("wall_ms", wall), ("issue_ms", issue), ("gpu_ms", gpu))
+        k: round(statistics.median(v) * 1e3, 3)
+        for k, v in (("wall_ms", wall), ("issue_ms", issue), ("gpu_ms", gpu))
+        if v
     }
+    if prompt:
+        # until the forward returned (no sync; the GPU was idle at its start) and per decoder layer:
+        # when these are close to wall_ms the forward is bound by host work
+        row["returned_ms"] = round(statistics.median(returned) * 1e3, 3)
+        row["layer_host_ms"] = round(statistics.median(layer_host) * 1e3, 3)
+        row["gc_per_10"] = gc_runs  # Python's cyclic collections during the 10 timed forwards (gen 0, 1, 2)
+    if prompt:  # host time inside the linears' forwards (nn.Linear and lowbit's FusedLinear), per forward
+        classes = [torch.nn.Linear] + [c for c in (getattr(sys.modules.get("lowbit.fuse"), "FusedLinear", None),) if c]
+        spent = [0.0]
+
+        def timed(orig):
+            def forward(self, x):
+                t = time.perf_counter()
+                out = orig(self, x)
+                spent[0] += time.perf_counter() - t
+                return out
+
+            return forward
+
+        saved = [c.__dict__["forward"] for c in classes]
+        for c, f in zip(classes, saved):
+            c.forward = timed(f)
+        try:
+            for _ in range(10):
+                prep()
+                fwd()
+                torch.cuda.synchronize()
+        finally:
+            for c, f in zip(classes, saved):
+                c.forward = f
+        row["linears_host_ms"] = round(spent[0] / 10 * 1e3, 3)
+    if prompt:  # GPU busy time of one forward: the sum of its kernels' times (profiled)
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as tprofile
+
+        prep()
+        with tprofile(activities=[ProfilerActivity.CUDA]) as tp:
+            fwd()
+            torch.cuda.synchronize()
+        row["gpu_busy_ms"] = round(sum(e.self_device_time_total for e in tp.key_averages()) / 1e3, 3)
     if profile:
+        prep()
         torch.cuda.synchronize()
         torch.cuda._sleep(int(0.5 * cycles))
         prof = cProfile.Profile()
@@ -81,8 +165,18 @@ def measure(model, ids, cycles: float, profile: bool) -> dict:
         prof.disable()
         torch.cuda.synchronize()
         buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
         row["profile"] = buf.getvalue()
+        if prompt:  # host time by op (the profiler's own cost per op included), one forward
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as tprofile
+
+            prep()
+            with tprofile(activities=[ProfilerActivity.CPU]) as tp:
+                fwd()
+            torch.cuda.synchronize()
+            row["ops"] = tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50)
+            row["op_calls"] = sum(e.count for e in tp.key_averages())
     return row
 
 
@@ -138,6 +232,7 @@ def _pieces_at(m: int, w_bf16, w) -> dict:
             lambda: int4_mod.int4_mm.op(x, w.qdata, w.scale, w.zero, 128, w.packing)
         )
         res["lowbit op (direct)"] = per_call_us(lambda: int4_mod.int4_mm(x, w.qdata, w.scale, w.zero, 128, w.packing))
+        res.update(_plan_path_pieces(x, w))
         res["autotuner launch"] = per_call_us(lambda: kern[grid](*a, **kw))
         if best is not None:
             tuned = {**kw, **best.all_kwargs()}
@@ -145,6 +240,35 @@ def _pieces_at(m: int, w_bf16, w) -> dict:
             res["JITFunction launch"] = per_call_us(lambda: kern.fn[g](*a, **tuned))
             res["config"] = str(best)
     return res
+
+
+def _plan_path_pieces(x, w) -> dict:
+    """The launch-plan path of one int4 GEMM call, step by step (host us per call)."""
+    from lowbit.ops.triton import _int4_gemv, _utils
+    from lowbit.ops.triton import int4 as int4_mod
+
+    op = int4_mod.int4_mm
+    args = (x, w.qdata, w.scale, w.zero, 128, w.packing)
+    m, n = x.shape[0], w.qdata.shape[0]
+    plan = int4_mod._PLANS.get(int4_mod._plan_key(*args))
+    if plan is None:
+        return {"plan path": "no plan for this key"}
+    most = plan.extra["most"]
+    y = x.new_empty((m, n))
+    ws, cnt = _utils.split_k_buffers(x.device, m, n, most)
+    launch, stream = plan.launch, torch._C._cuda_getCurrentRawStream(x.get_device())
+    return {
+        "launcher run() (its lane)": per_call_us(lambda: op.__wrapped__(*args)),
+        "int4_mm body (checks, plan)": per_call_us(lambda: op.__wrapped__.__wrapped__(*args)),
+        "check_int4_args": per_call_us(lambda: _int4_gemv.check_int4_args("int4_mm", *args)),
+        "plan key": per_call_us(lambda: int4_mod._plan_key(*args)),
+        "x.new_empty(M, N)": per_call_us(lambda: x.new_empty((m, n))),
+        f"split_k_buffers (most {most})": per_call_us(lambda: _utils.split_k_buffers(x.device, m, n, most)),
+        "plan(x, y, ws, cnt)": per_call_us(lambda: plan(x, y, ws, cnt)),
+        "plan.launch(..., stream)": per_call_us(
+            lambda: launch(x, *plan.weights, y, ws, cnt, *plan.tail, stream=stream)
+        ),
+    }
 
 
 def pieces() -> list[dict]:
@@ -157,6 +281,23 @@ def pieces() -> list[dict]:
     for m in (1, 16):
         rows.append(_pieces_at(m, w_bf16, lin.weight))
         log(json.dumps(rows[-1]))
+    import torch.nn.functional as F
+
+    schemes = {  # the other schemes' eager linears, for comparison
+        "int8 weight-only": lowbit.int8_weight_only,
+        "W8A8 int8": lowbit.int8_dynamic_activation_int8_weight,
+        "fp8 W8A8": lowbit.float8_dynamic_activation_float8_weight,
+    }
+    for label, config in schemes.items():
+        other = torch.nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.bfloat16)
+        lowbit.quantize_(other, config())
+        row = dict(scheme=label)
+        with torch.no_grad():
+            for m in (1, 16):
+                x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+                row[f"QTensor F.linear M={m}"] = per_call_us(lambda: F.linear(x, other.weight))  # noqa: B023
+        rows.append(row)
+        log(json.dumps(row))
     return rows
 
 
@@ -169,6 +310,19 @@ def main():
     p.add_argument("--profile", action="store_true")
     p.add_argument("--pieces", action="store_true")
     p.add_argument("--kernels", action="store_true", help="also the top ops by GPU time of one forward per shape")
+    p.add_argument(
+        "--prompt",
+        action="store_true",
+        help="time the step loop's prompt call (a static cache and cache_position, as e2e.py runs it) "
+        "instead of a use_cache=False forward; with --profile also the host time by op",
+    )
+    p.add_argument(
+        "--gc",
+        choices=("on", "freeze", "off"),
+        default="on",
+        help="Python's cyclic garbage collector while timing: as is, with every object made before the "
+        "forwards frozen out of its passes (gc.freeze), or off",
+    )
     a = p.parse_args()
     info = env()
     log(json.dumps(info))
@@ -188,20 +342,34 @@ def main():
 
             lowbit.fuse_projections_(model)
         gen = torch.Generator().manual_seed(0)
+        gc.collect()
+        if a.gc == "freeze":
+            gc.freeze()
+        elif a.gc == "off":
+            gc.disable()
         with torch.inference_mode():
             for shp in a.shapes.split(","):
                 b, t = (int(v) for v in shp.split("x"))
                 ids = torch.randint(1, 128000, (b, t), generator=gen).cuda()
                 row = dict(
-                    variant=variant, layers=a.layers, batch=b, tokens=t, **measure(model, ids, cycles, a.profile)
+                    variant=variant,
+                    layers=a.layers,
+                    batch=b,
+                    tokens=t,
+                    gc=a.gc,
+                    **measure(model, ids, cycles, a.profile, a.prompt),
                 )
                 if a.kernels:
                     row["kernels"] = profile_forward(model, ids, torch.device("cuda"), rows=20)
                     log(f"{variant} {shp} top ops by GPU time:\n{row['kernels']}")
                 rows.append(row)
-                log(json.dumps({k: v for k, v in row.items() if k not in ("profile", "kernels")}))
+                log(json.dumps({k: v for k, v in row.items() if k not in ("profile", "kernels", "ops")}))
                 if "profile" in row:
                     log(f"{variant} {shp} cProfile of one issued forward:\n{row['profile']}")
+                if "ops" in row:
+                    log(f"{variant} {shp} host time by op ({row['op_calls']} op calls):\n{row['ops']}")
+        gc.unfreeze()
+        gc.enable()
         del model
         torch.cuda.empty_cache()
     os.makedirs(a.out, exist_ok=True)

@@ -70,7 +70,7 @@ def kernel_op(name: str, *, fake: Callable) -> Callable:
                 and args
                 and not torch.compiler.is_compiling()
                 and type(args[0]) is torch.Tensor
-                and args[0].device.type in ("cpu", "cuda")  # (meta tensors: the fake)
+                and (args[0].is_cuda or args[0].is_cpu)  # (meta tensors: the fake)
                 and not torch._C._len_torch_dispatch_stack()
                 and not torch._C._is_torch_function_mode_enabled()
                 and not torch._C._are_functorch_transforms_active()  # (vmap, grad, functionalize)

@@ -227,3 +227,83 @@ def test_a_glu_plan_launches_what_triton_launches(m, packing, fresh_plans, monke
             want = _int4_gemv.int4_mm_swiglu(x, qdata, scale, zero, 128, packing)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         torch.testing.assert_close(got, ref.swiglu(ref.int4_linear(x, plain, scale, zero, 128)), rtol=2e-2, atol=2e-2)
+
+
+def _count_checks(monkeypatch) -> list:
+    """Calls of the int4 launchers' argument checks (which a plan's lane skips)."""
+    calls, real = [], _int4_gemv.check_int4_args
+    spy = lambda *a: calls.append(a[0]) or real(*a)  # noqa: E731
+    monkeypatch.setattr(_int4_gemv, "check_int4_args", spy)
+    monkeypatch.setattr(int4_mod, "check_int4_args", spy)
+    return calls
+
+
+@cuda_only
+def test_the_lane_launches_a_kept_plan_before_the_checks(fresh_plans, monkeypatch):
+    qdata, scale, zero, plain = _weight(768, 1024, seed=5)
+    checks, launches = _count_checks(monkeypatch), _count_plan_launches(monkeypatch)
+    x = torch.randn(16, 1024, device=DEVICE, dtype=torch.bfloat16)
+    int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")  # Triton's launch, checked, plan kept
+    assert len(checks) == 1 and len(launches) == 1
+    for _ in range(2):  # the lane: no checks, no body
+        x = torch.randn(16, 1024, device=DEVICE, dtype=torch.bfloat16)
+        got = int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")
+        torch.testing.assert_close(got, _slow(x, qdata, scale, zero, "plain", monkeypatch), rtol=0, atol=0)
+    assert checks.count("int4_mm") == 3 and len(launches) == 3  # (one check per slow reference call)
+    int4_mod.int4_mm(x, qdata, scale, zero, 128, packing="plain")  # keywords: the checks, then the plan
+    assert checks.count("int4_mm") == 4 and len(launches) == 4
+    # a switch its branches read, changed: the same arguments make a new key (the lane misses)
+    with monkeypatch.context() as mp:
+        mp.setattr(int4_mod, "DEQUANT_MIN_M", 8)  # the dequantize path from M = 8: no plan
+        got = int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")
+        assert len(launches) == 4 and checks.count("int4_mm") == 5
+    torch.testing.assert_close(got, ref.int4_linear(x, plain, scale, zero, 128), rtol=1e-2, atol=1e-2)
+
+
+@cuda_only
+def test_a_plan_reads_its_weights_where_they_are(fresh_plans, monkeypatch):
+    # the plan holds the weights' addresses: new values written in place are read on the next call
+    qdata, scale, zero, _ = _weight(512, 1024, seed=6)
+    x = torch.randn(4, 1024, device=DEVICE, dtype=torch.bfloat16)
+    before = int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")
+    q2, s2, z2, plain2 = _weight(512, 1024, seed=7)
+    for dst, src in ((qdata, q2), (scale, s2), (zero, z2)):
+        dst.copy_(src)
+    got = int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")
+    assert len(fresh_plans) == 1 and not torch.equal(got, before)
+    torch.testing.assert_close(got, _slow(x, q2, s2, z2, "plain", monkeypatch), rtol=0, atol=0)
+    torch.testing.assert_close(got, ref.int4_linear(x, plain2, s2, z2, 128), rtol=1e-2, atol=1e-2)
+
+
+@cuda_only
+def test_the_glu_lane_skips_the_checks_and_misses_when_the_tile_is_off(fresh_plans, monkeypatch):
+    qdata, scale, zero, plain = _weight(2 * 512, 1024, seed=8)
+    checks = _count_checks(monkeypatch)
+    x = torch.randn(2, 1024, device=DEVICE, dtype=torch.bfloat16)
+    first = _int4_gemv.int4_mm_swiglu(x, qdata, scale, zero, 128, "plain")
+    again = _int4_gemv.int4_mm_swiglu(x, qdata, scale, zero, 128, "plain")
+    assert checks == ["int4_mm_swiglu"] and len(_int4_gemv._GLU_PLANS) == 1
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    with monkeypatch.context() as mp:  # the GEMV tile off: no fused tile, so the kept plan must not run
+        mp.setattr(int4_mod, "GEMV_MAX_M", 0)
+        got = _int4_gemv.int4_mm_swiglu(x, qdata, scale, zero, 128, "plain")
+    assert checks[:2] == ["int4_mm_swiglu", "int4_mm_swiglu"]  # (then int4_mm's, for the composed path)
+    torch.testing.assert_close(got, ref.swiglu(ref.int4_linear(x, plain, scale, zero, 128)), rtol=2e-2, atol=2e-2)
+
+
+@cuda_only
+def test_launches_that_do_not_split_share_placeholders_made_outside_captures(monkeypatch):
+    monkeypatch.setattr(_utils, "_PLACEHOLDERS", {})
+    dev = torch.device(DEVICE, torch.cuda.current_device())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # none yet: fresh ones in the capture, none cached
+        ws, cnt = _utils.split_k_buffers(dev, 4, 64, 1)
+    assert not _utils._PLACEHOLDERS and ws.dtype == torch.float32 and cnt.dtype == torch.int32
+    first = _utils.split_k_buffers(dev, 4, 64, 1)
+    assert first[0].dtype == torch.float32 and first[1].dtype == torch.int32
+    assert first[0].data_ptr() == first[1].data_ptr()  # (one int32 zero, viewed as the fp32 workspace)
+    for m, n in ((1, 8), (300, 4096)):
+        pair = _utils.split_k_buffers(dev, m, n, 1)
+        assert pair[0] is first[0] and pair[1] is first[1]
+    ws, cnt = _utils.split_k_buffers(dev, 4, 64, 2)  # a split: its own workspace
+    assert ws.shape == (2, 4, 64) and cnt.dtype == torch.int32

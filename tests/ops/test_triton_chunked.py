@@ -93,11 +93,6 @@ def test_int4_and_w8a16_dequant_paths_in_chunks(monkeypatch):
     assert (out.double() - expect).norm() / expect.norm() < 1e-2
 
 
-class _FakeStream:
-    def __init__(self, handle):
-        self.cuda_stream = handle
-
-
 def test_split_k_counters_never_come_from_a_capture(monkeypatch):
     # tile_counters' bookkeeping with CUDA faked on CPU: eager calls make a stream's buffer
     # outside any graph and keep spares; a stream first seen in a capture takes a spare and,
@@ -113,7 +108,7 @@ def test_split_k_counters_never_come_from_a_capture(monkeypatch):
     monkeypatch.setattr(_utils, "_COUNTERS", {})
     monkeypatch.setattr(_utils, "_SPARE_COUNTERS", {})
     monkeypatch.setattr(_utils, "zeros_outside_pools", outside)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream(state["stream"]))
+    monkeypatch.setattr(_utils, "current_raw_stream", lambda index: state["stream"])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
     real_zeros = torch.zeros
     monkeypatch.setattr(torch, "zeros", lambda *a, device=None, **k: real_zeros(*a, **k))

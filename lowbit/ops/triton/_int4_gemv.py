@@ -435,8 +435,22 @@ def _tile_fits(m: int, max_m: int, k: int, x_dtype, qparam_dtype, device: torch.
     )
 
 
+def _glu_key(x, qdata, scale, zero, group_size: int, packing: str) -> tuple:
+    """The GLU tile's launch-plan key: the arguments and the switches ``swiglu_fits`` and the
+    launch read."""
+    from lowbit.ops.triton.int4 import GEMM_PDL, GEMV_MAX_M
+
+    return plan_key(x, (qdata, scale, zero), group_size, packing, GEMM_PDL, GEMV_MAX_M)
+
+
+def _glu_lane(x, qdata, scale, zero, group_size, packing="plain"):
+    """``int4_mm_swiglu`` through a kept plan for these arguments, or None (``_utils.launcher``)."""
+    plan = _GLU_PLANS.get(_glu_key(x, qdata, scale, zero, group_size, packing))
+    return None if plan is None else plan.run(x, qdata.shape[0] // 2, qdata.shape[0])
+
+
 @kernel_op("int4_mm_swiglu_triton", fake=_swiglu_fake)
-@launcher("int4_mm_swiglu", (torch.uint8,))
+@launcher("int4_mm_swiglu", (torch.uint8,), lane=_glu_lane)
 def int4_mm_swiglu(
     x: torch.Tensor,
     qdata: torch.Tensor,
@@ -458,12 +472,10 @@ def int4_mm_swiglu(
     check_int4_args("int4_mm_swiglu", x, qdata, scale, zero, group_size, packing)
     if not swiglu_fits(m, n, k, packing, x.dtype, scale.dtype, x.device) or zero.dtype != scale.dtype:
         return swiglu(int4_mm(x, qdata, scale, zero, group_size, packing))
-    key = plan_key(x, (qdata, scale, zero), group_size, packing, GEMM_PDL) if _utils.PLANS and x.is_cuda else None
+    key = _glu_key(x, qdata, scale, zero, group_size, packing) if _utils.PLANS and x.is_cuda else None
     plan = _GLU_PLANS.get(key) if key is not None else None
     if plan is not None:  # (its key pins what the launch below would copy: nothing)
-        y = torch.empty(m, n // 2, device=x.device, dtype=x.dtype)
-        plan(x, qdata, scale, zero, y, *split_k_buffers(x.device, m, n, plan.extra["most"]))
-        return y
+        return plan.run(x, n // 2, n)
     x, qdata, copied = _aligned(x, qdata)
     plain = not copied and scale.is_contiguous() and zero.is_contiguous()
     scale, zero = scale.contiguous(), zero.contiguous()
@@ -478,7 +490,7 @@ def int4_mm_swiglu(
               **pdl_args(x.device, GEMM_PDL))  # fmt: skip
     compiled = _glu_kernel[grid](*args, **kw)
     if key is not None and plain:
-        keep_plan(_GLU_PLANS, key, compiled, _glu_kernel, grid, args, kw, 7, most=most)
+        keep_plan(_GLU_PLANS, key, compiled, _glu_kernel, grid, args, kw, most=most)
     return y
 
 

@@ -575,8 +575,22 @@ def _max_split(mb: int, n: int, k: int, group_size: int, swap_mode: int) -> int:
     return max(c.kwargs["SPLIT_K"] for c in space)
 
 
+def _plan_key(x, qdata, scale, zero, group_size: int, packing: str) -> tuple:
+    """The GEMM's launch-plan key: the arguments and every switch its branches read (in fixed-config
+    mode the split too, a per-call choice)."""
+    split = 0 if AUTOTUNE else _split_k(x.shape[0], qdata.shape[0], x.shape[1], group_size, num_sms(x.device))
+    switches = (group_size, packing, GEMM_SWAP, GEMV_MAX_M, SZ_WORDS, GEMM_PDL, DEQUANT_MIN_M, split)
+    return plan_key(x, (qdata, scale, zero), *switches)
+
+
+def _lane(x, qdata, scale, zero, group_size, packing="plain"):
+    """``int4_mm`` through a kept plan for these arguments, or None (``_utils.launcher``)."""
+    plan = _PLANS.get(_plan_key(x, qdata, scale, zero, group_size, packing))
+    return None if plan is None else plan.run(x, qdata.shape[0], qdata.shape[0])
+
+
 @kernel_op("int4_mm_triton", fake=linear_out_fake)
-@launcher("int4_mm", (torch.uint8,))
+@launcher("int4_mm", (torch.uint8,), lane=_lane)
 def int4_mm(
     x: torch.Tensor,
     qdata: torch.Tensor,
@@ -615,23 +629,10 @@ def int4_mm(
 
         rows = max(16, DEQUANT_ROWS - DEQUANT_ROWS % 16) if tiled else DEQUANT_ROWS  # "tiled": whole tiles
         return chunked_dequant_mm(x, n, rows, fill)
-    key = None
-    if _utils.PLANS and x.is_cuda:  # (the fixed config's split is a per-call choice: in the key)
-        split = 0 if AUTOTUNE else _split_k(m, n, k, group_size, num_sms(x.device))
-        switches = (group_size, packing, GEMM_SWAP, GEMV_MAX_M, SZ_WORDS, GEMM_PDL, split)
-        key = plan_key(x, (qdata, scale, zero), *switches)
+    key = _plan_key(x, qdata, scale, zero, group_size, packing) if _utils.PLANS and x.is_cuda else None
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:  # (its key pins the branches below: the qparam words, no copies)
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        plan(
-            x,
-            qdata,
-            scale.view(torch.int32),
-            zero.view(torch.int32),
-            y,
-            *split_k_buffers(x.device, m, n, plan.extra["most"]),
-        )
-        return y
+        return plan.run(x, n, n)
     asm = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and scale.dtype == zero.dtype == x.dtype
     sw, zw = (qparam_words(scale), qparam_words(zero)) if SZ_WORDS and scale.dtype == zero.dtype else (None, None)
     use_words = sw is not None and zw is not None and sw.stride() == zw.stride()
@@ -667,7 +668,7 @@ def int4_mm(
               TILED=tiled, GEMV_MAX=GEMV_MAX_M)  # fmt: skip
     compiled = _gemm_kernel[grid](*args, **kw)
     if key is not None and use_words and plain_x:  # (a plan's call takes the words and x as they come)
-        keep_plan(_PLANS, key, compiled, _gemm_kernel, grid, args, kw, 7, most=most)
+        keep_plan(_PLANS, key, compiled, _gemm_kernel, grid, args, kw, most=most)
     return y
 
 
