@@ -273,6 +273,10 @@ def test_a_plan_reads_its_weights_where_they_are(fresh_plans, monkeypatch):
     assert len(fresh_plans) == 1 and not torch.equal(got, before)
     torch.testing.assert_close(got, _slow(x, q2, s2, z2, "plain", monkeypatch), rtol=0, atol=0)
     torch.testing.assert_close(got, ref.int4_linear(x, plain2, s2, z2, 128), rtol=1e-2, atol=1e-2)
+    # and the same layout at other addresses is another key: its own plan, its own numbers
+    got2 = int4_mod.int4_mm(x, q2, s2, z2, 128, "plain")
+    assert len(fresh_plans) == 2
+    torch.testing.assert_close(got2, got, rtol=0, atol=0)
 
 
 @cuda_only
@@ -298,6 +302,7 @@ def test_launches_that_do_not_split_share_placeholders_made_outside_captures(mon
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):  # none yet: fresh ones in the capture, none cached
         ws, cnt = _utils.split_k_buffers(dev, 4, 64, 1)
+        torch.ones(1, device=dev).add_(1)  # (a graph with a kernel in it)
     assert not _utils._PLACEHOLDERS and ws.dtype == torch.float32 and cnt.dtype == torch.int32
     first = _utils.split_k_buffers(dev, 4, 64, 1)
     assert first[0].dtype == torch.float32 and first[1].dtype == torch.int32
@@ -307,3 +312,27 @@ def test_launches_that_do_not_split_share_placeholders_made_outside_captures(mon
         assert pair[0] is first[0] and pair[1] is first[1]
     ws, cnt = _utils.split_k_buffers(dev, 4, 64, 2)  # a split: its own workspace
     assert ws.shape == (2, 4, 64) and cnt.dtype == torch.int32
+
+
+@cuda_only
+def test_the_lane_leaves_bad_shapes_to_the_checks(fresh_plans, monkeypatch):
+    monkeypatch.setattr(int4_mod, "AUTOTUNE", False)  # (the fixed config's key reads x's shape)
+    qdata, scale, zero, _ = _weight(64, 256)
+    for bad in (torch.randn(256, device=DEVICE, dtype=torch.bfloat16), torch.randn(2, 2, 256, device=DEVICE)):
+        with pytest.raises(ValueError, match="2-D floating tensor"):
+            int4_mod.int4_mm(bad, qdata, scale, zero, 128, "plain")
+    x = torch.randn(4, 256, device=DEVICE, dtype=torch.bfloat16)
+    for gs in (0, 48, None):  # (the fixed config's key would divide by it)
+        with pytest.raises(ValueError, match="group_size"):
+            int4_mod.int4_mm(x, qdata, scale, zero, gs, "plain")
+
+
+@cuda_only
+def test_a_plan_is_not_used_past_the_launchers_size_limit(fresh_plans, monkeypatch):
+    qdata, scale, zero, _ = _weight(64, 256)
+    x = torch.randn(8, 256, device=DEVICE, dtype=torch.bfloat16)
+    int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")
+    assert len(fresh_plans) == 1
+    monkeypatch.setattr(_utils, "MAX_ELEMENTS", 1000)  # the weight (64 x 128 bytes) is now refused
+    with pytest.raises(ValueError, match="more than 1000 elements"):
+        int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")

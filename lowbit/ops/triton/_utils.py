@@ -390,9 +390,10 @@ class LaunchPlan:
 def plan_key(x: torch.Tensor, weights: tuple, *switches) -> tuple:
     """A launch plan's key: x's shape, strides, dtype, device and 16-byte alignment; each weight
     tensor's address, shape, strides and dtype (a later tensor at the same address and layout
-    launches the same way); the launcher's switches (and PDL)."""
+    launches the same way; its device is that of its address, CUDA's address space being one); the
+    launcher's switches (and PDL, and ``MAX_ELEMENTS``, which the launcher's wrapper reads)."""
     return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
-            *[(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in weights], *switches, PDL)  # fmt: skip
+            *[(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in weights], *switches, PDL, MAX_ELEMENTS)  # fmt: skip
 
 
 def keep_plan(plans: dict, key: tuple, compiled, kernel, grid, args: tuple, kw: dict, **extra):

@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from lowbit.compile import kernel_op, linear_out_fake
+from lowbit.ops.reference import INT4_GROUP_SIZES
 from lowbit.ops.triton import _utils
 from lowbit.ops.triton._int4_gemv import GEMV_CONFIGS, check_int4_args, gemv_tile
 from lowbit.ops.triton._utils import (
@@ -585,6 +586,8 @@ def _plan_key(x, qdata, scale, zero, group_size: int, packing: str) -> tuple:
 
 def _lane(x, qdata, scale, zero, group_size, packing="plain"):
     """``int4_mm`` through a kept plan for these arguments, or None (``_utils.launcher``)."""
+    if x.dim() != 2 or qdata.dim() != 2 or group_size not in INT4_GROUP_SIZES:  # (the fixed config's key
+        return None  # computes with these: bad ones get the checks' messages)
     plan = _PLANS.get(_plan_key(x, qdata, scale, zero, group_size, packing))
     return None if plan is None else plan.run(x, qdata.shape[0], qdata.shape[0])
 
