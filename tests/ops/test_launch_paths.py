@@ -336,3 +336,30 @@ def test_a_plan_is_not_used_past_the_launchers_size_limit(fresh_plans, monkeypat
     monkeypatch.setattr(_utils, "MAX_ELEMENTS", 1000)  # the weight (64 x 128 bytes) is now refused
     with pytest.raises(ValueError, match="more than 1000 elements"):
         int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")
+
+
+@cuda_only
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_w8a16_plans_launch_what_triton_launches_and_skip_the_body(m, monkeypatch):
+    from lowbit.ops.triton import _w8
+    from lowbit.ops.triton import int8 as int8_mod
+
+    monkeypatch.setattr(_w8, "_PLANS", {})
+    monkeypatch.setattr(_utils, "_plan_checks", [0])
+    monkeypatch.setattr(_utils, "PLANS", True)
+    bodies, real = [], int8_mod.w8_mm
+    monkeypatch.setattr(int8_mod, "w8_mm", lambda *a: bodies.append(1) or real(*a))
+    launches = _count_plan_launches(monkeypatch)
+    g = torch.Generator().manual_seed(m)
+    w = (torch.randn(768, 1024, generator=g) * 0.02).to(DEVICE, torch.bfloat16)
+    s8 = ref.int8_choose_qparams(w, torch.bfloat16)
+    q8 = ref.int8_quantize(w, s8)
+    for i in range(3):  # Triton's launch (makes the plan, launched once to check it), then the lane twice
+        x = torch.randn(m, 1024, device=DEVICE, dtype=torch.bfloat16)
+        got = int8_mod.int8_mm(x, q8, s8)
+        assert len(_w8._PLANS) == 1 and len(launches) == i + 1 and len(bodies) == 1 + i  # (+ the slow calls)
+        with monkeypatch.context() as mp:  # (the slow path: its own body)
+            mp.setattr(_utils, "PLANS", False)
+            want = int8_mod.int8_mm(x, q8, s8)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got, ref.int8_weight_only_linear(x, q8, s8), rtol=1e-2, atol=1e-2)

@@ -359,12 +359,13 @@ _plan_checks = [0]
 class LaunchPlan:
     """A compiled Triton kernel's launch with its arguments bound once (``JITFunction.run``'s
     binding, done at plan time), for kernels whose arguments start (x, three weight tensors, the
-    output, the split-K workspace, its counters): ``plan(x, y, ws, cnt)`` launches it through
-    ``CompiledKernel[grid]`` (the compiled kernel's own launch, as ``JITFunction.run`` ends), on
-    x's device's current stream, with the weights passed as the addresses they had at plan time
-    (which the plan's key pins; Triton's launcher takes an int as a pointer as it is)."""
+    output), then with ``extra["most"]`` (a split-K launch) the split-K workspace and its counters:
+    ``plan(x, y[, ws, cnt])`` launches it through ``CompiledKernel[grid]`` (the compiled kernel's
+    own launch, as ``JITFunction.run`` ends), on x's device's current stream, with the weights
+    passed as the addresses they had at plan time (which the plan's key pins; Triton's launcher
+    takes an int as a pointer as it is)."""
 
-    __slots__ = ("launch", "weights", "tail", "extra")
+    __slots__ = ("launch", "weights", "tail", "extra", "buffers")
 
     def __init__(self, kernel, jit_fn, grid, args: tuple, kwargs: dict, **extra):
         params = jit_fn.signature.parameters
@@ -373,17 +374,21 @@ class LaunchPlan:
         g = tuple(grid(bound.arguments) if callable(grid) else grid)
         self.launch = kernel[(g + (1, 1))[:3]]
         self.weights = tuple(t.data_ptr() for t in args[1:4])
-        self.tail = tuple(bound.arguments.values())[7:]
+        self.buffers = 2 if "most" in extra else 0
+        self.tail = tuple(bound.arguments.values())[5 + self.buffers :]
         self.extra = extra
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor) -> None:
-        self.launch(x, *self.weights, y, ws, cnt, *self.tail, stream=current_raw_stream(x.get_device()))
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *buffers: torch.Tensor) -> None:
+        self.launch(x, *self.weights, y, *buffers, *self.tail, stream=current_raw_stream(x.get_device()))
 
     def run(self, x: torch.Tensor, cols: int, ws_cols: int) -> torch.Tensor:
         """A new [M, cols] output of the launch (split-K buffers for [M, ws_cols])."""
         m = x.shape[0]
         y = x.new_empty((m, cols))
-        self(x, y, *split_k_buffers(x.device, m, ws_cols, self.extra["most"]))
+        if self.buffers:
+            self(x, y, *split_k_buffers(x.device, m, ws_cols, self.extra["most"]))
+        else:
+            self(x, y)
         return y
 
 
@@ -398,7 +403,8 @@ def plan_key(x: torch.Tensor, weights: tuple, *switches) -> tuple:
 
 def keep_plan(plans: dict, key: tuple, compiled, kernel, grid, args: tuple, kw: dict, **extra):
     """After ``compiled = kernel[grid](*args, **kw)`` (``kernel`` autotuned, its arguments
-    ``LaunchPlan``'s layout, ``extra["most"]`` its largest split): keep a plan of that launch for ``key``.
+    ``LaunchPlan``'s layout, ``extra["most"]`` its largest split if it splits K): keep a plan of
+    that launch for ``key``.
     Not inside a CUDA-graph capture. While plans are new (the first PLAN_CHECKS of a process) the
     plan is launched once more into a fresh output and must match bitwise, else plans turn off."""
     global PLANS
@@ -407,7 +413,7 @@ def keep_plan(plans: dict, key: tuple, compiled, kernel, grid, args: tuple, kw: 
     plan = LaunchPlan(compiled, kernel.fn, grid, args, {**kw, **kernel.best_config.all_kwargs()}, **extra)
     if _plan_checks[0] < PLAN_CHECKS:
         fresh = torch.empty_like(args[4])
-        plan(args[0], fresh, args[5], args[6])
+        plan(args[0], fresh, *args[5 : 5 + plan.buffers])
         if not torch.equal(args[4].view(torch.uint8), fresh.view(torch.uint8)):  # bitwise (NaN too)
             PLANS = False
             import warnings

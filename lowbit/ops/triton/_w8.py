@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from lowbit.ops.reference import FP8_DTYPE
+from lowbit.ops.triton import _utils
 from lowbit.ops.triton._utils import (
     AUTOTUNE,
     INTERPRET,
@@ -40,11 +41,13 @@ from lowbit.ops.triton._utils import (
     dot_acc,
     grouped_tile,
     is_sm90_or_newer,
+    keep_plan,
     m_bucket,
     num_sms,
     pdl_args,
     pdl_start,
     pdl_trigger,
+    plan_key,
     split_k_buffers,
     split_k_reduce,
     tune_bench,
@@ -428,6 +431,22 @@ def _max_split(mb: int, n: int, k: int, a_scaled: bool, swap_mode: int) -> int:
     return max(c.kwargs["SPLIT_K"] for c in space)
 
 
+def _plan_key(x, w, ws) -> tuple:
+    """W8A16's launch-plan key (``_utils.LaunchPlan``): the arguments and every switch the
+    branches of ``w8_mm`` read (in fixed-config mode the split too, a per-call choice)."""
+    m, k = x.shape
+    split = 0 if AUTOTUNE else _split_k(m, w.shape[0], k, num_sms(x.device))
+    return plan_key(x, (w, ws), GEMV_MAX_M, DEQUANT_MIN_M, GEMV_CVT, GEMM_SWAP, GEMM_PDL, split)
+
+
+def w8a16_lane(x, w, ws):
+    """W8A16 (``int8.int8_mm``) through a kept plan for these arguments, or None (``_utils.launcher``)."""
+    if x.dim() != 2 or w.dim() != 2:  # (the key reads both shapes: bad ones get the checks' messages)
+        return None
+    plan = _PLANS.get(_plan_key(x, w, ws))
+    return None if plan is None else plan.run(x, w.shape[0], w.shape[0])
+
+
 def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     """``(x @ w.T) * ws (* xs[:, None])`` -> [M, N] out_dtype; xs is None for W8A16."""
     m, k = x.shape
@@ -438,6 +457,12 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(0, n, device=x.device, dtype=out_dtype)
     x, w, ws = x.contiguous(), w.contiguous(), ws.contiguous()
     a_scaled = xs is not None
+    # W8A16 (out_dtype is x's): a kept launch plan for these arguments (``w8a16_lane`` finds it
+    # before the launcher's checks; here for keyword calls)
+    key = _plan_key(x, w, ws) if _utils.PLANS and x.is_cuda and not a_scaled and out_dtype == x.dtype else None
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:
+        return plan.run(x, n, n)
     if a_scaled and use_tma(x, w):
         return _tma_mm(x, w, ws, xs, out_dtype)
     fp8 = w.dtype == FP8_DTYPE
@@ -457,10 +482,11 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     if m <= GEMV_MAX_M:
         y = torch.empty(m, n, device=x.device, dtype=out_dtype)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
-        _gemv_kernel[grid](
-            x, w, ws, xs_arg, y, m, n, k, mb, _CVT_MODES[GEMV_CVT], x.stride(0), y.stride(0),
-            A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, **pdl_args(x.device),
-        )  # fmt: skip
+        args = (x, w, ws, xs_arg, y, m, n, k, mb, _CVT_MODES[GEMV_CVT], x.stride(0), y.stride(0))
+        kw = dict(A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, **pdl_args(x.device))
+        compiled = _gemv_kernel[grid](*args, **kw)
+        if key is not None:
+            keep_plan(_PLANS, key, compiled, _gemv_kernel, grid, args, kw)
         return y
     if AUTOTUNE:  # the split is tuned with the tile: room for the largest split it may pick
         fixed = {}
@@ -471,8 +497,13 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     y = torch.empty(m, n, device=x.device, dtype=out_dtype)
     part, cnt = split_k_buffers(x.device, m, n, most)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-    _gemm_kernel[grid](
-        x, w, ws, xs_arg, y, part, cnt, m, n, k, mb, x.stride(0), y.stride(0), _SWAP_MODES[GEMM_SWAP],
-        A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, DOT_F32=INTERPRET, **fixed, **pdl_args(x.device, GEMM_PDL),
-    )  # fmt: skip
+    args = (x, w, ws, xs_arg, y, part, cnt, m, n, k, mb, x.stride(0), y.stride(0), _SWAP_MODES[GEMM_SWAP])
+    kw = dict(A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, DOT_F32=INTERPRET, **fixed, **pdl_args(x.device, GEMM_PDL))
+    compiled = _gemm_kernel[grid](*args, **kw)
+    if key is not None:
+        keep_plan(_PLANS, key, compiled, _gemm_kernel, grid, args, kw, most=most)
     return y
+
+
+# eager launch plans of W8A16's GEMV and GEMM (``_utils.LaunchPlan``), by ``_plan_key``
+_PLANS: dict = {}

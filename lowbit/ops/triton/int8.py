@@ -25,12 +25,12 @@ import torch
 
 from lowbit.compile import kernel_op, linear_out_fake
 from lowbit.ops.triton._utils import launcher
-from lowbit.ops.triton._w8 import w8_mm
+from lowbit.ops.triton._w8 import w8_mm, w8a16_lane
 from lowbit.ops.triton.quant import quantize_rows
 
 
 @kernel_op("int8_mm_triton", fake=linear_out_fake)
-@launcher("int8_mm", (torch.int8,))
+@launcher("int8_mm", (torch.int8,), lane=w8a16_lane)
 def int8_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """W8A16: ``x [M, K] @ (qdata * scale[:, None]).T -> [M, N]`` in x.dtype."""
     return w8_mm(x, qdata, scale, None, x.dtype)
