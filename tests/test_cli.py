@@ -494,8 +494,10 @@ def test_options_that_would_do_nothing_or_crash_are_usage_errors(tiny_model, tmp
 
 def test_e2e_report_gpu_alone_columns():
     """GPU runs report each batch's loop time and GPU-alone time per step; the GPU-alone column's
-    speedup is bf16's ms over the variant's (7.2 / 3.6 = 2.00x), and rows without those figures
-    (CPU) get dashes; tables without them have no such columns."""
+    speedup is bf16's ms over the variant's (7.2 / 3.6 = 2.00x), the time outside the steps is the
+    loop's whole time less its first two steps and its five steady ones (8 tokens: 80 ms at 100
+    tok/s - 20 - 5 x 7.5 = 22.5), and rows without those figures (CPU) get dashes; tables without
+    them have no such columns."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         from e2e_report import markdown
@@ -503,12 +505,12 @@ def test_e2e_report_gpu_alone_columns():
         sys.path.pop(0)
     meta = dict(device="GPU", date="d", transformers="t", new_tokens=8, prefill=0, batches=[1])
     base = dict(variant="bf16", label="bf16", b1_step_tok_s=100.0, b1_step_loop_ms=7.5, b1_step_gpu_ms=7.2)
-    q = dict(variant="lowbit_int4", label="int4", b1_step_tok_s=150.0, b1_step_loop_ms=4.4, b1_step_gpu_ms=3.6)
-    base["b1_first_steps_ms"], q["b1_first_steps_ms"] = 20.0, 90.0
+    q = dict(variant="lowbit_int4", label="int4", b1_step_tok_s=160.0, b1_step_loop_ms=4.4, b1_step_gpu_ms=3.6)
+    base["b1_first_steps_ms"], q["b1_first_steps_ms"] = 20.0, 9.0  # int4: 50 - 9 - 22 = 19.0
     rows = {line.split(" | ")[0]: line for line in markdown([base, q], meta).splitlines() if line.startswith("| ")}
-    assert "b1 first 2 steps ms | b1 loop ms | b1 GPU-alone ms | b1 GPU-alone x" in rows["| variant"]
-    assert "| 1.50x | 90.0 | 4.4 | 3.6 | 2.00x |" in rows["| int4"]
-    assert "| 1.00x | 20.0 | 7.5 | 7.2 | 1.00x |" in rows["| bf16"]
+    assert "b1 first 2 steps ms | b1 loop ms | b1 outside ms | b1 GPU-alone ms | b1 GPU-alone x" in rows["| variant"]
+    assert "| 1.60x | 9.0 | 4.4 | 19.0 | 3.6 | 2.00x |" in rows["| int4"]
+    assert "| 1.00x | 20.0 | 7.5 | 22.5 | 7.2 | 1.00x |" in rows["| bf16"]
     cpu = [{k: v for k, v in r.items() if "_ms" not in k} for r in (base, q)]
     assert "GPU-alone" not in markdown(cpu, meta)
 
