@@ -9,7 +9,8 @@ o_proj and down_proj (made groups of one, ``fuse.FusedLinear``) for
 ``linear_add_rmsnorm(x, w, residual, norm.weight, eps)``: one launch returns h and the
 normalised h (``reference.add_rmsnorm``; int4 on CUDA at M <= 2: the CTA that finishes the last
 row tile normalises the row). o_proj's normalised h is the MLP's input; down_proj's is the next
-layer's input_layernorm output, handed over with h (by identity) when that layer is called with h.
+layer's input_layernorm output, handed over with h (by identity) when that layer is called with h
+(eagerly, and only while h's version counter says it was not written in place since).
 
 The layer's forward calls the same modules as the original (``self_attn(hidden_states=normed,
 **kwargs)``, ``mlp``); it runs the original forward instead for positional arguments beyond
@@ -48,7 +49,8 @@ from lowbit.fuse import (
 from lowbit.ops import reference as ref
 from lowbit.qtensor import QTensor
 
-_PRENORMED: dict[int, tuple] = {}  # layer id -> (h, input_layernorm(h)) computed by the layer before
+# layer id -> (h, input_layernorm(h), h's version or None) computed by the layer before
+_PRENORMED: dict[int, tuple] = {}
 _LINKS: dict[int, tuple] = {}  # layer id -> (the next fused layer's id, that layer's input_layernorm)
 _IDS = itertools.count()
 _LAYER_ATTRS = (
@@ -127,7 +129,8 @@ def _layer_forward(self, hidden_states, *args, **kwargs):
     if args or not _ready(self, hidden_states, attn, mlp, inorm, post):
         return self._lowbit_layer_base.forward(self, hidden_states, *args, **kwargs)
     o_gid, d_gid = self._lowbit_layer_gids
-    normed = pre[1] if pre is not None and pre[0] is hidden_states else inorm(hidden_states)
+    fresh = pre is not None and pre[0] is hidden_states and (pre[2] is None or pre[2] == hidden_states._version)
+    normed = pre[1] if fresh else inorm(hidden_states)  # (h written in place since: normalised again)
     h, normed, out = _ask(
         o_gid, (hidden_states, post.weight, _eps(post)), attn, "self_attn", hidden_states=normed, **kwargs
     )
@@ -140,7 +143,9 @@ def _layer_forward(self, hidden_states, *args, **kwargs):
     nxt, nxt_normed, out = _ask(d_gid, (h, link[1].weight, _eps(link[1])), mlp, "mlp", normed)
     if nxt is None:
         return h + out
-    _PRENORMED[link[0]] = (nxt, nxt_normed)
+    # (the version, eagerly: an in-place write to nxt before the next layer drops the hand-over)
+    eager = not torch.compiler.is_compiling() and not nxt.is_inference()
+    _PRENORMED[link[0]] = (nxt, nxt_normed, nxt._version if eager else None)
     return nxt
 
 

@@ -226,3 +226,22 @@ def test_layers_whose_modules_change_the_fused_output_are_not_fused(_kernel_here
     assert not any("RMSNorm" in n for n in names), names
     with torch.no_grad():
         model(IDS1)  # (runs: no request left unanswered)
+
+
+def test_a_handed_norm_is_not_used_once_its_input_changed_in_place(_kernel_here):
+    """The norm a layer hands the next one with its output is used only while that output is
+    unchanged: written in place in between (a model's own code, say), the next layer normalises
+    it again (eager: its version counter)."""
+    fused = int4_llama(layers=2)
+    lowbit.fuse_projections_(fused, swiglu=False, norms=True)
+    layer = fused.model.layers[1]
+    h0 = torch.randn(1, 2, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    pe = fused.model.rotary_emb(h0, torch.arange(2)[None])
+    with torch.no_grad():
+        want = layer(h0 + 1, position_embeddings=pe)
+        h = h0.clone()
+        fl._PRENORMED[layer._lowbit_layer_id] = (h, layer.input_layernorm(h), h._version)  # as handed
+        h.add_(1)  # (in place, after the hand-over; RMSNorm would not see a scaling)
+        got = layer(h, position_embeddings=pe)
+    assert _kernel_here and _channels_empty()  # (the fused forward ran)
+    assert torch.equal(got, want)
