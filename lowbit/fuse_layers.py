@@ -17,7 +17,8 @@ The layer's forward calls the same modules as the original (``self_attn(hidden_s
 hidden_states, more tokens than the kernel serves (``QTensor.add_rmsnorm_max_tokens``: int4 on
 CUDA up to ``_int4_gemv.NORM_MAX_M`` = 2), another dtype, an input that needs a gradient, hooks on
 the layer's modules (or global ones), and once o_proj or down_proj is no longer the fused single
-it was (replaced, wrapped by an adapter, unfused by ``.to()``), or a norm module was swapped. A
+it was (replaced, wrapped by an adapter, unfused by ``.to()``), or a norm module was swapped (checked
+by id(); once a fused norm module is freed no module passes, its id being reusable). A
 layer is fused only where its own forward equals the fused one, linked to itself, on a random
 two-token input, h and the normalised h it hands on (checked when fusing: another structure, e.g.
 post-norms, a module scaling o_proj's or down_proj's output, or a norm of ``(1 + weight)``, reads
@@ -231,7 +232,18 @@ def _fuse_layer(layer: nn.Module) -> bool:
     if not same:
         return False
     weakref.finalize(layer, _LINKS.pop, layer._lowbit_layer_id, None)
+    for norm in (inorm, post):  # (a freed norm's id may come back on another module: see _norm_freed)
+        weakref.finalize(norm, _norm_freed, weakref.ref(layer), id(norm))
     return True
+
+
+def _norm_freed(layer_ref, norm_id: int):
+    """One of a fused layer's norm modules was freed: the layer's check of its norms by id() then
+    passes no module (CPython often gives a module made next the freed one's address, so its id:
+    a LayerNorm there would run as the RMSNorm)."""
+    layer = layer_ref()
+    if layer is not None and norm_id in layer.__dict__.get("_lowbit_layer_norms", ()):
+        layer._lowbit_layer_norms = (None, None)
 
 
 def _same_as_base(layer, base, n, dtype, head_dim, device, inorm) -> bool:

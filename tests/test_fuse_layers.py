@@ -245,3 +245,28 @@ def test_a_handed_norm_is_not_used_once_its_input_changed_in_place(_kernel_here)
         got = layer(h, position_embeddings=pe)
     assert _kernel_here and _channels_empty()  # (the fused forward ran)
     assert torch.equal(got, want)
+
+
+def test_a_norm_swapped_for_another_kind_at_the_freed_ones_address_is_not_taken_for_it(_kernel_here, monkeypatch):
+    """The layer checks its norms by id(); a module made after the old one is freed often gets its
+    address (so its id) in CPython. A LayerNorm put in post_attention_layernorm's place that way
+    must make the layer run its own forward, not RMSNorm with the LayerNorm's weight."""
+    import builtins
+
+    plain, fused = int4_llama(layers=2), int4_llama(layers=2)
+    lowbit.fuse_projections_(fused, swiglu=False, norms=True)
+    old = id(fused.model.layers[0].post_attention_layernorm)
+    fused.model.layers[0].post_attention_layernorm = None  # (the old norm is freed here)
+    made = [nn.LayerNorm(128) for _ in range(64)]  # (kept alive: the freed address often goes to one)
+    ln = next((m for m in made if id(m) == old), None)
+    if ln is None:  # not this time: the same collision, by the id the layer's check sees
+        ln = made[0]
+        monkeypatch.setattr(fl, "id", lambda o: old if o is ln else builtins.id(o), raising=False)
+    with torch.no_grad():
+        ln.to(torch.bfloat16).weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(5))
+    fused.model.layers[0].post_attention_layernorm = ln
+    plain.model.layers[0].post_attention_layernorm = copy.deepcopy(ln)
+    _kernel_here.clear()
+    with torch.no_grad():
+        assert torch.equal(fused(IDS1).logits, plain(IDS1).logits)
+    assert len(_kernel_here) == 1  # (layer 1's o_proj; layer 0 ran its own forward)
