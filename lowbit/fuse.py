@@ -21,7 +21,8 @@ the activation fused: where that kernel runs (int4 on CUDA at M <= 8) its forwar
 fp32 from the rounded gate and up, rounded once (``reference.swiglu``, what torch.compile gives
 unfused; eager PyTorch rounds silu(gate) first). Everywhere else (more tokens, other devices, a
 gradient, other arguments, and once the group is unfused, a member replaced or hooked, a bias
-added or act_fn swapped) the module runs its own forward.
+added or act_fn swapped: checked by id(), and once the fused act_fn is freed no module passes, its
+id being reusable) the module runs its own forward.
 
 Under torch.compile, where this torch flattens tensor-subclass graph inputs in Python on every
 call (``REBUILD_IN_GRAPH``: torch 2.11), each group's weight is rebuilt inside the graph from its
@@ -371,7 +372,16 @@ def _fuse_glu(parent: nn.Module, group: _Group, mods) -> bool:
     parent._lowbit_glu_act = id(parent.act_fn)
     parent._lowbit_glu_max_m, parent._lowbit_glu_dtype = max_m, w.dtype
     group.glu = weakref.ref(parent)
+    weakref.finalize(parent.act_fn, _act_freed, weakref.ref(parent), id(parent.act_fn))
     return True
+
+
+def _act_freed(parent_ref, act_id: int):
+    """A fused MLP's act_fn was freed: its id() check then passes no module (CPython often gives
+    a module made next the freed one's address, so its id: a GELU there would run as the SiLU)."""
+    parent = parent_ref()
+    if parent is not None and parent.__dict__.get("_lowbit_glu_act") == act_id:
+        parent._lowbit_glu_act = None
 
 
 def _stack(where: str, names, weights) -> QTensor:
