@@ -372,16 +372,22 @@ def _fuse_glu(parent: nn.Module, group: _Group, mods) -> bool:
     parent._lowbit_glu_act = id(parent.act_fn)
     parent._lowbit_glu_max_m, parent._lowbit_glu_dtype = max_m, w.dtype
     group.glu = weakref.ref(parent)
-    weakref.finalize(parent.act_fn, _act_freed, weakref.ref(parent), id(parent.act_fn))
+    clear_when_freed(parent.act_fn, parent, "_lowbit_glu_act", None)
     return True
 
 
-def _act_freed(parent_ref, act_id: int):
-    """A fused MLP's act_fn was freed: its id() check then passes no module (CPython often gives
-    a module made next the freed one's address, so its id: a GELU there would run as the SiLU)."""
-    parent = parent_ref()
-    if parent is not None and parent.__dict__.get("_lowbit_glu_act") == act_id:
-        parent._lowbit_glu_act = None
+def clear_when_freed(obj, owner, attr: str, cleared) -> None:
+    """Once ``obj`` is freed, set ``owner.<attr>`` (obj's id, or a tuple holding it, that a per-call
+    check compares with id()) to ``cleared``: CPython often gives an object made next the freed
+    one's address, so its id (a GELU there would pass for the fused SiLU, a LayerNorm for an RMSNorm)."""
+    weakref.finalize(obj, _clear_id, weakref.ref(owner), attr, id(obj), cleared)
+
+
+def _clear_id(owner_ref, attr: str, obj_id: int, cleared):
+    owner = owner_ref()
+    held = owner.__dict__.get(attr) if owner is not None else None
+    if held == obj_id or (isinstance(held, tuple) and obj_id in held):
+        setattr(owner, attr, cleared)
 
 
 def _stack(where: str, names, weights) -> QTensor:

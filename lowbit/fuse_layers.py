@@ -45,6 +45,7 @@ from lowbit.fuse import (
     _hooked,
     _make_plain,
     _single,
+    clear_when_freed,
     same_named_subclass,
 )
 from lowbit.ops import reference as ref
@@ -232,18 +233,9 @@ def _fuse_layer(layer: nn.Module) -> bool:
     if not same:
         return False
     weakref.finalize(layer, _LINKS.pop, layer._lowbit_layer_id, None)
-    for norm in (inorm, post):  # (a freed norm's id may come back on another module: see _norm_freed)
-        weakref.finalize(norm, _norm_freed, weakref.ref(layer), id(norm))
+    for norm in (inorm, post):
+        clear_when_freed(norm, layer, "_lowbit_layer_norms", (None, None))
     return True
-
-
-def _norm_freed(layer_ref, norm_id: int):
-    """One of a fused layer's norm modules was freed: the layer's check of its norms by id() then
-    passes no module (CPython often gives a module made next the freed one's address, so its id:
-    a LayerNorm there would run as the RMSNorm)."""
-    layer = layer_ref()
-    if layer is not None and norm_id in layer.__dict__.get("_lowbit_layer_norms", ()):
-        layer._lowbit_layer_norms = (None, None)
 
 
 def _same_as_base(layer, base, n, dtype, head_dim, device, inorm) -> bool:
