@@ -133,7 +133,9 @@ def _slow(x, qdata, scale, zero, packing, monkeypatch):
 
 def _count_plan_launches(monkeypatch) -> list:
     launches, real = [], _utils.LaunchPlan.__call__
-    monkeypatch.setattr(_utils.LaunchPlan, "__call__", lambda self, *t: launches.append(1) or real(self, *t))
+    monkeypatch.setattr(
+        _utils.LaunchPlan, "__call__", lambda self, *t, **kw: launches.append(1) or real(self, *t, **kw)
+    )
     return launches
 
 
@@ -200,7 +202,7 @@ def test_plans_on_another_stream_and_in_a_cuda_graph(fresh_plans, monkeypatch):
 def test_a_plan_that_does_not_reproduce_triton_turns_plans_off(fresh_plans, monkeypatch):
     qdata, scale, zero, _ = _weight(256, 1024, seed=4)
     x = torch.randn(3, 1024, device=DEVICE, dtype=torch.bfloat16)
-    monkeypatch.setattr(_utils.LaunchPlan, "__call__", lambda self, *t: None)  # a launch that does nothing
+    monkeypatch.setattr(_utils.LaunchPlan, "__call__", lambda self, *t, **kw: None)  # a launch that does nothing
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")
@@ -363,3 +365,38 @@ def test_w8a16_plans_launch_what_triton_launches_and_skip_the_body(m, monkeypatc
             want = int8_mod.int8_mm(x, q8, s8)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         torch.testing.assert_close(got, ref.int8_weight_only_linear(x, q8, s8), rtol=1e-2, atol=1e-2)
+
+
+@cuda_only
+def test_queued_split_k_launches_share_a_stream_workspace_and_stay_right(fresh_plans, monkeypatch):
+    # eager split-K launches queued behind a sleeping GPU, none synced, on two streams at once: each
+    # stream's launches reuse its kept workspace, one of them grows it mid-queue, and a graph captured
+    # before the growth replays into its own; every output against the reference
+    monkeypatch.setattr(_utils, "_WORKSPACES", {})
+    monkeypatch.setattr(_utils, "_SPLIT_PAIRS", {})
+    dev = torch.device(DEVICE, torch.cuda.current_device())
+    weights = [_weight(n, k, seed=n + k) for n, k in ((256, 2048), (512, 4096), (384, 1024))]
+    calls = [(w, m) for m in (3, 16, 40) for w in weights] * 2  # (the second round through the plans)
+    xs = [torch.randn(m, w[0].shape[1] * 2, device=dev, dtype=torch.bfloat16) for w, m in calls]
+    first = weights[0]
+    gx = torch.randn(3, 2048, device=dev, dtype=torch.bfloat16)
+    int4_mod.int4_mm(gx, *first[:3], 128, "plain")  # (warm: compiled, tuned and planned outside the capture)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gy = int4_mod.int4_mm(gx, *first[:3], 128, "plain")
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()  # (the inputs are made)
+    outs = {}
+    for stream in (torch.cuda.current_stream(), side):
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(50_000_000)  # the launches below queue up behind it
+            outs[stream] = [int4_mod.int4_mm(x, *w[:3], 128, "plain") for (w, _), x in zip(calls, xs)]
+    graph.replay()
+    torch.cuda.synchronize()
+    for got in outs.values():
+        for ((_, scale, zero, plain), _), x, y in zip(calls, xs, got):
+            torch.testing.assert_close(y, ref.int4_linear(x, plain, scale, zero, 128), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gy, ref.int4_linear(gx, first[3], first[1], first[2], 128), rtol=2e-2, atol=2e-2)
+    if not _utils.AUTOTUNE:  # (the fixed config splits K at these M: the kept workspaces were used)
+        kept = {k[1] for k in _utils._WORKSPACES}
+        assert {torch.cuda.current_stream().cuda_stream, side.cuda_stream} <= kept

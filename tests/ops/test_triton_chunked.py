@@ -132,3 +132,60 @@ def test_split_k_counters_never_come_from_a_capture(monkeypatch):
     state.update(stream=1, capturing=False)
     assert _utils.tile_counters(dev, 8) is eager1
     assert len(_utils._SPARE_COUNTERS[dev]) == _utils.SPARE_COUNTERS
+
+
+def test_eager_split_k_workspace_is_kept_per_stream_and_never_from_a_capture(monkeypatch):
+    # split_k_buffers' bookkeeping with CUDA faked on CPU: eager launches on a stream share one
+    # workspace made outside any pool (views of it, the same pair for the same shape), a larger
+    # launch grows it after recording the old one on the stream, another stream has its own, and a
+    # capture (or more tiles than the counters cache holds) gets a workspace of its own, not cached
+    made, recorded = [], []
+
+    def outside(device, n):
+        made.append(torch.zeros(n, dtype=torch.int32))
+        return made[-1]
+
+    state = dict(stream=1, capturing=False)
+    for name in ("_COUNTERS", "_SPARE_COUNTERS", "_WORKSPACES", "_SPLIT_PAIRS"):
+        monkeypatch.setattr(_utils, name, {})
+    monkeypatch.setattr(_utils, "zeros_outside_pools", outside)
+    monkeypatch.setattr(_utils, "current_raw_stream", lambda index: state["stream"])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream {state['stream']}")
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: recorded.append((self, s)))
+    real_empty, real_zeros = torch.empty, torch.zeros
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: real_empty(*a, **k))
+    monkeypatch.setattr(torch, "zeros", lambda *a, device=None, **k: real_zeros(*a, **k))
+    dev = torch.device("cuda:0")
+
+    ws, cnt = _utils.split_k_buffers(dev, 16, 64, 4)
+    kept = _utils._WORKSPACES[dev, 1]
+    assert ws.shape == (4, 16, 64) and ws.dtype == torch.float32 and ws.is_contiguous()
+    assert (
+        ws.data_ptr() == kept.data_ptr() and kept.numel() == 4096 and any(kept.data_ptr() == t.data_ptr() for t in made)
+    )
+    assert cnt is _utils.tile_counters(dev, 4) and cnt.dtype == torch.int32
+    again = _utils.split_k_buffers(dev, 16, 64, 4)
+    assert again[0] is ws and again[1] is cnt  # the same pair: no tensor made per call
+    small = _utils.split_k_buffers(dev, 3, 100, 2)[0]  # a smaller launch: a view of the same workspace
+    assert (
+        small.shape == (2, 3, 100)
+        and small.data_ptr() == kept.data_ptr()
+        and len(made) == 1 + 1 + _utils.SPARE_COUNTERS
+    )
+    big = _utils.split_k_buffers(dev, 33, 200, 2)[0]  # 13200 elements: grown to 16384, the old one recorded
+    assert _utils._WORKSPACES[dev, 1].numel() == 16384 and big.data_ptr() == _utils._WORKSPACES[dev, 1].data_ptr()
+    assert len(recorded) == 1 and recorded[0][0] is kept and recorded[0][1] == "stream 1"
+    assert _utils.split_k_buffers(dev, 16, 64, 4)[0].data_ptr() == big.data_ptr()  # views of the old one dropped
+    state["stream"] = 2
+    other = _utils.split_k_buffers(dev, 16, 64, 4)
+    assert other[0].data_ptr() != big.data_ptr() and other[1] is not cnt
+    state.update(stream=3, capturing=True)
+    n_made, n_pairs = len(made), len(_utils._SPLIT_PAIRS)
+    captured = _utils.split_k_buffers(dev, 16, 64, 4)[0]
+    assert captured.shape == (4, 16, 64) and (dev, 3) not in _utils._WORKSPACES
+    assert all(captured.data_ptr() != t.data_ptr() for t in made[:n_made]) and len(_utils._SPLIT_PAIRS) == n_pairs
+    state.update(stream=1, capturing=False)
+    rows = _utils.COUNTERS_SIZE // 4 + 1  # more tiles than the counters cache holds: fresh buffers
+    huge = _utils.split_k_buffers(dev, rows * 16, 64, 2)
+    assert huge[0].shape == (2, rows * 16, 64) and huge[0].data_ptr() != _utils._WORKSPACES[dev, 1].data_ptr()

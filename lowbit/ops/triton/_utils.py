@@ -280,11 +280,22 @@ MAX_WORKSPACE = 64 << 20
 _PLACEHOLDERS: dict = {}  # device -> (workspace, counters) placeholders of launches that do not split K
 
 
+_WORKSPACES: dict = {}  # (device, raw stream) -> the flat fp32 split-K workspace of eager launches on it
+_SPLIT_PAIRS: dict = {}  # (device, raw stream, most, m, n) -> (workspace view, counters), eager launches
+
+
 def split_k_buffers(device: torch.device, m: int, n: int, most: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(workspace, tile counters) for a GEMM launch whose configs split K at most ``most``
     ways: 4-byte partial sums [most, M, N] and the stream's zeroed counters (BLOCK_M,
     BLOCK_N >= 16 in every config); placeholders of the same dtypes for ``most == 1``, so
-    one compile serves both."""
+    one compile serves both.
+
+    Eager CUDA launches take a view of one workspace kept per stream (made outside any pool as
+    the counters are, grown to a power of two): launches on a stream run in its order, and each
+    kernel waits for the one before it to complete before any load or store (``pdl_start``), so
+    the workspace is free when the next one writes it. A launch inside a CUDA-graph capture gets
+    a workspace of its own, in the graph's pool (a graph may replay on another stream, or after
+    the kept workspace has grown)."""
     if most == 1:  # (never read or written: one pair per device, made outside any capture)
         pair = _PLACEHOLDERS.get(device)
         if pair is None:
@@ -295,8 +306,31 @@ def split_k_buffers(device: torch.device, m: int, n: int, most: int) -> tuple[to
             cnt = zeros_outside_pools(device, 1)
             pair = _PLACEHOLDERS[device] = (cnt.view(torch.float32), cnt)
         return pair
-    ws = torch.empty((most, m, n), device=device, dtype=torch.float32)
-    return ws, tile_counters(device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
+    tiles = triton.cdiv(m, 16) * triton.cdiv(n, 16)
+    if device.type != "cuda" or tiles > COUNTERS_SIZE or torch.cuda.is_current_stream_capturing():
+        return torch.empty((most, m, n), device=device, dtype=torch.float32), tile_counters(device, tiles)
+    stream = current_raw_stream(device.index)
+    pair = _SPLIT_PAIRS.get((device, stream, most, m, n))
+    if pair is None:
+        pair = _SPLIT_PAIRS[device, stream, most, m, n] = _stream_split_pair(device, stream, most, m, n, tiles)
+    return pair
+
+
+def _stream_split_pair(device, stream: int, most: int, m: int, n: int, tiles: int):
+    """A view of ``stream``'s kept workspace for [most, m, n] (grown first if smaller: the old one is
+    recorded on the stream, so the allocator reuses it only after the launches queued there), and
+    the stream's counters."""
+    size = most * m * n
+    ws = _WORKSPACES.get((device, stream))
+    if ws is None or ws.numel() < size:
+        if ws is not None:
+            ws.record_stream(torch.cuda.current_stream(device))
+        ws = _WORKSPACES[device, stream] = zeros_outside_pools(device, triton.next_power_of_2(size)).view(torch.float32)
+        for key in [k for k in _SPLIT_PAIRS if k[:2] == (device, stream)]:  # views of the old one
+            del _SPLIT_PAIRS[key]
+    if len(_SPLIT_PAIRS) >= 4096:
+        _SPLIT_PAIRS.clear()
+    return ws[:size].view(most, m, n), tile_counters(device, tiles)
 
 
 @triton.jit
@@ -363,9 +397,10 @@ class LaunchPlan:
     ``plan(x, y[, ws, cnt])`` launches it through ``CompiledKernel[grid]`` (the compiled kernel's
     own launch, as ``JITFunction.run`` ends), on x's device's current stream, with the weights
     passed as the addresses they had at plan time (which the plan's key pins; Triton's launcher
-    takes an int as a pointer as it is)."""
+    takes an int as a pointer as it is, and checks a tensor's with the driver). ``run`` passes
+    its own tensors (x, the new output, the buffers: all on x's device) as addresses too."""
 
-    __slots__ = ("launch", "weights", "tail", "extra", "buffers")
+    __slots__ = ("launch", "weights", "tail", "extra", "buffers", "device")
 
     def __init__(self, kernel, jit_fn, grid, args: tuple, kwargs: dict, **extra):
         params = jit_fn.signature.parameters
@@ -377,18 +412,23 @@ class LaunchPlan:
         self.buffers = 2 if "most" in extra else 0
         self.tail = tuple(bound.arguments.values())[5 + self.buffers :]
         self.extra = extra
+        self.device = args[0].device  # (the key pins x's device)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, *buffers: torch.Tensor) -> None:
-        self.launch(x, *self.weights, y, *buffers, *self.tail, stream=current_raw_stream(x.get_device()))
+    def __call__(self, x, y, *buffers, stream: int | None = None) -> None:
+        """The launch: tensors, or their addresses with ``stream`` (a raw handle) given."""
+        stream = current_raw_stream(x.get_device()) if stream is None else stream
+        self.launch(x, *self.weights, y, *buffers, *self.tail, stream=stream)
 
     def run(self, x: torch.Tensor, cols: int, ws_cols: int) -> torch.Tensor:
         """A new [M, cols] output of the launch (split-K buffers for [M, ws_cols])."""
         m = x.shape[0]
         y = x.new_empty((m, cols))
+        stream = current_raw_stream(x.get_device())
         if self.buffers:
-            self(x, y, *split_k_buffers(x.device, m, ws_cols, self.extra["most"]))
+            ws, cnt = split_k_buffers(self.device, m, ws_cols, self.extra["most"])
+            self(x.data_ptr(), y.data_ptr(), ws.data_ptr(), cnt.data_ptr(), stream=stream)
         else:
-            self(x, y)
+            self(x.data_ptr(), y.data_ptr(), stream=stream)
         return y
 
 
