@@ -262,6 +262,7 @@ def _glu_forward(self, *args, **kwargs):
     g = _GROUPS.get(gid)
     if (
         g is None
+        or x.numel() > self._lowbit_glu_max_m * x.shape[-1]  # more tokens than the kernel serves (a prompt)
         or type(gate) is not FusedLinear
         or type(up) is not FusedLinear
         or gate._lowbit_gid != gid
@@ -275,7 +276,6 @@ def _glu_forward(self, *args, **kwargs):
         or _hooked(up)
         or (torch.is_grad_enabled() and x.requires_grad)
         or x.dtype != self._lowbit_glu_dtype
-        or x.numel() > self._lowbit_glu_max_m * x.shape[-1]  # more tokens than the kernel serves
     ):
         return base.forward(self, x)
     return self.down_proj(swiglu_linear(x, _weight(g)))
