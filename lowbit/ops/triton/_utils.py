@@ -326,8 +326,8 @@ def _stream_split_pair(device, stream: int, most: int, m: int, n: int, tiles: in
         if ws is not None:
             ws.record_stream(torch.cuda.current_stream(device))
         ws = _WORKSPACES[device, stream] = zeros_outside_pools(device, triton.next_power_of_2(size)).view(torch.float32)
-        for key in [k for k in _SPLIT_PAIRS if k[:2] == (device, stream)]:  # views of the old one
-            del _SPLIT_PAIRS[key]
+        for key in [k for k in list(_SPLIT_PAIRS) if k[:2] == (device, stream)]:  # views of the old one
+            _SPLIT_PAIRS.pop(key, None)
     if len(_SPLIT_PAIRS) >= 4096:
         _SPLIT_PAIRS.clear()
     return ws[:size].view(most, m, n), tile_counters(device, tiles)
