@@ -297,6 +297,43 @@ def test_the_glu_lane_skips_the_checks_and_misses_when_the_tile_is_off(fresh_pla
     torch.testing.assert_close(got, ref.swiglu(ref.int4_linear(x, plain, scale, zero, 128)), rtol=2e-2, atol=2e-2)
 
 
+def test_a_kept_plan_reads_the_config_of_its_own_launch(monkeypatch):
+    # Triton's autotuner keeps its last call's config in best_config, shared by threads: thread a's
+    # launch holds still until thread b's launch can start (or 0.5 s pass); without launch's lock b
+    # sets its config in between and a's plan reads it
+    import threading
+
+    seen = []
+    monkeypatch.setattr(_utils, "keep_plan", lambda plans, key, compiled, kernel, *a, **k: seen.append((key, kernel.best_config)))  # fmt: skip
+    a_started, b_started = threading.Event(), threading.Event()
+
+    class Tuner:
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(*args, tag):
+                self.best_config = tag
+                if tag == "a":
+                    a_started.set()
+                    b_started.wait(0.5)
+                else:
+                    b_started.set()
+                return tag
+
+            return run
+
+    tuner = Tuner()
+    ta = threading.Thread(target=_utils.launch, args=(tuner, None, (), {"tag": "a"}, {}, "key a"))
+    ta.start()
+    assert a_started.wait(5)
+    tb = threading.Thread(target=_utils.launch, args=(tuner, None, (), {"tag": "b"}, {}, "key b"))
+    tb.start()
+    ta.join()
+    tb.join()
+    assert seen == [("key a", "a"), ("key b", "b")]
+    assert _utils.launch(tuner, None, (), {"tag": "c"}) == "c" and len(seen) == 2  # no key: no plan
+
+
 @cuda_only
 def test_launches_that_do_not_split_share_placeholders_made_outside_captures(monkeypatch):
     monkeypatch.setattr(_utils, "_PLACEHOLDERS", {})
@@ -369,34 +406,39 @@ def test_w8a16_plans_launch_what_triton_launches_and_skip_the_body(m, monkeypatc
 
 @cuda_only
 def test_queued_split_k_launches_share_a_stream_workspace_and_stay_right(fresh_plans, monkeypatch):
-    # eager split-K launches queued behind a sleeping GPU, none synced, on two streams at once: each
-    # stream's launches reuse its kept workspace, one of them grows it mid-queue, and a graph captured
-    # before the growth replays into its own; every output against the reference
+    # every shape launched once on each of two streams (compiled, tuned, planned, each stream's
+    # workspace grown to fit; growth synchronizes the device), then the same launches queued on both
+    # streams at once behind sleeping kernels, none synced: nothing is made while they queue, the
+    # two streams' launches (running concurrently) use two workspaces, and every output is right
     monkeypatch.setattr(_utils, "_WORKSPACES", {})
     monkeypatch.setattr(_utils, "_SPLIT_PAIRS", {})
     dev = torch.device(DEVICE, torch.cuda.current_device())
     weights = [_weight(n, k, seed=n + k) for n, k in ((256, 2048), (512, 4096), (384, 1024))]
-    calls = [(w, m) for m in (3, 16, 40) for w in weights] * 2  # (the second round through the plans)
+    calls = [(w, m) for m in (3, 16, 40) for w in weights]
     xs = [torch.randn(m, w[0].shape[1] * 2, device=dev, dtype=torch.bfloat16) for w, m in calls]
-    first = weights[0]
-    gx = torch.randn(3, 2048, device=dev, dtype=torch.bfloat16)
-    int4_mod.int4_mm(gx, *first[:3], 128, "plain")  # (warm: compiled, tuned and planned outside the capture)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        gy = int4_mod.int4_mm(gx, *first[:3], 128, "plain")
-    side = torch.cuda.Stream()
+    streams = (torch.cuda.current_stream(), torch.cuda.Stream())
     torch.cuda.synchronize()  # (the inputs are made)
-    outs = {}
-    for stream in (torch.cuda.current_stream(), side):
+    for stream in streams:
+        with torch.cuda.stream(stream):
+            for (w, _), x in zip(calls, xs):
+                int4_mod.int4_mm(x, *w[:3], 128, "plain")
+    torch.cuda.synchronize()
+    made = []
+    real = _utils.zeros_outside_pools
+    monkeypatch.setattr(_utils, "zeros_outside_pools", lambda *a: made.append(a) or real(*a))
+    for stream in streams:
         with torch.cuda.stream(stream):
             torch.cuda._sleep(50_000_000)  # the launches below queue up behind it
-            outs[stream] = [int4_mod.int4_mm(x, *w[:3], 128, "plain") for (w, _), x in zip(calls, xs)]
-    graph.replay()
+    outs = {stream: [] for stream in streams}
+    for (w, _), x in zip(calls, xs):  # (alternating: both queues fill)
+        for stream in streams:
+            with torch.cuda.stream(stream):
+                outs[stream].append(int4_mod.int4_mm(x, *w[:3], 128, "plain"))
+    assert not made  # no workspace or counters made (no device sync) while the launches queued
     torch.cuda.synchronize()
     for got in outs.values():
         for ((_, scale, zero, plain), _), x, y in zip(calls, xs, got):
             torch.testing.assert_close(y, ref.int4_linear(x, plain, scale, zero, 128), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(gy, ref.int4_linear(gx, first[3], first[1], first[2], 128), rtol=2e-2, atol=2e-2)
-    if not _utils.AUTOTUNE:  # (the fixed config splits K at these M: the kept workspaces were used)
-        kept = {k[1] for k in _utils._WORKSPACES}
-        assert {torch.cuda.current_stream().cuda_stream, side.cuda_stream} <= kept
+    if not _utils.AUTOTUNE:  # (the fixed config splits K at these M: each stream has its own kept workspace)
+        kept = {k[1]: v.data_ptr() for k, v in _utils._WORKSPACES.items()}
+        assert {s.cuda_stream for s in streams} <= set(kept) and len(set(kept.values())) == len(kept)

@@ -181,11 +181,15 @@ def test_eager_split_k_workspace_is_kept_per_stream_and_never_from_a_capture(mon
     other = _utils.split_k_buffers(dev, 16, 64, 4)
     assert other[0].data_ptr() != big.data_ptr() and other[1] is not cnt
     state.update(stream=3, capturing=True)
-    n_made, n_pairs = len(made), len(_utils._SPLIT_PAIRS)
+    n_made = len(made)
     captured = _utils.split_k_buffers(dev, 16, 64, 4)[0]
     assert captured.shape == (4, 16, 64) and (dev, 3) not in _utils._WORKSPACES
-    assert all(captured.data_ptr() != t.data_ptr() for t in made[:n_made]) and len(_utils._SPLIT_PAIRS) == n_pairs
+    assert all(captured.data_ptr() != t.data_ptr() for t in made[:n_made])
+    assert all(k[1] != 3 for k in _utils._SPLIT_PAIRS)  # nothing cached for the capture
+    assert len(_utils._SPARE_COUNTERS[dev]) < _utils.SPARE_COUNTERS  # (the capture took a spare counter)
     state.update(stream=1, capturing=False)
+    assert _utils.split_k_buffers(dev, 16, 64, 4)[0].data_ptr() == big.data_ptr()  # the same workspace, and
+    assert len(_utils._SPARE_COUNTERS[dev]) == _utils.SPARE_COUNTERS  # the spares topped up again
     rows = _utils.COUNTERS_SIZE // 4 + 1  # more tiles than the counters cache holds: fresh buffers
     huge = _utils.split_k_buffers(dev, rows * 16, 64, 2)
     assert huge[0].shape == (2, rows * 16, 64) and huge[0].data_ptr() != _utils._WORKSPACES[dev, 1].data_ptr()

@@ -39,7 +39,7 @@ from lowbit.ops.triton._utils import (
     TUNE_CACHE,
     cfg,
     configs,
-    keep_plan,
+    launch,
     launcher,
     m_bucket,
     pdl_args,
@@ -488,9 +488,7 @@ def int4_mm_swiglu(
             scale.stride(0))  # fmt: skip
     kw = dict(GS=group_size, ASM=x.is_cuda and not INTERPRET, TILED=int(packing == "tiled"),
               **pdl_args(x.device, GEMM_PDL))  # fmt: skip
-    compiled = _glu_kernel[grid](*args, **kw)
-    if key is not None and plain:
-        keep_plan(_GLU_PLANS, key, compiled, _glu_kernel, grid, args, kw, most=most)
+    launch(_glu_kernel, grid, args, kw, _GLU_PLANS, key if plain else None, most=most)
     return y
 
 

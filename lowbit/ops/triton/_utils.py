@@ -230,6 +230,7 @@ def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
         if not spares:
             return torch.zeros(tiles, device=device, dtype=torch.int32)
         buf = _COUNTERS[key] = spares.pop()
+        _SPLIT_PAIRS.clear()  # (eager launches take the counters from there: the next one tops the spares up)
     return buf
 
 
@@ -284,7 +285,9 @@ _WORKSPACES: dict = {}  # (device, raw stream) -> the flat fp32 split-K workspac
 _SPLIT_PAIRS: dict = {}  # (device, raw stream, most, m, n) -> (workspace view, counters), eager launches
 
 
-def split_k_buffers(device: torch.device, m: int, n: int, most: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_k_buffers(
+    device: torch.device, m: int, n: int, most: int, stream: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(workspace, tile counters) for a GEMM launch whose configs split K at most ``most``
     ways: 4-byte partial sums [most, M, N] and the stream's zeroed counters (BLOCK_M,
     BLOCK_N >= 16 in every config); placeholders of the same dtypes for ``most == 1``, so
@@ -293,9 +296,11 @@ def split_k_buffers(device: torch.device, m: int, n: int, most: int) -> tuple[to
     Eager CUDA launches take a view of one workspace kept per stream (made outside any pool as
     the counters are, grown to a power of two): launches on a stream run in its order, and each
     kernel waits for the one before it to complete before any load or store (``pdl_start``), so
-    the workspace is free when the next one writes it. A launch inside a CUDA-graph capture gets
-    a workspace of its own, in the graph's pool (a graph may replay on another stream, or after
-    the kept workspace has grown)."""
+    the workspace is free when the next one writes it. Making or growing it synchronizes the
+    device (``zeros_outside_pools``), so growth never finds launches in flight; it happens a few
+    times per stream. A launch inside a CUDA-graph capture gets a workspace of its own, in the
+    graph's pool (a graph may replay on another stream, or after the kept workspace has grown).
+    ``stream``: the device's current raw stream, if the caller has it."""
     if most == 1:  # (never read or written: one pair per device, made outside any capture)
         pair = _PLACEHOLDERS.get(device)
         if pair is None:
@@ -309,7 +314,7 @@ def split_k_buffers(device: torch.device, m: int, n: int, most: int) -> tuple[to
     tiles = triton.cdiv(m, 16) * triton.cdiv(n, 16)
     if device.type != "cuda" or tiles > COUNTERS_SIZE or torch.cuda.is_current_stream_capturing():
         return torch.empty((most, m, n), device=device, dtype=torch.float32), tile_counters(device, tiles)
-    stream = current_raw_stream(device.index)
+    stream = current_raw_stream(device.index) if stream is None else stream
     pair = _SPLIT_PAIRS.get((device, stream, most, m, n))
     if pair is None:
         pair = _SPLIT_PAIRS[device, stream, most, m, n] = _stream_split_pair(device, stream, most, m, n, tiles)
@@ -317,9 +322,9 @@ def split_k_buffers(device: torch.device, m: int, n: int, most: int) -> tuple[to
 
 
 def _stream_split_pair(device, stream: int, most: int, m: int, n: int, tiles: int):
-    """A view of ``stream``'s kept workspace for [most, m, n] (grown first if smaller: the old one is
-    recorded on the stream, so the allocator reuses it only after the launches queued there), and
-    the stream's counters."""
+    """A view of ``stream``'s kept workspace for [most, m, n] (grown first if smaller; the old one is
+    recorded on the stream, though the new one's making synchronized the device), and the stream's
+    counters."""
     size = most * m * n
     ws = _WORKSPACES.get((device, stream))
     if ws is None or ws.numel() < size:
@@ -425,7 +430,7 @@ class LaunchPlan:
         y = x.new_empty((m, cols))
         stream = current_raw_stream(x.get_device())
         if self.buffers:
-            ws, cnt = split_k_buffers(self.device, m, ws_cols, self.extra["most"])
+            ws, cnt = split_k_buffers(self.device, m, ws_cols, self.extra["most"], stream)
             self(x.data_ptr(), y.data_ptr(), ws.data_ptr(), cnt.data_ptr(), stream=stream)
         else:
             self(x.data_ptr(), y.data_ptr(), stream=stream)
@@ -441,8 +446,24 @@ def plan_key(x: torch.Tensor, weights: tuple, *switches) -> tuple:
             *[(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in weights], *switches, PDL, MAX_ELEMENTS)  # fmt: skip
 
 
+_LAUNCH_LOCK = threading.RLock()
+
+
+def launch(kernel, grid, args: tuple, kw: dict, plans: dict | None = None, key: tuple | None = None, **extra):
+    """``kernel[grid](*args, **kw)`` for an autotuned kernel, and with ``key`` a plan of that launch
+    kept in ``plans`` (``keep_plan``). Both under one lock: the autotuner keeps its last call's config
+    in ``best_config`` (and, while it tunes, that call's arguments in ``nargs``), shared by every
+    thread, so another thread's launch between them would hand the plan that call's config (its
+    grid and split: the wrong tiles, or a split beyond the workspace)."""
+    with _LAUNCH_LOCK:
+        compiled = kernel[grid](*args, **kw)
+        if key is not None:
+            keep_plan(plans, key, compiled, kernel, grid, args, kw, **extra)
+    return compiled
+
+
 def keep_plan(plans: dict, key: tuple, compiled, kernel, grid, args: tuple, kw: dict, **extra):
-    """After ``compiled = kernel[grid](*args, **kw)`` (``kernel`` autotuned, its arguments
+    """After ``compiled = kernel[grid](*args, **kw)`` (under ``launch``'s lock; ``kernel`` autotuned, its arguments
     ``LaunchPlan``'s layout, ``extra["most"]`` its largest split if it splits K): keep a plan of
     that launch for ``key``.
     Not inside a CUDA-graph capture. While plans are new (the first PLAN_CHECKS of a process) the

@@ -41,7 +41,7 @@ from lowbit.ops.triton._utils import (
     dot_acc,
     grouped_tile,
     is_sm90_or_newer,
-    keep_plan,
+    launch,
     m_bucket,
     num_sms,
     pdl_args,
@@ -484,9 +484,7 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
         args = (x, w, ws, xs_arg, y, m, n, k, mb, _CVT_MODES[GEMV_CVT], x.stride(0), y.stride(0))
         kw = dict(A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, **pdl_args(x.device))
-        compiled = _gemv_kernel[grid](*args, **kw)
-        if key is not None:
-            keep_plan(_PLANS, key, compiled, _gemv_kernel, grid, args, kw)
+        launch(_gemv_kernel, grid, args, kw, _PLANS, key)
         return y
     if AUTOTUNE:  # the split is tuned with the tile: room for the largest split it may pick
         fixed = {}
@@ -499,9 +497,7 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     args = (x, w, ws, xs_arg, y, part, cnt, m, n, k, mb, x.stride(0), y.stride(0), _SWAP_MODES[GEMM_SWAP])
     kw = dict(A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, DOT_F32=INTERPRET, **fixed, **pdl_args(x.device, GEMM_PDL))
-    compiled = _gemm_kernel[grid](*args, **kw)
-    if key is not None:
-        keep_plan(_PLANS, key, compiled, _gemm_kernel, grid, args, kw, most=most)
+    launch(_gemm_kernel, grid, args, kw, _PLANS, key, most=most)
     return y
 
 

@@ -72,7 +72,7 @@ from lowbit.ops.triton._utils import (
     chunked_dequant_mm,
     configs,
     dot_acc,
-    keep_plan,
+    launch,
     launcher,
     m_bucket,
     num_sms,
@@ -669,9 +669,8 @@ def int4_mm(
     kw = dict(GS=group_size, ASM=asm and not INTERPRET, DOT_F32=INTERPRET, MMA=words, SZ=use_words,
               QDT=_TL_DTYPES[scale.dtype] if use_words else None, **fixed, **pdl_args(x.device, GEMM_PDL),
               TILED=tiled, GEMV_MAX=GEMV_MAX_M)  # fmt: skip
-    compiled = _gemm_kernel[grid](*args, **kw)
-    if key is not None and use_words and plain_x:  # (a plan's call takes the words and x as they come)
-        keep_plan(_PLANS, key, compiled, _gemm_kernel, grid, args, kw, most=most)
+    planned = key is not None and use_words and plain_x  # (a plan's call takes the words and x as they come)
+    launch(_gemm_kernel, grid, args, kw, _PLANS, key if planned else None, most=most)
     return y
 
 
