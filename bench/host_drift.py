@@ -21,8 +21,11 @@ models' prompts took the same time.
 (``fuse_projections_``), one timed prompt per (model, level) per round in a new random order each
 round, where a level cuts the quantized linear at one depth (``stubbed_below``; ``module`` cuts
 the whole linear, in bf16 too); medians, and each one's median ratio to bf16's real forward of the
-same round. The difference between two levels is what the code between them costs in a real
-forward (caches and branch predictors as HF's code between the linears leaves them).
+same round. ``real`` less a level is what the piece cut costs in a real forward (caches and branch
+predictors as HF's code between the linears leaves them); ``op``, ``qlinear`` and ``module`` nest,
+so their differences are the layers between them, while ``key``, ``buffers`` and ``launch`` each cut
+one piece inside ``op``. Every model runs its real forward before the ladder (so the first plans'
+bitwise checks never see a stubbed launch); the row records whether plans stayed on.
 
 Writes ``<device>-host-drift.json`` (or ``-host-drift-ladder.json``).
 """
@@ -164,7 +167,10 @@ def stubbed_below(level: str):
     * ``buffers``: the split-K workspace and counters (``_utils.split_k_buffers``) come from a cache;
     * ``key``: the plan key (``int4._plan_key``) comes from a cache by weight and input shape;
     * ``fresh_ws``: (not a cut) each split-K launch gets a new workspace from ``torch.empty``, as
-      before session 26's kept per-stream workspace."""
+      before session 26's kept per-stream workspace.
+
+    ``buffers`` and ``fresh_ws`` patch ``_utils.split_k_buffers``, which the plans' launches call
+    (the launchers' bodies hold their own reference): they act on planned launches only."""
     from lowbit.ops.triton import _utils
     from lowbit.ops.triton import int4 as triton_int4
     from lowbit.qtensor.int4 import Int4Tensor
@@ -229,6 +235,8 @@ def ladder(models: dict, ids, rounds: int) -> dict:
         },
         "module": stubbed_linears,
     }
+    for model in models.values():  # (plans made and checked with real launches)
+        prompt_ms(model, ids, n=1)
     configs = [(m, s) for m in models for s in stubs if m == "bf16" and s in ("real", "module") or m != "bf16"]
     times = {f"{m}/{s}": [] for m, s in configs}
     rng = random.Random(0)
@@ -239,13 +247,16 @@ def ladder(models: dict, ids, rounds: int) -> dict:
                 prompt_ms(models[m], ids, n=1)  # (its warm-up calls make the stubs' outputs)
                 times[f"{m}/{s}"].append(prompt_ms(models[m], ids, n=1, warm=0)["wall_ms"])
     base = times["bf16/real"]
-    return {
+    from lowbit.ops.triton import _utils
+
+    out = {
         k: {
             "median_ms": round(statistics.median(v), 3),
             "ratio_to_bf16": round(statistics.median(t / b for t, b in zip(v, base)), 3),
         }
         for k, v in times.items()
     }
+    return {"plans_on": _utils.PLANS, **out}
 
 
 def main():
