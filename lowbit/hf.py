@@ -413,7 +413,9 @@ def attach_after_quantize(model, config) -> None:
     wrapper tensors and failed on their storage). A model holding lowbit weights of more than
     one scheme or group size has no single config: it gets none, and a warning says how to
     save it."""
-    if config.name not in SCHEMES:  # e.g. a QAT step
+    if getattr(config, "step", None) == "convert":  # QAT convert: weights of its base scheme
+        config = config.base_config
+    if config.name not in SCHEMES:  # e.g. QAT prepare (float weights)
         return
     kinds = {(type(p).__name__, getattr(p, "group_size", None)) for p in model.parameters() if isinstance(p, QTensor)}
     kw = {"group_size": config.group_size} if config.name == "int4_weight_only" else {}

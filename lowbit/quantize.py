@@ -51,9 +51,15 @@ class QuantizeReport:
 
 def skip_reason(mod: nn.Linear, config) -> str | None:
     """Why ``config`` cannot quantize ``mod``'s weight, or None if it can."""
+    if nn.utils.parametrize.is_parametrized(mod, "weight"):
+        return "its weight is parametrized (e.g. weight_norm); remove the parametrization first"
     w = mod.weight
+    if isinstance(w, nn.parameter.UninitializedParameter):
+        return "its weight is not initialized yet (a lazy module: run one forward first)"
     if isinstance(w, QTensor):
         return f"already quantized ({type(w).__name__})"
+    if w.numel() == 0:
+        return f"its weight is empty ({tuple(w.shape)})"
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"weight dtype {w.dtype} is not supported (float32, bfloat16 or float16)"
     if isinstance(config, C.Int4WeightOnlyConfig) and mod.in_features % config.group_size:
@@ -68,6 +74,34 @@ def quantize_weight(w: torch.Tensor, config) -> QTensor:
         raise TypeError(f"quantize_weight: {config!r} does not quantize weights")
     with torch.no_grad():
         return handler(w.detach(), config)
+
+
+def tied_weights(model: nn.Module) -> dict[int, str]:
+    """id(linear) -> the name of another module's parameter that is the same tensor as the linear's
+    weight (tied weights, e.g. an output head sharing the input embedding's)."""
+    holders: dict[int, list[tuple[str, str]]] = {}
+    linears = []
+    for fqn, mod in model.named_modules():
+        for name, p in mod._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((fqn, name))
+        if isinstance(mod, nn.Linear) and mod._parameters.get("weight") is not None:
+            linears.append((fqn, mod))
+    out = {}
+    for fqn, mod in linears:
+        others = [f"{f}.{name}" if f else name for f, name in holders[id(mod._parameters["weight"])] if f != fqn]
+        if others:
+            out[id(mod)] = others[0]
+    return out
+
+
+def _dtensor_weights(targets) -> list[tuple[str, object]]:
+    """(fqn, placements) of the targets whose weight is a DTensor (sharded: FSDP2, tensor parallel)."""
+    dt = sys.modules.get("torch.distributed.tensor")
+    if dt is None:
+        return []
+    weights = [(fqn, getattr(mod, "weight", None)) for fqn, mod in targets]
+    return [(fqn, w.placements) for fqn, w in weights if isinstance(w, dt.DTensor)]
 
 
 def check_finite(w: torch.Tensor, where: str) -> None:
@@ -90,8 +124,11 @@ def quantize_(
 
     ``filter_fn(module, fqn)`` defaults to every ``nn.Linear``. Layers that the
     scheme cannot represent are skipped, logged and listed with the reason in
-    ``model.lowbit_report`` (a ``QuantizeReport``). A weight holding NaN/Inf
-    raises ``ValueError``. Returns ``model``.
+    ``model.lowbit_report`` (a ``QuantizeReport``); so are linears whose weight is tied to another
+    module's parameter (quantizing one would untie them, as Transformers' quantizers also leave
+    tied weights alone). A weight holding NaN/Inf raises ``ValueError``, and so does a sharded
+    (DTensor) weight, before any layer changes: quantize before ``fully_shard``, or an unsharded
+    copy. Returns ``model``.
     """
     handler = _HANDLERS.get(type(config))
     module_handler = _MODULE_HANDLERS.get(type(config))
@@ -101,8 +138,20 @@ def quantize_(
     filter_fn = filter_fn or (lambda mod, fqn: isinstance(mod, nn.Linear))
     targets = [(fqn, mod) for fqn, mod in model.named_modules() if filter_fn(mod, fqn)]
     report = QuantizeReport(config)
+    if handler is not None or getattr(config, "step", None) == "convert":  # (QAT prepare keeps float weights)
+        sharded = _dtensor_weights(targets)
+        if sharded:
+            raise ValueError(
+                f"quantize_: the weight of layer {sharded[0][0]!r} (and {len(sharded) - 1} more) is a sharded DTensor "
+                f"(placements {sharded[0][1]}); quantizing it would be undone by the sharding: quantize before "
+                "fully_shard, or an unsharded copy (a full state dict)"
+            )
+    tied = tied_weights(model)
     show = progress if progress is not None else len(targets) >= 64
     for fqn, mod in tqdm(targets, desc="lowbit quantize", disable=not show, unit="layer"):
+        if id(mod) in tied:
+            report.skipped[fqn] = f"its weight is tied to {tied[id(mod)]}; quantizing it would untie them"
+            continue
         if module_handler is not None:
             module_handler(model, fqn, mod, config, report)
             continue
