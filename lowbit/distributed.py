@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from lowbit.qtensor import QTensor
+from lowbit.qtensor.base import keep_mark
 
 aten = torch.ops.aten
 
@@ -93,7 +94,7 @@ def _(func, types, args, kwargs):
     self, shape = args[0], list(args[1])
     if self.ndim == 2 and shape in ([-1], [self.numel()]):
         # FSDP keeps ``padded_shard.view(-1)`` as bookkeeping only; keep the fields, flatten the shape.
-        return self._rebuild(lambda t: t, shape=(self.numel(),))
+        return keep_mark(self, self._rebuild(lambda t: t, shape=(self.numel(),)))
     return _base_view(func, types, args, kwargs)
 
 
@@ -110,7 +111,7 @@ def _(func, types, args, kwargs):
         )
     if getattr(self, "packing", "plain") != "plain":
         raise NotImplementedError(f"{type(self).__name__}: as_strided needs packing='plain', not {self.packing!r}")
-    return _with_fields(self, [t[:rows] for t in self._tensors()], rows)
+    return keep_mark(self, _with_fields(self, [t[:rows] for t in self._tensors()], rows))
 
 
 # ---------------------------------------------------------------------------- all-gather hooks

@@ -145,7 +145,12 @@ class QTensor(torch.Tensor):
     def __reduce_ex__(self, protocol):
         # Plain fields + attributes only: safe for torch.load(weights_only=True)
         # once the class is registered as a safe global (lowbit/qtensor/__init__.py).
-        return (_rebuild_qtensor, (type(self), self._tensors(), tuple(self.shape), self.dtype, self._attrs()))
+        # nn.Parameter(w) keeps w's class (it only sets w._is_param): record it, as
+        # torch does for a plain Parameter, with requires_grad and the not_a_view mark
+        # (torch.save keeps fields that share storage with a parent shared on load).
+        args = (type(self), self._tensors(), tuple(self.shape), self.dtype, self._attrs())
+        state = (self.requires_grad, isinstance(self, torch.nn.Parameter), getattr(self, "_not_a_view", None))
+        return (_rebuild_qtensor, args + state)
 
     def __repr__(self):
         fields = [f"shape={tuple(self.shape)}", f"dtype={self.dtype}", f"device={self.device}"]
@@ -275,23 +280,50 @@ class QTensor(torch.Tensor):
         return handler(func, types, args, kwargs)
 
 
-def _rebuild_qtensor(cls, tensors, shape, dtype, attrs):
-    """Unpickling (``torch.load``, ``weights_only=True`` included): the fields are checked
-    against the shape and attributes, and their values as a safetensors file's are (scales
-    finite and positive, zero points and float data finite), so a tampered or mismatched
-    pickle is an error."""
-    from lowbit.safetensors import check_field_values
+def _rebuild_qtensor(cls, tensors, shape, dtype, attrs, requires_grad=False, param=False, not_a_view_why=None):
+    """Unpickling (``torch.load``, ``weights_only=True`` included): the outer dtype, shape and
+    attributes and the fields' dtypes and shapes are checked as a safetensors file's metadata is
+    (``lowbit.safetensors._SPECS``; the packing, a machine's layout here, by ``check_fields``),
+    and the values as its data (scales finite and positive, zero points and float data finite),
+    so a tampered or mismatched pickle is an error. An ``nn.Parameter`` comes back as one."""
+    from lowbit.qtensor import QTENSOR_CLASSES
+    from lowbit.safetensors import _SPECS, check_field_values
 
     if not (isinstance(cls, type) and issubclass(cls, QTensor)) or not isinstance(tensors, (list, tuple)):
         raise ValueError(f"a pickled lowbit tensor names {cls!r}, which is not a lowbit tensor class")
+    name = cls.__name__
     if len(tensors) != len(cls.tensor_fields) or not all(isinstance(t, torch.Tensor) for t in tensors):
-        raise ValueError(f"a pickled {cls.__name__} needs the tensors {list(cls.tensor_fields)}")
-    where = f"pickled {cls.__name__} {tuple(shape)}"
+        raise ValueError(f"a pickled {name} needs the tensors {list(cls.tensor_fields)}")
+    if dtype not in _SUPPORTED_ACTIVATIONS:
+        want = [str(d) for d in _SUPPORTED_ACTIVATIONS]
+        raise ValueError(f"a pickled {name} has dtype {dtype!r}, expected one of {want}")
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2 and all(type(d) is int and d >= 0 for d in shape)):
+        raise ValueError(f"a pickled {name} has shape {shape!r}, expected (N, K) of non-negative ints")
+    if not isinstance(attrs, dict) or set(attrs) != set(cls.attr_fields):
+        raise ValueError(f"a pickled {name} has attributes {attrs!r}, expected exactly {sorted(cls.attr_fields)}")
+    if not (type(requires_grad) is bool and type(param) is bool and isinstance(not_a_view_why, (str, type(None)))):
+        got = (requires_grad, param, not_a_view_why)
+        raise ValueError(f"a pickled {name} has flags {got!r}, expected (bool, bool, str or None)")
+    where = f"pickled {name} {tuple(shape)}"
+    spec = next((_SPECS.get(k.__name__) for k in cls.__mro__ if QTENSOR_CLASSES.get(k.__name__) is k), None)
+    if spec is not None:
+        # (a file holds the "plain" packing only; a pickle holds any, and check_fields checks it)
+        spec.attr_check({**attrs, "packing": "plain"} if "packing" in attrs else attrs, shape, where)
+        fields, parts = spec.fields(shape, attrs), dict(zip(cls.tensor_fields, tensors))
+        for field, t in parts.items():
+            want, dtypes = fields[field]
+            if field == "zero" and t.dtype != parts["scale"].dtype:
+                dtypes = (parts["scale"].dtype,)  # (as in a file: the scale's)
+            if tuple(t.shape) != want or t.dtype not in dtypes:
+                names = [str(d).removeprefix("torch.") for d in dtypes]
+                raise ValueError(f"{where}: field {field!r} is {t.dtype} {tuple(t.shape)}, expected {want} of {names}")
     for field, t in zip(cls.tensor_fields, tensors):
         check_field_values(where, field, t, source="torch.load")
     t = cls(*tensors, shape=shape, dtype=dtype, **attrs)
     t.check_fields()
-    return t.loaded()
+    t = t.loaded()
+    t = torch.nn.Parameter(t, requires_grad=requires_grad) if param else t.requires_grad_(requires_grad)
+    return not_a_view(t, not_a_view_why) if not_a_view_why else t
 
 
 # ---------------------------------------------------------------------------- linear
@@ -414,8 +446,8 @@ def _(func, types, args, kwargs):
 
 # ---------------------------------------------------------------------------- aten ops
 @QTensor.implements(aten.detach.default, aten.alias.default)
-def _(func, types, args, kwargs):
-    return return_and_correct_aliasing(func, args, kwargs, args[0]._rebuild(func))
+def _(func, types, args, kwargs):  # (nn.Parameter(w) detaches: it keeps a slice's mark)
+    return return_and_correct_aliasing(func, args, kwargs, keep_mark(args[0], args[0]._rebuild(func)))
 
 
 @QTensor.implements(aten.clone.default)
@@ -446,6 +478,13 @@ def not_a_view(t: QTensor, why: str) -> QTensor:
     return t
 
 
+def keep_mark(parent: QTensor, out: QTensor) -> QTensor:
+    """``out``, on ``parent``'s fields (a detach, view, slice), marked as ``parent`` is; never
+    for a copy (clone, ``_to_copy``), which owns its fields."""
+    why = getattr(parent, "_not_a_view", None)
+    return not_a_view(out, why) if why else out
+
+
 @QTensor.implements(aten.copy_.default)
 def _(func, types, args, kwargs):
     dst, src = args[0], args[1]
@@ -464,8 +503,10 @@ def _(func, types, args, kwargs):
         # loading a full-precision checkpoint into a quantized model quantizes it the same way
         from lowbit.quantize import check_finite
 
-        check_finite(src, f"copy_ into {type(dst).__name__} from full precision")
-        src = dst.quantize_like(src)
+        # what is quantized is src in dst's dtype: a finite fp32 value past fp16's max is inf there
+        cast = src.to(dst.device, dst.dtype)
+        check_finite(cast, f"copy_ into {type(dst).__name__} {tuple(dst.shape)} from {src.dtype} as {dst.dtype}")
+        src = dst.quantize_like(cast)
     if type(src) is type(dst) and src.shape == dst.shape:
         src = dst.convert_like(src)
     if type(src) is not type(dst) or src._attrs() != dst._attrs() or src.shape != dst.shape:
@@ -505,16 +546,21 @@ def _(func, types, args, kwargs):
         out = self._rebuild(lambda t: t)
     else:
         out = self.slice_rows(start, end) if dim == 0 else self.slice_cols(start, end)
-    why = getattr(self, "_not_a_view", None)
-    return not_a_view(out, why) if why else out  # a slice of a copy is part of that copy
+    return keep_mark(self, out)  # a slice of a copy is part of that copy
 
 
 @QTensor.implements(aten.split.Tensor, aten.split_with_sizes.default)
 def _(func, types, args, kwargs):
     self, sizes = args[0], args[1]
     dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % 2
+    n = self.shape[dim]
     if isinstance(sizes, int):
-        sizes = [min(sizes, self.shape[dim] - s) for s in range(0, self.shape[dim], sizes)]
+        sizes = [min(sizes, n - s) for s in range(0, n, sizes)]
+    elif sum(sizes) != n or min(sizes, default=0) < 0:  # (as torch refuses them)
+        raise ValueError(
+            f"{type(self).__name__}.split_with_sizes: sizes {list(sizes)} must be non-negative and sum to {n}, "
+            f"the size of dim {dim} (shape {tuple(self.shape)})"
+        )
     out, start = [], 0
     for size in sizes:
         out.append(aten.slice.Tensor(self, dim, start, start + size))
@@ -532,7 +578,7 @@ def _(func, types, args, kwargs):
         shape[shape.index(-1)] = self.numel() // max(known, 1)
     if tuple(shape) != tuple(self.shape):
         raise NotImplementedError(f"{type(self).__name__}: view to {tuple(shape)} from {tuple(self.shape)}")
-    return self._rebuild(lambda t: t)
+    return keep_mark(self, self._rebuild(lambda t: t))
 
 
 @QTensor.implements(aten.t.default)
@@ -598,7 +644,7 @@ class TransposedQTensor(torch.Tensor):
         if func is aten.addmm.default:
             return _addmm(args, kwargs)
         if func is aten.t.default:
-            return args[0].weight._rebuild(lambda t: t)
+            return keep_mark(args[0].weight, args[0].weight._rebuild(lambda t: t))
         if func in (aten.detach.default, aten.alias.default):
             return cls(args[0].weight)
         inner = next((type(a.weight).__name__ for a in args if isinstance(a, TransposedQTensor)), "QTensor")
