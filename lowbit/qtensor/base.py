@@ -280,6 +280,23 @@ class QTensor(torch.Tensor):
         return handler(func, types, args, kwargs)
 
 
+def float_weight(cls: type, w: torch.Tensor) -> torch.Tensor:
+    """``w`` checked for ``cls.from_float`` (2-D, float32 / bfloat16 / float16, finite) and
+    detached: quantized from a weight that requires grad, the fields must hold no graph (no
+    grad_fn, no gradient into ``w``, no float copies kept alive). Call under ``torch.no_grad``."""
+    from lowbit.quantize import check_finite  # (lowbit.quantize imports lowbit.qtensor)
+
+    name = f"{cls.__name__}.from_float"
+    if isinstance(w, QTensor):
+        raise TypeError(f"{name}: the weight is already quantized ({type(w).__name__}); dequantize() it first")
+    if w.ndim != 2:
+        raise ValueError(f"{name} needs a 2-D weight, got shape {tuple(w.shape)}")
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name}: weight dtype {w.dtype} is not supported; expected float32, bfloat16 or float16")
+    check_finite(w.detach(), f"{name} {tuple(w.shape)}")
+    return w.detach()
+
+
 def _rebuild_qtensor(cls, tensors, shape, dtype, attrs, requires_grad=False, param=False, not_a_view_why=None):
     """Unpickling (``torch.load``, ``weights_only=True`` included): the outer dtype, shape and
     attributes and the fields' dtypes and shapes are checked as a safetensors file's metadata is

@@ -6,7 +6,7 @@ import torch
 
 from lowbit.ops import reference as ref
 from lowbit.ops.backend import resolve
-from lowbit.qtensor.base import QTensor, not_a_view
+from lowbit.qtensor.base import QTensor, float_weight, not_a_view
 
 
 class Float8Tensor(QTensor):
@@ -20,9 +20,9 @@ class Float8Tensor(QTensor):
     attr_fields = ()
 
     @classmethod
+    @torch.no_grad()
     def from_float(cls, w: torch.Tensor) -> Float8Tensor:
-        if w.ndim != 2:
-            raise ValueError(f"Float8Tensor needs a 2-D weight, got shape {tuple(w.shape)}")
+        w = float_weight(cls, w)
         scale = ref.fp8_choose_qparams(w)
         return cls(ref.fp8_quantize(w, scale), scale, shape=w.shape, dtype=w.dtype)
 

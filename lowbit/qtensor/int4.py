@@ -9,7 +9,7 @@ import torch
 from lowbit.ops import cpu
 from lowbit.ops import reference as ref
 from lowbit.ops.backend import resolve
-from lowbit.qtensor.base import QTensor, not_a_view
+from lowbit.qtensor.base import QTensor, float_weight, not_a_view
 
 # Packings that keep each row's bytes in that row (the Triton kernel reads both; row
 # slices are views): name -> (pack codes [N, K], unpack qdata [N, K // 2]).
@@ -30,7 +30,8 @@ class Int4Tensor(QTensor):
     (``reference.int4_tiled_pack``: each 16-row x 128-k tile one 1 KB run; N % 16 == 0 and
     K % 128 == 0; what CUDA weights of whole tiles get by default) or one of
     ``lowbit.ops.cpu.INT4_CPU_LAYOUTS`` (what the CPU kernel reads on this
-    machine; chosen automatically for CPU weights). "plain" and "mma" keep each
+    machine; chosen automatically for CPU weights of N % 16 == 0, the kernel's rule; any even N
+    packs, and other N run the reference). "plain" and "mma" keep each
     row's bytes in that row, so row slices are views; "tiled" keeps each 16 rows' bytes in
     those rows, so slices at multiples of 16 rows are views.
     """
@@ -44,15 +45,16 @@ class Int4Tensor(QTensor):
                 f"Int4Tensor {tuple(shape)}: the 'tiled' packing needs whole 16-row x 128-k tiles "
                 "(N % 16 == 0, K % 128 == 0)"
             )
+        _check_cpu_rows(shape, packing)
         if packing in cpu.INT4_CPU_LAYOUTS and not cpu.is_interleaved(scale, zero):
             # the CPU kernel reads (scale, zero) interleaved as [G, N, 2]: keep them so
             scale, zero = cpu.interleave_scale_zero(scale, zero)
         super().__init__(qdata, scale, zero, shape=shape, dtype=dtype, group_size=group_size, packing=packing)
 
     @classmethod
+    @torch.no_grad()
     def from_float(cls, w: torch.Tensor, group_size: int = 128, packing: str = "auto") -> Int4Tensor:
-        if w.ndim != 2:
-            raise ValueError(f"Int4Tensor needs a 2-D weight, got shape {tuple(w.shape)}")
+        w = float_weight(cls, w)
         if group_size not in ref.INT4_GROUP_SIZES:
             raise ValueError(f"int4 group_size must be one of {ref.INT4_GROUP_SIZES}, got {group_size}")
         n, k = w.shape
@@ -93,6 +95,7 @@ class Int4Tensor(QTensor):
                 f"unknown int4 packing {packing!r}; expected 'plain', 'mma', 'tiled' or one of "
                 f"{list(cpu.INT4_CPU_LAYOUTS)}"
             )
+        _check_cpu_rows(self.shape, packing)  # before packing, which fails at odd N
         q = self.codes()
         qdata = TRITON_PACKINGS[packing][0](q) if packing in TRITON_PACKINGS else cpu.int4_cpu_pack(q, packing)
         return Int4Tensor(
@@ -130,7 +133,8 @@ class Int4Tensor(QTensor):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         backend = resolve(x.device)
-        if backend == "cpu" and self.packing != "plain" and self.packing == cpu.int4_cpu_layout():
+        # (the kernel takes N % 16 == 0 only, cpu.int4_cpu_supported: else "Unsupported n block size")
+        if backend == "cpu" and self.packing == cpu.int4_cpu_layout() and self._size[0] % 16 == 0:
             return cpu.int4_mm(x, self.qdata, self.scale, self.zero, self.group_size)
         if backend == "triton":
             from lowbit.ops.triton import int4 as triton_int4
@@ -202,6 +206,14 @@ class Int4Tensor(QTensor):
         if not copy:
             return out
         return not_a_view(out.repack(target), f"columns of the {self.packing!r} packing are repacked into a copy")
+
+
+def _check_cpu_rows(shape, packing: str) -> None:
+    if packing in cpu.INT4_CPU_LAYOUTS and shape[0] % 2:  # (blocks of rows, the tail in row pairs)
+        raise ValueError(
+            f"Int4Tensor {tuple(shape)}: the {packing!r} packing needs an even N (its rows are packed "
+            f"in pairs), got N={shape[0]}; use 'plain'"
+        )
 
 
 def _best_packing(device: torch.device, n: int, k: int, group_size: int) -> str:

@@ -7,7 +7,7 @@ import torch
 from lowbit.ops import cpu
 from lowbit.ops import reference as ref
 from lowbit.ops.backend import resolve
-from lowbit.qtensor.base import QTensor, not_a_view
+from lowbit.qtensor.base import QTensor, float_weight, not_a_view
 
 
 class Int8Tensor(QTensor):
@@ -21,9 +21,9 @@ class Int8Tensor(QTensor):
     scale_dtype: torch.dtype | None = None  # None: the weight's dtype
 
     @classmethod
+    @torch.no_grad()
     def from_float(cls, w: torch.Tensor) -> Int8Tensor:
-        if w.ndim != 2:
-            raise ValueError(f"{cls.__name__} needs a 2-D weight, got shape {tuple(w.shape)}")
+        w = float_weight(cls, w)
         scale = ref.int8_choose_qparams(w, cls.scale_dtype or w.dtype)
         return cls(ref.int8_quantize(w, scale), scale, shape=w.shape, dtype=w.dtype)
 
