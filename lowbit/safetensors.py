@@ -297,11 +297,19 @@ def check_field_values(name: str, field: str, t: torch.Tensor, source: str = "<f
     where = f"{source}: tensor {name!r} field {field!r}"
     if field == "scale":
         s = t.float()
-        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-            raise ValueError(f"{where}: scales must be finite and positive (found NaN, Inf, zero or negative)")
+        bad = ~(torch.isfinite(s) & (s > 0))
+        if bool(bad.any()):
+            raise ValueError(f"{where}: scales must be finite and positive; {_first_bad(s, bad)}")
     elif field == "zero" or t.dtype.is_floating_point:
-        if not bool(torch.isfinite(t.float()).all()):
-            raise ValueError(f"{where}: holds NaN or Inf")
+        bad = ~torch.isfinite(t.float())
+        if bool(bad.any()):
+            raise ValueError(f"{where}: holds NaN or Inf; {_first_bad(t.float(), bad)}")
+
+
+def _first_bad(t: torch.Tensor, bad: torch.Tensor) -> str:
+    """'<count> of <numel> bad, the first <value> at index <index>'."""
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    return f"{int(bad.sum())} of {t.numel()} bad, the first {t[first].item()} at index {list(first)}"
 
 
 def build_qtensor(name: str, entry: Entry, parts: Mapping[str, torch.Tensor], source: str = "<file>") -> QTensor:
@@ -337,6 +345,19 @@ def _cpu_aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- flatten / unflatten
+def _check_untied(state_dict: Mapping[str, torch.Tensor]) -> None:
+    """ValueError if one quantized tensor is in ``state_dict`` twice (tied weights): its fields
+    would be saved, and loaded, as two independent tensors."""
+    seen: dict[int, str] = {}
+    for name, t in state_dict.items():
+        if isinstance(t, QTensor):
+            if id(t) in seen:
+                raise ValueError(
+                    f"tensors {seen[id(t)]!r} and {name!r} are one quantized tensor (tied weights); save it once"
+                )
+            seen[id(t)] = name
+
+
 def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Plain tensors for safetensors plus the header metadata describing the lowbit ones."""
     flat: dict[str, torch.Tensor] = {}
@@ -344,7 +365,7 @@ def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str
     # a field sharing storage with one met before is copied: safetensors refuses shared storage (CPU
     # int4 keeps scale and zero in one buffer; fuse_projections_ makes siblings' rows views of one stack)
     storages: set[int] = set()
-    tied: dict[int, str] = {}
+    _check_untied(state_dict)
     for name, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
@@ -353,11 +374,6 @@ def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str
             continue
         if QTENSOR_CLASSES.get(type(t).__name__) is not type(t) or type(t).__name__ not in _SPECS:
             raise ValueError(f"tensor {name!r}: {type(t).__name__} is not a lowbit class that can be saved")
-        if id(t) in tied:  # (the copies below would save a tie as two tensors)
-            raise ValueError(
-                f"tensors {tied[id(t)]!r} and {name!r} are one quantized tensor (tied weights); save it once"
-            )
-        tied[id(t)] = name
         if getattr(t, "packing", "plain") != "plain":
             t = t.repack("plain")
         for field, part in zip(t.tensor_fields, t._tensors()):
@@ -470,6 +486,7 @@ def save_sharded(
     that gets a shard of its own). Returns the shard file names.
     """
     limit = _parse_size(max_shard_size)
+    _check_untied(state_dict)  # (each shard checks its own tensors only)
     os.makedirs(directory, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

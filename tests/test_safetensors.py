@@ -106,6 +106,18 @@ def test_sharded_round_trip_keeps_fields_together(tmp_path):
     assert all(_same(sd[k], out[k]) for k in sd)
 
 
+def test_a_tie_across_shards_is_refused(tmp_path):
+    # one quantized tensor under two names would load as two independent copies
+    sd = _weights()
+    sd["tied.weight"] = sd["int8.weight"]
+    for save in (
+        lambda: lst.save_sharded(sd, tmp_path, max_shard_size=20_000),
+        lambda: lst.save_file(sd, tmp_path / "a"),
+    ):
+        with pytest.raises(ValueError, match="'int8.weight' and 'tied.weight' are one quantized tensor"):
+            save()
+
+
 def test_sharded_index_is_validated(tmp_path):
     lst.save_sharded(_weights(), tmp_path, max_shard_size="20KB")
     index_path = tmp_path / lst.INDEX_NAME
@@ -224,7 +236,7 @@ def test_missing_and_extra_fields(tmp_path):
 def test_bad_values(tmp_path, field, value):
     flat, doc = _flat()
     flat[f"layer.weight.{field}"][3, 1] = value
-    _expect(_write(tmp_path, flat, doc), "'layer.weight'", repr(field))
+    _expect(_write(tmp_path, flat, doc), "'layer.weight'", repr(field), f"the first {value} at index [3, 1]")
 
 
 def test_nan_in_fp8_data(tmp_path):
