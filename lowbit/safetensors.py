@@ -346,16 +346,19 @@ def _cpu_aligned(t: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- flatten / unflatten
 def _check_untied(state_dict: Mapping[str, torch.Tensor]) -> None:
-    """ValueError if one quantized tensor is in ``state_dict`` twice (tied weights): its fields
-    would be saved, and loaded, as two independent tensors."""
-    seen: dict[int, str] = {}
+    """ValueError if one quantized tensor is in ``state_dict`` twice (tied weights; ``state_dict()``
+    gives each name its own detached wrapper, on the same fields): its fields would be saved, and
+    loaded, as two independent tensors. Row views of one stack (fused siblings) differ in offset."""
+    seen: dict[tuple, str] = {}
     for name, t in state_dict.items():
-        if isinstance(t, QTensor):
-            if id(t) in seen:
+        if isinstance(t, QTensor) and t.device.type != "meta":
+            q = t._tensors()[0]
+            key = (type(t), q.untyped_storage().data_ptr(), q.storage_offset(), tuple(q.shape), q.stride())
+            if key in seen:
                 raise ValueError(
-                    f"tensors {seen[id(t)]!r} and {name!r} are one quantized tensor (tied weights); save it once"
+                    f"tensors {seen[key]!r} and {name!r} are one quantized tensor (tied weights); save it once"
                 )
-            seen[id(t)] = name
+            seen[key] = name
 
 
 def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -391,3 +391,17 @@ _header_entry = st.fixed_dictionaries(
 @given(st.dictionaries(st.text(max_size=5), _header_entry | _json, max_size=3), st.integers(0, 1 << 20))
 def test_fuzz_structured_header(header, data_len):
     assert _accepted_or_explained(_only_value_error(lst.parse_header, json.dumps(header).encode(), data_len))
+
+
+def test_a_tie_from_state_dict_is_refused_but_fused_siblings_are_not(tmp_path):
+    # state_dict() detaches every entry into its own wrapper: a module registered twice still ties them
+    shared = torch.nn.Linear(K, N, bias=False)
+    m = torch.nn.ModuleDict({"a": shared, "b": shared, "c": torch.nn.Linear(K, N, bias=False)})
+    lowbit.quantize_(m, lowbit.int8_weight_only())
+    with pytest.raises(ValueError, match="'a.weight' and 'b.weight' are one quantized tensor"):
+        lst.save_file(m.state_dict(), tmp_path / "tied.safetensors")
+    stack = lowbit.Int8Tensor.from_float(torch.randn(2 * N, K))  # two row views of one stack: two tensors
+    sd = {"q.weight": stack[:N], "k.weight": stack[N:]}
+    lst.save_file(sd, tmp_path / "fused.safetensors")
+    back = lst.load_file(tmp_path / "fused.safetensors")
+    assert all(torch.equal(back[k].dequantize(), sd[k].dequantize()) for k in sd)

@@ -148,9 +148,12 @@ class QTensor(torch.Tensor):
         # nn.Parameter(w) keeps w's class (it only sets w._is_param): record it, as
         # torch does for a plain Parameter, with requires_grad and the not_a_view mark
         # (torch.save keeps fields that share storage with a parent shared on load).
+        # (only when not the defaults: then lowbit versions before session 26 read it too). A mark
+        # of a repacked copy is not kept: unpickled, its fields are its own.
         args = (type(self), self._tensors(), tuple(self.shape), self.dtype, self._attrs())
-        state = (self.requires_grad, isinstance(self, torch.nn.Parameter), getattr(self, "_not_a_view", None))
-        return (_rebuild_qtensor, args + state)
+        why = getattr(self, "_not_a_view", None)
+        state = (self.requires_grad, isinstance(self, torch.nn.Parameter), why if why == SHARED_SCALES else None)
+        return (_rebuild_qtensor, args + state if state != (False, False, None) else args)
 
     def __repr__(self):
         fields = [f"shape={tuple(self.shape)}", f"dtype={self.dtype}", f"device={self.device}"]
@@ -281,11 +284,10 @@ class QTensor(torch.Tensor):
 
 
 def float_weight(cls: type, w: torch.Tensor) -> torch.Tensor:
-    """``w`` checked for ``cls.from_float`` (2-D, float32 / bfloat16 / float16, finite) and
-    detached: quantized from a weight that requires grad, the fields must hold no graph (no
-    grad_fn, no gradient into ``w``, no float copies kept alive). Call under ``torch.no_grad``."""
-    from lowbit.quantize import check_finite  # (lowbit.quantize imports lowbit.qtensor)
-
+    """``w`` checked for ``cls.from_float`` (2-D, float32 / bfloat16 / float16) and detached:
+    quantized from a weight that requires grad, the fields must hold no graph (no grad_fn, no
+    gradient into ``w``, no float copies kept alive). Call under ``torch.no_grad``; then
+    ``finite_qparams`` on the scales."""
     name = f"{cls.__name__}.from_float"
     if isinstance(w, QTensor):
         raise TypeError(f"{name}: the weight is already quantized ({type(w).__name__}); dequantize() it first")
@@ -293,8 +295,24 @@ def float_weight(cls: type, w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name} needs a 2-D weight, got shape {tuple(w.shape)}")
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"{name}: weight dtype {w.dtype} is not supported; expected float32, bfloat16 or float16")
-    check_finite(w.detach(), f"{name} {tuple(w.shape)}")
     return w.detach()
+
+
+def finite_qparams(cls: type, w: torch.Tensor, *qparams: torch.Tensor) -> None:
+    """ValueError naming ``cls.from_float`` unless ``w``'s quantization parameters are finite. NaN
+    and Inf in ``w`` carry into them (they come from group / row max and min), so the small
+    qparams are checked and ``w`` itself only when one is not: the count of its NaN/Inf values, or
+    finite values too large for scales of its dtype."""
+    if w.device.type == "meta" or all(bool(torch.isfinite(p).all()) for p in qparams):
+        return
+    from lowbit.quantize import check_finite  # (lowbit.quantize imports lowbit.qtensor)
+
+    where = f"{cls.__name__}.from_float {tuple(w.shape)}"
+    check_finite(w, where)
+    raise ValueError(
+        f"{where}: values up to {w.abs().max().item():.4g} overflow {w.dtype} quantization scales; "
+        "rescale the weight or quantize it in float32"
+    )
 
 
 def _rebuild_qtensor(cls, tensors, shape, dtype, attrs, requires_grad=False, param=False, not_a_view_why=None):
@@ -486,6 +504,9 @@ def _(func, types, args, kwargs):
     if device is None or torch.device(device) == self.device:  # a copy: fields never shared
         return self._rebuild(lambda t: t.clone())
     return self.to_device(device)
+
+
+SHARED_SCALES = "its per-row scales are shared with the columns outside it"  # (a column slice's mark)
 
 
 def not_a_view(t: QTensor, why: str) -> QTensor:

@@ -6,7 +6,7 @@ import torch
 
 from lowbit.ops import reference as ref
 from lowbit.ops.backend import resolve
-from lowbit.qtensor.base import QTensor, float_weight, not_a_view
+from lowbit.qtensor.base import SHARED_SCALES, QTensor, finite_qparams, float_weight, not_a_view
 
 
 class Float8Tensor(QTensor):
@@ -24,6 +24,7 @@ class Float8Tensor(QTensor):
     def from_float(cls, w: torch.Tensor) -> Float8Tensor:
         w = float_weight(cls, w)
         scale = ref.fp8_choose_qparams(w)
+        finite_qparams(cls, w, scale)
         return cls(ref.fp8_quantize(w, scale), scale, shape=w.shape, dtype=w.dtype)
 
     def check_fields(self) -> None:
@@ -46,4 +47,4 @@ class Float8Tensor(QTensor):
 
     def slice_cols(self, start: int, end: int) -> QTensor:
         out = Float8Tensor(self.qdata[:, start:end], self.scale, shape=(self.shape[0], end - start), dtype=self.dtype)
-        return not_a_view(out, "its per-row scales are shared with the columns outside it")
+        return not_a_view(out, SHARED_SCALES)

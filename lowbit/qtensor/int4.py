@@ -9,7 +9,7 @@ import torch
 from lowbit.ops import cpu
 from lowbit.ops import reference as ref
 from lowbit.ops.backend import resolve
-from lowbit.qtensor.base import QTensor, float_weight, not_a_view
+from lowbit.qtensor.base import QTensor, finite_qparams, float_weight, not_a_view
 
 # Packings that keep each row's bytes in that row (the Triton kernel reads both; row
 # slices are views): name -> (pack codes [N, K], unpack qdata [N, K // 2]).
@@ -61,6 +61,7 @@ class Int4Tensor(QTensor):
         if k % group_size:
             raise ValueError(f"int4 group_size {group_size} does not divide in_features K={k}")
         scale, zero = ref.int4_choose_qparams(w, group_size, w.dtype)
+        finite_qparams(cls, w, scale, zero)
         q = ref.int4_quantize(w, scale, zero, group_size)
         plain = cls(ref.int4_pack(q), scale, zero, shape=w.shape, dtype=w.dtype, group_size=group_size, packing="plain")
         return plain.repack(_best_packing(plain.device, n, k, group_size) if packing == "auto" else packing)

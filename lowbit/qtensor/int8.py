@@ -7,7 +7,7 @@ import torch
 from lowbit.ops import cpu
 from lowbit.ops import reference as ref
 from lowbit.ops.backend import resolve
-from lowbit.qtensor.base import QTensor, float_weight, not_a_view
+from lowbit.qtensor.base import SHARED_SCALES, QTensor, finite_qparams, float_weight, not_a_view
 
 
 class Int8Tensor(QTensor):
@@ -25,6 +25,7 @@ class Int8Tensor(QTensor):
     def from_float(cls, w: torch.Tensor) -> Int8Tensor:
         w = float_weight(cls, w)
         scale = ref.int8_choose_qparams(w, cls.scale_dtype or w.dtype)
+        finite_qparams(cls, w, scale)
         return cls(ref.int8_quantize(w, scale), scale, shape=w.shape, dtype=w.dtype)
 
     def check_fields(self) -> None:
@@ -48,7 +49,7 @@ class Int8Tensor(QTensor):
 
     def slice_cols(self, start: int, end: int) -> QTensor:
         out = type(self)(self.qdata[:, start:end], self.scale, shape=(self.shape[0], end - start), dtype=self.dtype)
-        return not_a_view(out, "its per-row scales are shared with the columns outside it")
+        return not_a_view(out, SHARED_SCALES)
 
 
 class Int8DynActTensor(Int8Tensor):

@@ -217,3 +217,38 @@ def test_a_pickled_quantized_linear_keeps_its_weight_parameter(fmt, requires_gra
     # a plain tensor stays plain
     inner = model.weight.detach()
     assert not isinstance(_load(inner), nn.Parameter) and not _load(inner).requires_grad
+
+
+def test_a_plain_pickle_is_what_earlier_versions_read():
+    # state_dict() entries (detached, no grad, not Parameters) pickle as before session 26: five
+    # arguments, which the earlier _rebuild_qtensor takes; the extra state only when it is not the default
+    q = Int8Tensor.from_float(_w())
+    assert len(q.__reduce_ex__(2)[1]) == 5
+    assert len(q[:, :64].__reduce_ex__(2)[1]) == 8  # (a shared-scale slice keeps its mark)
+    assert len(nn.Parameter(q, requires_grad=False).__reduce_ex__(2)[1]) == 8
+
+
+def test_an_unpickled_repacked_int4_slice_owns_its_fields_and_takes_writes():
+    parent = Int4Tensor.from_float(_w(), group_size=32)
+    if parent.packing == "plain":
+        pytest.skip("no CPU int4 packing on this machine")
+    buf = io.BytesIO()
+    torch.save(parent[:, :64], buf)
+    buf.seek(0)
+    sliced = torch.load(buf, weights_only=True)
+    new = _w(16, 64, seed=3)
+    sliced.copy_(new)  # (a repacked copy: its fields were never the parent's)
+    assert torch.equal(sliced.dequantize(), Int4Tensor.from_float(new, group_size=32).dequantize())
+
+
+def test_finite_weights_that_overflow_the_scales_are_refused():
+    # int4's group range hi - lo overflows float32 for values of both signs near its max: the scales were
+    # inf and every weight of the group dequantized to NaN; int8's per-row amax / 127 fits and quantizes
+    w = _w(dtype=torch.float32)
+    w[2, :32] = torch.tensor([3e38, -3e38]).repeat(16)
+    with pytest.raises(
+        ValueError, match=r"Int4Tensor.from_float \(16, 128\): values up to 3e\+38 overflow torch.float32"
+    ):
+        Int4Tensor.from_float(w, group_size=32)
+    q = Int8Tensor.from_float(w)
+    torch.testing.assert_close(q.dequantize()[2], w[2], rtol=1e-2, atol=3e38 / 127)
