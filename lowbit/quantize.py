@@ -109,8 +109,7 @@ def check_finite(w: torch.Tensor, where: str) -> None:
     if w.device.type == "meta" or bool(torch.isfinite(w).all()):  # (counted only when some are not)
         return
     bad = (~torch.isfinite(w)).sum().item()
-    if bad:
-        raise ValueError(f"{where}: weight has {bad} NaN/Inf values of {w.numel()}; cannot quantize")
+    raise ValueError(f"{where}: weight has {bad} NaN/Inf values of {w.numel()}; cannot quantize")
 
 
 def quantize_(

@@ -312,10 +312,9 @@ def _first_bad(t: torch.Tensor, bad: torch.Tensor) -> str:
     return f"{int(bad.sum())} of {t.numel()} bad, the first {t[first].item()} at index {list(first)}"
 
 
-def build_qtensor(name: str, entry: Entry, parts: Mapping[str, torch.Tensor], source: str = "<file>") -> QTensor:
-    """Check the values of the fields and build the tensor (plain packing, on the fields' device)."""
-    where = f"{source}: tensor {name!r}"
-    fields = entry.fields()
+def check_parts(where: str, cls: type, fields: Mapping[str, tuple], parts: Mapping[str, torch.Tensor]) -> None:
+    """ValueError naming ``where`` unless ``parts`` are exactly ``fields``' names, each of its
+    shape and one of its dtypes (``fields``: ``Entry.fields()``)."""
     for field, (shape, dtypes) in fields.items():
         t = parts.get(field)
         if t is None:
@@ -324,7 +323,12 @@ def build_qtensor(name: str, entry: Entry, parts: Mapping[str, torch.Tensor], so
             raise ValueError(f"{where} field {field!r}: got {t.dtype} {list(t.shape)}, expected {list(shape)}")
     extra = set(parts) - set(fields)
     if extra:
-        raise ValueError(f"{where} field {sorted(extra)[0]!r}: not a field of {entry.cls.__name__}")
+        raise ValueError(f"{where} field {sorted(extra)[0]!r}: not a field of {cls.__name__}")
+
+
+def build_qtensor(name: str, entry: Entry, parts: Mapping[str, torch.Tensor], source: str = "<file>") -> QTensor:
+    """Check the values of the fields and build the tensor (plain packing, on the fields' device)."""
+    check_parts(f"{source}: tensor {name!r}", entry.cls, entry.fields(), parts)
     for field, t in parts.items():
         check_field_values(name, field, t, source)
     tensors = [_cpu_aligned(parts[f]) for f in entry.cls.tensor_fields]

@@ -145,11 +145,10 @@ class QTensor(torch.Tensor):
     def __reduce_ex__(self, protocol):
         # Plain fields + attributes only: safe for torch.load(weights_only=True)
         # once the class is registered as a safe global (lowbit/qtensor/__init__.py).
-        # nn.Parameter(w) keeps w's class (it only sets w._is_param): record it, as
-        # torch does for a plain Parameter, with requires_grad and the not_a_view mark
-        # (torch.save keeps fields that share storage with a parent shared on load).
-        # (only when not the defaults: then lowbit versions before session 26 read it too). A mark
-        # of a repacked copy is not kept: unpickled, its fields are its own.
+        # nn.Parameter(w) keeps w's class (it only sets w._is_param): record it, as torch does for
+        # a plain Parameter, with requires_grad and a shared-scales slice mark (torch.save keeps
+        # storage shared with a parent shared on load; a repacked copy's fields are its own), and
+        # only when not the defaults, so that lowbit versions before session 26 read the pickle.
         args = (type(self), self._tensors(), tuple(self.shape), self.dtype, self._attrs())
         why = getattr(self, "_not_a_view", None)
         state = (self.requires_grad, isinstance(self, torch.nn.Parameter), why if why == SHARED_SCALES else None)
@@ -322,7 +321,7 @@ def _rebuild_qtensor(cls, tensors, shape, dtype, attrs, requires_grad=False, par
     and the values as its data (scales finite and positive, zero points and float data finite),
     so a tampered or mismatched pickle is an error. An ``nn.Parameter`` comes back as one."""
     from lowbit.qtensor import QTENSOR_CLASSES
-    from lowbit.safetensors import _SPECS, check_field_values
+    from lowbit.safetensors import _SPECS, check_field_values, check_parts
 
     if not (isinstance(cls, type) and issubclass(cls, QTensor)) or not isinstance(tensors, (list, tuple)):
         raise ValueError(f"a pickled lowbit tensor names {cls!r}, which is not a lowbit tensor class")
@@ -344,14 +343,10 @@ def _rebuild_qtensor(cls, tensors, shape, dtype, attrs, requires_grad=False, par
     if spec is not None:
         # (a file holds the "plain" packing only; a pickle holds any, and check_fields checks it)
         spec.attr_check({**attrs, "packing": "plain"} if "packing" in attrs else attrs, shape, where)
-        fields, parts = spec.fields(shape, attrs), dict(zip(cls.tensor_fields, tensors))
-        for field, t in parts.items():
-            want, dtypes = fields[field]
-            if field == "zero" and t.dtype != parts["scale"].dtype:
-                dtypes = (parts["scale"].dtype,)  # (as in a file: the scale's)
-            if tuple(t.shape) != want or t.dtype not in dtypes:
-                names = [str(d).removeprefix("torch.") for d in dtypes]
-                raise ValueError(f"{where}: field {field!r} is {t.dtype} {tuple(t.shape)}, expected {want} of {names}")
+        parts = dict(zip(cls.tensor_fields, tensors))
+        check_parts(f"{where}:", cls, spec.fields(shape, attrs), parts)
+        if "zero" in parts and parts["zero"].dtype != parts["scale"].dtype:  # (as in a file)
+            raise ValueError(f"{where}: field 'zero': dtype {parts['zero'].dtype} differs from the scale's")
     for field, t in zip(cls.tensor_fields, tensors):
         check_field_values(where, field, t, source="torch.load")
     t = cls(*tensors, shape=shape, dtype=dtype, **attrs)
