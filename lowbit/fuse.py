@@ -59,7 +59,7 @@ from torch import nn
 
 from lowbit.ops import reference as ref
 from lowbit.qtensor import QTensor
-from lowbit.qtensor.base import linear_add_rmsnorm, swiglu_linear
+from lowbit.qtensor.base import autocast_dtype, linear_add_rmsnorm, swiglu_linear
 
 DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -276,6 +276,7 @@ def _glu_forward(self, *args, **kwargs):
         or _hooked(up)
         or (torch.is_grad_enabled() and x.requires_grad)
         or x.dtype != self._lowbit_glu_dtype
+        or autocast_dtype(x) not in (None, x.dtype)  # (the linears cast x: their own forward)
     ):
         return base.forward(self, x)
     return self.down_proj(swiglu_linear(x, _weight(g)))

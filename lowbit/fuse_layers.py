@@ -50,6 +50,7 @@ from lowbit.fuse import (
 )
 from lowbit.ops import reference as ref
 from lowbit.qtensor import QTensor
+from lowbit.qtensor.base import autocast_dtype
 
 # layer id -> (h, input_layernorm(h), h's version or None) computed by the layer before
 _PRENORMED: dict[int, tuple] = {}
@@ -101,6 +102,7 @@ def _ready(self, x: torch.Tensor, attn, mlp, inorm, post) -> bool:
     return not (
         (torch.is_grad_enabled() and x.requires_grad)
         or x.dtype != self._lowbit_layer_dtype
+        or autocast_dtype(x) not in (None, x.dtype)
         or x.numel() > self._lowbit_layer_max_m * x.shape[-1]
         or not _fused_single(o, o_gid)
         or not _fused_single(down, d_gid)

@@ -104,6 +104,20 @@ def _dtensor_weights(targets) -> list[tuple[str, object]]:
     return [(fqn, w.placements) for fqn, w in weights if isinstance(w, dt.DTensor)]
 
 
+def _refuse_qat_prepared(targets, config) -> None:
+    """ValueError, before any layer changes, if a target is prepared for QAT: its forward
+    fake-quantizes its weight, which a quantized weight cannot be."""
+    from lowbit.qat import FakeQuantLinear
+
+    prepared = [(fqn, mod) for fqn, mod in targets if isinstance(mod, FakeQuantLinear)]
+    if prepared:
+        fqn, mod = prepared[0]
+        raise ValueError(
+            f"quantize_: layer {fqn!r} (and {len(prepared) - 1} more) is prepared for QAT with {mod.qat_config}; "
+            f"convert it with quantize_(model, QATConfig({mod.qat_config}, step='convert')) instead of {config}"
+        )
+
+
 def check_finite(w: torch.Tensor, where: str) -> None:
     """ValueError naming ``where`` (e.g. ``layer 'model.fc'``) if ``w`` holds NaN or Inf."""
     if w.device.type == "meta" or bool(torch.isfinite(w).all()):  # (counted only when some are not)
@@ -145,6 +159,8 @@ def quantize_(
                 f"(placements {sharded[0][1]}); quantizing it would be undone by the sharding: quantize before "
                 "fully_shard, or an unsharded copy (a full state dict)"
             )
+    if handler is not None:
+        _refuse_qat_prepared(targets, config)
     tied = tied_weights(model)
     show = progress if progress is not None else len(targets) >= 64
     for fqn, mod in tqdm(targets, desc="lowbit quantize", disable=not show, unit="layer"):

@@ -365,6 +365,18 @@ def test_groups_that_cannot_be_fused_raise_and_stay_unchanged():
     assert type(m.q_proj) is nn.Linear and m.q_proj.weight.packing == "cpu_scalar"
 
 
+def _cuda_int4_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    m = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+    return lowbit.quantize_(m, lowbit.int4_weight_only(group_size=128))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rebuild, norms", [(False, False), (True, False), (False, True), (True, True)])
 def test_fused_int4_llama_on_cuda_matches_unfused(rebuild, norms):
@@ -372,18 +384,7 @@ def test_fused_int4_llama_on_cuda_matches_unfused(rebuild, norms):
     kernel per group against each member's own kernel, eager and compiled with CUDA graphs. The
     kernels' configs (and so the fp32 summation order) depend on N, so the logits agree to
     rounding rather than bitwise."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    def model():
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
-            hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False,
-        )  # fmt: skip
-        m = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).cuda().eval()
-        return lowbit.quantize_(m, lowbit.int4_weight_only(group_size=128))
-
-    plain, fused = model(), model()
+    plain, fused = _cuda_int4_llama(), _cuda_int4_llama()
     assert plain.model.layers[0].self_attn.k_proj.weight.packing == "tiled"
     fuse_mod.REBUILD_IN_GRAPH = rebuild  # (the fixture restores it)
     names = lowbit.fuse_projections_(fused, norms=norms)
@@ -397,6 +398,29 @@ def test_fused_int4_llama_on_cuda_matches_unfused(rebuild, norms):
                 for _ in range(3):  # (CUDA graphs: warm-up, record, replay)
                     got = run(ids).logits.float()
                 assert (got - want).abs().max() <= 0.02 * want.abs().max(), (got - want).abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused kernels)")
+@pytest.mark.parametrize("norms", [False, True])
+def test_fused_llama_under_an_autocast_of_another_dtype_runs_as_unfused(norms, monkeypatch):
+    """A bf16 int4 model under fp16 autocast: the fused MLP / layer kernels (bf16 only) must not
+    serve the call; the output is what the unfused model gives under the same autocast."""
+    calls = []
+    for name in ("swiglu_linear", "linear_add_rmsnorm"):
+        real = getattr(fuse_mod, name)
+        monkeypatch.setattr(fuse_mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+
+    plain, fused = _cuda_int4_llama(), _cuda_int4_llama()
+    lowbit.fuse_projections_(fused, norms=norms)
+    ids = torch.randint(0, 256, (1, 1), device="cuda")
+    with torch.no_grad():
+        fused(ids)
+        assert "swiglu_linear" in calls and ("linear_add_rmsnorm" in calls) == norms  # (the fused paths are live)
+        calls.clear()
+        with torch.autocast("cuda", dtype=torch.float16):
+            want, got = plain(ids).logits, fused(ids).logits
+    assert not calls and got.dtype == want.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
 def _reference_mlps(model):

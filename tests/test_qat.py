@@ -195,6 +195,21 @@ def test_prepare_root_linear_and_nonfinite():
         lowbit.quantize_(bad, QATConfig(lowbit.int8_weight_only()))
 
 
+def test_a_weight_config_on_a_prepared_model_is_refused_before_any_change():
+    """quantize_ with a weight scheme on a QAT-prepared model raised deep in the fake-quant
+    forward (aten.abs on the quantized weight); it now refuses first, naming the layer, its
+    prepared config and the convert step, and leaves every layer as it was."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    lowbit.quantize_(m, QATConfig(lowbit.int4_weight_only(group_size=32), step="prepare"))
+    x = torch.randn(2, 32)
+    want = m(x)
+    with pytest.raises(ValueError, match=r"layer '0' \(and 1 more\) is prepared for QAT.*step='convert'"):
+        lowbit.quantize_(m, lowbit.int8_weight_only())
+    assert all(type(m[i]) is FakeQuantLinear and type(m[i].weight) is nn.Parameter for i in (0, 2))
+    torch.testing.assert_close(m(x), want)
+
+
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_convert_equals_prepared(scheme):
     cfg, cls = SCHEMES[scheme]

@@ -72,22 +72,25 @@ def test_empty_lazy_and_parametrized_weights_are_skipped_with_a_reason():
 def one_process_group():
     if not dist.is_gloo_available():
         pytest.skip("needs gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
+    try:  # a CPU mesh: fully_shard's default mesh is on the GPU where there is one
+        yield init_device_mesh("cpu", (1,))
     finally:
         dist.destroy_process_group()
 
 
 def test_sharded_weights_are_refused_before_any_layer_changes(one_process_group):
+    mesh = one_process_group
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
     x = torch.randn(3, 32)
     want = m(x)
-    fully_shard(m[0])
-    fully_shard(m)
+    fully_shard(m[0], mesh=mesh)
+    fully_shard(m, mesh=mesh)
     with pytest.raises(ValueError, match=r"layer '0' \(and 1 more\) is a sharded DTensor.*before fully_shard"):
         lowbit.quantize_(m, lowbit.int8_weight_only())
     assert not any(isinstance(getattr(p, "_local_tensor", p), QTensor) for p in m.parameters())
@@ -95,12 +98,13 @@ def test_sharded_weights_are_refused_before_any_layer_changes(one_process_group)
 
 
 def test_qat_convert_of_a_sharded_model_is_refused_but_prepare_is_not(one_process_group):
+    mesh = one_process_group
     from torch.distributed.fsdp import fully_shard
 
     base = lowbit.int8_weight_only()
     m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
     lowbit.quantize_(m, lowbit.QATConfig(base, step="prepare"))
-    fully_shard(m)
+    fully_shard(m, mesh=mesh)
     m(torch.randn(2, 32)).sum().backward()
     with pytest.raises(ValueError, match="sharded DTensor"):
         lowbit.quantize_(m, lowbit.QATConfig(base, step="convert"))

@@ -445,6 +445,8 @@ class _QuantLinearFn(torch.autograd.Function):
 
 
 def quantized_linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if autocast_dtype(x) is not None:
+        return _autocast_linear(x, w, bias)
     check_activation(x, w)
     if bias is not None and bias.dtype != x.dtype:  # as F.linear
         raise TypeError(f"{type(w).__name__} linear: bias is {bias.dtype} but the input is {x.dtype}")
@@ -460,6 +462,30 @@ def quantized_linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = No
     else:
         y = _forward(x, w)
     return y if bias is None else y + bias
+
+
+_AUTOCAST_DEVICES = ("cuda", "cpu")  # (is_autocast_enabled raises for "meta")
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts a linear's input ``x`` to here, or None (autocast off)."""
+    dev = x.device.type
+    if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _autocast_linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Under ``torch.autocast``, as ``F.linear`` there: the input and bias are cast to the
+    autocast dtype, which is the output's. The matmul then runs with autocast off, so the
+    kernels' own fp32 accumulation (and the reference's fp32 math) is not cast down again."""
+    dev, dt = x.device.type, autocast_dtype(x)
+    if x.is_floating_point():
+        x = x.to(dt)
+    if bias is not None and bias.is_floating_point():
+        bias = bias.to(dt)
+    with torch.autocast(dev, enabled=False):
+        return quantized_linear(x, w, bias)
 
 
 @QTensor.implements_function(F.linear)
