@@ -19,6 +19,7 @@ Transformers is called; the model attribute ``_keep_in_fp32_modules`` is read.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -406,6 +407,17 @@ def _check_small_fields(entries, where_stored, source) -> None:
                 lst.check_field_values(name, field, f.get_tensor(f"{name}.{field}"), source)
 
 
+def _weight_kinds(model) -> set[tuple[str, int | None]]:
+    """(class name, group size) of each kind of lowbit weight ``model`` holds."""
+    return {(type(p).__name__, getattr(p, "group_size", None)) for p in model.parameters() if isinstance(p, QTensor)}
+
+
+def _attach(model, scheme: str, group_size: int | None) -> None:
+    cfg = LowbitConfig(scheme, **({"group_size": group_size} if scheme == "int4_weight_only" else {}))
+    model.config.quantization_config = cfg
+    model.hf_quantizer = LowbitHfQuantizer(cfg)
+
+
 def attach_after_quantize(model, config) -> None:
     """After ``lowbit.quantize_`` on a Transformers model: give it a ``quantization_config`` and
     this quantizer, as ``from_pretrained`` would, so ``save_pretrained`` writes a lowbit
@@ -417,10 +429,9 @@ def attach_after_quantize(model, config) -> None:
         config = config.base_config
     if config.name not in SCHEMES:  # e.g. QAT prepare (float weights)
         return
-    kinds = {(type(p).__name__, getattr(p, "group_size", None)) for p in model.parameters() if isinstance(p, QTensor)}
-    kw = {"group_size": config.group_size} if config.name == "int4_weight_only" else {}
-    want = (_SCHEME_CLASS[config.name], kw.get("group_size"))
-    if kinds != {want}:
+    gs = config.group_size if config.name == "int4_weight_only" else None
+    kinds = _weight_kinds(model)
+    if kinds != {(_SCHEME_CLASS[config.name], gs)}:
         model.config.quantization_config = None
         model.hf_quantizer = None
         log.warning(
@@ -429,6 +440,51 @@ def attach_after_quantize(model, config) -> None:
             sorted(kinds, key=str),
         )
         return
-    cfg = LowbitConfig(config.name, **kw)
-    model.config.quantization_config = cfg
-    model.hf_quantizer = LowbitHfQuantizer(cfg)
+    _attach(model, config.name, gs)
+
+
+def before_save(model) -> None:
+    """Run by ``save_pretrained`` (``guard_save_pretrained``). A model holding lowbit weights that
+    its lowbit quantizer does not describe (none: ``quantize_`` ran on a submodule such as
+    ``model.model`` or its layers; or a quantizer from before another ``quantize_``) gets the one
+    its weights call for, as ``attach_after_quantize`` gives; weights of several schemes or group
+    sizes raise ``ValueError`` (Transformers failed on their storage, or wrote them under the old
+    config). Another library's quantizer is left alone."""
+    q = getattr(model, "hf_quantizer", None)
+    if q is not None and not isinstance(q, LowbitHfQuantizer):
+        return
+    kinds = _weight_kinds(model)
+    if not kinds:
+        return
+    if len(kinds) > 1:
+        raise ValueError(
+            f"lowbit: {type(model).__name__} holds lowbit weights of several schemes or group sizes "
+            f"{sorted(kinds, key=str)}, which no one quantization_config describes; save_pretrained cannot write "
+            "them: save with lowbit.safetensors.save_file(model.state_dict(), path)"
+        )
+    ((cls_name, gs),) = kinds
+    scheme = next(name for name, c in _SCHEME_CLASS.items() if c == cls_name)
+    if q is not None and q.quantization_config.scheme == scheme:
+        if scheme != "int4_weight_only" or q.quantization_config.group_size == gs:
+            return  # (its config as loaded: modules_to_not_convert and all)
+    log.info("lowbit: saving %s's %s weights as quantization_config %s", type(model).__name__, cls_name, scheme)
+    _attach(model, scheme, gs)
+
+
+def guard_save_pretrained() -> None:
+    """Wrap ``PreTrainedModel.save_pretrained`` (once) to call ``before_save`` first. Called by
+    ``quantize_`` once Transformers' modeling_utils is imported (not at this module's import:
+    Transformers imports it while its own registry is half made)."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    save = PreTrainedModel.save_pretrained
+    if getattr(save, "_lowbit_before_save", False):
+        return
+
+    @functools.wraps(save)
+    def save_pretrained(self, *args, **kwargs):
+        before_save(self)
+        return save(self, *args, **kwargs)
+
+    save_pretrained._lowbit_before_save = True
+    PreTrainedModel.save_pretrained = save_pretrained

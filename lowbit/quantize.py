@@ -185,8 +185,10 @@ def quantize_(
     model.lowbit_report = report
     # a Transformers model exists only once modeling_utils is imported; never import it here
     tf = sys.modules.get("transformers.modeling_utils")
-    if tf is not None and isinstance(model, tf.PreTrainedModel) and report.quantized:
-        from lowbit.hf import attach_after_quantize  # save_pretrained then writes a lowbit checkpoint
+    if tf is not None and report.quantized:  # save_pretrained then writes a lowbit checkpoint
+        from lowbit import hf
 
-        attach_after_quantize(model, config)
+        hf.guard_save_pretrained()  # (an enclosing model, quantize_ on a submodule: at its save)
+        if isinstance(model, tf.PreTrainedModel):
+            hf.attach_after_quantize(model, config)
     return model

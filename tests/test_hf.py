@@ -339,6 +339,37 @@ def test_save_pretrained_after_quantize_(base_dir, ids, tmp_path, caplog):
     assert model.config.quantization_config is None and "several schemes" in caplog.text
 
 
+@pytest.mark.parametrize("part", ["model", "model.layers"])
+def test_save_pretrained_after_quantize_on_a_submodule(base_dir, ids, tmp_path, part):
+    """quantize_ on a part of a Transformers model (its base model, or its layers): the enclosing
+    model's save_pretrained failed on the wrapper tensors' storage ("invalid python storage").
+    It now writes the checkpoint the weights call for, and from_pretrained gives the same model."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    lowbit.quantize_(model.get_submodule(part), lowbit.int8_weight_only())
+    assert getattr(model, "hf_quantizer", None) is None
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "q")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert type(back.model.layers[1].self_attn.o_proj.weight).__name__ == "Int8Tensor"
+    assert type(back.lm_head.weight) is torch.nn.Parameter
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, want)
+
+
+def test_save_pretrained_of_parts_in_two_schemes_is_refused(base_dir, tmp_path):
+    """Layers quantized with two schemes (no one quantization_config): a clear ValueError before
+    anything is written, also after an earlier save attached the first scheme's quantizer
+    (which would have written the int8 weights under the int4 config)."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    lowbit.quantize_(model.model.layers[0], lowbit.int4_weight_only(GROUP))
+    model.save_pretrained(tmp_path / "first")
+    lowbit.quantize_(model.model.layers[1], lowbit.int8_weight_only())
+    with pytest.raises(ValueError, match=r"several schemes.*Int4Tensor.*Int8Tensor.*lowbit.safetensors.save_file"):
+        model.save_pretrained(tmp_path / "second")
+    assert not (tmp_path / "second").exists()
+
+
 @pytest.mark.parametrize("probe", [False, True])
 def test_import_lowbit_registers_with_transformers_on_first_registry_import(probe):
     """``import lowbit`` before Transformers' quantizer registry: the registry's own import
