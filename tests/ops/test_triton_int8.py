@@ -373,6 +373,40 @@ def test_nonfinite_activation_rows_give_nan_rows(scheme, m, dtype):
         assert _rel(out[~bad], expect[~bad]) < TOL[dtype]
 
 
+@pytest.mark.parametrize("m", [1, 5, 300])  # the GEMV, the split-K GEMM, the large-M path
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_huge_weights_rescale_as_the_spec_does(scheme, m, dtype):
+    """Weights near 1e36 and small activations: y ~ 1e34 is finite, but the epilogue's fp32
+    ``acc * ws`` overflowed before ``* xs`` (inf where the float64 spec is finite). The scales'
+    product comes first now; row 0 (+-1e35 against two weights of 1e36) makes that product inf
+    with an exact zero sum, which must give 0 as the spec does, and inf elsewhere as it does."""
+    from lowbit.ops.triton.fp8 import SCALED_MM_MIN_M, fp8_dyn_mm
+
+    if scheme == "fp8" and DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs sm_89+")
+    if scheme == "fp8" and DEVICE == "cuda" and dtype == torch.bfloat16 and m >= SCALED_MM_MIN_M:
+        pytest.skip("torch._scaled_mm: cuBLAS rescales in its own order")
+    w = _rand(24, 64, seed=3) * 1e36
+    w[0] = 0
+    w[0, :2] = 1e36
+    x = _rand(m, 64, seed=4, dtype=dtype, std=1e-3)
+    x[0] = 0
+    x[0, 0], x[0, 1] = 1e35, -1e35
+    if scheme == "int8":
+        scale = ref.int8_choose_qparams(w, torch.float32)
+        qdata, op, spec = ref.int8_quantize(w, scale), int8_dyn_mm, ref.int8_dynamic_linear
+    else:
+        scale = ref.fp8_choose_qparams(w)
+        qdata, op, spec = ref.fp8_quantize(w, scale), fp8_dyn_mm, ref.fp8_dynamic_linear
+    out, expect = op(x, qdata, scale), spec(x, qdata, scale)
+    assert out[0, 0] == expect[0, 0] == 0 and expect[0].isinf().sum() > 12
+    torch.testing.assert_close(out[0], expect[0], rtol=0, atol=0)
+    if m > 1:
+        assert expect[1:].isfinite().all() and expect[1:].abs().max() > 1e33
+        assert out[1:].isfinite().all() and _rel(out[1:], expect[1:]) < TOL[dtype]
+
+
 @pytest.mark.parametrize("m", [2, 17, 300])  # split-K GEMM, GEMM, large M (fp32 skips the dequantize path)
 def test_w8a16_fp32_activations_are_ieee_not_tf32(m):
     """fp32 activations get fp32 products, as F.linear does by default: tl.dot's default

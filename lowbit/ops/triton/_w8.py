@@ -95,6 +95,15 @@ def _i8_to_f32(q):
     return tl.inline_asm_elementwise(_I8_TO_F32_PTX, "=r,=r,=r,=r,r", [q], dtype=tl.float32, is_pure=True, pack=4)
 
 
+@triton.jit
+def _rescale(acc, ws, xs):
+    """W8A8's ``acc * ws * xs`` in fp32 (the spec multiplies in float64): the scales' product
+    first, since ``acc * ws`` alone overflows for weights near 1e36 where y does not; and 0 where
+    acc is 0 and that product overflowed (y is then 0), NaN scales staying NaN."""
+    s = ws * xs
+    return tl.where((acc == 0) & (s == s), 0.0, acc * s)
+
+
 def _gemv_prune(configs_, named_args, **kwargs):
     """The ALU int8 conversion only for W8A16 (int8 weight, float x) on the GPU, as GEMV_CVT
     allows; one config when autotuning is off."""
@@ -163,9 +172,12 @@ def _gemv_kernel(
             acc += _i8_to_f32(w) * x.to(acc_t)[None, :]
         else:
             acc += w.to(acc_t) * x.to(acc_t)[None, :]
-    y = tl.sum(acc, axis=1).to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)
+    y = tl.sum(acc, axis=1).to(tl.float32)
+    ws = tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)
     if A_SCALED:
-        y = y * tl.load(xs_ptr + m)
+        y = _rescale(y, ws, tl.load(xs_ptr + m))
+    else:
+        y = y * ws
     tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
@@ -316,9 +328,11 @@ def _gemm_kernel(
         y = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)[:, None]
         tl.store(y_ptr + rn[:, None] + rm[None, :] * stride_ym, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        y = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
+        ws = tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
         if A_SCALED:
-            y = y * tl.load(xs_ptr + rm, mask=rm < M, other=0)[:, None]
+            y = _rescale(acc.to(tl.float32), ws, tl.load(xs_ptr + rm, mask=rm < M, other=0)[:, None])
+        else:
+            y = acc.to(tl.float32) * ws
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -350,8 +364,8 @@ def _gemm_tma_kernel(
                 acc = tl.dot(x, tl.trans(w), acc, out_dtype=acc_t)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        y = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
-        y = y * tl.load(xs_ptr + rm, mask=rm < M, other=0)[:, None]
+        ws = tl.load(ws_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
+        y = _rescale(acc.to(tl.float32), ws, tl.load(xs_ptr + rm, mask=rm < M, other=0)[:, None])
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
