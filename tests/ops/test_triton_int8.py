@@ -342,6 +342,17 @@ def test_gemv_conversion_choice(interpret, autotune, monkeypatch):
                 assert alu == {False, True}
 
 
+def _w8a8(scheme, w):
+    """(qdata, scale, Triton op, spec) of a W8A8 scheme ("int8" or "fp8") for weight w."""
+    from lowbit.ops.triton.fp8 import fp8_dyn_mm
+
+    if scheme == "int8":
+        scale = ref.int8_choose_qparams(w, torch.float32)
+        return ref.int8_quantize(w, scale), scale, int8_dyn_mm, ref.int8_dynamic_linear
+    scale = ref.fp8_choose_qparams(w)
+    return ref.fp8_quantize(w, scale), scale, fp8_dyn_mm, ref.fp8_dynamic_linear
+
+
 @pytest.mark.parametrize("m", [1, 5, 300])  # the GEMV, the split-K GEMM, the large-M path
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
@@ -351,15 +362,9 @@ def test_nonfinite_activation_rows_give_nan_rows(scheme, m, dtype):
     large-M GEMM, ``_scaled_mm`` and the TMA GEMM for fp8); the other rows are untouched."""
     if scheme == "fp8" and DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs sm_89+")
-    from lowbit.ops.triton.fp8 import fp8_dyn_mm
 
     w = _rand(48, 96, seed=1, std=0.02)
-    if scheme == "int8":
-        scale = ref.int8_choose_qparams(w, torch.float32)
-        qdata, op, spec = ref.int8_quantize(w, scale), int8_dyn_mm, ref.int8_dynamic_linear
-    else:
-        scale = ref.fp8_choose_qparams(w)
-        qdata, op, spec = ref.fp8_quantize(w, scale), fp8_dyn_mm, ref.fp8_dynamic_linear
+    qdata, scale, op, spec = _w8a8(scheme, w)
     x = _rand(m, 96, seed=2, dtype=dtype)
     bad_rows = {0: float("nan"), m // 2 + 1: float("inf"), m - 1: -float("inf")} if m > 2 else {0: float("nan")}
     for r, v in bad_rows.items():
@@ -381,7 +386,7 @@ def test_huge_weights_rescale_as_the_spec_does(scheme, m, dtype):
     ``acc * ws`` overflowed before ``* xs`` (inf where the float64 spec is finite). The scales'
     product comes first now; row 0 (+-1e35 against two weights of 1e36) makes that product inf
     with an exact zero sum, which must give 0 as the spec does, and inf elsewhere as it does."""
-    from lowbit.ops.triton.fp8 import SCALED_MM_MIN_M, fp8_dyn_mm
+    from lowbit.ops.triton.fp8 import SCALED_MM_MIN_M
 
     if scheme == "fp8" and DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs sm_89+")
@@ -393,12 +398,7 @@ def test_huge_weights_rescale_as_the_spec_does(scheme, m, dtype):
     x = _rand(m, 64, seed=4, dtype=dtype, std=1e-3)
     x[0] = 0
     x[0, 0], x[0, 1] = 1e35, -1e35
-    if scheme == "int8":
-        scale = ref.int8_choose_qparams(w, torch.float32)
-        qdata, op, spec = ref.int8_quantize(w, scale), int8_dyn_mm, ref.int8_dynamic_linear
-    else:
-        scale = ref.fp8_choose_qparams(w)
-        qdata, op, spec = ref.fp8_quantize(w, scale), fp8_dyn_mm, ref.fp8_dynamic_linear
+    qdata, scale, op, spec = _w8a8(scheme, w)
     out, expect = op(x, qdata, scale), spec(x, qdata, scale)
     assert out[0, 0] == expect[0, 0] == 0 and expect[0].isinf().sum() > 12
     torch.testing.assert_close(out[0], expect[0], rtol=0, atol=0)
