@@ -11,8 +11,8 @@ mutation hints (past the re-record limit, or with a hint, the tree runs the step
 counters (summed over the process, so later variants start from earlier ones' counts).
 ``--profile-record``: a cProfile of one loop's first steps with a forced re-recording.
 
-    python bench/diag_cudagraph.py --variants bf16,lowbit_int4[,lowbit_int4_unwrapped] [--layers 32]
-        [--skip-guards] [--profile-record] [--profile] --out DIR
+    python bench/diag_cudagraph.py --variants bf16,lowbit_int4[,lowbit_int4_unwrapped,lowbit_int4_fused]
+        [--layers 32] [--with-head] [--skip-guards] [--profile-record] [--profile] --out DIR
 """
 
 from __future__ import annotations
@@ -95,9 +95,14 @@ def profile_record(model, ids, new_tokens, top=30) -> dict:
 def run(variant, args) -> list[dict]:
     device = torch.device("cuda")
     model = e2e.build_model(args, device)
-    e2e.quantize(model, variant.removesuffix(e2e.UNWRAP), 128)
+    base = variant.removesuffix(e2e.UNWRAP).removesuffix(e2e.FUSED)
+    e2e.quantize(model, base, 128, args.with_head)
     if variant.endswith(e2e.UNWRAP):
         e2e.unwrap_fields(model)
+    if variant.endswith(e2e.FUSED):  # as e2e's fused variant: q/k/v and gate/up stacked, silu * up in one
+        import lowbit
+
+        lowbit.fuse_projections_(model)
     ids = torch.randint(1, 128000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     with torch.inference_mode():
@@ -147,6 +152,7 @@ def main():
     p.add_argument("--loops", type=int, default=4, help="step loops with a new cache, then as many sharing one")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--with-head", action="store_true", help="quantize the output head too (as e2e's --with-head)")
     p.add_argument("--skip-guards", action="store_true", help="then as many loops skipping guard evaluation")
     p.add_argument("--profile-record", action="store_true", help="then a cProfile of a loop's re-recording steps")
     p.add_argument("--profile", action="store_true", help="then a cProfile of the host's steady steps (e2e_profile)")

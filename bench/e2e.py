@@ -428,6 +428,12 @@ def run_variant(variant, args) -> dict:
                     res[f"b{batch}_first_steps_ms"] = round(min(h["first_s"] for h in runs) * 1e3, 1)
                     res[f"b{batch}_step_loop_ms"] = round(best["steady_s"] / steady * 1e3, 3)
                     res[f"b{batch}_step_steady_issue_ms"] = round(best["steady_issue_s"] / steady * 1e3, 3)
+                    # each rep's own split (whole loop, first steps, steady steps, ms): "outside" from one
+                    # rep's figures, since minima taken over different reps mix their steady rates
+                    res[f"b{batch}_step_reps"] = [
+                        [round(t * 1e3, 2), round(h["first_s"] * 1e3, 2), round(h["steady_s"] * 1e3, 2)]
+                        for t, h in zip(times, runs)
+                    ]
                     cycles = sleep_cycles_per_s()
                     for _ in range(args.reps):
                         host = dict(head_start_s=1.5 * issue + 0.05, sleep_cycles_per_s=cycles)

@@ -40,9 +40,14 @@ def ratio(r, base, key):
 def outside_ms(r: dict, b: int, new_tokens: int):
     """A GPU step loop's time outside its steps, ms: the loop's whole time (its tok/s) less its
     first steps and its steady steps at the loop's own rate: the eager prompt (which the loop's
-    tok/s counts), the cache reset, the compiled step's wrapping. '-' without those figures."""
+    tok/s counts), the cache reset, the compiled step's wrapping. '-' without those figures. With
+    ``b{b}_step_reps`` (each rep's whole, first and steady ms) the median of each rep's own difference:
+    minima over different reps mix their steady rates (0.1 ms a step is 25 ms over 253 steps)."""
     from e2e import first_steps  # (e2e imports this module)
 
+    reps = r.get(f"b{b}_step_reps")
+    if reps:  # (median over reps of each rep's own whole - first - steady)
+        return round(statistics.median(whole - first - steady for whole, first, steady in reps), 1)
     tok_s, first, per = r.get(f"b{b}_step_tok_s"), r.get(f"b{b}_first_steps_ms"), r.get(f"b{b}_step_loop_ms")
     if not tok_s or first is None or not per:
         return "-"

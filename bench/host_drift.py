@@ -1,7 +1,7 @@
 """Where the host time of an eager lowbit forward goes, and whether lowbit slows HF's own ops
 (session 25's open question), measured in one process on a GPU.
 
-    python bench/host_drift.py [--layers 32] [--tokens 16] [--ladder ROUNDS] [--out DIR]
+    python bench/host_drift.py [--layers 32] [--tokens 16] [--batch 1] [--ladder ROUNDS] [--out DIR]
 
 Without ``--ladder`` (stages): times, at each stage of one process, the host cost of a few small
 CUDA ops in a tight loop (``micro``: us per call), a pure-Python loop (``py_us``), the number of
@@ -201,11 +201,11 @@ def stubbed_below(level: str):
         "qlinear": lambda: cached(real, lambda w, x: (id(w), x.shape[0])),
         "op": lambda: cached(real, lambda x, qdata, *rest: (qdata.data_ptr(), x.shape[0])),
         "launch": lambda: lambda *a, **k: None,
-        "buffers": lambda: cached(real, lambda device, m, n, most: (device, m, n, most)),
+        "buffers": lambda: cached(real, lambda device, m, n, most, stream=None: (device, m, n, most, stream)),
         "key": lambda: cached(real, lambda x, qdata, *rest: (qdata.data_ptr(), x.shape, x.data_ptr() % 16)),
         "fresh_ws": lambda: (
-            lambda device, m, n, most: (
-                real(device, m, n, most)
+            lambda device, m, n, most, stream=None: (
+                real(device, m, n, most, stream)
                 if most == 1
                 else (
                     torch.empty((most, m, n), device=device, dtype=torch.float32),
@@ -264,6 +264,7 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--batch", type=int, default=1, help="prompts per call (batch 8 x 16 tokens: the b8 loop's prompt)")
     p.add_argument("--tiny", action="store_true", help="e2e's tiny model (a dry run)")
     p.add_argument(
         "--ladder",
@@ -285,7 +286,9 @@ def main():
     log(json.dumps(info))
     args = argparse.Namespace(tiny=a.tiny, layers=a.layers)
     dev = DEV
-    ids = torch.randint(1, 500 if a.tiny else 128000, (1, a.tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+    ids = torch.randint(
+        1, 500 if a.tiny else 128000, (a.batch, a.tokens), generator=torch.Generator().manual_seed(0)
+    ).to(dev)
     rows = []
 
     def stage(name, q=None):

@@ -31,12 +31,13 @@ so the compiled model takes no subclass input (see ``fuse_projections_``).
 
 For inference, as the last step (after ``.to()``, sharding, adapters):
 - a member called with an input that needs a gradient runs alone (the unfused result);
-- a member whose ``weight`` is not the parameter it was fused with (assigned since, or swapped by
-  ``torch.func.functional_call``) runs alone on it;
-- ``.to()``, ``load_state_dict(assign=True)`` or anything else that leaves a member's weight no
-  longer a view of the stack unfuses the whole group (the members become plain ``nn.Linear``
-  again, on their own weights); in-place writes (``load_state_dict``, ``copy_``) go through the
-  views into the stack and keep it fused;
+- a new weight assigned to a member, ``.to()``, ``load_state_dict(assign=True)`` or anything else
+  that leaves a member's weight no longer a view of the stack unfuses the whole group (the members
+  become plain ``nn.Linear`` again, on their own weights); in-place writes (``load_state_dict``,
+  ``copy_``) go through the views into the stack and keep it fused;
+- a member whose parameter is swapped without ``setattr`` (``torch.func.functional_call``) runs
+  alone on it eagerly; compiled forwards read no member's weight (each would cost a Python guard
+  per call), so call ``functional_call`` on a fused model outside ``torch.compile``;
 - ``copy.deepcopy`` and pickling give plain, unfused ``nn.Linear`` members (fuse the copy again);
 - compile the whole model: a member's group id is a constant to ``torch.compile``, so compiling
   each decoder layer on its own recompiles for every fused layer (8 by default, then eager);
@@ -141,12 +142,23 @@ REBUILD_IN_GRAPH = importlib.util.find_spec("torch._functorch._aot_autograd.subc
 ) < (2, 13)  # (a private module: a later torch that moves it keeps the flag off)
 
 
-def _weight(g: _Group, otherwise: QTensor | None = None) -> QTensor:
+def _weight(g: _Group, member: nn.Module | None = None) -> QTensor:
     """The group's stack: under torch.compile with ``REBUILD_IN_GRAPH``, rebuilt from its plain
-    fields inside the graph; else ``otherwise`` (default: the stack itself)."""
+    fields inside the graph; else ``member``'s own weight (a single's), or the stack itself."""
     if REBUILD_IN_GRAPH and torch.compiler.is_compiling():
         return g.traced_weight()
-    return g.weight if otherwise is None else otherwise
+    return g.weight if member is None else member.weight
+
+
+def _replaced(m: nn.Module) -> bool:
+    """Member ``m``'s weight is not the parameter it was fused with (it then runs alone). Checked
+    eagerly; a compiled forward reads no member's weight: torch.compile guards each quantized
+    weight it meets with Python checks of its metadata on every call (two ``__tensor_flatten__``
+    and ~8 us a weight: ~1.8 ms per Llama-3-8B decode step on an H100 host, session 27). There a
+    weight assigned since fusing has unfused the group (``__setattr__``: the members' class
+    changed, which recompiles); a swap that bypasses ``__setattr__`` (``torch.func.functional_call``
+    writes ``_parameters``) is seen eagerly only."""
+    return not torch.compiler.is_compiling() and id(m.weight) != m._lowbit_param_id
 
 
 _FUSED_ATTRS = ("_lowbit_gid", "_lowbit_index", "_lowbit_rows", "_lowbit_param_id")
@@ -170,15 +182,15 @@ class FusedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gid, bit = self._lowbit_gid, 1 << self._lowbit_index
         g = _GROUPS.get(gid)
-        replaced = g is None or id(self.weight) != self._lowbit_param_id  # since fusing: runs alone
+        replaced = g is None or _replaced(self)  # since fusing: runs alone
         if replaced or (torch.is_grad_enabled() and x.requires_grad):  # (training: the unfused graph)
             return F.linear(x, self.weight, self.bias)
         if g.full == 1:  # a group of one (``singles``): no memo; eagerly its own weight as it is
             pending = _PENDING.pop(gid, None)
             if pending is not None and self.bias is None:  # a fused layer's o_proj / down_proj: + residual, RMSNorm
-                _RESULT[gid] = linear_add_rmsnorm(x, _weight(g, self.weight), *pending)
+                _RESULT[gid] = linear_add_rmsnorm(x, _weight(g, self), *pending)
                 return _RESULT[gid][0]
-            return F.linear(x, _weight(g, self.weight), self.bias)
+            return F.linear(x, _weight(g, self), self.bias)
         eager = not torch.compiler.is_compiling() and not x.is_inference()
         memo = _MEMO.get(gid)
         if memo is None or memo[0] is not x or memo[2] & bit or (eager and memo[3] != x._version):
@@ -225,8 +237,8 @@ class FusedLinear(nn.Linear):
         super().__setattr__(name, value)
         if name == "weight" and type(self) is FusedLinear:
             g = _GROUPS.get(self._lowbit_gid)
-            if g is not None and g.full == 1 and not g.intact():  # a single's new weight: unfuse, so
-                g.unfuse()  # the group does not keep the old one alive (a group's member runs alone)
+            if g is not None and not g.intact():  # a new weight: the group unfuses (a compiled forward
+                g.unfuse()  # recompiles on the members' class; a single's old weight is not kept alive)
 
     def _load_from_state_dict(self, *args, **kwargs):
         gid = self._lowbit_gid  # (an assigning load may unfuse a single in __setattr__)
@@ -267,8 +279,8 @@ def _glu_forward(self, *args, **kwargs):
         or type(up) is not FusedLinear
         or gate._lowbit_gid != gid
         or up._lowbit_gid != gid
-        or id(gate.weight) != gate._lowbit_param_id
-        or id(up.weight) != up._lowbit_param_id
+        or _replaced(gate)
+        or _replaced(up)
         or gate.bias is not None
         or up.bias is not None
         or id(self.act_fn) != self._lowbit_glu_act
