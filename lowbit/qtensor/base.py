@@ -469,6 +469,8 @@ _AUTOCAST_DEVICES = ("cuda", "cpu")  # (is_autocast_enabled raises for "meta")
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype ``torch.autocast`` casts a linear's input ``x`` to here, or None (autocast off)."""
+    if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
+        return None  # (eagerly the common case in one call, ~0.2 us against ~1.3)
     dev = x.device.type
     if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
@@ -480,9 +482,9 @@ def _autocast_linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None) -> 
     autocast dtype, which is the output's. The matmul then runs with autocast off, so the
     kernels' own fp32 accumulation (and the reference's fp32 math) is not cast down again."""
     dev, dt = x.device.type, autocast_dtype(x)
-    if x.is_floating_point():
+    if x.dtype in _SUPPORTED_ACTIVATIONS:  # (float64 stays, as F.linear under autocast leaves it)
         x = x.to(dt)
-    if bias is not None and bias.is_floating_point():
+    if bias is not None and bias.dtype in _SUPPORTED_ACTIVATIONS:
         bias = bias.to(dt)
     with torch.autocast(dev, enabled=False):
         return quantized_linear(x, w, bias)

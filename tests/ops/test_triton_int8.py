@@ -407,6 +407,23 @@ def test_huge_weights_rescale_as_the_spec_does(scheme, m, dtype):
         assert out[1:].isfinite().all() and _rel(out[1:], expect[1:]) < TOL[dtype]
 
 
+@pytest.mark.parametrize("m", [1, 5, 300])
+def test_fp8_sums_below_one_rescale_where_the_scales_product_overflows(m):
+    """fp8's sum of products can be below 1 (unlike int8's), so with the two scales' product past
+    fp32's max the other order, ``(acc * ws) * xs``, must be taken: y ~ 1.2e38 is finite in the spec
+    and came out inf once the scales were multiplied first."""
+    if DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs sm_89+")
+    w = torch.zeros(16, 64, device=DEVICE)
+    w[:, 0], w[:, 2] = 1e22, 1.1e19  # ws = 1e22 / 448; codes ~0.49 in column 2
+    x = torch.zeros(m, 64, device=DEVICE)
+    x[:, 1], x[:, 2] = 1e22, 1.1e19  # xs likewise: ws * xs ~ 5e38
+    qdata, scale, op, spec = _w8a8("fp8", w)
+    out, expect = op(x, qdata, scale), spec(x, qdata, scale)
+    assert expect.isfinite().all() and expect.abs().max() > 1e38
+    assert out.isfinite().all() and _rel(out, expect) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("m", [2, 17, 300])  # split-K GEMM, GEMM, large M (fp32 skips the dequantize path)
 def test_w8a16_fp32_activations_are_ieee_not_tf32(m):
     """fp32 activations get fp32 products, as F.linear does by default: tl.dot's default

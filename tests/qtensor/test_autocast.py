@@ -73,3 +73,13 @@ def test_autocast_compiles_fullgraph():
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, f(x), rtol=0, atol=0)
+
+
+def test_float64_inputs_are_not_cast_under_autocast():
+    """F.linear under autocast leaves float64 alone; a quantized linear, which takes no float64
+    input, refuses it as it does outside autocast (it was silently computed in bf16)."""
+    m = _layer("int8", torch.float32, "cpu")
+    x = torch.randn(2, 64, dtype=torch.float64)
+    for ctx in (torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad()):
+        with ctx, pytest.raises(TypeError, match="activation dtype torch.float64 is not supported"):
+            m(x)

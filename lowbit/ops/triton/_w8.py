@@ -98,10 +98,13 @@ def _i8_to_f32(q):
 @triton.jit
 def _rescale(acc, ws, xs):
     """W8A8's ``acc * ws * xs`` in fp32 (the spec multiplies in float64): the scales' product
-    first, since ``acc * ws`` alone overflows for weights near 1e36 where y does not; and 0 where
-    acc is 0 and that product overflowed (y is then 0), NaN scales staying NaN."""
+    first, since ``acc * ws`` alone overflows for weights near 1e36 where y does not; where that
+    product overflows, ``(acc * ws) * xs`` (an fp8 sum below 1 can keep it finite); and 0 where
+    acc is 0 and the product overflowed (y is then 0), NaN scales staying NaN."""
     s = ws * xs
-    return tl.where((acc == 0) & (s == s), 0.0, acc * s)
+    # (an fp8 sum can be below 1: where the scales' product overflows, the other order may not)
+    y = tl.where(tl.abs(s) == float("inf"), (acc * ws) * xs, acc * s)
+    return tl.where((acc == 0) & (s == s), 0.0, y)
 
 
 def _gemv_prune(configs_, named_args, **kwargs):
