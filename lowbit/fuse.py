@@ -31,13 +31,14 @@ so the compiled model takes no subclass input (see ``fuse_projections_``).
 
 For inference, as the last step (after ``.to()``, sharding, adapters):
 - a member called with an input that needs a gradient runs alone (the unfused result);
-- a new weight assigned to a member, ``.to()``, ``load_state_dict(assign=True)`` or anything else
-  that leaves a member's weight no longer a view of the stack unfuses the whole group (the members
-  become plain ``nn.Linear`` again, on their own weights); in-place writes (``load_state_dict``,
-  ``copy_``) go through the views into the stack and keep it fused;
-- a member whose parameter is swapped without ``setattr`` (``torch.func.functional_call``) runs
-  alone on it eagerly; compiled forwards read no member's weight (each would cost a Python guard
-  per call), so call ``functional_call`` on a fused model outside ``torch.compile``;
+- a new weight reaching a member (assigned, or written into ``_parameters`` as
+  ``torch.func.functional_call`` and accelerate do; inside a compiled region through a graph
+  break), ``.to()``, ``load_state_dict(assign=True)`` or anything else that leaves a member's
+  weight no longer a view of the stack unfuses the whole group (the members become plain
+  ``nn.Linear`` again, on their own weights); in-place writes (``load_state_dict``, ``copy_``) go
+  through the views into the stack and keep it fused. Not seen, compiled: an assignment in a
+  forward pre-hook that Dynamo traces (it skips the module's ``__setattr__``; so did the id check
+  before session 27);
 - ``copy.deepcopy`` and pickling give plain, unfused ``nn.Linear`` members (fuse the copy again);
 - compile the whole model: a member's group id is a constant to ``torch.compile``, so compiling
   each decoder layer on its own recompiles for every fused layer (8 by default, then eager);
@@ -151,14 +152,26 @@ def _weight(g: _Group, member: nn.Module | None = None) -> QTensor:
 
 
 def _replaced(m: nn.Module) -> bool:
-    """Member ``m``'s weight is not the parameter it was fused with (it then runs alone). Checked
-    eagerly; a compiled forward reads no member's weight: torch.compile guards each quantized
-    weight it meets with Python checks of its metadata on every call (two ``__tensor_flatten__``
-    and ~8 us a weight: ~1.8 ms per Llama-3-8B decode step on an H100 host, session 27). There a
-    weight assigned since fusing has unfused the group (``__setattr__``: the members' class
-    changed, which recompiles); a swap that bypasses ``__setattr__`` (``torch.func.functional_call``
-    writes ``_parameters``) is seen eagerly only."""
+    """Member ``m``'s weight is not the parameter it was fused with (it then runs alone): checked
+    eagerly. A compiled forward reads no member's weight: torch.compile guards each quantized weight
+    it meets with Python checks of its metadata on every call (two ``__tensor_flatten__``, ~8 us a
+    weight: ~1.8 ms per Llama-3-8B decode step on an H100 host, session 27). There a new weight
+    reaching a member has unfused the group first (``_new_weight``: an assignment, a write into
+    ``_parameters``; inside a compiled region through a graph break, so it runs eagerly), which
+    changes the members' class: the compiled forward recompiles or, mid-call, finds no group."""
     return not torch.compiler.is_compiling() and id(m.weight) != m._lowbit_param_id
+
+
+def _new_weight(m: nn.Module) -> None:
+    """``m`` (a member) got a new weight: unfuse its group unless it still holds its fused view."""
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break()  # (eagerly: a traced write would not unfuse)
+    if type(m) is FusedLinear:
+        g = _GROUPS.get(m._lowbit_gid)
+        if g is None:
+            _make_plain(m)
+        elif not g.intact():
+            g.unfuse()
 
 
 _FUSED_ATTRS = ("_lowbit_gid", "_lowbit_index", "_lowbit_rows", "_lowbit_param_id")
@@ -168,6 +181,27 @@ def _make_plain(m: nn.Module):
     m.__class__ = nn.Linear
     for name in _FUSED_ATTRS:
         m.__dict__.pop(name, None)
+    m.__dict__["_parameters"] = dict(m._parameters)  # (no _WatchedParams)
+
+
+class _WatchedParams(dict):
+    """A member's ``_parameters``: a ``weight`` written there without ``setattr``
+    (``torch.func.functional_call``, accelerate's ``set_module_tensor_to_device``) unfuses the group
+    as an assignment does (``_new_weight``)."""
+
+    __slots__ = ("owner",)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        m = self.owner() if key == "weight" else None
+        if m is not None:
+            _new_weight(m)
+
+
+def _watch(m: nn.Module) -> None:
+    params = _WatchedParams(m._parameters)
+    params.owner = weakref.ref(m)
+    m.__dict__["_parameters"] = params
 
 
 class FusedLinear(nn.Linear):
@@ -180,7 +214,10 @@ class FusedLinear(nn.Linear):
     _lowbit_param_id: int  # id() of the parameter fused (the group holds it, so the id stays its own)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gid, bit = self._lowbit_gid, 1 << self._lowbit_index
+        gid = self.__dict__.get("_lowbit_gid")
+        if gid is None:  # unfused since this call began (a pre-hook assigned a single's weight)
+            return F.linear(x, self.weight, self.bias)
+        bit = 1 << self._lowbit_index
         g = _GROUPS.get(gid)
         replaced = g is None or _replaced(self)  # since fusing: runs alone
         if replaced or (torch.is_grad_enabled() and x.requires_grad):  # (training: the unfused graph)
@@ -204,6 +241,8 @@ class FusedLinear(nn.Linear):
         out = memo[1][..., start:end]
         if self.bias is None:
             return out
+        if autocast_dtype(x) is not None:  # (the matmul's output is in the autocast dtype, as F.linear's)
+            return out + self.bias.to(out.dtype)
         if self.bias.dtype != out.dtype:
             raise TypeError(f"FusedLinear: bias is {self.bias.dtype}, the output {out.dtype}; they must match")
         return out + self.bias
@@ -211,6 +250,7 @@ class FusedLinear(nn.Linear):
     def __reduce_ex__(self, protocol):
         """copy.deepcopy and pickle make a plain nn.Linear of it (the copy shares nothing with the group)."""
         state = {k: v for k, v in self.__dict__.items() if k not in _FUSED_ATTRS}
+        state["_parameters"] = dict(state["_parameters"])
         return copyreg._reconstructor, (nn.Linear, object, None), state
 
     def _apply(self, fn, recurse=True):
@@ -234,11 +274,9 @@ class FusedLinear(nn.Linear):
         return out
 
     def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name == "weight" and type(self) is FusedLinear:
-            g = _GROUPS.get(self._lowbit_gid)
-            if g is not None and not g.intact():  # a new weight: the group unfuses (a compiled forward
-                g.unfuse()  # recompiles on the members' class; a single's old weight is not kept alive)
+        super().__setattr__(name, value)  # (a Parameter goes through _WatchedParams: _new_weight)
+        if name == "weight":  # (a plain tensor for a weight that was None)
+            _new_weight(self)
 
     def _load_from_state_dict(self, *args, **kwargs):
         gid = self._lowbit_gid  # (an assigning load may unfuse a single in __setattr__)
@@ -266,11 +304,14 @@ def _glu_forward(self, *args, **kwargs):
     at fuse time no longer holds (the group, the members and their weights, no bias, no hooks on
     them, the same act_fn; type / id / emptiness checks, constant guards under torch.compile), or
     the input needs a gradient or comes with other arguments, the module's own forward."""
+    gid = self.__dict__.get("_lowbit_glu_gid")
+    if gid is None:  # unfused since this call began (e.g. a pre-hook assigned a member's weight)
+        return type(self).forward(self, *args, **kwargs)
     base = self._lowbit_glu_base
     if len(args) != 1 or kwargs:
         return base.forward(self, *args, **kwargs)
     x = args[0]
-    gid, gate, up = self._lowbit_glu_gid, self.gate_proj, self.up_proj
+    gate, up = self.gate_proj, self.up_proj
     g = _GROUPS.get(gid)
     if (
         g is None
@@ -501,6 +542,7 @@ def fuse_projections_(
             m.weight = p
             m.__class__ = FusedLinear
             m._lowbit_gid, m._lowbit_index, m._lowbit_rows, m._lowbit_param_id = group.gid, i, rows, id(p)
+            _watch(m)
         _GROUPS[group.gid] = group
         _drop_stale_hooks(parent)
         group.hook = parent.register_forward_hook(functools.partial(_end_round, group.gid), always_call=True)
@@ -531,6 +573,7 @@ def _fuse_single(m: nn.Linear):
     group = _Group(p, [m], [p])
     m.__class__ = FusedLinear
     m._lowbit_gid, m._lowbit_index, m._lowbit_rows, m._lowbit_param_id = group.gid, 0, (0, p.shape[0]), id(p)
+    _watch(m)
     _GROUPS[group.gid] = group
     weakref.finalize(m, _forget, group.gid)
 

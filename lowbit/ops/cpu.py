@@ -104,7 +104,15 @@ def int4_cpu_unpack(packed: torch.Tensor, layout: str) -> torch.Tensor:
 @torch.compiler.assume_constant_result
 @functools.cache
 def int4_cpu_layout() -> str | None:
-    """The layout this machine's aten int4 CPU kernel reads, or None if unknown/absent."""
+    """The layout this machine's aten int4 CPU kernel reads, or None if unknown/absent. (Under
+    torch.compile Dynamo runs it once with its fake tensors on: the probe runs on real ones.)"""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return _probe_int4_cpu_layout()
+
+
+def _probe_int4_cpu_layout() -> str | None:
     if not hasattr(aten, "_convert_weight_to_int4pack_for_cpu"):
         return None
     gen = torch.Generator().manual_seed(0)
