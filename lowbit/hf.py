@@ -449,13 +449,20 @@ def before_save(model) -> None:
     ``model.model`` or its layers; or a quantizer from before another ``quantize_``) gets the one
     its weights call for, as ``attach_after_quantize`` gives; weights of several schemes or group
     sizes raise ``ValueError`` (Transformers failed on their storage, or wrote them under the old
-    config). Another library's quantizer is left alone."""
+    config). Another library's quantizer is left alone, unless lowbit weights sit beside its
+    own: no one checkpoint format holds both (``ValueError``; Transformers failed on an attribute
+    of the lowbit tensor)."""
     q = getattr(model, "hf_quantizer", None)
-    if q is not None and not isinstance(q, LowbitHfQuantizer):
-        return
     kinds = _weight_kinds(model)
     if not kinds:
         return
+    if q is not None and not isinstance(q, LowbitHfQuantizer):
+        method = getattr(q.quantization_config, "quant_method", type(q).__name__)
+        raise ValueError(
+            f"lowbit: {type(model).__name__} is quantized with {getattr(method, 'value', method)} and also holds "
+            f"lowbit weights {sorted(kinds, key=str)}; save_pretrained writes one quantization_config: quantize "
+            "the whole model with one library, or save with lowbit.safetensors.save_file(model.state_dict(), path)"
+        )
     if len(kinds) > 1:
         raise ValueError(
             f"lowbit: {type(model).__name__} holds lowbit weights of several schemes or group sizes "

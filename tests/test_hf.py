@@ -370,6 +370,38 @@ def test_save_pretrained_of_parts_in_two_schemes_is_refused(base_dir, tmp_path):
     assert not (tmp_path / "second").exists()
 
 
+def test_save_pretrained_of_lowbit_weights_beside_another_quantizer_is_refused(base_dir, tmp_path):
+    """A model another library's quantizer loaded, with lowbit weights added by quantize_: one
+    quantization_config cannot describe both, and Transformers failed on an attribute of the lowbit
+    tensor; now a ValueError names both before anything is written."""
+    from transformers.quantizers import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    class OtherConfig(QuantizationConfigMixin):
+        def __init__(self):
+            self.quant_method = "other"
+
+    class OtherQuantizer(HfQuantizer):
+        requires_calibration = False
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            return model
+
+        def is_serializable(self, **kwargs):
+            return True
+
+        @property
+        def is_trainable(self):
+            return False
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    lowbit.quantize_(model.model.layers[0], lowbit.int8_weight_only())
+    model.hf_quantizer = OtherQuantizer(OtherConfig())
+    with pytest.raises(ValueError, match=r"quantized with other and also holds lowbit weights.*Int8Tensor"):
+        model.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("probe", [False, True])
 def test_import_lowbit_registers_with_transformers_on_first_registry_import(probe):
     """``import lowbit`` before Transformers' quantizer registry: the registry's own import
