@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import glob
 import json
 import os
 import platform
@@ -53,9 +52,9 @@ import sys
 import tempfile
 import time
 import traceback
-import zipfile
 
 import torch
+from e2e_env import device_name, torchao_pythonpath
 from e2e_profile import (  # bench/ (this folder) is on sys.path
     profile_decode,
     profile_forward,
@@ -474,36 +473,6 @@ def run_variant(variant, args) -> dict:
 
 
 # ---------------------------------------------------------------------------- driver
-def device_name(args) -> str:
-    if args.tiny or not torch.cuda.is_available():
-        return "cpu-tiny" if args.tiny else "cpu"
-    return "".join(ch if ch.isalnum() else "-" for ch in torch.cuda.get_device_name().lower()).strip("-")
-
-
-def torchao_pythonpath(args) -> str | None:
-    """A folder to put on PYTHONPATH holding torchao unpacked from a wheel, if torchao is not installed."""
-    try:
-        import torchao  # noqa: F401
-
-        return None
-    except Exception:
-        pass
-    dirs = (
-        [args.wheels]
-        if args.wheels
-        else [os.path.join(ROOT, "shared", "wheels"), os.path.join(ROOT, "..", "shared", "wheels")]
-    )
-    for d in dirs:
-        wheels = sorted(glob.glob(os.path.join(d, "torchao-*.whl")))
-        if wheels:
-            target = tempfile.mkdtemp(prefix="lowbit-e2e-torchao-")
-            with zipfile.ZipFile(wheels[-1]) as z:
-                z.extractall(target)
-            print(f"torchao: using {os.path.basename(wheels[-1])} unpacked into {target}", flush=True)
-            return target
-    return None
-
-
 def run_in_subprocess(variant, args, env) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name

@@ -61,7 +61,7 @@ from torch import nn
 
 from lowbit.ops import reference as ref
 from lowbit.qtensor import QTensor
-from lowbit.qtensor.base import autocast_dtype, linear_add_rmsnorm, swiglu_linear
+from lowbit.qtensor.linear import autocast_dtype, linear_add_rmsnorm, swiglu_linear
 
 DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 

@@ -50,7 +50,7 @@ from lowbit.fuse import (
 )
 from lowbit.ops import reference as ref
 from lowbit.qtensor import QTensor
-from lowbit.qtensor.base import autocast_dtype
+from lowbit.qtensor.linear import autocast_dtype
 
 # layer id -> (h, input_layernorm(h), h's version or None) computed by the layer before
 _PRENORMED: dict[int, tuple] = {}

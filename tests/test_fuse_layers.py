@@ -18,7 +18,7 @@ from torch import nn
 import lowbit
 from lowbit import fuse as fuse_mod
 from lowbit import fuse_layers as fl
-from lowbit.qtensor.base import linear_add_rmsnorm
+from lowbit.qtensor.linear import linear_add_rmsnorm
 
 
 @pytest.fixture(autouse=True)
