@@ -185,9 +185,9 @@ def _make_plain(m: nn.Module):
 
 
 class _WatchedParams(dict):
-    """A member's ``_parameters``: a ``weight`` written there without ``setattr``
-    (``torch.func.functional_call``, accelerate's ``set_module_tensor_to_device``) unfuses the group
-    as an assignment does (``_new_weight``)."""
+    """A member's ``_parameters``: a ``weight`` written there (an assignment, which
+    ``nn.Module.__setattr__`` makes such a write, ``torch.func.functional_call``, accelerate's
+    ``set_module_tensor_to_device``) unfuses the group (``_new_weight``)."""
 
     __slots__ = ("owner",)
 
@@ -273,13 +273,8 @@ class FusedLinear(nn.Linear):
             self._unfuse_if_broken()  # moved or replaced
         return out
 
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)  # (a Parameter goes through _WatchedParams: _new_weight)
-        if name == "weight":  # (a plain tensor for a weight that was None)
-            _new_weight(self)
-
     def _load_from_state_dict(self, *args, **kwargs):
-        gid = self._lowbit_gid  # (an assigning load may unfuse a single in __setattr__)
+        gid = self._lowbit_gid  # (an assigning load may unfuse the group: _WatchedParams)
         super()._load_from_state_dict(*args, **kwargs)
         _MEMO.pop(gid, None)  # an open round's output is of the old weights
         FusedLinear._unfuse_if_broken(self)  # assign=True (self may be a plain nn.Linear by now)

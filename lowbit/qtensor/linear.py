@@ -104,8 +104,9 @@ class _QuantLinearFn(torch.autograd.Function):
 
 
 def quantized_linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if autocast_dtype(x) is not None:
-        return _autocast_linear(x, w, bias)
+    dt = autocast_dtype(x)
+    if dt is not None:
+        return _autocast_linear(x, w, bias, dt)
     check_activation(x, w)
     if bias is not None and bias.dtype != x.dtype:  # as F.linear
         raise TypeError(f"{type(w).__name__} linear: bias is {bias.dtype} but the input is {x.dtype}")
@@ -136,11 +137,11 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def _autocast_linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _autocast_linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor:
     """Under ``torch.autocast``, as ``F.linear`` there: the input and bias are cast to the
     autocast dtype, which is the output's. The matmul then runs with autocast off, so the
     kernels' own fp32 accumulation (and the reference's fp32 math) is not cast down again."""
-    dev, dt = x.device.type, autocast_dtype(x)
+    dev = x.device.type
     if x.dtype in _SUPPORTED_ACTIVATIONS:  # (float64 stays, as F.linear under autocast leaves it)
         x = x.to(dt)
     if bias is not None and bias.dtype in _SUPPORTED_ACTIVATIONS:
