@@ -129,16 +129,16 @@ def _int4_weight(w, config, dtype):
 
 def _int8_weight(w, config, dtype):
     # Int8Tensor keeps its scale in the weight's dtype
-    return fake_quantize_int8(w, ref.int8_choose_qparams(w.detach(), w.dtype), dtype, mask=False)
+    return fake_quantize_int8(w, ref.int8_choose_qparams(w.detach(), w.dtype, fit=w.dtype), dtype, mask=False)
 
 
 def _int8_dyn_weight(w, config, dtype):
     # Int8DynActTensor keeps an fp32 scale
-    return fake_quantize_int8(w, ref.int8_choose_qparams(w.detach(), torch.float32), dtype, mask=False)
+    return fake_quantize_int8(w, ref.int8_choose_qparams(w.detach(), torch.float32, fit=w.dtype), dtype, mask=False)
 
 
 def _fp8_weight(w, config, dtype):
-    return fake_quantize_fp8(w, ref.fp8_choose_qparams(w.detach()), dtype, mask=False)
+    return fake_quantize_fp8(w, ref.fp8_choose_qparams(w.detach(), fit=w.dtype), dtype, mask=False)
 
 
 def _int8_rows(x):

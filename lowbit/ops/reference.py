@@ -35,6 +35,17 @@ fp8 values accumulated in fp32 or better, then rescaled.
 Scales are floored at ``SCALE_EPS`` (a power of two, exact in fp16/bf16/fp32)
 so an all-zero row or group dequantizes to exact zeros, never NaN.
 
+Near the top of the range: a weight's codes always decode to finite values of its
+dtype. Where the rules above would overflow (a group spanning most of fp32's or
+bf16's range; fp16 values near 65504, whose rounded-up scale decodes the top code
+past 65504), the weight scale is capped: int4 at the largest value with
+``15 * scale <= 2 * max`` and ``8 * scale <= max(fp32)``, int8 at the largest with
+``127 * scale <= max`` and fp8 at ``448 * scale <= max`` (max of the weight's dtype,
+each rounded down into the qparam dtype); the int4 zero is kept in ``[8 * scale - max, max - 7 * scale]``, and moved
+one ulp toward zero where its rounding still takes an end code past ``max``. Values
+beyond the capped range clamp to the end codes (at most one step of error). Nothing
+changes for any other weight.
+
 A row holding a NaN or an infinity has no scale: its symmetric scale is NaN and its
 codes are 0. Weights never get there (``quantize_`` rejects non-finite weights); an
 activation row (token) that does makes its W8A8 / fp8 output row all NaN, as a NaN
@@ -75,16 +86,47 @@ def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(x.to(dtype).float() >= x, x, bumped).to(dtype)
 
 
+def _at_most(v: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value not above ``v`` (> 0)."""
+    t = torch.tensor(v, dtype=torch.float64).to(dtype)
+    return (torch.nextafter(t, torch.zeros_like(t)) if t.item() > v else t).item()
+
+
+# Per qparam dtype, the largest scale whose codes decode to finite values, every fp32 step of
+# the decoding finite: int4 15 s <= 2 max and 8 s <= fp32's max (|q - 8| <= 8); int8 127 s and
+# fp8 448 s <= max of the dtype the codes decode into (the choosers' ``fit``)
+_F32_MAX = torch.finfo(torch.float32).max
+_INT4_SCALE_CAP = {dt: _at_most(min(2 * torch.finfo(dt).max / 15, _F32_MAX / 8), dt) for dt in ACTIVATION_DTYPES}
+_INT8_SCALE_CAP = {
+    (fit, dt): _at_most(torch.finfo(fit).max / 127, dt) for fit in ACTIVATION_DTYPES for dt in ACTIVATION_DTYPES
+}
+_FP8_SCALE_CAP = {fit: _at_most(torch.finfo(fit).max / FP8_MAX, torch.float32) for fit in ACTIVATION_DTYPES}
+
+
 # --------------------------------------------------------------------------- int4
 def int4_choose_qparams(w: torch.Tensor, group_size: int, qparam_dtype: torch.dtype):
-    """Per-group (scale, zero) of ``w`` [N, K]; both [N, K // group_size]."""
+    """Per-group (scale, zero) of ``w`` [N, K]; both [N, K // group_size].
+
+    Near the dtype's largest values (module doc, "near the top of the range") the scale is
+    capped (``_INT4_SCALE_CAP``) and the zero keeps both end codes inside the range, so every
+    code decodes to a finite value with every fp32 step of the decoding finite too; elsewhere
+    the two limits are inactive and the result is the plain formula's, bit for bit."""
     n, k = w.shape
     wg = w.float().reshape(n, k // group_size, group_size)
     lo = wg.amin(dim=-1)
     hi = wg.amax(dim=-1)
-    scale = _round_up(_div(hi - lo, 15.0).clamp_min(SCALE_EPS), qparam_dtype)
-    zero = (lo + 8.0 * scale.float()).to(qparam_dtype)
-    return scale, zero
+    top = torch.finfo(qparam_dtype).max
+    # (hi - lo) / 15 by halves: hi - lo overflows fp32 for groups spanning most of its range
+    amax = torch.maximum(hi.abs(), lo.abs())
+    step = nan_scale_if_nonfinite(_div(hi * 0.5 - lo * 0.5, 7.5).clamp_min(SCALE_EPS), amax)
+    scale = _round_up(step, qparam_dtype).clamp_max(_INT4_SCALE_CAP[qparam_dtype])
+    s = scale.float()
+    zero = torch.minimum(torch.maximum(lo + 8.0 * s, 8.0 * s - top), top - 7.0 * s).to(qparam_dtype)
+    # the rounding of zero to the dtype can still push an end code's value past the range: one ulp
+    # toward zero then (z > 0 at the top end, z < 0 at the bottom one)
+    ends = torch.stack([zero.float() + 7.0 * s, zero.float() - 8.0 * s]).to(qparam_dtype)
+    bits = torch.int32 if qparam_dtype == torch.float32 else torch.int16
+    return scale, torch.where(torch.isinf(ends).any(dim=0), (zero.view(bits) - 1).view(qparam_dtype), zero)
 
 
 def int4_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
@@ -223,10 +265,14 @@ def add_rmsnorm(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, e
 
 
 # --------------------------------------------------------------------------- int8
-def int8_choose_qparams(w: torch.Tensor, qparam_dtype: torch.dtype) -> torch.Tensor:
-    """Symmetric scale per row of ``w`` [N, K] (or per token of an activation)."""
+def int8_choose_qparams(w: torch.Tensor, qparam_dtype: torch.dtype, fit: torch.dtype | None = None) -> torch.Tensor:
+    """Symmetric scale per row of ``w`` [N, K] (or per token of an activation). ``fit``: the
+    dtype the codes decode into (a weight's own), whose range caps the scale (127 s <= its
+    max, rounded down in the qparam dtype), so rows near the top of it decode to finite values;
+    the cap is inactive elsewhere. Activations (the W8A8 kernels' own quantizer) take none."""
     amax = w.float().abs().amax(dim=-1)
-    return _round_up(nan_scale_if_nonfinite(_div(amax, 127.0).clamp_min(SCALE_EPS), amax), qparam_dtype)
+    scale = _round_up(nan_scale_if_nonfinite(_div(amax, 127.0).clamp_min(SCALE_EPS), amax), qparam_dtype)
+    return scale if fit is None else scale.clamp_max(_INT8_SCALE_CAP[fit, qparam_dtype])
 
 
 def nan_scale_if_nonfinite(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
@@ -263,9 +309,11 @@ def int8_dynamic_linear(x, qdata, scale, bias=None):
 
 
 # --------------------------------------------------------------------------- fp8
-def fp8_choose_qparams(w: torch.Tensor) -> torch.Tensor:
+def fp8_choose_qparams(w: torch.Tensor, fit: torch.dtype | None = None) -> torch.Tensor:
+    """fp32 scale per row (token); ``fit`` as ``int8_choose_qparams``' (448 s <= its max)."""
     amax = w.float().abs().amax(dim=-1)
-    return nan_scale_if_nonfinite(_div(amax, FP8_MAX).clamp_min(SCALE_EPS), amax)
+    scale = nan_scale_if_nonfinite(_div(amax, FP8_MAX).clamp_min(SCALE_EPS), amax)
+    return scale if fit is None else scale.clamp_max(_FP8_SCALE_CAP[fit])
 
 
 def fp8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

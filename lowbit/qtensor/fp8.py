@@ -23,7 +23,7 @@ class Float8Tensor(QTensor):
     @torch.no_grad()
     def from_float(cls, w: torch.Tensor) -> Float8Tensor:
         w = float_weight(cls, w)
-        scale = ref.fp8_choose_qparams(w)
+        scale = ref.fp8_choose_qparams(w, fit=w.dtype)
         finite_qparams(cls, w, scale)
         return cls(ref.fp8_quantize(w, scale), scale, shape=w.shape, dtype=w.dtype)
 

@@ -24,7 +24,7 @@ class Int8Tensor(QTensor):
     @torch.no_grad()
     def from_float(cls, w: torch.Tensor) -> Int8Tensor:
         w = float_weight(cls, w)
-        scale = ref.int8_choose_qparams(w, cls.scale_dtype or w.dtype)
+        scale = ref.int8_choose_qparams(w, cls.scale_dtype or w.dtype, fit=w.dtype)
         finite_qparams(cls, w, scale)
         return cls(ref.int8_quantize(w, scale), scale, shape=w.shape, dtype=w.dtype)
 

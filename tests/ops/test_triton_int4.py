@@ -645,3 +645,34 @@ def test_int4_mm_qparam_words_match_the_two_byte_loads(m, odd_groups, n, groups,
             assert err < TOL[dtype], (m, n, k, gs, dtype, float(err))
         # same products; only the split-K partition of the K tiles (its fp32 sum order) may differ
         assert (got.double() - apart.double()).norm() <= TOL[dtype] / 4 * want.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("packing,m", [("tiled", 4), ("plain", 4), ("mma", 24), ("tiled", 24)])
+def test_int4_mm_of_near_max_weights_stays_finite(packing, m, dtype):
+    """Weights at the top of the dtype's range (``reference``'s capped qparams): one-hot rows of x
+    pick decoded columns, which the GEMV tile (M <= 8, one of its configs launched directly) and
+    the tensor-core tiles (``int4_mm``) must give finite and equal to the reference's (before the
+    cap, fp16's top code decoded past 65504)."""
+    import lowbit.ops.triton.int4 as int4_mod
+    from lowbit.ops.triton._utils import INTERPRET, m_bucket
+
+    top = torch.finfo(dtype).max
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    w[0, :2], w[1, 0], w[2, 128:] = top, -top, torch.linspace(-top, top, 128, dtype=torch.float64)
+    w = w.to(dtype).to(DEVICE)
+    scale, zero = ref.int4_choose_qparams(w, 128, dtype)
+    q = ref.int4_quantize(w, scale, zero, 128)
+    x = torch.zeros(m, 256, dtype=dtype, device=DEVICE)
+    x[torch.arange(m), torch.arange(m) * 11] = 1
+    want = ref.int4_linear(x, ref.int4_pack(q), scale, zero, 128)
+    assert bool(torch.isfinite(want).all()) and want.abs().max() > top / 2
+    if m <= 8:
+        named = dict(GS=128, m_bucket=m_bucket(m), K=256, N=32, SWAP_MODE=0, ASM=not INTERPRET, x_ptr=x)
+        gemv = [c for c in int4_mod._prune(int4_mod._gemm_configs(), named) if c.kwargs.get("GEMV")][0]
+        err = _config_error(gemv, x, PACK[packing](q), scale, zero, want.double(), 128, 0, False, packing == "tiled")
+        assert err <= 2 * torch.finfo(dtype).eps, err  # (NaN / inf outputs fail here too)
+    else:
+        out = int4_mm(x, PACK[packing](q), scale, zero, 128, packing)
+        assert bool(torch.isfinite(out).all())
+        torch.testing.assert_close(out, want, rtol=2 * torch.finfo(dtype).eps, atol=0)

@@ -433,3 +433,21 @@ def test_w8a16_fp32_activations_are_ieee_not_tf32(m):
     qdata = ref.int8_quantize(w, scale)
     x = _rand(m, 64, seed=5)
     assert _rel(int8_mm(x, qdata, scale), ref.int8_weight_only_linear(x, qdata, scale)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [2, 24])
+def test_int8_mm_of_near_max_weights_stays_finite(m, dtype):
+    """W8A16 on rows reaching the dtype's max (``reference.int8_choose_qparams`` with ``fit``:
+    127 s within the range; before, fp16's rounded-up scale decoded 127 to 65532 = inf):
+    one-hot rows of x give the decoded columns, finite, as the reference does."""
+    top = torch.finfo(dtype).max
+    w = _rand(24, 128, seed=4)
+    w[0, 0], w[1, 3], w[2, 7] = top, -top, top
+    scale = ref.int8_choose_qparams(w, dtype, fit=dtype)
+    qdata = ref.int8_quantize(w, scale)
+    x = torch.zeros(m, 128, dtype=dtype, device=DEVICE)
+    x[torch.arange(m), torch.arange(m) * 5 % 8] = 1
+    out, want = int8_mm(x, qdata, scale), ref.int8_weight_only_linear(x, qdata, scale)
+    assert bool(torch.isfinite(want).all()) and bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out, want, rtol=2 * torch.finfo(dtype).eps, atol=0)
