@@ -93,8 +93,13 @@ _base_view = QTensor._aten_table[aten.view.default]
 def _(func, types, args, kwargs):
     self, shape = args[0], list(args[1])
     if self.ndim == 2 and shape in ([-1], [self.numel()]):
-        # FSDP keeps ``padded_shard.view(-1)`` as bookkeeping only; keep the fields, flatten the shape.
+        # FSDP keeps ``padded_shard.view(-1)`` as bookkeeping only; keep the fields, flatten the shape
+        # (dequantize() gives the flattened values; slicing it refuses, ``base.flat_only``)
         return keep_mark(self, self._rebuild(lambda t: t, shape=(self.numel(),)))
+    if self.ndim == 1 and self.numel() and len(shape) == 2:  # back to the weight's [N, K]
+        rows = self._tensors()[0].shape[0]
+        if shape in ([rows, self.numel() // rows], [-1, self.numel() // rows], [rows, -1]):
+            return keep_mark(self, self._rebuild(lambda t: t, shape=(rows, self.numel() // rows)))
     return _base_view(func, types, args, kwargs)
 
 

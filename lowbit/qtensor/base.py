@@ -445,10 +445,23 @@ def _(func, types, args, kwargs):
     return all(t.is_pinned() for t in args[0]._tensors())
 
 
+def flat_only(t: QTensor, what: str) -> None:
+    """NotImplementedError for ``what`` on the flattened view of a weight (``view(-1)``, which FSDP
+    keeps as bookkeeping, ``lowbit/distributed.py``), whose elements are not addressable one by
+    one; an empty one (FSDP's stand-in for an empty shard) passes."""
+    if t.ndim == 1 and t.numel():
+        rows = t._tensors()[0].shape[0]
+        raise NotImplementedError(
+            f"{type(t).__name__}: {what} the flattened ({t.numel()},) view of a [{rows}, {t.numel() // rows}] "
+            f"quantized weight is not supported; view it back to [{rows}, {t.numel() // rows}] or dequantize() it"
+        )
+
+
 @QTensor.implements(aten.slice.Tensor)
 def _(func, types, args, kwargs):
     defaults = (None, 0, None, None, 1)
     self, dim, start, end, step = list(args) + list(defaults[len(args) :])
+    flat_only(self, "slicing")
     dim = dim % 2
     n = self.shape[dim]
     start = 0 if start is None else max(0, min(n, start + n if start < 0 else start))
@@ -465,6 +478,7 @@ def _(func, types, args, kwargs):
 @QTensor.implements(aten.split.Tensor, aten.split_with_sizes.default)
 def _(func, types, args, kwargs):
     self, sizes = args[0], args[1]
+    flat_only(self, "splitting")
     dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % 2
     n = self.shape[dim]
     if isinstance(sizes, int):

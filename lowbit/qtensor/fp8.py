@@ -36,7 +36,7 @@ class Float8Tensor(QTensor):
             self._field_error("scale", f"{self.scale.dtype} {tuple(self.scale.shape)}", f"float32 ({self._size[0]},)")
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return ref.fp8_dequantize(self.qdata, self.scale, dtype or self.dtype)
+        return ref.fp8_dequantize(self.qdata, self.scale, dtype or self.dtype).reshape(self.shape)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         if resolve(x.device) == "triton":

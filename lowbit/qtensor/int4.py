@@ -130,7 +130,8 @@ class Int4Tensor(QTensor):
     # ------------------------------------------------------------------ numerics
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         plain = ref.int4_pack(self.codes()) if self.packing != "plain" else self.qdata
-        return ref.int4_dequantize(plain, self.scale, self.zero, self.group_size, dtype or self.dtype)
+        w = ref.int4_dequantize(plain, self.scale, self.zero, self.group_size, dtype or self.dtype)
+        return w.reshape(self.shape)  # (the flattened bookkeeping view FSDP makes: its own shape)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         backend = resolve(x.device)

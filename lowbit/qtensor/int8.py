@@ -35,7 +35,7 @@ class Int8Tensor(QTensor):
             self._field_error("scale", f"{self.scale.dtype} {tuple(self.scale.shape)}", f"floats ({self._size[0]},)")
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return ref.int8_dequantize(self.qdata, self.scale, dtype or self.dtype)
+        return ref.int8_dequantize(self.qdata, self.scale, dtype or self.dtype).reshape(self.shape)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         backend = resolve(x.device)

@@ -282,3 +282,23 @@ def test_an_int4_pickle_from_another_machine_loads_in_this_machines_layout(saved
     assert torch.equal(back.dequantize(), native.dequantize())
     x = torch.randn(3, 256, dtype=torch.bfloat16)
     assert torch.equal(F.linear(x, back), F.linear(x, native))
+
+
+@pytest.mark.parametrize("make", CLASSES)
+def test_the_flattened_view_of_a_weight_is_its_flattened_values(make):
+    """``view(-1)`` / ``flatten()`` (FSDP's bookkeeping view of a shard, ``lowbit/distributed.py``)
+    keeps the fields: its ``dequantize()`` is the weight's values flattened (it was the [N, K]
+    matrix under a 1-D shape), it views back to [N, K] (it refused), and slicing or splitting it,
+    whose elements the packed fields cannot address one by one, is a clear error (an IndexError
+    before)."""
+    w = make(torch.randn(24, 64, generator=torch.Generator().manual_seed(0)))
+    want = w.dequantize()
+    for flat in (w.view(-1), w.flatten(), w.reshape(-1)):
+        assert flat.shape == (24 * 64,) and torch.equal(flat.dequantize(), want.flatten())
+        for back in (flat.view(24, 64), flat.view(-1, 64), flat.reshape(24, -1)):
+            assert type(back) is type(w) and back.shape == (24, 64) and torch.equal(back.dequantize(), want)
+        with pytest.raises(NotImplementedError, match=r"view to \(48, 32\)"):
+            flat.view(48, 32)
+        for cut in (lambda t: t[:10], lambda t: t.split(512), lambda t: t.narrow(0, 3, 7)):
+            with pytest.raises(NotImplementedError, match=r"flattened \(1536,\) view of a \[24, 64\] quantized weight"):
+                cut(flat)
