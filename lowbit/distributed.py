@@ -119,6 +119,54 @@ def _(func, types, args, kwargs):
     return keep_mark(self, _with_fields(self, [t[:rows] for t in self._tensors()], rows))
 
 
+# ---------------------------------------------------------------------------- DTensor.full_tensor()
+# A sharded weight's ``full_tensor()`` (``redistribute`` to Replicate) pads the last shard to the
+# others' rows with ``constant_pad_nd``, all-gathers each shard with the functional collective,
+# waits, and cuts the padding off with a slice: each field is gathered as it is (packed bytes)
+_c10d = torch.ops._c10d_functional
+
+
+@_implements(aten.constant_pad_nd.default)
+def _(func, types, args, kwargs):
+    self, pad = args[0], list(args[1])
+    value = args[2] if len(args) > 2 else kwargs.get("value", 0)
+    if not (self.ndim == 2 and len(pad) == 4 and pad[:3] == [0, 0, 0] and pad[3] >= 0 and value == 0):
+        raise NotImplementedError(
+            f"{type(self).__name__}: constant_pad_nd{tuple(pad)} with value {value}: only zero rows after the "
+            f"last one (pad (0, 0, 0, rows), a shard padded for a gather along N) are supported"
+        )
+    plain = _plain(self)  # zero codes / scales / zeros decode to exact zeros
+    fields = [torch.cat([t, t.new_zeros((pad[3], *t.shape[1:]))]) for t in plain._tensors()]
+    return _with_fields(self, fields, self.shape[0] + pad[3])
+
+
+@_implements(_c10d.all_gather_into_tensor.default)
+def _(func, types, args, kwargs):
+    """Each field gathered along N (all are row-major in N) as its rows' bytes: gloo has no fp8,
+    and a float carrier may rewrite NaN bit patterns (module doc)."""
+    self, group_size, group_name = args
+    rows = self.shape[0] * group_size
+    fields = [
+        _c10d.all_gather_into_tensor(b, group_size, group_name).view(t.dtype).reshape(rows, *t.shape[1:])
+        for t, b in zip(_plain(self)._tensors(), _row_bytes([t.contiguous() for t in _plain(self)._tensors()]))
+    ]
+    return _with_fields(self, fields, rows)
+
+
+def _wait(func, types, args, kwargs):
+    """``wait_tensor``, and torch 2.13's ``_wrap_tensor_autograd`` (an AsyncCollectiveTensor
+    around the gathered tensor, a deferred wait): each field waited for now, the weight as it is."""
+    self = args[0]
+    for t in self._tensors():
+        _c10d.wait_tensor(t)
+    return self
+
+
+_implements(_c10d.wait_tensor.default)(_wait)
+if hasattr(_c10d, "_wrap_tensor_autograd"):  # (torch >= 2.13)
+    _implements(_c10d._wrap_tensor_autograd.default)(_wait)
+
+
 # ---------------------------------------------------------------------------- all-gather hooks
 def fsdp_pre_all_gather(self: QTensor, mesh, outer_size, outer_stride, module: nn.Module, mp_policy):
     """This rank's shard as the plain tensors FSDP all-gathers (see the module docstring)."""

@@ -271,6 +271,7 @@ def _infer(name, device, exact):
     model = _model(INFER_DIMS, config, 0, device)
     packed = [m.weight.nbytes_packed for m in model if isinstance(m, nn.Linear)]
     expected = [_expected_bytes(m.weight) for m in model if isinstance(m, nn.Linear)]
+    whole = [(type(m.weight).__name__, m.weight.dequantize()) for m in model if isinstance(m, nn.Linear)]
     torch.manual_seed(1)
     x = torch.randn(WORLD, 5, INFER_DIMS[0], device=device)
     backend = "reference" if exact else "auto"
@@ -279,7 +280,13 @@ def _infer(name, device, exact):
     _shard(model)
     with torch.no_grad(), lowbit.use_backend(backend), _CountAllGather() as counter:
         out = model(x[rank])
+    # DTensor.full_tensor() of each sharded weight (N = 96, 64: even shards; 33: padded ones)
+    full = [m.weight.full_tensor() for m in model if isinstance(m, nn.Linear)]
     return {
+        "full_tensor": [
+            (type(f).__name__ == cls, tuple(f.shape) == tuple(w.shape), torch.equal(f.dequantize(), w))
+            for f, (cls, w) in zip(full, whole)
+        ],
         "max_err": (out - ref).abs().max().item(),
         "ref_norm": ref.abs().max().item(),
         "gathered": counter.sizes,
@@ -419,6 +426,18 @@ def fsdp_run(request):
 def _loss_rtol(backend):
     # full batch on one process vs half batches with averaged gradients: fp32 summation order only
     return 1e-4 if backend == "gloo" else 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fsdp_full_tensor_gathers_the_quantized_weight(fsdp_run, name):
+    """``DTensor.full_tensor()`` of a sharded weight is the whole quantized weight, its packed
+    fields gathered (even and padded shards); it raised on the collective / the padding op."""
+    backend, ranks = fsdp_run
+    for res in ranks:
+        if f"infer_{name}" not in res:
+            pytest.skip(f"{name} needs a newer GPU")
+        assert res[f"infer_{name}"]["full_tensor"] == [(True, True, True)] * 3
 
 
 @pytest.mark.slow
