@@ -36,23 +36,23 @@ Scales are floored at ``SCALE_EPS`` (a power of two, exact in fp16/bf16/fp32)
 so an all-zero row or group dequantizes to exact zeros, never NaN.
 
 Near the top of the range: a weight's codes always decode to finite values of its
-dtype. Where the rules above would overflow (a group spanning most of fp32's or
-bf16's range; fp16 values near 65504, whose rounded-up scale decodes the top code
+dtype. Where the rules above would decode a code past the range (as computed here:
+fp32 steps, one cast; or rounded once from the exact value, as a kernel's fused
+multiply-add does), e.g. a group spanning most of fp32's or bf16's range (``hi - lo``
+overflows fp32) or fp16 values near 65504 (the rounded-up scale decodes the top code
 past 65504), the weight scale is capped: int4 at the largest value with
 ``15 * scale <= 2 * max`` and ``8 * scale <= max(fp32)``, int8 at the largest with
 ``127 * scale <= max`` and fp8 at ``448 * scale <= max`` (max of the weight's dtype,
-each rounded down into the qparam dtype); the int4 zero is kept in ``[8 * scale - max, max - 7 * scale]``, and moved
-one ulp toward zero where its rounding still takes an end code past ``max``. Values
-beyond the capped range clamp to the end codes (at most one step of error). Nothing
-changes for any other weight.
-
-A row holding a NaN or an infinity has no scale: its symmetric scale is NaN and its
-codes are 0. Weights never get there (``quantize_`` rejects non-finite weights); an
-activation row (token) that does makes its W8A8 / fp8 output row all NaN, as a NaN
-input makes a NaN output in ``F.linear``, where a finite scale would quietly clamp it.
+each rounded down into the qparam dtype); the int4 zero is kept in
+``[8 * scale - max, max - 7 * scale]``, and moved one ulp toward zero where its
+rounding still takes an end code past the range. Values beyond the capped range clamp
+to the end codes (at most one step of error). Every other group and row keeps the
+rules' qparams, bit for bit.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -101,32 +101,56 @@ _INT8_SCALE_CAP = {
     (fit, dt): _at_most(torch.finfo(fit).max / 127, dt) for fit in ACTIVATION_DTYPES for dt in ACTIVATION_DTYPES
 }
 _FP8_SCALE_CAP = {fit: _at_most(torch.finfo(fit).max / FP8_MAX, torch.float32) for fit in ACTIVATION_DTYPES}
+# the least magnitude that rounds to inf in each dtype: max plus half its ulp (max's last bit is odd)
+_OVERFLOW = {
+    dt: 2.0 ** math.ceil(math.log2(torch.finfo(dt).max)) * (1 - torch.finfo(dt).eps / 4) for dt in ACTIVATION_DTYPES
+}
+
+
+def _decodes_finite(ends, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Whether ``c * scale + zero`` (zero None: 0) is finite in ``dtype`` for each ``c`` in ``ends``
+    (the extreme codes), both as the reference computes it (fp32 product, fp32 sum, one cast) and
+    rounded once from the exact value (a kernel's fused multiply-add)."""
+    z32 = zero.float() if zero is not None else 0.0
+    z64 = zero.double() if zero is not None else 0.0
+    ok = torch.ones(scale.shape, dtype=torch.bool, device=scale.device)
+    for c in ends:
+        ok &= torch.isfinite((c * scale.float() + z32).to(dtype))
+        ok &= (c * scale.double() + z64).abs() < _OVERFLOW[dtype]
+    return ok
+
+
+def _toward_zero(t: torch.Tensor) -> torch.Tensor:
+    """One ulp toward zero (t finite and not zero)."""
+    bits = torch.int32 if t.dtype == torch.float32 else torch.int16
+    return (t.view(bits) - 1).view(t.dtype)
 
 
 # --------------------------------------------------------------------------- int4
 def int4_choose_qparams(w: torch.Tensor, group_size: int, qparam_dtype: torch.dtype):
     """Per-group (scale, zero) of ``w`` [N, K]; both [N, K // group_size].
 
-    Near the dtype's largest values (module doc, "near the top of the range") the scale is
-    capped (``_INT4_SCALE_CAP``) and the zero keeps both end codes inside the range, so every
-    code decodes to a finite value with every fp32 step of the decoding finite too; elsewhere
-    the two limits are inactive and the result is the plain formula's, bit for bit."""
+    The plain formulas, except for groups whose codes they would decode past the dtype's range
+    (module doc, "near the top of the range"): there the scale is capped (``_INT4_SCALE_CAP``)
+    and the zero kept inside the range, so that every code decodes to a finite value, every fp32
+    step of the decoding finite too."""
     n, k = w.shape
     wg = w.float().reshape(n, k // group_size, group_size)
     lo = wg.amin(dim=-1)
     hi = wg.amax(dim=-1)
-    top = torch.finfo(qparam_dtype).max
     # (hi - lo) / 15 by halves: hi - lo overflows fp32 for groups spanning most of its range
     amax = torch.maximum(hi.abs(), lo.abs())
     step = nan_scale_if_nonfinite(_div(hi * 0.5 - lo * 0.5, 7.5).clamp_min(SCALE_EPS), amax)
-    scale = _round_up(step, qparam_dtype).clamp_max(_INT4_SCALE_CAP[qparam_dtype])
-    s = scale.float()
-    zero = torch.minimum(torch.maximum(lo + 8.0 * s, 8.0 * s - top), top - 7.0 * s).to(qparam_dtype)
-    # the rounding of zero to the dtype can still push an end code's value past the range: one ulp
-    # toward zero then (z > 0 at the top end, z < 0 at the bottom one)
-    ends = torch.stack([zero.float() + 7.0 * s, zero.float() - 8.0 * s]).to(qparam_dtype)
-    bits = torch.int32 if qparam_dtype == torch.float32 else torch.int16
-    return scale, torch.where(torch.isinf(ends).any(dim=0), (zero.view(bits) - 1).view(qparam_dtype), zero)
+    scale = _round_up(step, qparam_dtype)
+    zero = (lo + 8.0 * scale.float()).to(qparam_dtype)
+    ends = (-8.0, 7.0)
+    over = ~_decodes_finite(ends, scale, zero, qparam_dtype) & torch.isfinite(step)  # (NaN scales stay)
+    capped = scale.clamp_max(_INT4_SCALE_CAP[qparam_dtype])
+    s64, top = capped.double(), torch.finfo(qparam_dtype).max
+    fit = torch.minimum(torch.maximum(lo.double() + 8.0 * s64, 8.0 * s64 - top), top - 7.0 * s64).to(qparam_dtype)
+    for _ in range(2):  # the zero's rounding can still take an end code past the range: toward zero
+        fit = torch.where(_decodes_finite(ends, capped, fit, qparam_dtype), fit, _toward_zero(fit))
+    return torch.where(over, capped, scale), torch.where(over, fit, zero)
 
 
 def int4_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
@@ -272,7 +296,10 @@ def int8_choose_qparams(w: torch.Tensor, qparam_dtype: torch.dtype, fit: torch.d
     the cap is inactive elsewhere. Activations (the W8A8 kernels' own quantizer) take none."""
     amax = w.float().abs().amax(dim=-1)
     scale = _round_up(nan_scale_if_nonfinite(_div(amax, 127.0).clamp_min(SCALE_EPS), amax), qparam_dtype)
-    return scale if fit is None else scale.clamp_max(_INT8_SCALE_CAP[fit, qparam_dtype])
+    if fit is None:
+        return scale
+    over = ~_decodes_finite((127.0,), scale, None, fit) & torch.isfinite(scale)
+    return torch.where(over, scale.clamp_max(_INT8_SCALE_CAP[fit, qparam_dtype]), scale)
 
 
 def nan_scale_if_nonfinite(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
@@ -313,7 +340,10 @@ def fp8_choose_qparams(w: torch.Tensor, fit: torch.dtype | None = None) -> torch
     """fp32 scale per row (token); ``fit`` as ``int8_choose_qparams``' (448 s <= its max)."""
     amax = w.float().abs().amax(dim=-1)
     scale = nan_scale_if_nonfinite(_div(amax, FP8_MAX).clamp_min(SCALE_EPS), amax)
-    return scale if fit is None else scale.clamp_max(_FP8_SCALE_CAP[fit])
+    if fit is None:
+        return scale
+    over = ~_decodes_finite((FP8_MAX,), scale, None, fit) & torch.isfinite(scale)
+    return torch.where(over, scale.clamp_max(_FP8_SCALE_CAP[fit]), scale)
 
 
 def fp8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ overflowed fp32). ``reference`` caps the scale and keeps the int4 zero inside th
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lowbit.ops import reference as ref
@@ -84,23 +84,71 @@ def test_the_linear_of_a_near_max_weight_gives_its_decoded_rows(fmt, dtype):
         torch.testing.assert_close(y.T.double(), want[:, cols].double(), rtol=2 * torch.finfo(dtype).eps, atol=0)
 
 
-@settings(deadline=None, max_examples=40)
+def _finite_both_ways(codes, scale, zero, dtype):
+    """[groups] bool: every ``c * scale + zero`` finite in ``dtype``, from fp32 steps and from float64."""
+    c = torch.tensor(codes, dtype=torch.float64)
+    z = zero.double()[..., None] if zero is not None else 0.0
+    fp32 = c.float() * scale.float()[..., None] + (zero.float()[..., None] if zero is not None else 0.0)
+    exact = c * scale.double()[..., None] + z
+    return torch.isfinite(fp32.to(dtype)).all(-1) & torch.isfinite(exact.to(dtype)).all(-1)
+
+
+@settings(deadline=None, max_examples=60)
 @given(
     dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**16),
     log_mag=st.integers(-30, 30),
+    top_frac=st.sampled_from([None, 1.0, 0.9999, 0.999, 0.99, 0.9]),
     gs=st.sampled_from(ref.INT4_GROUP_SIZES),
 )
-def test_qparams_elsewhere_are_the_plain_formulas_bit_for_bit(dtype, seed, log_mag, gs):
-    """Away from the top of the range the cap and the clamp are inactive: int4 (scale, zero) and
-    the int8 scale equal the unmodified formulas', computed here from their definitions."""
+def test_qparams_are_the_plain_formulas_wherever_those_decode_finite(dtype, seed, log_mag, top_frac, gs):
+    """The cap and the clamp act only where the plain formulas decode some code past the dtype's
+    range (computed here from their definitions; a group whose range overflows fp32 has an inf
+    scale): every other group's int4 (scale, zero) and every other row's int8 / fp8 scale are the
+    plain formulas', bit for bit. ``top_frac``: rows 0-2 reach that fraction of the dtype's max."""
     mag = 2.0 ** (log_mag if dtype != torch.float16 else max(-8, min(log_mag, 8)))
-    w = (torch.randn(8, 256, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * mag).to(dtype)
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * mag
+    if top_frac is not None:
+        top = torch.finfo(dtype).max * top_frac
+        w[0, 0], w[1, :3], w[2, 5], w[2, 9] = top, -top, top, -top
+    w = w.to(dtype)
     wg = w.float().reshape(8, 256 // gs, gs)
     lo, hi = wg.amin(-1), wg.amax(-1)
     scale = ref._round_up(ref._div(hi - lo, 15.0).clamp_min(ref.SCALE_EPS), dtype)
     zero = (lo + 8.0 * scale.float()).to(dtype)
+    fine = _finite_both_ways([-8.0, 7.0], scale, zero, dtype) & torch.isfinite(scale)
     got_s, got_z = ref.int4_choose_qparams(w, gs, dtype)
-    assert torch.equal(got_s, scale) and torch.equal(got_z, zero)
-    s8 = ref._round_up(ref._div(w.float().abs().amax(-1), 127.0).clamp_min(ref.SCALE_EPS), dtype)
-    assert torch.equal(ref.int8_choose_qparams(w, dtype, fit=dtype), s8)
+    assert torch.equal(got_s[fine], scale[fine]) and torch.equal(got_z[fine], zero[fine])
+    amax = w.float().abs().amax(-1)
+    for qd in (dtype, torch.float32):  # Int8Tensor's scale dtype, Int8DynActTensor's
+        s8 = ref._round_up(ref._div(amax, 127.0).clamp_min(ref.SCALE_EPS), qd)
+        fine8 = _finite_both_ways([127.0], s8, None, dtype)
+        assert torch.equal(ref.int8_choose_qparams(w, qd, fit=dtype)[fine8], s8[fine8])
+    s_fp8 = ref._div(amax, ref.FP8_MAX).clamp_min(ref.SCALE_EPS)
+    fine_fp8 = _finite_both_ways([ref.FP8_MAX], s_fp8, None, dtype)
+    assert torch.equal(ref.fp8_choose_qparams(w, fit=dtype)[fine_fp8], s_fp8[fine_fp8])
+    if top_frac is not None:  # (the near-max rows themselves: finite whatever the plain formulas did)
+        assert bool(_finite_both_ways([-8.0, 7.0], got_s, got_z, dtype).all())
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    lo_frac=st.floats(-1.0, 1.0),
+    hi_frac=st.sampled_from([1.0, 0.99999, 0.999, -1.0]),
+    fmt=st.sampled_from(["int4", "int4-plain"]),
+)
+@example(dtype=torch.float32, lo_frac=-6.854088932807699e37 / torch.finfo(torch.float32).max, hi_frac=1.0, fmt="int4")
+def test_int4_end_codes_stay_finite_through_a_fused_multiply_add(dtype, lo_frac, hi_frac, fmt):
+    """A group from ``lo_frac`` to ``hi_frac`` of the max: the CPU kernel decodes ``(q - 8) s + z``
+    with one rounding, which took an end code past fp32's max where the reference's two roundings
+    stayed below it (the review's w[0, 1] = max, w[0, 0] = -6.85e37: inf, and NaN from 0 * inf);
+    an identity input gives every decoded value, finite."""
+    top = torch.finfo(dtype).max
+    w = torch.zeros(16, 32, dtype=torch.float64)
+    w[0, 0], w[0, 1] = lo_frac * top, hi_frac * top
+    w = w.to(dtype)
+    q = MAKERS[fmt](w)
+    y = F.linear(torch.eye(32, dtype=dtype), q)  # y[k, n] = decoded w[n, k]
+    assert bool(torch.isfinite(y).all()), y[:2, 0]
+    torch.testing.assert_close(y.T, q.dequantize(), rtol=2 * torch.finfo(dtype).eps, atol=0)
