@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from lowbit.qtensor import QTensor
-from lowbit.qtensor.base import keep_mark
+from lowbit.qtensor.base import flat_only, keep_mark
 
 aten = torch.ops.aten
 
@@ -97,15 +97,16 @@ def _(func, types, args, kwargs):
         # (dequantize() gives the flattened values; slicing it refuses, ``base.flat_only``)
         return keep_mark(self, self._rebuild(lambda t: t, shape=(self.numel(),)))
     if self.ndim == 1 and self.numel() and len(shape) == 2:  # back to the weight's [N, K]
-        rows = self._tensors()[0].shape[0]
-        if shape in ([rows, self.numel() // rows], [-1, self.numel() // rows], [rows, -1]):
-            return keep_mark(self, self._rebuild(lambda t: t, shape=(rows, self.numel() // rows)))
+        n, k = self._matrix
+        if shape in ([n, k], [-1, k], [n, -1]):
+            return keep_mark(self, self._rebuild(lambda t: t, shape=(n, k)))
     return _base_view(func, types, args, kwargs)
 
 
 @_implements(aten.as_strided.default)
 def _(func, types, args, kwargs):
     self, size, stride = args[0], list(args[1]), list(args[2])
+    flat_only(self, "as_strided on")
     offset = args[3] if len(args) > 3 else kwargs.get("storage_offset") or 0
     rows = size[0] if len(size) == 2 else -1
     contiguous = len(size) == 2 and list(stride) == [size[1], 1]

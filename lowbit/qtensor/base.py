@@ -86,6 +86,7 @@ class QTensor(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             self._size, self._stride = torch.Tensor.size(self), torch.Tensor.stride(self)
             self._device = torch.Tensor.device.__get__(self)
+        self._matrix = weight_matrix(self._size, tensors[0].shape[0])
         self._flatten_ctx = (tuple(self._size), dtype, tuple((n, attrs[n]) for n in self.attr_fields))
 
     # torch.compile's runtime unwraps every quantized parameter on every call and asks
@@ -147,6 +148,7 @@ class QTensor(torch.Tensor):
         # a plain Parameter, with requires_grad and a shared-scales slice mark (torch.save keeps
         # storage shared with a parent shared on load; a repacked copy's fields are its own), and
         # only when not the defaults, so that lowbit versions before session 26 read the pickle.
+        flat_only(self, "pickling")  # (its load would check an [N, K] shape)
         args = (type(self), self._tensors(), tuple(self.shape), self.dtype, self._attrs())
         why = getattr(self, "_not_a_view", None)
         state = (self.requires_grad, isinstance(self, torch.nn.Parameter), why if why == SHARED_SCALES else None)
@@ -278,6 +280,14 @@ class QTensor(torch.Tensor):
                 )
             raise NotImplementedError(f"{cls.__name__} does not support the op {func}; {hint}")
         return handler(func, types, args, kwargs)
+
+
+def weight_matrix(shape, rows: int) -> tuple[int, int]:
+    """[N, K] of a weight of ``shape``, also of its flattened view ([N * K], ``view(-1)``, which FSDP
+    keeps as bookkeeping: ``lowbit/distributed.py``); ``rows``: N, the fields' first dimension."""
+    if len(shape) == 2:
+        return (shape[0], shape[1])
+    return (rows, shape[0] // rows if rows else 0)
 
 
 def float_weight(cls: type, w: torch.Tensor) -> torch.Tensor:
@@ -449,11 +459,11 @@ def flat_only(t: QTensor, what: str) -> None:
     """NotImplementedError for ``what`` on the flattened view of a weight (``view(-1)``, which FSDP
     keeps as bookkeeping, ``lowbit/distributed.py``), whose elements are not addressable one by
     one; an empty one (FSDP's stand-in for an empty shard) passes."""
-    if t.ndim == 1 and t.numel():
-        rows = t._tensors()[0].shape[0]
+    if len(t._size) == 1 and t._size[0]:
+        n, k = t._matrix
         raise NotImplementedError(
-            f"{type(t).__name__}: {what} the flattened ({t.numel()},) view of a [{rows}, {t.numel() // rows}] "
-            f"quantized weight is not supported; view it back to [{rows}, {t.numel() // rows}] or dequantize() it"
+            f"{type(t).__name__}: {what} the flattened ({t._size[0]},) view of a [{n}, {k}] quantized weight is not "
+            f"supported; view it back to [{n}, {k}] or dequantize() it"
         )
 
 
@@ -512,4 +522,5 @@ def _(func, types, args, kwargs):
 def _(func, types, args, kwargs):
     from lowbit.qtensor.linear import TransposedQTensor  # (linear.py builds on this module)
 
+    flat_only(args[0], "transposing")
     return TransposedQTensor(args[0])

@@ -28,12 +28,12 @@ class Float8Tensor(QTensor):
         return cls(ref.fp8_quantize(w, scale), scale, shape=w.shape, dtype=w.dtype)
 
     def check_fields(self) -> None:
-        if self.qdata.dtype != ref.FP8_DTYPE or tuple(self.qdata.shape) != tuple(self._size):
+        if self.qdata.dtype != ref.FP8_DTYPE or tuple(self.qdata.shape) != self._matrix:
             self._field_error(
-                "qdata", f"{self.qdata.dtype} {tuple(self.qdata.shape)}", f"{ref.FP8_DTYPE} {tuple(self._size)}"
+                "qdata", f"{self.qdata.dtype} {tuple(self.qdata.shape)}", f"{ref.FP8_DTYPE} {self._matrix}"
             )
-        if tuple(self.scale.shape) != (self._size[0],) or self.scale.dtype != torch.float32:
-            self._field_error("scale", f"{self.scale.dtype} {tuple(self.scale.shape)}", f"float32 ({self._size[0]},)")
+        if tuple(self.scale.shape) != (self._matrix[0],) or self.scale.dtype != torch.float32:
+            self._field_error("scale", f"{self.scale.dtype} {tuple(self.scale.shape)}", f"float32 ({self._matrix[0]},)")
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return ref.fp8_dequantize(self.qdata, self.scale, dtype or self.dtype).reshape(self.shape)

@@ -9,7 +9,7 @@ import torch
 from lowbit.ops import cpu
 from lowbit.ops import reference as ref
 from lowbit.ops.backend import resolve
-from lowbit.qtensor.base import QTensor, finite_qparams, float_weight, not_a_view
+from lowbit.qtensor.base import QTensor, finite_qparams, float_weight, not_a_view, weight_matrix
 
 # Packings that keep each row's bytes in that row (the Triton kernel reads both; row
 # slices are views): name -> (pack codes [N, K], unpack qdata [N, K // 2]).
@@ -40,12 +40,13 @@ class Int4Tensor(QTensor):
     attr_fields = ("group_size", "packing")
 
     def __init__(self, qdata, scale, zero, *, shape, dtype, group_size: int, packing: str):
-        if packing == "tiled" and not ref.int4_tiled_fits(shape[0], shape[1]):
+        matrix = weight_matrix(shape, qdata.shape[0])  # (also for the flattened view)
+        if packing == "tiled" and not ref.int4_tiled_fits(*matrix):
             raise ValueError(
                 f"Int4Tensor {tuple(shape)}: the 'tiled' packing needs whole 16-row x 128-k tiles "
                 "(N % 16 == 0, K % 128 == 0)"
             )
-        _check_cpu_rows(shape, packing)
+        _check_cpu_rows(matrix, packing)
         if packing in cpu.INT4_CPU_LAYOUTS and not cpu.is_interleaved(scale, zero):
             # the CPU kernel reads (scale, zero) interleaved as [G, N, 2]: keep them so
             scale, zero = cpu.interleave_scale_zero(scale, zero)
@@ -67,7 +68,7 @@ class Int4Tensor(QTensor):
         return plain.repack(_best_packing(plain.device, n, k, group_size) if packing == "auto" else packing)
 
     def check_fields(self) -> None:
-        n, k = self._size
+        n, k = self._matrix
         g = self.group_size
         if type(g) is not int or g not in ref.INT4_GROUP_SIZES or k % g:
             self._field_error("group_size", repr(g), f"one of {ref.INT4_GROUP_SIZES} dividing K={k}")
@@ -96,7 +97,7 @@ class Int4Tensor(QTensor):
                 f"unknown int4 packing {packing!r}; expected 'plain', 'mma', 'tiled' or one of "
                 f"{list(cpu.INT4_CPU_LAYOUTS)}"
             )
-        _check_cpu_rows(self.shape, packing)  # before packing, which fails at odd N
+        _check_cpu_rows(self._matrix, packing)  # before packing, which fails at odd N
         q = self.codes()
         qdata = TRITON_PACKINGS[packing][0](q) if packing in TRITON_PACKINGS else cpu.int4_cpu_pack(q, packing)
         return Int4Tensor(
@@ -112,14 +113,14 @@ class Int4Tensor(QTensor):
     def to_device(self, device) -> Int4Tensor:
         plain = self.repack("plain")
         moved = plain._rebuild(lambda t: t.to(device))
-        return moved.repack(_best_packing(moved.device, *self.shape, self.group_size))
+        return moved.repack(_best_packing(moved.device, *self._matrix, self.group_size))
 
     def loaded(self) -> Int4Tensor:
         # a pickle from another machine (an AVX-512 layout on an AVX2 host, "plain" from a GPU)
         # would run the reference path on every call: repack once, as a device move does
         if self.device.type not in ("cpu", "cuda"):
             return self
-        return self.repack(_best_packing(self.device, *self._size, self.group_size))
+        return self.repack(_best_packing(self.device, *self._matrix, self.group_size))
 
     def quantize_like(self, w: torch.Tensor) -> Int4Tensor:
         return Int4Tensor.from_float(w.to(self.device, self.dtype), group_size=self.group_size, packing=self.packing)

@@ -29,10 +29,10 @@ class Int8Tensor(QTensor):
         return cls(ref.int8_quantize(w, scale), scale, shape=w.shape, dtype=w.dtype)
 
     def check_fields(self) -> None:
-        if self.qdata.dtype != torch.int8 or tuple(self.qdata.shape) != tuple(self._size):
-            self._field_error("qdata", f"{self.qdata.dtype} {tuple(self.qdata.shape)}", f"int8 {tuple(self._size)}")
-        if tuple(self.scale.shape) != (self._size[0],) or not self.scale.dtype.is_floating_point:
-            self._field_error("scale", f"{self.scale.dtype} {tuple(self.scale.shape)}", f"floats ({self._size[0]},)")
+        if self.qdata.dtype != torch.int8 or tuple(self.qdata.shape) != self._matrix:
+            self._field_error("qdata", f"{self.qdata.dtype} {tuple(self.qdata.shape)}", f"int8 {self._matrix}")
+        if tuple(self.scale.shape) != (self._matrix[0],) or not self.scale.dtype.is_floating_point:
+            self._field_error("scale", f"{self.scale.dtype} {tuple(self.scale.shape)}", f"floats ({self._matrix[0]},)")
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return ref.int8_dequantize(self.qdata, self.scale, dtype or self.dtype).reshape(self.shape)

@@ -11,7 +11,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from lowbit.qtensor.base import _SUPPORTED_ACTIVATIONS, QTensor, keep_mark
+from lowbit.qtensor.base import _SUPPORTED_ACTIVATIONS, QTensor, flat_only, keep_mark
 
 aten = torch.ops.aten
 
@@ -22,6 +22,9 @@ def check_activation(x: torch.Tensor, w: QTensor) -> None:
         raise TypeError(f"{type(w).__name__} linear: activation dtype {x.dtype} is not supported; use one of {names}")
     # w._size / w._device: cached at construction; w.shape / w.device would each go
     # through __torch_function__ (~2 us, on every linear call)
+    if len(w._size) != 2:  # (the flattened view FSDP keeps as bookkeeping)
+        flat_only(w, "a linear with")
+        raise NotImplementedError(f"{type(w).__name__} linear: the weight is {tuple(w._size)}, want [N, K]")
     if x.shape[-1] != w._size[1]:
         raise ValueError(
             f"{type(w).__name__} linear: input has {x.shape[-1]} features, weight expects {w._size[1]} "

@@ -1,6 +1,7 @@
 """Misuse of quantized weights gets a clear error or the right answer, never a silent wrong
 one: writes through slices, copies, addmm, loading, pickles, configs, bias dtypes."""
 
+import copy
 import io
 import warnings
 
@@ -299,6 +300,26 @@ def test_the_flattened_view_of_a_weight_is_its_flattened_values(make):
             assert type(back) is type(w) and back.shape == (24, 64) and torch.equal(back.dequantize(), want)
         with pytest.raises(NotImplementedError, match=r"view to \(48, 32\)"):
             flat.view(48, 32)
-        for cut in (lambda t: t[:10], lambda t: t.split(512), lambda t: t.narrow(0, 3, 7)):
+        for cut in (
+            lambda t: t[:10],
+            lambda t: t.split(512),
+            lambda t: t.narrow(0, 3, 7),
+            lambda t: t.t(),
+            lambda t: t.as_strided((24, 64), (64, 1)),
+            lambda t: F.linear(torch.randn(2, 64, dtype=want.dtype), t),
+            lambda t: torch.save(t, io.BytesIO()),  # (its load would check an [N, K] shape)
+        ):
             with pytest.raises(NotImplementedError, match=r"flattened \(1536,\) view of a \[24, 64\] quantized weight"):
                 cut(flat)
+        # moves and copies keep it a flattened view of the same values (int4 "tiled" included)
+        for other in (flat.to("cpu", copy=True), flat.clone().copy_(flat), copy.deepcopy(flat)):
+            assert other.shape == (1536,) and torch.equal(other.dequantize(), want.flatten())
+        assert flat.to("meta").shape == (1536,)
+
+
+def test_a_tiled_int4_weight_flattens():
+    """The "tiled" packing's check read the shape's K from a 1-D shape (IndexError)."""
+    w = Int4Tensor.from_float(torch.randn(32, 128), group_size=32, packing="tiled")
+    flat = w.view(-1)
+    assert flat.packing == "tiled" and torch.equal(flat.dequantize(), w.dequantize().flatten())
+    assert torch.equal(flat.view(32, 128).dequantize(), w.dequantize())
