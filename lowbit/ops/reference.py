@@ -176,7 +176,7 @@ def int4_unpack(qdata: torch.Tensor) -> torch.Tensor:
 
 def _mma_view(t: torch.Tensor, n: int) -> torch.Tensor:
     # k = 32 ch + 16 c + 8 b + 2 t + a  ->  axes (n, ch, c, b, t, a)
-    return t.reshape(n, -1, 2, 2, 4, 2)
+    return t.reshape(n, t.shape[1] // 32, 2, 2, 4, 2)  # (not -1: ambiguous for N = 0)
 
 
 def int4_mma_pack(q: torch.Tensor) -> torch.Tensor:

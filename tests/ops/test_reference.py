@@ -171,3 +171,14 @@ def test_add_rmsnorm_is_the_residual_sum_then_llamas_rmsnorm(rows, n, dtype, eps
     assert bool(((normed.double() - exact).abs() <= 1.5 * eps_d * exact.abs() + 1e-6).all())
     with pytest.raises(ValueError, match="do not match"):
         ref.add_rmsnorm(y, res[:, :-1] if n > 1 else res[:0], w, eps)
+
+
+@pytest.mark.parametrize("packing", ["plain", "mma", "tiled"])
+def test_int4_packings_of_a_weight_without_rows(packing):
+    """A [0, K] weight (e.g. an empty shard) packs and decodes in every Triton packing; "mma"'s
+    reshape with -1 was ambiguous for zero elements (RuntimeError)."""
+    from lowbit.qtensor import Int4Tensor
+
+    q = Int4Tensor.from_float(torch.randn(0, 128), group_size=32, packing=packing)
+    assert q.qdata.shape == (0, 64) and q.dequantize().shape == (0, 128)
+    assert ref.int4_mma_unpack(ref.int4_mma_pack(torch.zeros(0, 64, dtype=torch.uint8))).shape == (0, 64)
