@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit import config as C
+from lowbit.compile import kernel_op
 from lowbit.ops import reference as ref
 from lowbit.quantize import check_finite, quantize_weight, register_handler, skip_reason
 
@@ -91,12 +92,27 @@ def _straight_through(v: torch.Tensor, v_hat: torch.Tensor, inside: torch.Tensor
 
 def fake_quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``Int4Tensor.from_float(w, group_size).dequantize(dtype)``; gradient 1 w.r.t. ``w``."""
-    with torch.no_grad():
-        wd = w.detach()
-        scale, zero = ref.int4_choose_qparams(wd, group_size, w.dtype)
-        codes = ref.int4_quantize(wd, scale, zero, group_size)
-        w_hat = ref.int4_dequantize(ref.int4_pack(codes), scale, zero, group_size, dtype or w.dtype)
-    return _straight_through(w, w_hat)
+    return _straight_through(w, _fake_weight(w.detach(), "int4", group_size, dtype or w.dtype))
+
+
+@kernel_op("qat_fake_weight", fake=lambda w, kind, group_size, dtype: torch.empty_like(w, dtype=dtype))
+def _fake_weight(w: torch.Tensor, kind: str, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as the real class of ``kind`` stores it, dequantized to ``dtype`` (no gradient).
+
+    An operator, so that torch.compile runs it as it runs eagerly: Inductor, fusing these steps,
+    kept the qparams in fp32 where the reference rounds them to the weight's 16-bit dtype (it does
+    not emulate such casts by default), and 75% of a bf16 weight's fake-quantized values then
+    differed from the converted weight's (by up to a step)."""
+    if kind == "int4":
+        scale, zero = ref.int4_choose_qparams(w, group_size, w.dtype)
+        codes = ref.int4_quantize(w, scale, zero, group_size)
+        return ref.int4_dequantize(ref.int4_pack(codes), scale, zero, group_size, dtype)
+    if kind == "fp8":
+        scale = ref.fp8_choose_qparams(w, fit=w.dtype)
+        return ref.fp8_dequantize(ref.fp8_quantize(w, scale), scale, dtype)
+    # "int8": Int8Tensor keeps its scale in the weight's dtype, "int8_dyn": Int8DynActTensor in fp32
+    scale = ref.int8_choose_qparams(w, w.dtype if kind == "int8" else torch.float32, fit=w.dtype)
+    return ref.int8_dequantize(ref.int8_quantize(w, scale), scale, dtype)
 
 
 def fake_quantize_int8(v: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, mask: bool = True) -> torch.Tensor:
@@ -128,17 +144,15 @@ def _int4_weight(w, config, dtype):
 
 
 def _int8_weight(w, config, dtype):
-    # Int8Tensor keeps its scale in the weight's dtype
-    return fake_quantize_int8(w, ref.int8_choose_qparams(w.detach(), w.dtype, fit=w.dtype), dtype, mask=False)
+    return _straight_through(w, _fake_weight(w.detach(), "int8", 0, dtype))
 
 
 def _int8_dyn_weight(w, config, dtype):
-    # Int8DynActTensor keeps an fp32 scale
-    return fake_quantize_int8(w, ref.int8_choose_qparams(w.detach(), torch.float32, fit=w.dtype), dtype, mask=False)
+    return _straight_through(w, _fake_weight(w.detach(), "int8_dyn", 0, dtype))
 
 
 def _fp8_weight(w, config, dtype):
-    return fake_quantize_fp8(w, ref.fp8_choose_qparams(w.detach(), fit=w.dtype), dtype, mask=False)
+    return _straight_through(w, _fake_weight(w.detach(), "fp8", 0, dtype))
 
 
 def _int8_rows(x):
