@@ -95,7 +95,7 @@ def fake_quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype | No
     return _straight_through(w, _fake_weight(w.detach(), "int4", group_size, dtype or w.dtype))
 
 
-@kernel_op("qat_fake_weight", fake=lambda w, kind, group_size, dtype: torch.empty_like(w, dtype=dtype))
+@kernel_op("qat_fake_weight", fake=lambda w, kind, group_size, dtype: w.new_empty(w.shape, dtype=dtype))
 def _fake_weight(w: torch.Tensor, kind: str, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The weight as the real class of ``kind`` stores it, dequantized to ``dtype`` (no gradient).
 
@@ -106,13 +106,14 @@ def _fake_weight(w: torch.Tensor, kind: str, group_size: int, dtype: torch.dtype
     if kind == "int4":
         scale, zero = ref.int4_choose_qparams(w, group_size, w.dtype)
         codes = ref.int4_quantize(w, scale, zero, group_size)
-        return ref.int4_dequantize(ref.int4_pack(codes), scale, zero, group_size, dtype)
-    if kind == "fp8":
+        w_hat = ref.int4_dequantize(ref.int4_pack(codes), scale, zero, group_size, dtype)
+    elif kind == "fp8":
         scale = ref.fp8_choose_qparams(w, fit=w.dtype)
-        return ref.fp8_dequantize(ref.fp8_quantize(w, scale), scale, dtype)
-    # "int8": Int8Tensor keeps its scale in the weight's dtype, "int8_dyn": Int8DynActTensor in fp32
-    scale = ref.int8_choose_qparams(w, w.dtype if kind == "int8" else torch.float32, fit=w.dtype)
-    return ref.int8_dequantize(ref.int8_quantize(w, scale), scale, dtype)
+        w_hat = ref.fp8_dequantize(ref.fp8_quantize(w, scale), scale, dtype)
+    else:  # "int8": Int8Tensor keeps its scale in the weight's dtype, "int8_dyn": Int8DynActTensor in fp32
+        scale = ref.int8_choose_qparams(w, w.dtype if kind == "int8" else torch.float32, fit=w.dtype)
+        w_hat = ref.int8_dequantize(ref.int8_quantize(w, scale), scale, dtype)
+    return w_hat.contiguous()  # (as the fake: a transposed weight's int4 result was contiguous, int8's not)
 
 
 def fake_quantize_int8(v: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, mask: bool = True) -> torch.Tensor:
@@ -155,12 +156,32 @@ def _fp8_weight(w, config, dtype):
     return _straight_through(w, _fake_weight(w.detach(), "fp8", 0, dtype))
 
 
+@kernel_op(
+    "qat_fake_rows",
+    fake=lambda x, kind: (x.new_empty(x.shape, dtype=torch.float32), x.new_empty(x.shape, dtype=torch.bool)),
+)
+def _fake_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's tokens quantized per row as the W8A8 (``kind`` "int8") / fp8 kernels do, in fp32, and
+    where the clamp is inactive (the STE's mask; ``fake_quantize_int8`` / ``fake_quantize_fp8``).
+    An operator for the reason ``_fake_weight`` is one: Inductor merged the previous layer's
+    rounding of its output to x's 16-bit dtype with this quantizer's ``x.float()`` and skipped it."""
+    if kind == "int8":
+        scale = ref.int8_choose_qparams(x, torch.float32)
+        x_hat = ref.int8_dequantize(ref.int8_quantize(x, scale), scale, torch.float32)
+        inside = torch.round(x.float() / scale.float().unsqueeze(-1)).abs() <= 127
+    else:
+        scale = ref.fp8_choose_qparams(x)
+        x_hat = ref.fp8_dequantize(ref.fp8_quantize(x, scale), scale, torch.float32)
+        inside = (x.float() / scale.unsqueeze(-1)).abs() <= FP8_CLAMP_LIMIT
+    return x_hat.contiguous(), inside.contiguous()
+
+
 def _int8_rows(x):
-    return fake_quantize_int8(x, ref.int8_choose_qparams(x.detach(), torch.float32), torch.float32)
+    return _straight_through(x, *_fake_rows(x.detach(), "int8"))
 
 
 def _fp8_rows(x):
-    return fake_quantize_fp8(x, ref.fp8_choose_qparams(x.detach()), torch.float32)
+    return _straight_through(x, *_fake_rows(x.detach(), "fp8"))
 
 
 # config type -> fake weight quantizer; for dynamic-activation schemes, the per-token activation quantizer
@@ -191,8 +212,10 @@ def fake_quant_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
         y = F.linear(x, fake_quantize_weight(w, config, x.dtype))
     else:  # W8A8 / fp8: the real product of the codes is exact, then rescaled; fp32 keeps nearly all of it
         y = F.linear(act(x), fake_quantize_weight(w, config, torch.float32)).to(x.dtype)
-    # the bias is added after rounding the product, as the real layer does (not fused as in addmm)
-    return y if bias is None else y + bias
+    # the bias is added after rounding the product, as the real layer does (not fused as in addmm;
+    # written in fp32 and rounded, the same numbers as ``y + bias``, so that Inductor's pattern
+    # matcher does not make an addmm of it, which rounds once)
+    return y if bias is None else (y.float() + bias.float()).to(torch.promote_types(y.dtype, bias.dtype))
 
 
 # ---------------------------------------------------------------------------- module
