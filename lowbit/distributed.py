@@ -71,6 +71,7 @@ def _with_fields(like: QTensor, fields, rows: int) -> QTensor:
 @_implements(aten.new_zeros.default, aten.new_empty.default)
 def _(func, types, args, kwargs):
     self, size = args[0], list(args[1])
+    flat_only(self, f"new_zeros{tuple(size)} of")
     dtype = kwargs.get("dtype")
     if dtype is not None and dtype != self.dtype:
         raise TypeError(f"{type(self).__name__}.new_zeros: dtype {dtype} differs from the weight's {self.dtype}")

@@ -219,9 +219,11 @@ def qparams_cast_ok(cast: torch.Tensor, stored: torch.Tensor) -> bool:
       dominates (16x at weights of 1e-7 in bf16): those zeros must cast exactly.
 
     A scale the cast leaves unchanged is fine too (an all-zero row's 2^-20 scale is an
-    exact fp16 subnormal). A NaN scale gives the reference's NaNs on either kernel. A
-    scale past fp16's largest finite (weight ranges of ~1e6) makes the reference's
-    dequantized fp16 weight overflow as well, and is left to the 16-bit kernel.
+    exact fp16 subnormal). A NaN scale gives the reference's NaNs on either kernel. Cast
+    qparams whose codes could decode past x's dtype (|qparams| beyond max / 9 for int4
+    pairs, max / 127 for int8 scales: fp32 weights near a 16-bit max, e.g. under autocast)
+    run the fp32 kernel: the cast's rounding took an end code to inf where the stored
+    qparams decode finite (session 28).
 
     Runs on every call, O(N * K / group_size) against the product's O(M * N * K): against
     aten's 4096 x 4096 bf16 product at M = 1 on a 2-core AVX2 CPU, 4 us (0.3-0.6%) for
@@ -229,6 +231,11 @@ def qparams_cast_ok(cast: torch.Tensor, stored: torch.Tensor) -> bool:
     it follows cost as much or more. A cache cannot live here: ``QTensor.copy_`` writes
     the fields under ``__torch_dispatch__``, which moves no version counter of theirs.
     """
+    # decoded values past x's dtype: the cast's rounding (fp32 weights near a 16-bit max, under
+    # autocast) can take an end code to inf where the stored qparams decode finite; |(q - 8) s + z|
+    # <= 9 max|.| (int4 pairs), |q s| <= 127 max|s| (int8): beyond, the fp32 kernel
+    if not float(cast.abs().amax()) * (9.0 if cast.dim() == 3 else 127.0) < torch.finfo(cast.dtype).max:
+        return False
     lo = _min_scale(cast)
     tiny = torch.finfo(cast.dtype).smallest_normal
     if not lo >= tiny:  # rare: look at each scale (a NaN fails both tests)

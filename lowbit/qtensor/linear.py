@@ -188,6 +188,7 @@ def _mm_like(x, wt, bias):
     if isinstance(wt, QTensor) and bias is None and not isinstance(x, (QTensor, TransposedQTensor)):
         # grad @ w: the input gradient autograd's MmBackward asks for after a decomposed
         # linear (x @ w.t()); as _QuantLinearFn.backward, through this layer's dequantized weight
+        flat_only(wt, "mm with")
         return x @ wt.dequantize(x.dtype)
     if not isinstance(wt, TransposedQTensor) or isinstance(x, QTensor):
         raise NotImplementedError("mm with a quantized weight is only supported as x @ w.t() (linear), without out=")

@@ -308,6 +308,8 @@ def test_the_flattened_view_of_a_weight_is_its_flattened_values(make):
             lambda t: t.as_strided((24, 64), (64, 1)),
             lambda t: F.linear(torch.randn(2, 64, dtype=want.dtype), t),
             lambda t: torch.save(t, io.BytesIO()),  # (its load would check an [N, K] shape)
+            lambda t: torch.mm(torch.randn(3, 1536, dtype=want.dtype), t),  # (a vector came back)
+            lambda t: t.new_zeros([4, 64]),
         ):
             with pytest.raises(NotImplementedError, match=r"flattened \(1536,\) view of a \[24, 64\] quantized weight"):
                 cut(flat)

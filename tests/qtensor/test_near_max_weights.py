@@ -152,3 +152,17 @@ def test_int4_end_codes_stay_finite_through_a_fused_multiply_add(dtype, lo_frac,
     y = F.linear(torch.eye(32, dtype=dtype), q)  # y[k, n] = decoded w[n, k]
     assert bool(torch.isfinite(y).all()), y[:2, 0]
     torch.testing.assert_close(y.T, q.dequantize(), rtol=2 * torch.finfo(dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
+def test_an_fp32_weight_near_a_16_bit_max_under_16_bit_inputs(xdtype):
+    """The CPU kernels take the qparams cast to x's dtype; the cast's rounding (the review's fp32 group
+    from -60928 to 65502 in fp16: scale 8428.7 -> 8432) took an end code to inf where the stored
+    qparams decode finite. Such casts run the fp32 kernel now (``cpu.qparams_cast_ok``)."""
+    top = torch.finfo(xdtype).max
+    w = torch.tensor([-0.93 * top, top * 0.99997]).repeat(16, 16)  # fp32 [16, 32]
+    for q in (Int4Tensor.from_float(w, group_size=32), Int8Tensor.from_float(w)):
+        y = F.linear(torch.eye(32, dtype=xdtype), q)
+        want = q.dequantize(xdtype)
+        assert bool(torch.isfinite(want).all()) and bool(torch.isfinite(y).all()), type(q).__name__
+        torch.testing.assert_close(y.T, want, rtol=2 * torch.finfo(xdtype).eps, atol=0)
