@@ -35,6 +35,11 @@ fp8 values accumulated in fp32 or better, then rescaled.
 Scales are floored at ``SCALE_EPS`` (a power of two, exact in fp16/bf16/fp32)
 so an all-zero row or group dequantizes to exact zeros, never NaN.
 
+A row holding a NaN or an infinity has no scale: its symmetric scale is NaN and its
+codes are 0. Weights never get there (``quantize_`` rejects non-finite weights); an
+activation row (token) that does makes its W8A8 / fp8 output row all NaN, as a NaN
+input makes a NaN output in ``F.linear``, where a finite scale would quietly clamp it.
+
 Near the top of the range: a weight's codes always decode to finite values of its
 dtype. Where the rules above would decode a code past the range (as computed here:
 fp32 steps, one cast; or rounded once from the exact value, as a kernel's fused
