@@ -176,6 +176,21 @@ def _fake_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x_hat.contiguous(), inside.contiguous()
 
 
+@torch.library.custom_op("lowbit::qat_round", mutates_args=())
+def _round(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``y.to(dtype)`` (a narrower dtype), kept by Inductor: it merged this rounding of a W8A8 / fp8
+    layer's fp32 product into the bias add after it (one rounding instead of two). Gradient: the
+    incoming one, cast back."""
+    return y.to(dtype)
+
+
+_round.register_fake(lambda y, dtype: y.new_empty(y.shape, dtype=dtype))
+_round.register_autograd(
+    lambda ctx, grad: (grad.to(ctx.dtype), None),
+    setup_context=lambda ctx, inputs, output: setattr(ctx, "dtype", inputs[0].dtype),
+)
+
+
 def _int8_rows(x):
     return _straight_through(x, *_fake_rows(x.detach(), "int8"))
 
@@ -211,7 +226,8 @@ def fake_quant_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     if act is None:  # weight-only: the real layer dequantizes to the activation dtype
         y = F.linear(x, fake_quantize_weight(w, config, x.dtype))
     else:  # W8A8 / fp8: the real product of the codes is exact, then rescaled; fp32 keeps nearly all of it
-        y = F.linear(act(x), fake_quantize_weight(w, config, torch.float32)).to(x.dtype)
+        y = F.linear(act(x), fake_quantize_weight(w, config, torch.float32))
+        y = y if x.dtype == torch.float32 else _round(y, x.dtype)
     # the bias is added after rounding the product, as the real layer does (not fused as in addmm;
     # written in fp32 and rounded, the same numbers as ``y + bias``, so that Inductor's pattern
     # matcher does not make an addmm of it, which rounds once)

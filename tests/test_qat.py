@@ -400,14 +400,14 @@ def test_inductor_fake_quantization_on_cuda_is_the_eager_one():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_inductor_qat_models_run_as_eager_ones(dtype):
     """Compiled with Inductor, a two-layer 16-bit QAT model's output equals eager's (= the converted
-    model's) bit for bit: weight-only layers with biases (Inductor made an addmm of ``y + bias``,
-    one rounding), and W8A8 / fp8 layers stacked (Inductor skipped the rounding of one layer's
-    output to x's dtype before the next layer's activation quantizer). Also a transposed weight,
-    whose fake's strides differed from the op's contiguous int4 result (a size assert failed)."""
+    model's) bit for bit, biases included: Inductor made an addmm of a weight-only layer's
+    ``y + bias`` (one rounding), merged a W8A8 / fp8 layer's rounding of its fp32 product into the
+    bias add, and skipped the rounding of one layer's output to x's dtype before the next layer's
+    activation quantizer. Also a transposed weight, whose fake's strides differed from the op's
+    contiguous int4 result (a size assert failed)."""
     for name, (cfg, _) in SCHEMES.items():
         torch.manual_seed(0)
-        bias = name in WEIGHT_ONLY  # (W8A8 / fp8 with a bias: see docs/design.md, "Training")
-        model = nn.Sequential(nn.Linear(64, 96, bias=bias), nn.ReLU(), nn.Linear(96, 32, bias=bias)).to(dtype)
+        model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32)).to(dtype)
         lowbit.quantize_(model, QATConfig(cfg))
         x = torch.randn(8, 64, dtype=dtype)
         torch._dynamo.reset()
