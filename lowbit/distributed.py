@@ -5,7 +5,7 @@ A quantized weight is sharded along its output dimension N, and every field
 is a shard of each field and FSDP all-gathers the packed bytes, never a
 dequantized weight. What FSDP2 calls on a parameter, and what this module adds
 to the ``QTensor`` op tables for it (the rest, ``split``/``slice``/``copy_``/
-``detach``, is in ``lowbit/qtensor/base.py``):
+``detach`` and the flattened ``view(-1)``, is in ``lowbit/qtensor/base.py``):
 
 * at ``fully_shard``: ``torch.chunk`` (-> ``split``), ``new_zeros`` for the
   padded shard, ``narrow(...).copy_(chunk)`` into it, ``view(-1)``;
@@ -87,23 +87,6 @@ def _(func, types, args, kwargs):
     return _with_fields(self, fields, size[0])
 
 
-_base_view = QTensor._aten_table[aten.view.default]
-
-
-@_implements(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-def _(func, types, args, kwargs):
-    self, shape = args[0], list(args[1])
-    if self.ndim == 2 and shape in ([-1], [self.numel()]):
-        # FSDP keeps ``padded_shard.view(-1)`` as bookkeeping only; keep the fields, flatten the shape
-        # (dequantize() gives the flattened values; slicing it refuses, ``base.flat_only``)
-        return keep_mark(self, self._rebuild(lambda t: t, shape=(self.numel(),)))
-    if self.ndim == 1 and self.numel() and len(shape) == 2:  # back to the weight's [N, K]
-        n, k = self._matrix
-        if shape in ([n, k], [-1, k], [n, -1]):
-            return keep_mark(self, self._rebuild(lambda t: t, shape=(n, k)))
-    return _base_view(func, types, args, kwargs)
-
-
 @_implements(aten.as_strided.default)
 def _(func, types, args, kwargs):
     self, size, stride = args[0], list(args[1]), list(args[2])
@@ -148,9 +131,10 @@ def _(func, types, args, kwargs):
     and a float carrier may rewrite NaN bit patterns (module doc)."""
     self, group_size, group_name = args
     rows = self.shape[0] * group_size
+    local = [t.contiguous() for t in _plain(self)._tensors()]
     fields = [
         _c10d.all_gather_into_tensor(b, group_size, group_name).view(t.dtype).reshape(rows, *t.shape[1:])
-        for t, b in zip(_plain(self)._tensors(), _row_bytes([t.contiguous() for t in _plain(self)._tensors()]))
+        for t, b in zip(local, _row_bytes(local))
     ]
     return _with_fields(self, fields, rows)
 

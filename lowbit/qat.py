@@ -122,10 +122,14 @@ def fake_quantize_int8(v: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
     Gradient 1 where ``|round(v / scale)| <= 127``, 0 beyond (everywhere 1 if ``mask`` is False).
     """
     with torch.no_grad():
-        vd = v.detach()
-        v_hat = ref.int8_dequantize(ref.int8_quantize(vd, scale), scale, dtype)
-        inside = torch.round(vd.float() / scale.float().unsqueeze(-1)).abs() <= 127 if mask else None
-    return _straight_through(v, v_hat, inside)
+        v_hat, inside = _int8_parts(v.detach(), scale, dtype)
+    return _straight_through(v, v_hat, inside if mask else None)
+
+
+def _int8_parts(v: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``v`` quantized with ``scale`` and dequantized to ``dtype``, and where rounding alone picks the code."""
+    v_hat = ref.int8_dequantize(ref.int8_quantize(v, scale), scale, dtype)
+    return v_hat, torch.round(v.float() / scale.float().unsqueeze(-1)).abs() <= 127
 
 
 def fake_quantize_fp8(v: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, mask: bool = True) -> torch.Tensor:
@@ -134,10 +138,14 @@ def fake_quantize_fp8(v: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, 
     Gradient 1 where ``|v / scale| <= 464``, 0 beyond (everywhere 1 if ``mask`` is False).
     """
     with torch.no_grad():
-        vd = v.detach()
-        v_hat = ref.fp8_dequantize(ref.fp8_quantize(vd, scale), scale, dtype)
-        inside = (vd.float() / scale.unsqueeze(-1)).abs() <= FP8_CLAMP_LIMIT if mask else None
-    return _straight_through(v, v_hat, inside)
+        v_hat, inside = _fp8_parts(v.detach(), scale, dtype)
+    return _straight_through(v, v_hat, inside if mask else None)
+
+
+def _fp8_parts(v: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``_int8_parts``, in e4m3: where ``|v / scale| <= 464``."""
+    v_hat = ref.fp8_dequantize(ref.fp8_quantize(v, scale), scale, dtype)
+    return v_hat, (v.float() / scale.unsqueeze(-1)).abs() <= FP8_CLAMP_LIMIT
 
 
 def _int4_weight(w, config, dtype):
@@ -166,13 +174,9 @@ def _fake_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     An operator for the reason ``_fake_weight`` is one: Inductor merged the previous layer's
     rounding of its output to x's 16-bit dtype with this quantizer's ``x.float()`` and skipped it."""
     if kind == "int8":
-        scale = ref.int8_choose_qparams(x, torch.float32)
-        x_hat = ref.int8_dequantize(ref.int8_quantize(x, scale), scale, torch.float32)
-        inside = torch.round(x.float() / scale.float().unsqueeze(-1)).abs() <= 127
+        x_hat, inside = _int8_parts(x, ref.int8_choose_qparams(x, torch.float32), torch.float32)
     else:
-        scale = ref.fp8_choose_qparams(x)
-        x_hat = ref.fp8_dequantize(ref.fp8_quantize(x, scale), scale, torch.float32)
-        inside = (x.float() / scale.unsqueeze(-1)).abs() <= FP8_CLAMP_LIMIT
+        x_hat, inside = _fp8_parts(x, ref.fp8_choose_qparams(x), torch.float32)
     return x_hat.contiguous(), inside.contiguous()
 
 

@@ -508,6 +508,13 @@ def _(func, types, args, kwargs):
 @QTensor.implements(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 def _(func, types, args, kwargs):
     self, shape = args[0], list(args[1])
+    if self.ndim == 2 and shape in ([-1], [self.numel()]):
+        # the flattened view (FSDP keeps ``padded_shard.view(-1)`` as bookkeeping only): the fields
+        # stay, the shape is [N * K]; dequantize() gives the flattened values, slicing it refuses
+        return keep_mark(self, self._rebuild(lambda t: t, shape=(self.numel(),)))
+    n, k = self._matrix
+    if self.ndim == 1 and self.numel() and shape in ([n, k], [-1, k], [n, -1]):  # back to [N, K]
+        return keep_mark(self, self._rebuild(lambda t: t, shape=(n, k)))
     if shape.count(-1) == 1:
         known = 1
         for s in shape:
