@@ -104,6 +104,12 @@ LABELS["lowbit_int4" + SUBCLASS] = LABELS["lowbit_int4"] + ", q/k/v and gate/up 
 NORMS = "_fused_norms"
 LABELS["lowbit_int4" + NORMS] = LABELS["lowbit_int4"] + ", q/k/v and gate/up fused, residual + RMSNorm in o / down"
 _FUSE_NORMS = False
+# the fused int4 variant with the eager launch plans off (``_utils.PLANS``: Triton's launch path on
+# every eager call) and / or the eager MLP's gate / up split off (``fuse.GLU_SPLIT_MIN_TOKENS``), for A/B
+NO_PLANS, NO_SPLIT = "_noplans", "_nosplit"
+for _v in ("lowbit_int4_fused", "lowbit_int4_fused" + NO_PLANS):
+    LABELS[_v + NO_SPLIT] = LABELS.get(_v, LABELS["lowbit_int4_fused"] + ", no launch plans") + ", no gate / up split"
+LABELS["lowbit_int4_fused" + NO_PLANS] = LABELS["lowbit_int4_fused"] + ", no launch plans"
 ALL_VARIANTS = list(LABELS)
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -314,6 +320,14 @@ def _ab_switch(suffix):
         from lowbit.ops.triton import _utils
 
         return _setting(_utils, "PDL", False)
+    if suffix == NO_PLANS:
+        from lowbit.ops.triton import _utils
+
+        return _setting(_utils, "PLANS", False)
+    if suffix == NO_SPLIT:
+        import lowbit.fuse
+
+        return _setting(lowbit.fuse, "GLU_SPLIT_MIN_TOKENS", 1 << 62)
     if suffix in (NO_GLU, SUBCLASS, NORMS):
         both, here = contextlib.ExitStack(), sys.modules[__name__]
         both.enter_context(_setting(here, "_FUSE_SIBLINGS", True))
@@ -337,7 +351,7 @@ def run_variant(variant, args) -> dict:
             return dict(res, skipped=f"torchao not importable: {type(e).__name__}: {e}")
     if variant.endswith("fp8") and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         return dict(res, skipped="fp8 needs sm_89+")
-    for suffix in (NO_GEMV, UNWRAP, NO_PDL, FUSED, NO_GLU, SUBCLASS, NORMS):  # A/B: the base with a switch set
+    for suffix in (NO_SPLIT, NO_PLANS, NO_GEMV, UNWRAP, NO_PDL, FUSED, NO_GLU, SUBCLASS, NORMS):  # A/B: a switch set
         if variant.endswith(suffix):
             with _ab_switch(suffix):
                 return run_variant(variant.removesuffix(suffix), args) | dict(variant=variant, label=LABELS[variant])

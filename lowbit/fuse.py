@@ -291,6 +291,15 @@ class FusedLinear(nn.Linear):
             g.unfuse()
 
 
+# From this many tokens an eager fused MLP runs gate_proj and up_proj as two matmuls on their own
+# rows of the stack, not one over the stack, whose members' outputs are column slices of one
+# [tokens, 2 I] tensor: eager PyTorch runs silu and the product over such strided views with its
+# generic element-wise kernels, ~84 us more per Llama-3-8B layer at 2048 tokens on an H100 than
+# over contiguous ones (bench/KERNEL_NOTES.md, session 29), against one more launch of host time
+# (~50 us). Compiled forwards keep the one matmul (Inductor's fused kernel reads the slices as they are).
+GLU_SPLIT_MIN_TOKENS = 1024
+
+
 def _glu_forward(self, *args, **kwargs):
     """The forward of a fused Llama-style MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))`` with
     the gate / up matmul and the product in one kernel where the stack's format has one for this
@@ -306,11 +315,13 @@ def _glu_forward(self, *args, **kwargs):
     if len(args) != 1 or kwargs:
         return base.forward(self, *args, **kwargs)
     x = args[0]
+    split = x.numel() > self._lowbit_glu_max_m * x.shape[-1]  # more tokens than the kernel serves (a prompt)
+    if split and (x.numel() < GLU_SPLIT_MIN_TOKENS * x.shape[-1] or torch.compiler.is_compiling()):
+        return base.forward(self, x)
     gate, up = self.gate_proj, self.up_proj
     g = _GROUPS.get(gid)
     if (
         g is None
-        or x.numel() > self._lowbit_glu_max_m * x.shape[-1]  # more tokens than the kernel serves (a prompt)
         or type(gate) is not FusedLinear
         or type(up) is not FusedLinear
         or gate._lowbit_gid != gid
@@ -327,6 +338,8 @@ def _glu_forward(self, *args, **kwargs):
         or autocast_dtype(x) not in (None, x.dtype)  # (the linears cast x: their own forward)
     ):
         return base.forward(self, x)
+    if split:  # a long prompt, eagerly: gate and up each as its own contiguous output (see GLU_SPLIT_MIN_TOKENS)
+        return self.down_proj(self.act_fn(F.linear(x, gate.weight)) * F.linear(x, up.weight))
     return self.down_proj(swiglu_linear(x, _weight(g)))
 
 

@@ -436,6 +436,25 @@ def test_swiglu_is_left_alone_where_no_kernel_serves():
     assert not hasattr(int8.model.layers[0].mlp, "_lowbit_glu_gid")
 
 
+def test_long_eager_prompts_give_silu_contiguous_gate_and_up(fused_kernel, monkeypatch):
+    """From GLU_SPLIT_MIN_TOKENS tokens an eager fused MLP runs gate_proj and up_proj each on its own
+    rows of the stack: silu and the product see contiguous tensors (eager PyTorch's strided
+    element-wise kernels are slower), and the logits equal the unfused model's bitwise. Between the
+    fused kernel's tokens and that many, the one matmul over the stack (column slices) stays."""
+    monkeypatch.setattr(fuse_mod, "GLU_SPLIT_MIN_TOKENS", 16)
+    plain, fused = int4_llama(), int4_llama()
+    lowbit.fuse_projections_(fused)
+    seen, real = [], F.silu
+    monkeypatch.setattr(F, "silu", lambda t, inplace=False: seen.append(t.is_contiguous()) or real(t, inplace))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))  # 18 tokens
+    with torch.no_grad():
+        for want_contiguous, batch in ((True, ids), (False, ids[:, :6])):  # 18 tokens, then 12
+            seen.clear()
+            got = fused(batch).logits
+            assert seen == [want_contiguous] * 2, seen  # (two layers)
+            assert torch.equal(got, plain(batch).logits)
+
+
 def test_swiglu_mlps_fall_back_copy_plain_and_unfuse(fused_kernel):
     """A fused MLP runs its own forward when a member's weight is replaced or hooked, its act_fn
     swapped, the input needs a gradient or comes by keyword; copies and pickles are the plain

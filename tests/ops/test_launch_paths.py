@@ -26,8 +26,8 @@ def _weight(n, k, gs=128, seed=0, packing="plain"):
     w = (torch.randn(n, k, generator=g) * 0.02).to(DEVICE)
     scale, zero = ref.int4_choose_qparams(w, gs, torch.bfloat16)
     q = ref.int4_quantize(w, scale, zero, gs)
-    packed = ref.int4_tiled_pack(q) if packing == "tiled" else ref.int4_pack(q)
-    return packed, scale, zero, ref.int4_pack(q)
+    packs = {"tiled": ref.int4_tiled_pack, "mma": ref.int4_mma_pack, "plain": ref.int4_pack}
+    return packs[packing](q), scale, zero, ref.int4_pack(q)
 
 
 def _dispatched(fn, monkeypatch) -> int:
@@ -442,3 +442,91 @@ def test_queued_split_k_launches_share_a_stream_workspace_and_stay_right(fresh_p
     if not _utils.AUTOTUNE:  # (the fixed config splits K at these M: each stream has its own kept workspace)
         kept = {k[1]: v.data_ptr() for k, v in _utils._WORKSPACES.items()}
         assert {s.cuda_stream for s in streams} <= set(kept) and len(set(kept.values())) == len(kept)
+
+
+def _count_dequant_runs(monkeypatch) -> list:
+    runs, real = [], _utils.DequantPlan.run
+    monkeypatch.setattr(_utils.DequantPlan, "run", lambda self, *a: runs.append(1) or real(self, *a))
+    return runs
+
+
+@cuda_only
+@pytest.mark.parametrize(
+    "m, packing, dtype",
+    [(257, "plain", torch.bfloat16), (600, "tiled", torch.bfloat16), (300, "mma", torch.float16),
+     (3, "mma", torch.float32)],  # (fp32 x with "mma" codes takes the dequantize path at any M)
+)  # fmt: skip
+def test_a_dequant_plan_runs_what_the_chunks_launch(m, packing, dtype, fresh_plans, monkeypatch):
+    # the dequantize path (M >= DEQUANT_MIN_M) in ragged chunks: the first call launches through
+    # Triton and keeps a plan (each chunk's bound launch checked bitwise), later calls run the plan
+    # from the lane; bitwise what Triton's launches give, and it reads the weights where they are
+    monkeypatch.setattr(int4_mod, "DEQUANT_ROWS", 256)
+    qdata, scale, zero, plain = _weight(1008, 1024, seed=m, packing=packing)  # chunks 256, 256, 256, 240
+    scale, zero = scale.to(dtype), zero.to(dtype)
+    runs, checks = _count_dequant_runs(monkeypatch), _count_checks(monkeypatch)
+    for i in range(3):
+        x = torch.randn(m, 1024, device=DEVICE, dtype=dtype)
+        got = int4_mod.int4_mm(x, qdata, scale, zero, 128, packing)
+        assert len(fresh_plans) == 1 and len(runs) == i and checks.count("int4_mm") == 1 + i  # (+ slow calls)
+        assert _utils.PLANS and len(fresh_plans[next(iter(fresh_plans))].chunks) == 4
+        torch.testing.assert_close(got, _slow(x, qdata, scale, zero, packing, monkeypatch), rtol=0, atol=0)
+        torch.testing.assert_close(got, ref.int4_linear(x, plain, scale, zero, 128), rtol=2e-2, atol=2e-2)
+    q2, s2, z2, plain2 = _weight(1008, 1024, seed=m + 1, packing=packing)
+    for dst, src in ((qdata, q2), (scale, s2.to(dtype)), (zero, z2.to(dtype))):
+        dst.copy_(src)
+    got = int4_mod.int4_mm(x, qdata, scale, zero, 128, packing)
+    assert len(runs) == 3
+    torch.testing.assert_close(got, ref.int4_linear(x, plain2, scale, zero, 128), rtol=2e-2, atol=2e-2)
+
+
+@cuda_only
+def test_a_dequant_plan_in_a_cuda_graph_and_a_failed_check(fresh_plans, monkeypatch):
+    qdata, scale, zero, plain = _weight(768, 1024, seed=11)
+    x = torch.randn(300, 1024, device=DEVICE, dtype=torch.bfloat16)
+    int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")  # the plan
+    runs = _count_dequant_runs(monkeypatch)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")  # the plan, captured
+    assert len(runs) == 1 and len(fresh_plans) == 1
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(out, _slow(x, qdata, scale, zero, "plain", monkeypatch), rtol=0, atol=0)
+    # a chunk whose bound launch does not reproduce Triton's: no plan, plans off, a warning
+    fresh_plans.clear()
+    monkeypatch.setattr(_utils, "_plan_checks", [0])
+    real_equal = torch.equal
+    monkeypatch.setattr(_utils.torch, "equal", lambda a, b: False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")
+    monkeypatch.setattr(_utils.torch, "equal", real_equal)
+    assert not _utils.PLANS and not fresh_plans
+    assert any("launch plans are off" in str(w.message) for w in caught)
+    torch.testing.assert_close(got, ref.int4_linear(x, plain, scale, zero, 128), rtol=2e-2, atol=2e-2)
+
+
+@cuda_only
+def test_w8a16_dequant_plans(monkeypatch):
+    from lowbit.ops.triton import _w8
+    from lowbit.ops.triton import int8 as int8_mod
+
+    monkeypatch.setattr(_w8, "_PLANS", {})
+    monkeypatch.setattr(_w8, "DEQUANT_ROWS", 256)
+    monkeypatch.setattr(_utils, "_plan_checks", [0])
+    monkeypatch.setattr(_utils, "PLANS", True)
+    runs = _count_dequant_runs(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(1000, 1024, generator=g) * 0.02).to(DEVICE, torch.bfloat16)
+    s8 = ref.int8_choose_qparams(w, torch.bfloat16)
+    q8 = ref.int8_quantize(w, s8)
+    for i in range(3):
+        x = torch.randn(400, 1024, device=DEVICE, dtype=torch.bfloat16)
+        got = int8_mod.int8_mm(x, q8, s8)
+        assert len(_w8._PLANS) == 1 and len(runs) == i
+        with monkeypatch.context() as mp:
+            mp.setattr(_utils, "PLANS", False)
+            want = int8_mod.int8_mm(x, q8, s8)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got, ref.int8_weight_only_linear(x, q8, s8), rtol=1e-2, atol=1e-2)

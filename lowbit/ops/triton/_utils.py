@@ -489,17 +489,96 @@ def keep_plan(plans: dict, key: tuple, compiled, kernel, grid, args: tuple, kw: 
     plans[key] = plan
 
 
-def chunked_dequant_mm(x: torch.Tensor, n: int, rows: int, fill) -> torch.Tensor:
+def chunked_dequant_mm(x: torch.Tensor, n: int, rows: int, fill, plan: DequantPlan | None = None) -> torch.Tensor:
     """``x @ w_hat.T`` with w_hat [N, K] built ``rows`` rows at a time into one reused buffer
     by ``fill(n0, r, buf)`` (rows n0 .. n0 + r into buf[:r]); each chunk's GEMM writes its
     columns of y straight away (cuBLAS takes the row stride). A smaller temporary than
-    all of w_hat, and 3-4% faster at M=2048 on H100 (bench/KERNEL_NOTES.md)."""
+    all of w_hat, and 3-4% faster at M=2048 on H100 (bench/KERNEL_NOTES.md).
+
+    With ``plan`` (a new ``DequantPlan``), ``fill`` returns its launch as ``(kernel, grid, args,
+    kwargs, compiled)`` (``compiled = kernel[grid](*args, **kwargs)``, buf among the arguments),
+    which the plan binds."""
     m, k = x.shape
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     rows = max(1, min(n, rows))
     buf = torch.empty(rows, k, device=x.device, dtype=x.dtype)
+    if plan is not None:
+        plan.rows = rows
     for n0 in range(0, n, rows):
         r = min(rows, n - n0)
-        fill(n0, r, buf)
+        launched = fill(n0, r, buf)
+        if plan is not None:
+            plan.add(launched, buf, n0, r)
         torch.mm(x, buf[:r].t(), out=y[:, n0 : n0 + r])
     return y
+
+
+class DequantPlan:
+    """The eager dequantize path (``chunked_dequant_mm``) with each chunk's dequantize launch bound
+    once, as ``LaunchPlan`` binds a GEMM's: Triton's launch path costs ~20-30 us of host time per
+    launch (its argument binding and specialization key), and a 2048-token prompt runs ~11 chunks
+    per Llama-3-8B layer, where the eager forward is close to host-bound (bench/KERNEL_NOTES.md,
+    session 29). The weights are bound as the addresses they had at plan time (the plan's key pins
+    them); ``run(x, cols, _)`` makes the output and the chunk buffer and, per chunk, launches the
+    bound dequantize on the current stream and runs the chunk's ``torch.mm`` (not bound: it reads
+    the matmul settings of the call). Made outside CUDA-graph captures; while plans are new (the
+    first PLAN_CHECKS) each chunk's bound launch is checked bitwise against Triton's, and a
+    mismatch turns plans off (``ok`` false)."""
+
+    __slots__ = ("rows", "chunks", "ok")
+
+    def __init__(self, rows: int):
+        self.rows, self.chunks, self.ok = rows, [], True
+
+    def add(self, launched, buf: torch.Tensor, n0: int, r: int) -> None:
+        """Bind one chunk's launch (``fill``'s return) whose buffer argument is ``buf``."""
+        global PLANS
+        kernel, grid, args, kwargs, compiled = launched
+        params = kernel.signature.parameters
+        bound = kernel.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
+        bound.apply_defaults()
+        values = list(bound.arguments.values())
+        at = next(i for i, v in enumerate(values) if v is buf)
+        values = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in values]
+        go = compiled[(tuple(grid) + (1, 1))[:3]]
+        chunk = (go, tuple(values[:at]), tuple(values[at + 1 :]), n0, r)
+        if self.ok and _plan_checks[0] < PLAN_CHECKS:
+            fresh = torch.empty_like(buf)
+            go(*chunk[1], fresh.data_ptr(), *chunk[2], stream=current_raw_stream(buf.get_device()))
+            if not torch.equal(buf[:r].view(torch.uint8), fresh[:r].view(torch.uint8)):  # bitwise (NaN too)
+                self.ok = PLANS = False
+                import warnings
+
+                warnings.warn(
+                    "lowbit: a direct Triton launch did not match Triton's own; launch plans are off", stacklevel=3
+                )
+                return
+            _plan_checks[0] += 1
+        self.chunks.append(chunk)
+
+    def run(self, x: torch.Tensor, cols: int, _ws_cols: int = 0) -> torch.Tensor:
+        m, k = x.shape
+        y = x.new_empty((m, cols))
+        buf = x.new_empty((self.rows, k))
+        bt, b = buf.t(), buf.data_ptr()
+        stream = current_raw_stream(x.get_device())
+        for go, before, after, n0, r in self.chunks:
+            go(*before, b, *after, stream=stream)
+            torch.mm(x, bt if r == self.rows else bt[:, :r], out=y[:, n0 : n0 + r])
+        return y
+
+
+def dequant_plan(key: tuple | None, device: torch.device) -> DequantPlan | None:
+    """A new ``DequantPlan`` to record for ``key`` (None: plans are off, no key, or inside a capture)."""
+    if key is None or not PLANS or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return None
+    return DequantPlan(0)
+
+
+def keep_dequant_plan(plans: dict, key: tuple, plan: DequantPlan | None) -> None:
+    """Keep a recorded ``DequantPlan`` for ``key``, if every chunk bound."""
+    if plan is None or not plan.ok or not PLANS:
+        return
+    if len(plans) >= PLANS_MAX:
+        plans.clear()
+    plans[key] = plan

@@ -453,7 +453,7 @@ def _plan_key(x, w, ws) -> tuple:
     branches of ``w8_mm`` read (in fixed-config mode the split too, a per-call choice)."""
     m, k = x.shape
     split = 0 if AUTOTUNE else _split_k(m, w.shape[0], k, num_sms(x.device))
-    return plan_key(x, (w, ws), GEMV_MAX_M, DEQUANT_MIN_M, GEMV_CVT, GEMM_SWAP, GEMM_PDL, split)
+    return plan_key(x, (w, ws), GEMV_MAX_M, DEQUANT_MIN_M, DEQUANT_ROWS, GEMV_CVT, GEMM_SWAP, GEMM_PDL, split)
 
 
 def w8a16_lane(x, w, ws):
@@ -491,11 +491,14 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     if not a_scaled and m >= DEQUANT_MIN_M and (x.is_cuda or INTERPRET) and x.dtype != torch.float32:
 
         def fill(n0, r, buf):
-            _dequant_kernel[(triton.cdiv(r, 16), triton.cdiv(k, 256))](
-                w[n0:], ws[n0:], buf, r, k, BLOCK_N=16, BLOCK_K=256
-            )
+            grid, args = (triton.cdiv(r, 16), triton.cdiv(k, 256)), (w[n0:], ws[n0:], buf, r, k)
+            kw = dict(BLOCK_N=16, BLOCK_K=256)
+            return _dequant_kernel, grid, args, kw, _dequant_kernel[grid](*args, **kw)
 
-        return chunked_dequant_mm(x, n, DEQUANT_ROWS, fill)
+        plan = _utils.dequant_plan(key, x.device)  # (eagerly: the chunks' launches bound, for the lane)
+        y = chunked_dequant_mm(x, n, DEQUANT_ROWS, fill, plan)
+        _utils.keep_dequant_plan(_PLANS, key, plan)
+        return y
     if m <= GEMV_MAX_M:
         y = torch.empty(m, n, device=x.device, dtype=out_dtype)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731

@@ -580,7 +580,7 @@ def _plan_key(x, qdata, scale, zero, group_size: int, packing: str) -> tuple:
     """The GEMM's launch-plan key: the arguments and every switch its branches read (in fixed-config
     mode the split too, a per-call choice)."""
     split = 0 if AUTOTUNE else _split_k(x.shape[0], qdata.shape[0], x.shape[1], group_size, num_sms(x.device))
-    switches = (group_size, packing, GEMM_SWAP, GEMV_MAX_M, SZ_WORDS, GEMM_PDL, DEQUANT_MIN_M, split)
+    switches = (group_size, packing, GEMM_SWAP, GEMV_MAX_M, SZ_WORDS, GEMM_PDL, DEQUANT_MIN_M, DEQUANT_ROWS, split)
     return plan_key(x, (qdata, scale, zero), *switches)
 
 
@@ -622,16 +622,25 @@ def int4_mm(
     fp32 = x.dtype == torch.float32
     if (x.is_cuda or INTERPRET) and (m >= DEQUANT_MIN_M and not fp32 or mma and fp32):
         scale, zero = scale.contiguous(), zero.contiguous()
+        # eagerly a plan of the chunks' launches (``_utils.DequantPlan``; the lane runs it next time)
+        key = _plan_key(x, qdata, scale, zero, group_size, packing) if _utils.PLANS and x.is_cuda else None
+        kept = _PLANS.get(key) if key is not None else None
+        if kept is not None:  # (a keyword call: the lane did not look)
+            return kept.run(x, n, n)
+        plan = _utils.dequant_plan(key, x.device)
 
         # fp32 x with "mma" codes comes here at any M: the GEMM's fp32 (FMA) dot needs the
         # words' registers rearranged and spills (offline SASS: 255 registers + stack)
         def fill(n0, r, buf):
-            _dequant_kernel[(triton.cdiv(r, 32), k // group_size)](
-                qdata[n0:], scale[n0:], zero[n0:], buf, r, k, GS=group_size, MMA=mma, BLOCK_N=32, TILED=tiled
-            )  # (chunks start at multiples of rows: whole 16-row tiles for "tiled")
+            grid, args = (triton.cdiv(r, 32), k // group_size), (qdata[n0:], scale[n0:], zero[n0:], buf, r, k)
+            kw = dict(GS=group_size, MMA=mma, BLOCK_N=32, TILED=tiled)
+            # (chunks start at multiples of rows: whole 16-row tiles for "tiled")
+            return _dequant_kernel, grid, args, kw, _dequant_kernel[grid](*args, **kw)
 
         rows = max(16, DEQUANT_ROWS - DEQUANT_ROWS % 16) if tiled else DEQUANT_ROWS  # "tiled": whole tiles
-        return chunked_dequant_mm(x, n, rows, fill)
+        y = chunked_dequant_mm(x, n, rows, fill, plan)
+        _utils.keep_dequant_plan(_PLANS, key, plan)
+        return y
     key = _plan_key(x, qdata, scale, zero, group_size, packing) if _utils.PLANS and x.is_cuda else None
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:  # (its key pins the branches below: the qparam words, no copies)
