@@ -104,12 +104,13 @@ LABELS["lowbit_int4" + SUBCLASS] = LABELS["lowbit_int4"] + ", q/k/v and gate/up 
 NORMS = "_fused_norms"
 LABELS["lowbit_int4" + NORMS] = LABELS["lowbit_int4"] + ", q/k/v and gate/up fused, residual + RMSNorm in o / down"
 _FUSE_NORMS = False
-# the fused int4 variant with the eager launch plans off (``_utils.PLANS``: Triton's launch path on
+# the lowbit variants with the eager launch plans off (``_utils.PLANS``: Triton's launch path on
 # every eager call) and / or the eager MLP's gate / up split off (``fuse.GLU_SPLIT_MIN_TOKENS``), for A/B
 NO_PLANS, NO_SPLIT = "_noplans", "_nosplit"
+for _v in [v for v in VARIANTS if v.startswith("lowbit_")] + ["lowbit_int4_fused"]:
+    LABELS[_v + NO_PLANS] = LABELS[_v] + ", no launch plans"
 for _v in ("lowbit_int4_fused", "lowbit_int4_fused" + NO_PLANS):
-    LABELS[_v + NO_SPLIT] = LABELS.get(_v, LABELS["lowbit_int4_fused"] + ", no launch plans") + ", no gate / up split"
-LABELS["lowbit_int4_fused" + NO_PLANS] = LABELS["lowbit_int4_fused"] + ", no launch plans"
+    LABELS[_v + NO_SPLIT] = LABELS[_v] + ", no gate / up split"
 ALL_VARIANTS = list(LABELS)
 LLAMA3_8B = dict(
     hidden_size=4096,

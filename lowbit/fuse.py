@@ -19,7 +19,10 @@ the activation fused: where that kernel runs (int4 on CUDA at M <= 8) its forwar
 ``down_proj(swiglu_linear(x, stack))``, one launch for the gate / up matmul and
 ``silu(gate) * up``, so the separate pointwise kernel goes. Numerics there: silu(gate) * up in
 fp32 from the rounded gate and up, rounded once (``reference.swiglu``, what torch.compile gives
-unfused; eager PyTorch rounds silu(gate) first). Everywhere else (more tokens, other devices, a
+unfused; eager PyTorch rounds silu(gate) first). Eagerly from ``GLU_SPLIT_MIN_TOKENS`` tokens (a
+long prompt) it runs gate and up as two matmuls on their rows of the stack, whose outputs are
+contiguous (eager silu and product over column slices of one output are slower), then the
+module's own formula: the unfused model's numbers. Everywhere else (more tokens, other devices, a
 gradient, other arguments, and once the group is unfused, a member replaced or hooked, a bias
 added or act_fn swapped: checked by id(), and once the fused act_fn is freed no module passes, its
 id being reusable) the module runs its own forward.
@@ -304,7 +307,9 @@ def _glu_forward(self, *args, **kwargs):
     """The forward of a fused Llama-style MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))`` with
     the gate / up matmul and the product in one kernel where the stack's format has one for this
     input (``QTensor.swiglu_max_tokens``, asked when fusing: int4 on CUDA up to 8 tokens of its
-    dtype); else, and whenever what was checked
+    dtype); eagerly from GLU_SPLIT_MIN_TOKENS tokens ``down_proj(act_fn(gate) * up)`` with gate and up
+    two matmuls on the members' rows (contiguous outputs, no instance forward on either member);
+    else, and whenever what was checked
     at fuse time no longer holds (the group, the members and their weights, no bias, no hooks on
     them, the same act_fn; type / id / emptiness checks, constant guards under torch.compile), or
     the input needs a gradient or comes with other arguments, the module's own forward."""
@@ -316,8 +321,8 @@ def _glu_forward(self, *args, **kwargs):
         return base.forward(self, *args, **kwargs)
     x = args[0]
     split = x.numel() > self._lowbit_glu_max_m * x.shape[-1]  # more tokens than the kernel serves (a prompt)
-    if split and (x.numel() < GLU_SPLIT_MIN_TOKENS * x.shape[-1] or torch.compiler.is_compiling()):
-        return base.forward(self, x)
+    if split and (torch.compiler.is_compiling() or x.numel() < GLU_SPLIT_MIN_TOKENS * x.shape[-1]):
+        return base.forward(self, x)  # (compiling first: the size test would guard a dynamic token count)
     gate, up = self.gate_proj, self.up_proj
     g = _GROUPS.get(gid)
     if (
@@ -339,6 +344,8 @@ def _glu_forward(self, *args, **kwargs):
     ):
         return base.forward(self, x)
     if split:  # a long prompt, eagerly: gate and up each as its own contiguous output (see GLU_SPLIT_MIN_TOKENS)
+        if "forward" in gate.__dict__ or "forward" in up.__dict__:  # (an instance forward: theirs)
+            return base.forward(self, x)
         return self.down_proj(self.act_fn(F.linear(x, gate.weight)) * F.linear(x, up.weight))
     return self.down_proj(swiglu_linear(x, _weight(g)))
 

@@ -453,6 +453,22 @@ def test_long_eager_prompts_give_silu_contiguous_gate_and_up(fused_kernel, monke
             got = fused(batch).logits
             assert seen == [want_contiguous] * 2, seen  # (two layers)
             assert torch.equal(got, plain(batch).logits)
+        gate = fused.model.layers[0].mlp.gate_proj  # an instance forward on a member: the module's own forward
+        calls = []
+        gate.forward = lambda x, own=gate.forward: calls.append(1) or own(x)
+        assert torch.equal(fused(ids).logits, plain(ids).logits) and calls == [1]
+        del gate.forward
+        # compiled (a dynamic token count), the one matmul whatever the count, with no guard on it
+        from torch._dynamo.utils import counters
+
+        monkeypatch.setattr(F, "silu", real)  # (the spy's list would be guarded)
+
+        torch._dynamo.reset()
+        counters.clear()
+        mlp = torch.compile(fused.model.layers[1].mlp, dynamic=True, backend="eager")
+        for t in (10, 12, 20, 24):
+            mlp(torch.randn(1, t, 128, dtype=torch.bfloat16))
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def test_swiglu_mlps_fall_back_copy_plain_and_unfuse(fused_kernel):

@@ -120,7 +120,7 @@ def test_direct_call_under_compile_stays_an_operator():
 def fresh_plans(monkeypatch):
     monkeypatch.setattr(_int4_gemv, "_GLU_PLANS", {})
     monkeypatch.setattr(int4_mod, "_PLANS", {})
-    monkeypatch.setattr(_utils, "_plan_checks", [0])
+    monkeypatch.setattr(_utils, "_plan_checks", dict.fromkeys(_utils._plan_checks, 0))
     monkeypatch.setattr(_utils, "PLANS", True)
     return int4_mod._PLANS
 
@@ -384,7 +384,7 @@ def test_w8a16_plans_launch_what_triton_launches_and_skip_the_body(m, monkeypatc
     from lowbit.ops.triton import int8 as int8_mod
 
     monkeypatch.setattr(_w8, "_PLANS", {})
-    monkeypatch.setattr(_utils, "_plan_checks", [0])
+    monkeypatch.setattr(_utils, "_plan_checks", dict.fromkeys(_utils._plan_checks, 0))
     monkeypatch.setattr(_utils, "PLANS", True)
     bodies, real = [], int8_mod.w8_mm
     monkeypatch.setattr(int8_mod, "w8_mm", lambda *a: bodies.append(1) or real(*a))
@@ -495,7 +495,7 @@ def test_a_dequant_plan_in_a_cuda_graph_and_a_failed_check(fresh_plans, monkeypa
         torch.testing.assert_close(out, _slow(x, qdata, scale, zero, "plain", monkeypatch), rtol=0, atol=0)
     # a chunk whose bound launch does not reproduce Triton's: no plan, plans off, a warning
     fresh_plans.clear()
-    monkeypatch.setattr(_utils, "_plan_checks", [0])
+    monkeypatch.setattr(_utils, "_plan_checks", dict.fromkeys(_utils._plan_checks, 0))
     real_equal = torch.equal
     monkeypatch.setattr(_utils.torch, "equal", lambda a, b: False)
     with warnings.catch_warnings(record=True) as caught:
@@ -514,7 +514,7 @@ def test_w8a16_dequant_plans(monkeypatch):
 
     monkeypatch.setattr(_w8, "_PLANS", {})
     monkeypatch.setattr(_w8, "DEQUANT_ROWS", 256)
-    monkeypatch.setattr(_utils, "_plan_checks", [0])
+    monkeypatch.setattr(_utils, "_plan_checks", dict.fromkeys(_utils._plan_checks, 0))
     monkeypatch.setattr(_utils, "PLANS", True)
     runs = _count_dequant_runs(monkeypatch)
     g = torch.Generator().manual_seed(5)
@@ -530,3 +530,91 @@ def test_w8a16_dequant_plans(monkeypatch):
             want = int8_mod.int8_mm(x, q8, s8)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         torch.testing.assert_close(got, ref.int8_weight_only_linear(x, q8, s8), rtol=1e-2, atol=1e-2)
+
+
+def _dyn_weight(scheme, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(DEVICE)
+    if scheme == "fp8":
+        scale = ref.fp8_choose_qparams(w)
+        return ref.fp8_quantize(w, scale), scale
+    scale = ref.int8_choose_qparams(w, torch.float32)
+    return ref.int8_quantize(w, scale), scale
+
+
+@cuda_only
+@pytest.mark.parametrize(
+    "scheme, m, dtype, planned",
+    [("int8", 1, torch.bfloat16, True), ("int8", 5, torch.float16, True), ("int8", 300, torch.bfloat16, True),
+     ("fp8", 1, torch.bfloat16, True), ("fp8", 40, torch.float32, True), ("fp8", 200, torch.bfloat16, True),
+     ("fp8", 300, torch.float16, False)],  # (GEMV; split-K GEMM; GEMM; fp8's _scaled_mm; the TMA GEMM: no plan)
+)  # fmt: skip
+def test_w8a8_and_fp8_plans_run_what_the_launches_give(scheme, m, dtype, planned, monkeypatch):
+    # the row quantizer and the product of a W8A8 / fp8 eager call bound once (``_w8.DynPlan``): the
+    # first call launches through Triton and keeps the plan (run once more, checked bitwise), later
+    # calls run it from the lane without the launcher's body; bitwise the slow path's numbers, and
+    # the weights are read where they are
+    from lowbit.ops.triton import _w8
+    from lowbit.ops.triton import fp8 as fp8_mod
+    from lowbit.ops.triton import int8 as int8_mod
+
+    if scheme == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs sm_89+")
+    op, spec = {"int8": (int8_mod.int8_dyn_mm, ref.int8_dynamic_linear), "fp8": (fp8_mod.fp8_dyn_mm, ref.fp8_dynamic_linear)}[scheme]  # fmt: skip
+    monkeypatch.setattr(_w8, "_DYN_PLANS", {})
+    monkeypatch.setattr(_utils, "_plan_checks", dict.fromkeys(_utils._plan_checks, 0))
+    monkeypatch.setattr(_utils, "PLANS", True)
+    runs, real = [], _w8.DynPlan.run
+    monkeypatch.setattr(_w8.DynPlan, "run", lambda self, *a: runs.append(1) or real(self, *a))
+    qdata, scale = _dyn_weight(scheme, 640, 1024, seed=m)
+    for i in range(3):
+        x = torch.randn(m, 1024, device=DEVICE, dtype=dtype)
+        got = op(x, qdata, scale)
+        assert len(_w8._DYN_PLANS) == int(planned) and len(runs) == (i + 1) * planned
+        with monkeypatch.context() as mp:
+            mp.setattr(_utils, "PLANS", False)
+            want = op(x, qdata, scale)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got, spec(x, qdata, scale), rtol=3e-2, atol=3e-2 * float(want.abs().max()))
+    q2, s2 = _dyn_weight(scheme, 640, 1024, seed=m + 1)
+    qdata.copy_(q2)
+    scale.copy_(s2)
+    got = op(x, qdata, scale)
+    torch.testing.assert_close(got, spec(x, q2, s2), rtol=3e-2, atol=3e-2 * float(got.abs().max()))
+
+
+@cuda_only
+def test_a_w8a8_plan_in_a_cuda_graph(monkeypatch):
+    from lowbit.ops.triton import _w8
+    from lowbit.ops.triton import int8 as int8_mod
+
+    monkeypatch.setattr(_w8, "_DYN_PLANS", {})
+    monkeypatch.setattr(_utils, "PLANS", True)
+    qdata, scale = _dyn_weight("int8", 512, 1024, seed=9)
+    x = torch.randn(24, 1024, device=DEVICE, dtype=torch.bfloat16)
+    int8_mod.int8_dyn_mm(x, qdata, scale)  # the plan
+    assert len(_w8._DYN_PLANS) == 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = int8_mod.int8_dyn_mm(x, qdata, scale)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        with monkeypatch.context() as mp:
+            mp.setattr(_utils, "PLANS", False)
+            torch.testing.assert_close(out, int8_mod.int8_dyn_mm(x, qdata, scale), rtol=0, atol=0)
+
+
+@cuda_only
+def test_plan_kinds_are_checked_apart(fresh_plans, monkeypatch):
+    # a process's first plans are often all of one kind (a prompt's dequantize chunks): each kind
+    # has its own PLAN_CHECKS, and a dequantize plan counts once whatever its chunks
+    monkeypatch.setattr(int4_mod, "DEQUANT_ROWS", 256)
+    kinds, real = [], _utils.same_bits
+    monkeypatch.setattr(_utils, "same_bits", lambda w, g, kind=None: kinds.append(kind) or real(w, g, kind))
+    for seed in range(5):  # five plans of four chunks: the first four checked chunk by chunk
+        qdata, scale, zero, _ = _weight(1008, 1024, seed=20 + seed)
+        int4_mod.int4_mm(torch.randn(300, 1024, device=DEVICE, dtype=torch.bfloat16), qdata, scale, zero, 128, "plain")
+    assert _utils._plan_checks["dequant"] == 4 and kinds == [None] * 16 and len(fresh_plans) == 5
+    int4_mod.int4_mm(torch.randn(4, 1024, device=DEVICE, dtype=torch.bfloat16), qdata, scale, zero, 128, "plain")
+    assert kinds[-1] == "launch" and _utils._plan_checks["launch"] == 1  # the GEMV's plan is still checked

@@ -391,8 +391,16 @@ def split_k_reduce(acc, part_ptr, tile_ptr, pid_k, offs, mask, MN, SPLIT_K: tl.c
 # LOWBIT_LAUNCH_PLANS=0 turns plans off (Triton's launch path on every call).
 PLANS = not INTERPRET and os.environ.get("LOWBIT_LAUNCH_PLANS", "1") != "0"
 PLANS_MAX = 4096  # keys kept per launcher (then the cache starts again)
-PLAN_CHECKS = 4  # plans checked bitwise against Triton's own launch before plans are trusted
-_plan_checks = [0]
+# plans of each kind (GEMM / GEMV ``LaunchPlan``, ``DequantPlan``, W8A8 ``_w8.DynPlan``) checked bitwise
+# against Triton's own launch before that kind is trusted (kinds apart: their bindings differ, and a
+# process's first launches are all of one kind, e.g. a prompt's)
+PLAN_CHECKS = 4
+_plan_checks = {"launch": 0, "dequant": 0, "dyn": 0}
+
+
+def checking(kind: str) -> bool:
+    """Whether the next plan of ``kind`` is checked (``same_bits``)."""
+    return _plan_checks[kind] < PLAN_CHECKS
 
 
 class LaunchPlan:
@@ -449,16 +457,22 @@ def plan_key(x: torch.Tensor, weights: tuple, *switches) -> tuple:
 _LAUNCH_LOCK = threading.RLock()
 
 
-def launch(kernel, grid, args: tuple, kw: dict, plans: dict | None = None, key: tuple | None = None, **extra):
+def launch(
+    kernel, grid, args: tuple, kw: dict, plans: dict | None = None, key: tuple | None = None, record=None, **extra
+):
     """``kernel[grid](*args, **kw)`` for an autotuned kernel, and with ``key`` a plan of that launch
-    kept in ``plans`` (``keep_plan``). Both under one lock: the autotuner keeps its last call's config
-    in ``best_config`` (and, while it tunes, that call's arguments in ``nargs``), shared by every
-    thread, so another thread's launch between them would hand the plan that call's config (its
-    grid and split: the wrong tiles, or a split beyond the workspace)."""
+    kept in ``plans`` (``keep_plan``); with ``record`` (a list) the launch appended to it as
+    ``(kernel.fn, grid, args, kwargs with the tuned config's, compiled)`` for a ``Bound``. Under one
+    lock: the autotuner keeps its last call's config in ``best_config`` (and, while it tunes, that
+    call's arguments in ``nargs``), shared by every thread, so another thread's launch between them
+    would hand the plan that call's config (its grid and split: the wrong tiles, or a split beyond
+    the workspace)."""
     with _LAUNCH_LOCK:
         compiled = kernel[grid](*args, **kw)
         if key is not None:
             keep_plan(plans, key, compiled, kernel, grid, args, kw, **extra)
+        if record is not None:
+            record.append((kernel.fn, grid, args, {**kw, **kernel.best_config.all_kwargs()}, compiled))
     return compiled
 
 
@@ -468,22 +482,14 @@ def keep_plan(plans: dict, key: tuple, compiled, kernel, grid, args: tuple, kw: 
     that launch for ``key``.
     Not inside a CUDA-graph capture. While plans are new (the first PLAN_CHECKS of a process) the
     plan is launched once more into a fresh output and must match bitwise, else plans turn off."""
-    global PLANS
     if torch.cuda.is_current_stream_capturing():
         return
     plan = LaunchPlan(compiled, kernel.fn, grid, args, {**kw, **kernel.best_config.all_kwargs()}, **extra)
-    if _plan_checks[0] < PLAN_CHECKS:
+    if checking("launch"):
         fresh = torch.empty_like(args[4])
         plan(args[0], fresh, *args[5 : 5 + plan.buffers])
-        if not torch.equal(args[4].view(torch.uint8), fresh.view(torch.uint8)):  # bitwise (NaN too)
-            PLANS = False
-            import warnings
-
-            warnings.warn(
-                "lowbit: a direct Triton launch did not match Triton's own; launch plans are off", stacklevel=3
-            )
+        if not same_bits(args[4], fresh, "launch"):
             return
-        _plan_checks[0] += 1
     if len(plans) >= PLANS_MAX:
         plans.clear()
     plans[key] = plan
@@ -513,10 +519,53 @@ def chunked_dequant_mm(x: torch.Tensor, n: int, rows: int, fill, plan: DequantPl
     return y
 
 
+class Bound:
+    """A compiled Triton kernel's launch (``launched``: ``(jit_fn, grid, args, kwargs, compiled)``,
+    with ``compiled = jit_fn[grid](*args, **kwargs)``; for an autotuned kernel its ``fn`` and the tuned
+    config in kwargs) with its arguments bound once, as ``LaunchPlan`` binds a GEMM's, except those
+    at positions ``live`` of the signature, which each call passes: ``bound(*live_values, stream=)``.
+    Bound tensors become the addresses they had (the caller's plan key must pin them); the live
+    ones are passed as addresses (Triton's launcher takes an int as a pointer as it is)."""
+
+    __slots__ = ("go", "vals", "live")
+
+    def __init__(self, launched, live: tuple = ()):
+        jit_fn, grid, args, kwargs, compiled = launched
+        params = jit_fn.signature.parameters
+        bound = jit_fn.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
+        bound.apply_defaults()
+        g = tuple(grid(bound.arguments) if callable(grid) else grid)
+        self.go = compiled[(g + (1, 1))[:3]]
+        self.vals = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in bound.arguments.values()]
+        self.live = live
+
+    def __call__(self, *live, stream: int) -> None:
+        vals = self.vals.copy()
+        for i, v in zip(self.live, live):
+            vals[i] = v
+        self.go(*vals, stream=stream)
+
+
+def same_bits(want: torch.Tensor, got: torch.Tensor, kind: str | None = None) -> bool:
+    """A new plan's check: ``got`` (its launch) is ``want`` (Triton's) bitwise, NaNs included (then,
+    with ``kind``, one more plan of that kind checked); else plans turn off with a warning (an
+    argument-binding error shows here)."""
+    global PLANS
+    if torch.equal(want.view(torch.uint8), got.view(torch.uint8)):
+        if kind is not None:
+            _plan_checks[kind] += 1
+        return True
+    PLANS = False
+    import warnings
+
+    warnings.warn("lowbit: a direct Triton launch did not match Triton's own; launch plans are off", stacklevel=3)
+    return False
+
+
 class DequantPlan:
     """The eager dequantize path (``chunked_dequant_mm``) with each chunk's dequantize launch bound
-    once, as ``LaunchPlan`` binds a GEMM's: Triton's launch path costs ~20-30 us of host time per
-    launch (its argument binding and specialization key), and a 2048-token prompt runs ~11 chunks
+    once (``Bound``, the chunk buffer live): Triton's launch path costs ~20-30 us of host time per
+    launch (its argument binding and specialization key), and a 2048-token prompt runs ~12 chunks
     per Llama-3-8B layer, where the eager forward is close to host-bound (bench/KERNEL_NOTES.md,
     session 29). The weights are bound as the addresses they had at plan time (the plan's key pins
     them); ``run(x, cols, _)`` makes the output and the chunk buffer and, per chunk, launches the
@@ -525,36 +574,21 @@ class DequantPlan:
     first PLAN_CHECKS) each chunk's bound launch is checked bitwise against Triton's, and a
     mismatch turns plans off (``ok`` false)."""
 
-    __slots__ = ("rows", "chunks", "ok")
+    __slots__ = ("rows", "chunks", "ok", "check")
 
     def __init__(self, rows: int):
-        self.rows, self.chunks, self.ok = rows, [], True
+        self.rows, self.chunks, self.ok, self.check = rows, [], True, checking("dequant")
 
     def add(self, launched, buf: torch.Tensor, n0: int, r: int) -> None:
-        """Bind one chunk's launch (``fill``'s return) whose buffer argument is ``buf``."""
-        global PLANS
-        kernel, grid, args, kwargs, compiled = launched
-        params = kernel.signature.parameters
-        bound = kernel.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
-        bound.apply_defaults()
-        values = list(bound.arguments.values())
-        at = next(i for i, v in enumerate(values) if v is buf)
-        values = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in values]
-        go = compiled[(tuple(grid) + (1, 1))[:3]]
-        chunk = (go, tuple(values[:at]), tuple(values[at + 1 :]), n0, r)
-        if self.ok and _plan_checks[0] < PLAN_CHECKS:
+        """Bind one chunk's launch (``fill``'s return, buf among its arguments)."""
+        go = Bound(launched, (next(i for i, v in enumerate(launched[2]) if v is buf),))  # (buf: positional)
+        if self.ok and self.check:  # (every chunk of a checked plan; it counts once, when kept)
             fresh = torch.empty_like(buf)
-            go(*chunk[1], fresh.data_ptr(), *chunk[2], stream=current_raw_stream(buf.get_device()))
-            if not torch.equal(buf[:r].view(torch.uint8), fresh[:r].view(torch.uint8)):  # bitwise (NaN too)
-                self.ok = PLANS = False
-                import warnings
-
-                warnings.warn(
-                    "lowbit: a direct Triton launch did not match Triton's own; launch plans are off", stacklevel=3
-                )
+            go(fresh.data_ptr(), stream=current_raw_stream(buf.get_device()))
+            if not same_bits(buf[:r], fresh[:r]):
+                self.ok = False
                 return
-            _plan_checks[0] += 1
-        self.chunks.append(chunk)
+        self.chunks.append((go, n0, r))
 
     def run(self, x: torch.Tensor, cols: int, _ws_cols: int = 0) -> torch.Tensor:
         m, k = x.shape
@@ -562,8 +596,8 @@ class DequantPlan:
         buf = x.new_empty((self.rows, k))
         bt, b = buf.t(), buf.data_ptr()
         stream = current_raw_stream(x.get_device())
-        for go, before, after, n0, r in self.chunks:
-            go(*before, b, *after, stream=stream)
+        for go, n0, r in self.chunks:
+            go(b, stream=stream)
             torch.mm(x, bt if r == self.rows else bt[:, :r], out=y[:, n0 : n0 + r])
         return y
 
@@ -579,6 +613,8 @@ def keep_dequant_plan(plans: dict, key: tuple, plan: DequantPlan | None) -> None
     """Keep a recorded ``DequantPlan`` for ``key``, if every chunk bound."""
     if plan is None or not plan.ok or not PLANS:
         return
+    if plan.check:
+        _plan_checks["dequant"] += 1
     if len(plans) >= PLANS_MAX:
         plans.clear()
     plans[key] = plan

@@ -464,8 +464,9 @@ def w8a16_lane(x, w, ws):
     return None if plan is None else plan.run(x, w.shape[0], w.shape[0])
 
 
-def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
-    """``(x @ w.T) * ws (* xs[:, None])`` -> [M, N] out_dtype; xs is None for W8A16."""
+def w8_mm(x, w, ws, xs, out_dtype: torch.dtype, record: list | None = None) -> torch.Tensor:
+    """``(x @ w.T) * ws (* xs[:, None])`` -> [M, N] out_dtype; xs is None for W8A16. ``record``
+    (W8A8): a list the GEMV / GEMM launch is appended to (``_utils.launch``); nothing for the TMA GEMM."""
     m, k = x.shape
     n = w.shape[0]
     if w.shape[1] != k or ws.shape != (n,):
@@ -504,7 +505,7 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
         args = (x, w, ws, xs_arg, y, m, n, k, mb, _CVT_MODES[GEMV_CVT], x.stride(0), y.stride(0))
         kw = dict(A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, **pdl_args(x.device))
-        launch(_gemv_kernel, grid, args, kw, _PLANS, key)
+        launch(_gemv_kernel, grid, args, kw, _PLANS, key, record)
         return y
     if AUTOTUNE:  # the split is tuned with the tile: room for the largest split it may pick
         fixed = {}
@@ -517,9 +518,78 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype) -> torch.Tensor:
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     args = (x, w, ws, xs_arg, y, part, cnt, m, n, k, mb, x.stride(0), y.stride(0), _SWAP_MODES[GEMM_SWAP])
     kw = dict(A_SCALED=a_scaled, INT_ACC=int_acc, FP8=fp8, DOT_F32=INTERPRET, **fixed, **pdl_args(x.device, GEMM_PDL))
-    launch(_gemm_kernel, grid, args, kw, _PLANS, key, most=most)
+    launch(_gemm_kernel, grid, args, kw, _PLANS, key, record, most=most)
+    if record is not None:
+        record.append(most)
     return y
 
 
 # eager launch plans of W8A16's GEMV and GEMM (``_utils.LaunchPlan``), by ``_plan_key``
 _PLANS: dict = {}
+
+
+# ----------------------------------------------------------------------------- W8A8 eager plans
+def dyn_key(x, w, ws, *switches) -> tuple | None:
+    """The key of a W8A8 / fp8 launcher's eager plan (``DynPlan``): the arguments and every switch
+    the row quantizer and ``w8_mm`` read (the fp8 launcher adds its own); None where no plan is
+    made (plans off, not a plain CUDA x, a non-contiguous argument: its copy would be bound)."""
+    if not (_utils.PLANS and x.is_cuda and x.dim() == 2 and w.dim() == 2 and ws.dim() == 1):
+        return None
+    if not (x.is_contiguous() and w.is_contiguous() and ws.is_contiguous()):
+        return None
+    from lowbit.ops.triton import quant
+
+    split = 0 if AUTOTUNE else _split_k(x.shape[0], w.shape[0], x.shape[1], num_sms(x.device))
+    return plan_key(x, (w, ws), GEMV_MAX_M, GEMV_CVT, GEMM_SWAP, GEMM_PDL, TMA_MIN_M, TMA_DTYPES,
+                    quant.ONE_PASS_MAX_K, split, *switches)  # fmt: skip
+
+
+class DynPlan:
+    """A W8A8 / fp8 eager linear's launches bound once (``_utils.Bound``): the row quantizer (x, xq,
+    xs live), then the GEMV or the GEMM (xq, xs, y and the split-K buffers live), or ``product(xq,
+    w, ws, xs, dtype)`` run live (fp8's ``torch._scaled_mm``). Without it an eager call pays
+    Triton's launch path twice (~117-250 us of host time per linear on the H100 host, session 25).
+    ``run(x, w, ws)``: the output, from the weight the key pinned."""
+
+    __slots__ = ("quant", "mm", "most", "qdtype", "product")
+
+    def __init__(self, record: list, qdtype: torch.dtype, product=None):
+        self.quant, self.qdtype, self.product = _utils.Bound(record[0], (0, 1, 2)), qdtype, product
+        self.most = record[2] if len(record) > 2 else 0
+        self.mm = None if product else _utils.Bound(record[1], (0, 3, 4, 5, 6) if self.most else (0, 3, 4))
+
+    def run(self, x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+        m, k = x.shape
+        n = w.shape[0]
+        xq = torch.empty(m, k, device=x.device, dtype=self.qdtype)
+        xs = torch.empty(m, device=x.device, dtype=torch.float32)
+        stream = _utils.current_raw_stream(x.get_device())
+        self.quant(x.data_ptr(), xq.data_ptr(), xs.data_ptr(), stream=stream)
+        if self.product is not None:
+            return self.product(xq, w, ws, xs, x.dtype)
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        if self.most:
+            part, cnt = split_k_buffers(x.device, m, n, self.most, stream)
+            self.mm(xq.data_ptr(), xs.data_ptr(), y.data_ptr(), part.data_ptr(), cnt.data_ptr(), stream=stream)
+        else:
+            self.mm(xq.data_ptr(), xs.data_ptr(), y.data_ptr(), stream=stream)
+        return y
+
+
+def keep_dyn_plan(plans: dict, key, record, x, w, ws, y, qdtype, product=None) -> None:
+    """After a W8A8 / fp8 launcher computed ``y`` with ``record``ed launches: keep a ``DynPlan`` for
+    ``key`` (not inside a capture, nor where the product was not recorded: the TMA GEMM). While
+    plans are new it runs once more and must give ``y`` bitwise, else plans turn off."""
+    if key is None or not _utils.PLANS or torch.cuda.is_current_stream_capturing():
+        return
+    if not record or (product is None and len(record) < 2):
+        return
+    plan = DynPlan(record, qdtype, product)
+    if _utils.checking("dyn") and not _utils.same_bits(y, plan.run(x, w, ws), "dyn"):
+        return
+    if len(plans) >= _utils.PLANS_MAX:
+        plans.clear()
+    plans[key] = plan
+
+
+_DYN_PLANS: dict = {}  # W8A8 / fp8 eager plans (``DynPlan``), by ``dyn_key``

@@ -25,6 +25,7 @@ import torch
 
 from lowbit.compile import kernel_op, linear_out_fake
 from lowbit.ops.reference import FP8_DTYPE
+from lowbit.ops.triton import _w8
 from lowbit.ops.triton._utils import is_sm90_or_newer, launcher
 from lowbit.ops.triton._w8 import w8_mm
 from lowbit.ops.triton.quant import quantize_rows
@@ -50,21 +51,38 @@ def _use_scaled_mm(x: torch.Tensor, n: int) -> bool:
     )
 
 
+def _scaled_mm(xq, qdata, scale, xs, dtype: torch.dtype) -> torch.Tensor:
+    """cuBLAS's fp8 product with row-wise scales (bf16 out)."""
+    return torch._scaled_mm(
+        xq, qdata.t(), scale_a=xs[:, None], scale_b=scale.float()[None, :], out_dtype=dtype,
+        use_fast_accum=SCALED_MM_FAST_ACCUM,
+    )  # fmt: skip
+
+
+def _key(x, qdata, scale):
+    return _w8.dyn_key(x, qdata, scale, "fp8", SCALED_MM_MIN_M, SCALED_MM_FAST_ACCUM)
+
+
+def _lane(x, qdata, scale):
+    """FP8 W8A8 through a kept ``_w8.DynPlan`` for these arguments, or None (``_utils.launcher``)."""
+    plan = _w8._DYN_PLANS.get(_key(x, qdata, scale))
+    return None if plan is None else plan.run(x, qdata, scale)
+
+
 @kernel_op("fp8_dyn_mm_triton", fake=linear_out_fake)
-@launcher("fp8_dyn_mm", (FP8_DTYPE,))
+@launcher("fp8_dyn_mm", (FP8_DTYPE,), lane=_lane)
 def fp8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """FP8 W8A8: per-row e4m3fn quantization of x, fp32 product, rescale -> [M, N] in x.dtype."""
     n = qdata.shape[0]
     if x.shape[0] == 0:
         return x.new_empty(0, n)
-    xq, xs = quantize_rows(x, FP8_DTYPE)
-    if _use_scaled_mm(x, n):
-        return torch._scaled_mm(
-            xq,
-            qdata.t(),
-            scale_a=xs[:, None],
-            scale_b=scale.float()[None, :],
-            out_dtype=x.dtype,
-            use_fast_accum=SCALED_MM_FAST_ACCUM,
-        )
-    return w8_mm(xq, qdata, scale, xs, x.dtype)
+    key = _key(x, qdata, scale)  # eagerly a plan of the launches, for the lane
+    plan = _w8._DYN_PLANS.get(key) if key is not None else None
+    if plan is not None:  # (a keyword call: the lane did not look)
+        return plan.run(x, qdata, scale)
+    record = [] if key is not None else None
+    xq, xs = quantize_rows(x, FP8_DTYPE, record)
+    product = _scaled_mm if _use_scaled_mm(x, n) else None
+    y = product(xq, qdata, scale, xs, x.dtype) if product else w8_mm(xq, qdata, scale, xs, x.dtype, record)
+    _w8.keep_dyn_plan(_w8._DYN_PLANS, key, record, x, qdata, scale, y, FP8_DTYPE, product)
+    return y

@@ -85,8 +85,11 @@ def _kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, QMAX: tl.constexpr, IS
             tl.store(q_row + k0 + rk, _codes(x, scale, QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
 
 
-def quantize_rows(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [M, K]`` -> ``(xq [M, K] qdtype, xs [M] fp32)``; qdtype is torch.int8 or float8_e4m3fn."""
+def quantize_rows(
+    x: torch.Tensor, qdtype: torch.dtype, record: list | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` -> ``(xq [M, K] qdtype, xs [M] fp32)``; qdtype is torch.int8 or float8_e4m3fn.
+    ``record``: a list the launch is appended to (``_utils.Bound``'s ``launched``)."""
     m, k = x.shape
     x = x.contiguous()
     xq = torch.empty(m, k, device=x.device, dtype=qdtype)
@@ -100,9 +103,10 @@ def quantize_rows(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, t
     one_pass = block <= ONE_PASS_MAX_K
     if not one_pass:
         block = 256 if INTERPRET else 4096
-    _kernel[(m,)](
-        x, xq, xs, k, x.stride(0), xq.stride(0),
-        QMAX=127.0 if is_int else FP8_MAX, IS_INT=is_int, EPS=SCALE_EPS, BLOCK_K=block, ONE_PASS=one_pass,
-        num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16, **pdl_args(x.device),
-    )  # fmt: skip
+    args = (x, xq, xs, k, x.stride(0), xq.stride(0))
+    kw = dict(QMAX=127.0 if is_int else FP8_MAX, IS_INT=is_int, EPS=SCALE_EPS, BLOCK_K=block, ONE_PASS=one_pass,
+              num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16, **pdl_args(x.device))  # fmt: skip
+    compiled = _kernel[(m,)](*args, **kw)
+    if record is not None:
+        record.append((_kernel, (m,), args, kw, compiled))
     return xq, xs
