@@ -28,8 +28,9 @@ from lowbit.ops.triton._int4_gemv import int4_mm_swiglu  # noqa: E402
 from lowbit.ops.triton.int4 import int4_mm  # noqa: E402
 
 
-def glu_at(x, qdata, scale, zero, w, split, unroll):
-    """One launch of ``_glu_kernel`` at a chosen config ("tiled" codes, group size 128)."""
+def glu_at(x, qdata, scale, zero, w, split, unroll, x_stride=None):
+    """One launch of ``_glu_kernel`` at a chosen config ("tiled" codes, group size 128); ``x_stride``
+    0 makes every token read x's first row (x's load traffic of M = 1, the rest of M's work)."""
     import triton
 
     from lowbit.ops.triton import _int4_gemv as gemv_mod
@@ -40,7 +41,8 @@ def glu_at(x, qdata, scale, zero, w, split, unroll):
     y = torch.empty(m, n // 2, device=x.device, dtype=x.dtype)
     ws, cnt = split_k_buffers(x.device, m, n, split)
     gemv_mod._glu_kernel.fn[(triton.cdiv(n // 2, 16), split)](
-        x, qdata, scale, zero, y, ws, cnt, m, n, k, n // 2, m_bucket(m), x.stride(0), y.stride(0), qdata.stride(0),
+        x, qdata, scale, zero, y, ws, cnt, m, n, k, n // 2, m_bucket(m), x.stride(0) if x_stride is None else x_stride,
+        y.stride(0), qdata.stride(0),
         scale.stride(0), GS=128, ASM=True, TILED=1, SPLIT_K=split, W=w, UNROLL=unroll, ADJ=int(unroll == 2),
         num_warps=2 * w, num_stages=1, **pdl_args(x.device, 2),
     )  # fmt: skip
@@ -53,6 +55,7 @@ def main():
     ap.add_argument("--ms", default="1,8")
     ap.add_argument("--cfgs", default="", help="also time _glu_kernel at these W:split:unroll (W warps per half)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--same-x", action="store_true", help="also time each --cfgs config with every token on x's row 0")
     a = ap.parse_args()
     product = torch.compile(ref.swiglu, fullgraph=True, dynamic=False)
     rows = []
@@ -77,6 +80,9 @@ def main():
                 fns = [lambda p=p, x=x, cf=cf: glu_at(x, *p, *cf) for p in packed]
                 err = float((glu_at(x, *packed[0], *cf).double() - want).norm() / want.norm())
                 row[f"glu_{cf[0]}:{cf[1]}:{cf[2]}_us"] = (round(stack_us(fns), 2), round(err, 5))
+                if a.same_x:  # (numbers not checked: every token is token 0)
+                    fns = [lambda p=p, x=x, cf=cf: glu_at(x, *p, *cf, x_stride=0) for p in packed]
+                    row[f"glu_{cf[0]}:{cf[1]}:{cf[2]}_same_x_us"] = round(stack_us(fns), 2)
             print(json.dumps(row), flush=True)
             rows.append(row)
         del packed

@@ -308,10 +308,9 @@ def _glu_forward(self, *args, **kwargs):
     the gate / up matmul and the product in one kernel where the stack's format has one for this
     input (``QTensor.swiglu_max_tokens``, asked when fusing: int4 on CUDA up to 8 tokens of its
     dtype); eagerly from GLU_SPLIT_MIN_TOKENS tokens ``down_proj(act_fn(gate) * up)`` with gate and up
-    two matmuls on the members' rows (contiguous outputs, no instance forward on either member);
-    else, and whenever what was checked
-    at fuse time no longer holds (the group, the members and their weights, no bias, no hooks on
-    them, the same act_fn; type / id / emptiness checks, constant guards under torch.compile), or
+    two matmuls on the members' rows (contiguous outputs); else, and whenever what was checked
+    at fuse time no longer holds (the group, the members and their weights, no bias, no hooks or
+    instance forward on them, the same act_fn; type / id / emptiness checks, constant guards under torch.compile), or
     the input needs a gradient or comes with other arguments, the module's own forward."""
     gid = self.__dict__.get("_lowbit_glu_gid")
     if gid is None:  # unfused since this call began (e.g. a pre-hook assigned a member's weight)
@@ -338,14 +337,14 @@ def _glu_forward(self, *args, **kwargs):
         or id(self.act_fn) != self._lowbit_glu_act
         or _hooked(gate)
         or _hooked(up)
+        or "forward" in gate.__dict__  # an instance forward (a dispatch hook, a patch) would be skipped
+        or "forward" in up.__dict__
         or (torch.is_grad_enabled() and x.requires_grad)
         or x.dtype != self._lowbit_glu_dtype
         or autocast_dtype(x) not in (None, x.dtype)  # (the linears cast x: their own forward)
     ):
         return base.forward(self, x)
     if split:  # a long prompt, eagerly: gate and up each as its own contiguous output (see GLU_SPLIT_MIN_TOKENS)
-        if "forward" in gate.__dict__ or "forward" in up.__dict__:  # (an instance forward: theirs)
-            return base.forward(self, x)
         return self.down_proj(self.act_fn(F.linear(x, gate.weight)) * F.linear(x, up.weight))
     return self.down_proj(swiglu_linear(x, _weight(g)))
 

@@ -457,6 +457,8 @@ def test_long_eager_prompts_give_silu_contiguous_gate_and_up(fused_kernel, monke
         calls = []
         gate.forward = lambda x, own=gate.forward: calls.append(1) or own(x)
         assert torch.equal(fused(ids).logits, plain(ids).logits) and calls == [1]
+        fused(IDS1)  # (and where the fused kernel would serve: 2 tokens)
+        assert calls == [1, 1]
         del gate.forward
         # compiled (a dynamic token count), the one matmul whatever the count, with no guard on it
         from torch._dynamo.utils import counters

@@ -471,11 +471,15 @@ def test_a_dequant_plan_runs_what_the_chunks_launch(m, packing, dtype, fresh_pla
         assert _utils.PLANS and len(fresh_plans[next(iter(fresh_plans))].chunks) == 4
         torch.testing.assert_close(got, _slow(x, qdata, scale, zero, packing, monkeypatch), rtol=0, atol=0)
         torch.testing.assert_close(got, ref.int4_linear(x, plain, scale, zero, 128), rtol=2e-2, atol=2e-2)
+    x = torch.randn(m + 77, 1024, device=DEVICE, dtype=dtype)  # another M: the same plan (no launch depends on M)
+    got = int4_mod.int4_mm(x, qdata, scale, zero, 128, packing)
+    assert len(fresh_plans) == 1 and len(runs) == 3
+    torch.testing.assert_close(got, _slow(x, qdata, scale, zero, packing, monkeypatch), rtol=0, atol=0)
     q2, s2, z2, plain2 = _weight(1008, 1024, seed=m + 1, packing=packing)
     for dst, src in ((qdata, q2), (scale, s2.to(dtype)), (zero, z2.to(dtype))):
         dst.copy_(src)
     got = int4_mod.int4_mm(x, qdata, scale, zero, 128, packing)
-    assert len(runs) == 3
+    assert len(runs) == 4
     torch.testing.assert_close(got, ref.int4_linear(x, plain2, scale, zero, 128), rtol=2e-2, atol=2e-2)
 
 
@@ -521,8 +525,8 @@ def test_w8a16_dequant_plans(monkeypatch):
     w = (torch.randn(1000, 1024, generator=g) * 0.02).to(DEVICE, torch.bfloat16)
     s8 = ref.int8_choose_qparams(w, torch.bfloat16)
     q8 = ref.int8_quantize(w, s8)
-    for i in range(3):
-        x = torch.randn(400, 1024, device=DEVICE, dtype=torch.bfloat16)
+    for i in range(3):  # (the last at another M: the same plan)
+        x = torch.randn(400 + 50 * (i == 2), 1024, device=DEVICE, dtype=torch.bfloat16)
         got = int8_mod.int8_mm(x, q8, s8)
         assert len(_w8._PLANS) == 1 and len(runs) == i
         with monkeypatch.context() as mp:
@@ -547,7 +551,7 @@ def _dyn_weight(scheme, n, k, seed):
     "scheme, m, dtype, planned",
     [("int8", 1, torch.bfloat16, True), ("int8", 5, torch.float16, True), ("int8", 300, torch.bfloat16, True),
      ("fp8", 1, torch.bfloat16, True), ("fp8", 40, torch.float32, True), ("fp8", 200, torch.bfloat16, True),
-     ("fp8", 300, torch.float16, False)],  # (GEMV; split-K GEMM; GEMM; fp8's _scaled_mm; the TMA GEMM: no plan)
+     ("fp8", 300, torch.float16, None)],  # (GEMV; split-K GEMM; GEMM; fp8's _scaled_mm; sm_90's TMA GEMM: no plan)
 )  # fmt: skip
 def test_w8a8_and_fp8_plans_run_what_the_launches_give(scheme, m, dtype, planned, monkeypatch):
     # the row quantizer and the product of a W8A8 / fp8 eager call bound once (``_w8.DynPlan``): the
@@ -560,6 +564,8 @@ def test_w8a8_and_fp8_plans_run_what_the_launches_give(scheme, m, dtype, planned
 
     if scheme == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs sm_89+")
+    if planned is None:  # the TMA GEMM on sm_90+ (no plan), the pointer GEMM below
+        planned = torch.cuda.get_device_capability() < (9, 0)
     op, spec = {"int8": (int8_mod.int8_dyn_mm, ref.int8_dynamic_linear), "fp8": (fp8_mod.fp8_dyn_mm, ref.fp8_dynamic_linear)}[scheme]  # fmt: skip
     monkeypatch.setattr(_w8, "_DYN_PLANS", {})
     monkeypatch.setattr(_utils, "_plan_checks", dict.fromkeys(_utils._plan_checks, 0))
@@ -618,3 +624,13 @@ def test_plan_kinds_are_checked_apart(fresh_plans, monkeypatch):
     assert _utils._plan_checks["dequant"] == 4 and kinds == [None] * 16 and len(fresh_plans) == 5
     int4_mod.int4_mm(torch.randn(4, 1024, device=DEVICE, dtype=torch.bfloat16), qdata, scale, zero, 128, "plain")
     assert kinds[-1] == "launch" and _utils._plan_checks["launch"] == 1  # the GEMV's plan is still checked
+
+
+def test_kept_plans_drop_the_oldest_first(monkeypatch):
+    # a run of new prompt lengths fills a launcher's plans: the oldest keys go, not all of them
+    # (before: the whole cache was cleared, the decode step's plans with it)
+    monkeypatch.setattr(_utils, "PLANS_MAX", 3)
+    plans = {}
+    for i in range(5):
+        _utils.keep(plans, ("key", i), i)
+    assert list(plans.items()) == [(("key", 2), 2), (("key", 3), 3), (("key", 4), 4)]

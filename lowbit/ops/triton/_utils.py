@@ -390,12 +390,21 @@ def split_k_reduce(acc, part_ptr, tile_ptr, pid_k, offs, mask, MN, SPLIT_K: tl.c
 # launch depends on) and launch the compiled kernel directly on later calls with that key.
 # LOWBIT_LAUNCH_PLANS=0 turns plans off (Triton's launch path on every call).
 PLANS = not INTERPRET and os.environ.get("LOWBIT_LAUNCH_PLANS", "1") != "0"
-PLANS_MAX = 4096  # keys kept per launcher (then the cache starts again)
-# plans of each kind (GEMM / GEMV ``LaunchPlan``, ``DequantPlan``, W8A8 ``_w8.DynPlan``) checked bitwise
+PLANS_MAX = 4096  # keys kept per launcher (then the oldest go first)
+# plans of each kind (GEMM / GEMV ``LaunchPlan``, ``DequantPlan``, W8A8 ``_w8.DynPlan`` with a GEMV,
+# a GEMM or a live product) checked bitwise
 # against Triton's own launch before that kind is trusted (kinds apart: their bindings differ, and a
 # process's first launches are all of one kind, e.g. a prompt's)
 PLAN_CHECKS = 4
-_plan_checks = {"launch": 0, "dequant": 0, "dyn": 0}
+_plan_checks = {"launch": 0, "dequant": 0, "dyn-gemv": 0, "dyn-gemm": 0, "dyn-product": 0}
+
+
+def keep(plans: dict, key: tuple, plan) -> None:
+    """``plans[key] = plan``, the oldest key dropped first once PLANS_MAX are kept (a run of new
+    prompt lengths must not wipe the decode step's plans at once)."""
+    while len(plans) >= PLANS_MAX:
+        del plans[next(iter(plans))]
+    plans[key] = plan
 
 
 def checking(kind: str) -> bool:
@@ -490,9 +499,7 @@ def keep_plan(plans: dict, key: tuple, compiled, kernel, grid, args: tuple, kw: 
         plan(args[0], fresh, *args[5 : 5 + plan.buffers])
         if not same_bits(args[4], fresh, "launch"):
             return
-    if len(plans) >= PLANS_MAX:
-        plans.clear()
-    plans[key] = plan
+    keep(plans, key, plan)
 
 
 def chunked_dequant_mm(x: torch.Tensor, n: int, rows: int, fill, plan: DequantPlan | None = None) -> torch.Tensor:
@@ -615,6 +622,4 @@ def keep_dequant_plan(plans: dict, key: tuple, plan: DequantPlan | None) -> None
         return
     if plan.check:
         _plan_checks["dequant"] += 1
-    if len(plans) >= PLANS_MAX:
-        plans.clear()
-    plans[key] = plan
+    keep(plans, key, plan)

@@ -456,11 +456,25 @@ def _plan_key(x, w, ws) -> tuple:
     return plan_key(x, (w, ws), GEMV_MAX_M, DEQUANT_MIN_M, DEQUANT_ROWS, GEMV_CVT, GEMM_SWAP, GEMM_PDL, split)
 
 
+def _dequant_key(x, w, ws) -> tuple:
+    """W8A16's dequantize-path plan key (``_utils.DequantPlan``: its chunk launches do not depend on M)."""
+    weights = [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in (w, ws)]
+    return ("dequant", x.shape[1], x.dtype, x.device, *weights, DEQUANT_ROWS, _utils.MAX_ELEMENTS)
+
+
+def _dequantizes(x) -> bool:
+    """W8A16 takes the dequantize path for this CUDA x (see the module doc)."""
+    return x.shape[0] >= DEQUANT_MIN_M and x.dtype != torch.float32
+
+
 def w8a16_lane(x, w, ws):
     """W8A16 (``int8.int8_mm``) through a kept plan for these arguments, or None (``_utils.launcher``)."""
     if x.dim() != 2 or w.dim() != 2:  # (the key reads both shapes: bad ones get the checks' messages)
         return None
-    plan = _PLANS.get(_plan_key(x, w, ws))
+    if _dequantizes(x):  # (the plan's matmuls read x as it is: the body's is contiguous)
+        plan = _PLANS.get(_dequant_key(x, w, ws)) if x.is_contiguous() else None
+    else:
+        plan = _PLANS.get(_plan_key(x, w, ws))
     return None if plan is None else plan.run(x, w.shape[0], w.shape[0])
 
 
@@ -489,13 +503,17 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype, record: list | None = None) -> t
     xs_arg = xs if a_scaled else ws
     int_acc = x.dtype == torch.int8
     mb = m_bucket(m)
-    if not a_scaled and m >= DEQUANT_MIN_M and (x.is_cuda or INTERPRET) and x.dtype != torch.float32:
+    if not a_scaled and (x.is_cuda or INTERPRET) and _dequantizes(x):
 
         def fill(n0, r, buf):
             grid, args = (triton.cdiv(r, 16), triton.cdiv(k, 256)), (w[n0:], ws[n0:], buf, r, k)
             kw = dict(BLOCK_N=16, BLOCK_K=256)
             return _dequant_kernel, grid, args, kw, _dequant_kernel[grid](*args, **kw)
 
+        key = _dequant_key(x, w, ws) if key is not None else None
+        kept = _PLANS.get(key) if key is not None else None
+        if kept is not None:  # (a keyword call: the lane did not look)
+            return kept.run(x, n, n)
         plan = _utils.dequant_plan(key, x.device)  # (eagerly: the chunks' launches bound, for the lane)
         y = chunked_dequant_mm(x, n, DEQUANT_ROWS, fill, plan)
         _utils.keep_dequant_plan(_PLANS, key, plan)
@@ -548,7 +566,8 @@ class DynPlan:
     """A W8A8 / fp8 eager linear's launches bound once (``_utils.Bound``): the row quantizer (x, xq,
     xs live), then the GEMV or the GEMM (xq, xs, y and the split-K buffers live), or ``product(xq,
     w, ws, xs, dtype)`` run live (fp8's ``torch._scaled_mm``). Without it an eager call pays
-    Triton's launch path twice (~117-250 us of host time per linear on the H100 host, session 25).
+    Triton's launch path twice (117-250 us of host time per linear on the H100 host in session 25;
+    43.5-72.5 with plans, session 29).
     ``run(x, w, ws)``: the output, from the weight the key pinned."""
 
     __slots__ = ("quant", "mm", "most", "qdtype", "product")
@@ -585,11 +604,14 @@ def keep_dyn_plan(plans: dict, key, record, x, w, ws, y, qdtype, product=None) -
     if not record or (product is None and len(record) < 2):
         return
     plan = DynPlan(record, qdtype, product)
-    if _utils.checking("dyn") and not _utils.same_bits(y, plan.run(x, w, ws), "dyn"):
-        return
-    if len(plans) >= _utils.PLANS_MAX:
-        plans.clear()
-    plans[key] = plan
+    kind = "dyn-product" if product else "dyn-gemm" if plan.most else "dyn-gemv"
+    if _utils.checking(kind):
+        xq, xs = record[0][2][1:3]  # (the recorded activations poisoned: a plan that read them would differ)
+        xq.view(torch.uint8).fill_(0x7F)
+        xs.fill_(float("nan"))
+        if not _utils.same_bits(y, plan.run(x, w, ws), kind):
+            return
+    _utils.keep(plans, key, plan)
 
 
 _DYN_PLANS: dict = {}  # W8A8 / fp8 eager plans (``DynPlan``), by ``dyn_key``

@@ -584,11 +584,27 @@ def _plan_key(x, qdata, scale, zero, group_size: int, packing: str) -> tuple:
     return plan_key(x, (qdata, scale, zero), *switches)
 
 
+def _dequantizes(x, packing: str) -> bool:
+    """``int4_mm`` takes the dequantize path for this CUDA x (see the module doc)."""
+    fp32 = x.dtype == torch.float32
+    return x.shape[0] >= DEQUANT_MIN_M and not fp32 or packing == "mma" and fp32
+
+
+def _dequant_key(x, qdata, scale, zero, group_size: int, packing: str) -> tuple:
+    """The dequantize path's plan key (``_utils.DequantPlan``, whose chunk launches do not depend on
+    M; its matmuls run live): x's K, dtype and device, the weight tensors, the switches it reads."""
+    weights = [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in (qdata, scale, zero)]
+    return ("dequant", x.shape[1], x.dtype, x.device, *weights, group_size, packing, DEQUANT_ROWS, _utils.MAX_ELEMENTS)
+
+
 def _lane(x, qdata, scale, zero, group_size, packing="plain"):
     """``int4_mm`` through a kept plan for these arguments, or None (``_utils.launcher``)."""
     if x.dim() != 2 or qdata.dim() != 2 or group_size not in INT4_GROUP_SIZES:  # (the fixed config's key
         return None  # computes with these: bad ones get the checks' messages)
-    plan = _PLANS.get(_plan_key(x, qdata, scale, zero, group_size, packing))
+    if _dequantizes(x, packing):  # (the plan's matmuls read x as it is: the body's is contiguous)
+        plan = _PLANS.get(_dequant_key(x, qdata, scale, zero, group_size, packing)) if x.is_contiguous() else None
+    else:
+        plan = _PLANS.get(_plan_key(x, qdata, scale, zero, group_size, packing))
     return None if plan is None else plan.run(x, qdata.shape[0], qdata.shape[0])
 
 
@@ -619,11 +635,10 @@ def int4_mm(
     qdata = qdata.contiguous()
     mma = packing == "mma"  # the kernels read these bytes as int32 words (K % 32 == 0)
     mb = m_bucket(m)
-    fp32 = x.dtype == torch.float32
-    if (x.is_cuda or INTERPRET) and (m >= DEQUANT_MIN_M and not fp32 or mma and fp32):
+    if (x.is_cuda or INTERPRET) and _dequantizes(x, packing):
         scale, zero = scale.contiguous(), zero.contiguous()
         # eagerly a plan of the chunks' launches (``_utils.DequantPlan``; the lane runs it next time)
-        key = _plan_key(x, qdata, scale, zero, group_size, packing) if _utils.PLANS and x.is_cuda else None
+        key = _dequant_key(x, qdata, scale, zero, group_size, packing) if _utils.PLANS and x.is_cuda else None
         kept = _PLANS.get(key) if key is not None else None
         if kept is not None:  # (a keyword call: the lane did not look)
             return kept.run(x, n, n)
