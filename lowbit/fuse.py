@@ -7,7 +7,10 @@ memory-bound launch, and the small ones (k / v: 1024 rows) are mostly launch and
 weight (every field of a lowbit weight that slices as a view is row-major in N, so the stack is
 a concatenation of fields) and makes each member's ``weight`` its rows of the stack, a view: no
 memory is added, and the state dict keeps its keys and values. The first member called with a
-new input runs one matmul for the whole group; each member returns its columns of it. The memo
+new input runs one matmul for the whole group; each member returns its columns of it (a
+gate_proj / up_proj group's members, eagerly from ``GLU_SPLIT_MIN_TOKENS`` tokens, a long prompt,
+run on their own rows instead: contiguous outputs, which eager silu and product read faster than
+column slices of one output; the unfused model's numbers). The memo
 is dropped when every member has been served, and after every call of the members' parent
 module (a forward hook), so nothing carries over from one forward to the next.
 
@@ -19,10 +22,7 @@ the activation fused: where that kernel runs (int4 on CUDA at M <= 8) its forwar
 ``down_proj(swiglu_linear(x, stack))``, one launch for the gate / up matmul and
 ``silu(gate) * up``, so the separate pointwise kernel goes. Numerics there: silu(gate) * up in
 fp32 from the rounded gate and up, rounded once (``reference.swiglu``, what torch.compile gives
-unfused; eager PyTorch rounds silu(gate) first). Eagerly from ``GLU_SPLIT_MIN_TOKENS`` tokens (a
-long prompt) it runs gate and up as two matmuls on their rows of the stack, whose outputs are
-contiguous (eager silu and product over column slices of one output are slower), then the
-module's own formula: the unfused model's numbers. Everywhere else (more tokens, other devices, a
+unfused; eager PyTorch rounds silu(gate) first). Everywhere else (more tokens, other devices, a
 gradient, other arguments, and once the group is unfused, a member replaced or hooked, a bias
 added or act_fn swapped: checked by id(), and once the fused act_fn is freed no module passes, its
 id being reusable) the module runs its own forward.
@@ -112,6 +112,7 @@ class _Group:
         self.full = (1 << len(members)) - 1
         self.hook = None
         self.glu = None  # the parent whose forward fuses silu(gate) * up (a weak reference)
+        self.split = False  # gate / up: long eager prompts run each member on its own rows (GLU_SPLIT_MIN_TOKENS)
 
     def traced_weight(self) -> QTensor:
         """The stack as seen by a compiled forward: rebuilt from ``fields`` (plain inputs)."""
@@ -207,6 +208,15 @@ def _watch(m: nn.Module) -> None:
     m.__dict__["_parameters"] = params
 
 
+# From this many tokens the members of a gate_proj / up_proj group, eagerly, run as matmuls on their
+# own rows of the stack, not one over the stack, whose members' outputs are column slices of one
+# [tokens, 2 I] tensor: eager PyTorch runs silu and the product over such strided views with its
+# generic element-wise kernels, ~84 us more per Llama-3-8B layer at 2048 tokens on an H100 than
+# over contiguous ones (bench/KERNEL_NOTES.md, session 29), against one more launch of host time
+# (~50 us). Compiled forwards keep the one matmul (Inductor's fused kernel reads the slices as they are).
+GLU_SPLIT_MIN_TOKENS = 1024
+
+
 class FusedLinear(nn.Linear):
     """An ``nn.Linear`` in a fused group (``fuse_projections_`` swaps the class in place). Copies
     and pickles of it are plain, unfused ``nn.Linear`` modules."""
@@ -225,6 +235,8 @@ class FusedLinear(nn.Linear):
         replaced = g is None or _replaced(self)  # since fusing: runs alone
         if replaced or (torch.is_grad_enabled() and x.requires_grad):  # (training: the unfused graph)
             return F.linear(x, self.weight, self.bias)
+        if g.split and not torch.compiler.is_compiling() and x.numel() >= GLU_SPLIT_MIN_TOKENS * x.shape[-1]:
+            return F.linear(x, self.weight, self.bias)  # a long eager prompt: a contiguous output of its own rows
         if g.full == 1:  # a group of one (``singles``): no memo; eagerly its own weight as it is
             pending = _PENDING.pop(gid, None)
             if pending is not None and self.bias is None:  # a fused layer's o_proj / down_proj: + residual, RMSNorm
@@ -294,21 +306,11 @@ class FusedLinear(nn.Linear):
             g.unfuse()
 
 
-# From this many tokens an eager fused MLP runs gate_proj and up_proj as two matmuls on their own
-# rows of the stack, not one over the stack, whose members' outputs are column slices of one
-# [tokens, 2 I] tensor: eager PyTorch runs silu and the product over such strided views with its
-# generic element-wise kernels, ~84 us more per Llama-3-8B layer at 2048 tokens on an H100 than
-# over contiguous ones (bench/KERNEL_NOTES.md, session 29), against one more launch of host time
-# (~50 us). Compiled forwards keep the one matmul (Inductor's fused kernel reads the slices as they are).
-GLU_SPLIT_MIN_TOKENS = 1024
-
-
 def _glu_forward(self, *args, **kwargs):
     """The forward of a fused Llama-style MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))`` with
     the gate / up matmul and the product in one kernel where the stack's format has one for this
     input (``QTensor.swiglu_max_tokens``, asked when fusing: int4 on CUDA up to 8 tokens of its
-    dtype); eagerly from GLU_SPLIT_MIN_TOKENS tokens ``down_proj(act_fn(gate) * up)`` with gate and up
-    two matmuls on the members' rows (contiguous outputs); else, and whenever what was checked
+    dtype); else, and whenever what was checked
     at fuse time no longer holds (the group, the members and their weights, no bias, no hooks or
     instance forward on them, the same act_fn; type / id / emptiness checks, constant guards under torch.compile), or
     the input needs a gradient or comes with other arguments, the module's own forward."""
@@ -319,9 +321,8 @@ def _glu_forward(self, *args, **kwargs):
     if len(args) != 1 or kwargs:
         return base.forward(self, *args, **kwargs)
     x = args[0]
-    split = x.numel() > self._lowbit_glu_max_m * x.shape[-1]  # more tokens than the kernel serves (a prompt)
-    if split and (torch.compiler.is_compiling() or x.numel() < GLU_SPLIT_MIN_TOKENS * x.shape[-1]):
-        return base.forward(self, x)  # (compiling first: the size test would guard a dynamic token count)
+    if x.numel() > self._lowbit_glu_max_m * x.shape[-1]:  # more tokens than the kernel serves (a prompt; from
+        return base.forward(self, x)  # GLU_SPLIT_MIN_TOKENS, eagerly, gate and up run apart: FusedLinear.forward)
     gate, up = self.gate_proj, self.up_proj
     g = _GROUPS.get(gid)
     if (
@@ -344,8 +345,6 @@ def _glu_forward(self, *args, **kwargs):
         or autocast_dtype(x) not in (None, x.dtype)  # (the linears cast x: their own forward)
     ):
         return base.forward(self, x)
-    if split:  # a long prompt, eagerly: gate and up each as its own contiguous output (see GLU_SPLIT_MIN_TOKENS)
-        return self.down_proj(self.act_fn(F.linear(x, gate.weight)) * F.linear(x, up.weight))
     return self.down_proj(swiglu_linear(x, _weight(g)))
 
 
@@ -561,7 +560,8 @@ def fuse_projections_(
         _drop_stale_hooks(parent)
         group.hook = parent.register_forward_hook(functools.partial(_end_round, group.gid), always_call=True)
         weakref.finalize(parent, _forget, group.gid)  # the registry does not keep a model alive
-        if swiglu and label.endswith(".{gate_proj,up_proj}") and _fuse_glu(parent, group, mods):
+        group.split = label.endswith(".{gate_proj,up_proj}")
+        if swiglu and group.split and _fuse_glu(parent, group, mods):
             out.append(f"{label[: -len('.{gate_proj,up_proj}')]}: silu(gate_proj) * up_proj")
     if REBUILD_IN_GRAPH if singles is None else singles:
         for fqn, m in list(model.named_modules()):

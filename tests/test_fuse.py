@@ -436,14 +436,18 @@ def test_swiglu_is_left_alone_where_no_kernel_serves():
     assert not hasattr(int8.model.layers[0].mlp, "_lowbit_glu_gid")
 
 
-def test_long_eager_prompts_give_silu_contiguous_gate_and_up(fused_kernel, monkeypatch):
-    """From GLU_SPLIT_MIN_TOKENS tokens an eager fused MLP runs gate_proj and up_proj each on its own
-    rows of the stack: silu and the product see contiguous tensors (eager PyTorch's strided
-    element-wise kernels are slower), and the logits equal the unfused model's bitwise. Between the
-    fused kernel's tokens and that many, the one matmul over the stack (column slices) stays."""
+@pytest.mark.parametrize("scheme", ["int4", "int8", "int4 swiglu=False"])
+def test_long_eager_prompts_give_silu_contiguous_gate_and_up(scheme, fused_kernel, monkeypatch):
+    """From GLU_SPLIT_MIN_TOKENS tokens the members of a fused gate_proj / up_proj group run, eagerly,
+    each on its own rows of the stack: silu and the product see contiguous tensors (eager PyTorch's
+    strided element-wise kernels are slower), and the logits equal the unfused model's bitwise;
+    with the fused MLP forward (int4 here) or without it (int8, which has no fused kernel; swiglu
+    off). Between the fused kernel's tokens and that many, the one matmul over the stack (column
+    slices) stays."""
     monkeypatch.setattr(fuse_mod, "GLU_SPLIT_MIN_TOKENS", 16)
-    plain, fused = int4_llama(), int4_llama()
-    lowbit.fuse_projections_(fused)
+    make = (lambda: tiny_llama("int8")) if scheme == "int8" else int4_llama
+    plain, fused = make(), make()
+    lowbit.fuse_projections_(fused, swiglu=scheme != "int4 swiglu=False")
     seen, real = [], F.silu
     monkeypatch.setattr(F, "silu", lambda t, inplace=False: seen.append(t.is_contiguous()) or real(t, inplace))
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))  # 18 tokens

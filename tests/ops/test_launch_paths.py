@@ -634,3 +634,46 @@ def test_kept_plans_drop_the_oldest_first(monkeypatch):
     for i in range(5):
         _utils.keep(plans, ("key", i), i)
     assert list(plans.items()) == [(("key", 2), 2), (("key", 3), 3), (("key", 4), 4)]
+
+
+@cuda_only
+def test_a_dequant_plan_leaves_row_blocks_to_the_launcher(fresh_plans, monkeypatch):
+    # an x the launcher would run in row blocks (past MAX_ELEMENTS) skips the lane's dequantize
+    # plan: the blocks run through the body (each block's matmul as without plans)
+    qdata, scale, zero, plain = _weight(512, 1024, seed=12)
+    monkeypatch.setattr(_utils, "MAX_ELEMENTS", 300 * 1024)  # 300-row blocks (the weight still fits)
+    int4_mod.int4_mm(torch.randn(300, 1024, device=DEVICE, dtype=torch.bfloat16), qdata, scale, zero, 128, "plain")
+    assert len(fresh_plans) == 1  # (the plan, made by a whole x)
+    runs = _count_dequant_runs(monkeypatch)
+    x = torch.randn(600, 1024, device=DEVICE, dtype=torch.bfloat16)
+    got = int4_mod.int4_mm(x, qdata, scale, zero, 128, "plain")
+    assert len(runs) == 2  # one per block, through the body's lookup (not one over the whole x)
+    torch.testing.assert_close(got, _slow(x, qdata, scale, zero, "plain", monkeypatch), rtol=0, atol=0)
+
+
+def test_plans_kept_from_several_threads_at_once(monkeypatch):
+    # a full cache drops its oldest keys; threads keeping plans at once must not collide there
+    import sys
+    import threading
+
+    monkeypatch.setattr(_utils, "PLANS_MAX", 8)
+    plans, errors = {}, []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+
+    def work(t):
+        try:
+            for i in range(2000):
+                _utils.keep(plans, (t, i), i)
+        except Exception as e:  # noqa: BLE001 (the failure under test)
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors and len(plans) == 8

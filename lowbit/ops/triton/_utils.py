@@ -401,10 +401,12 @@ _plan_checks = {"launch": 0, "dequant": 0, "dyn-gemv": 0, "dyn-gemm": 0, "dyn-pr
 
 def keep(plans: dict, key: tuple, plan) -> None:
     """``plans[key] = plan``, the oldest key dropped first once PLANS_MAX are kept (a run of new
-    prompt lengths must not wipe the decode step's plans at once)."""
-    while len(plans) >= PLANS_MAX:
-        del plans[next(iter(plans))]
-    plans[key] = plan
+    prompt lengths then drops plans one at a time, not the whole cache; a plan is remade on its
+    next call). Under the launch lock: threads keep plans at once."""
+    with _LAUNCH_LOCK:
+        while len(plans) >= PLANS_MAX:
+            plans.pop(next(iter(plans)), None)
+        plans[key] = plan
 
 
 def checking(kind: str) -> bool:

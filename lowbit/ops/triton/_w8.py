@@ -471,8 +471,10 @@ def w8a16_lane(x, w, ws):
     """W8A16 (``int8.int8_mm``) through a kept plan for these arguments, or None (``_utils.launcher``)."""
     if x.dim() != 2 or w.dim() != 2:  # (the key reads both shapes: bad ones get the checks' messages)
         return None
-    if _dequantizes(x):  # (the plan's matmuls read x as it is: the body's is contiguous)
-        plan = _PLANS.get(_dequant_key(x, w, ws)) if x.is_contiguous() else None
+    if _dequantizes(x):  # (the plan's matmuls read x as it is: the body's is contiguous; and the
+        # launcher would run an x past MAX_ELEMENTS in row blocks)
+        whole = x.shape[0] <= _utils.MAX_ELEMENTS // max(x.shape[1], w.shape[0], 1)
+        plan = _PLANS.get(_dequant_key(x, w, ws)) if whole and x.is_contiguous() else None
     else:
         plan = _PLANS.get(_plan_key(x, w, ws))
     return None if plan is None else plan.run(x, w.shape[0], w.shape[0])

@@ -585,9 +585,9 @@ def _plan_key(x, qdata, scale, zero, group_size: int, packing: str) -> tuple:
 
 
 def _dequantizes(x, packing: str) -> bool:
-    """``int4_mm`` takes the dequantize path for this CUDA x (see the module doc)."""
+    """``int4_mm`` takes the dequantize path for this CUDA x with rows (see the module doc)."""
     fp32 = x.dtype == torch.float32
-    return x.shape[0] >= DEQUANT_MIN_M and not fp32 or packing == "mma" and fp32
+    return x.shape[0] >= DEQUANT_MIN_M and not fp32 or packing == "mma" and fp32 and x.shape[0] > 0
 
 
 def _dequant_key(x, qdata, scale, zero, group_size: int, packing: str) -> tuple:
@@ -601,8 +601,14 @@ def _lane(x, qdata, scale, zero, group_size, packing="plain"):
     """``int4_mm`` through a kept plan for these arguments, or None (``_utils.launcher``)."""
     if x.dim() != 2 or qdata.dim() != 2 or group_size not in INT4_GROUP_SIZES:  # (the fixed config's key
         return None  # computes with these: bad ones get the checks' messages)
-    if _dequantizes(x, packing):  # (the plan's matmuls read x as it is: the body's is contiguous)
-        plan = _PLANS.get(_dequant_key(x, qdata, scale, zero, group_size, packing)) if x.is_contiguous() else None
+    if _dequantizes(x, packing):  # (the plan's matmuls read x as it is: the body's is contiguous; and
+        # the launcher would run an x past MAX_ELEMENTS in row blocks)
+        whole = x.shape[0] <= _utils.MAX_ELEMENTS // max(x.shape[1], qdata.shape[0], 1)
+        plan = (
+            _PLANS.get(_dequant_key(x, qdata, scale, zero, group_size, packing))
+            if whole and x.is_contiguous()
+            else None
+        )
     else:
         plan = _PLANS.get(_plan_key(x, qdata, scale, zero, group_size, packing))
     return None if plan is None else plan.run(x, qdata.shape[0], qdata.shape[0])
