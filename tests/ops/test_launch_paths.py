@@ -677,3 +677,41 @@ def test_plans_kept_from_several_threads_at_once(monkeypatch):
     finally:
         sys.setswitchinterval(interval)
     assert not errors and len(plans) == 8
+
+
+def test_a_bound_launch_passes_its_live_values_where_the_signature_has_them():
+    # ``_utils.Bound`` on a recorded launch, with a stand-in compiled kernel that records its call:
+    # bound tensors become their addresses, ints and constexprs stay, keyword launch options that
+    # are no parameters (num_warps) go, defaults fill in, a callable grid sees the tuned config
+    import inspect
+    import types
+
+    def kernel(a_ptr, b_ptr, n, BLOCK, FLAG=3):
+        pass
+
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args, stream: calls.append((grid, args, stream))
+
+    jit = types.SimpleNamespace(signature=inspect.signature(kernel))
+    a, b = torch.zeros(4), torch.zeros(8)
+    grid = lambda meta: (meta["n"] // meta["BLOCK"],)  # noqa: E731
+    bound = _utils.Bound((jit, grid, (a, b, 64), {"BLOCK": 16, "num_warps": 4}, Compiled()), live=(1,))
+    bound(12345, stream=7)
+    bound(678, stream=9)
+    assert calls == [((4, 1, 1), (a.data_ptr(), 12345, 64, 16, 3), 7), ((4, 1, 1), (a.data_ptr(), 678, 64, 16, 3), 9)]
+
+
+def test_the_w8a8_plans_live_positions_are_the_kernels_per_call_arguments():
+    # DynPlan passes x / xq, xs, y (and the GEMM's split-K buffers) per call at fixed positions:
+    # they must be those arguments of the kernels it binds (a reordered signature would bind stale ones)
+    from lowbit.ops.triton import _w8, quant
+
+    def names(kernel, at):  # (an autotuner and a jit / interpreted function both have arg_names)
+        return [kernel.arg_names[i] for i in at]
+
+    assert names(quant._kernel, _w8.DynPlan.QUANT_LIVE) == ["x_ptr", "q_ptr", "s_ptr"]
+    assert names(_w8._gemv_kernel, _w8.DynPlan.GEMV_LIVE) == ["x_ptr", "xs_ptr", "y_ptr"]
+    assert names(_w8._gemm_kernel, _w8.DynPlan.GEMM_LIVE) == ["x_ptr", "xs_ptr", "y_ptr", "part_ptr", "cnt_ptr"]

@@ -573,11 +573,14 @@ class DynPlan:
     ``run(x, w, ws)``: the output, from the weight the key pinned."""
 
     __slots__ = ("quant", "mm", "most", "qdtype", "product")
+    # the live arguments' positions: quant._kernel's x, xq, xs; _gemv_kernel's / _gemm_kernel's x
+    # (xq), xs, y (and the GEMM's split-K workspace and counters)
+    QUANT_LIVE, GEMV_LIVE, GEMM_LIVE = (0, 1, 2), (0, 3, 4), (0, 3, 4, 5, 6)
 
     def __init__(self, record: list, qdtype: torch.dtype, product=None):
-        self.quant, self.qdtype, self.product = _utils.Bound(record[0], (0, 1, 2)), qdtype, product
+        self.quant, self.qdtype, self.product = _utils.Bound(record[0], self.QUANT_LIVE), qdtype, product
         self.most = record[2] if len(record) > 2 else 0
-        self.mm = None if product else _utils.Bound(record[1], (0, 3, 4, 5, 6) if self.most else (0, 3, 4))
+        self.mm = None if product else _utils.Bound(record[1], self.GEMM_LIVE if self.most else self.GEMV_LIVE)
 
     def run(self, x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
         m, k = x.shape
