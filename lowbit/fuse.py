@@ -235,7 +235,7 @@ class FusedLinear(nn.Linear):
         replaced = g is None or _replaced(self)  # since fusing: runs alone
         if replaced or (torch.is_grad_enabled() and x.requires_grad):  # (training: the unfused graph)
             return F.linear(x, self.weight, self.bias)
-        if g.split and not torch.compiler.is_compiling() and x.numel() >= GLU_SPLIT_MIN_TOKENS * x.shape[-1]:
+        if not torch.compiler.is_compiling() and g.split and x.numel() >= GLU_SPLIT_MIN_TOKENS * x.shape[-1]:
             return F.linear(x, self.weight, self.bias)  # a long eager prompt: a contiguous output of its own rows
         if g.full == 1:  # a group of one (``singles``): no memo; eagerly its own weight as it is
             pending = _PENDING.pop(gid, None)

@@ -125,9 +125,9 @@ def test_int4_and_w8a16_leave_the_gemm_after_m_256(monkeypatch):
 
     calls = []
     for mod in (int4_mod, w8_mod):
-        real = mod.chunked_dequant_mm
+        real = mod.planned_dequant_mm
         monkeypatch.setattr(
-            mod, "chunked_dequant_mm", lambda x, *a, real=real, name=mod.__name__: calls.append(name) or real(x, *a)
+            mod, "planned_dequant_mm", lambda *a, real=real, name=mod.__name__: calls.append(name) or real(*a)
         )
     qdata, scale, zero, plain = _weight(19, 64, 32, torch.bfloat16, 5, "plain")
     w = (torch.randn(19, 64, generator=torch.Generator().manual_seed(6)) * 0.02).to(DEVICE)

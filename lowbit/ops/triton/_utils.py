@@ -585,8 +585,8 @@ class DequantPlan:
 
     __slots__ = ("rows", "chunks", "ok", "check")
 
-    def __init__(self, rows: int):
-        self.rows, self.chunks, self.ok, self.check = rows, [], True, checking("dequant")
+    def __init__(self):
+        self.rows, self.chunks, self.ok, self.check = 0, [], True, checking("dequant")  # (rows: chunked_dequant_mm)
 
     def add(self, launched, buf: torch.Tensor, n0: int, r: int) -> None:
         """Bind one chunk's launch (``fill``'s return, buf among its arguments)."""
@@ -611,17 +611,38 @@ class DequantPlan:
         return y
 
 
-def dequant_plan(key: tuple | None, device: torch.device) -> DequantPlan | None:
-    """A new ``DequantPlan`` to record for ``key`` (None: plans are off, no key, or inside a capture)."""
-    if key is None or not PLANS or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return None
-    return DequantPlan(0)
+def dequant_key(x: torch.Tensor, weights: tuple, *switches) -> tuple:
+    """A dequantize path's plan key (``DequantPlan``: its chunk launches do not depend on M): x's K,
+    dtype and device, each weight tensor's address and layout, the launcher's switches, and
+    ``MAX_ELEMENTS`` (the launcher's weight-size refusal, which a lane skips)."""
+    ws = [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in weights]
+    return ("dequant", x.shape[1], x.dtype, x.device, *ws, *switches, MAX_ELEMENTS)
 
 
-def keep_dequant_plan(plans: dict, key: tuple, plan: DequantPlan | None) -> None:
-    """Keep a recorded ``DequantPlan`` for ``key``, if every chunk bound."""
-    if plan is None or not plan.ok or not PLANS:
-        return
-    if plan.check:
-        _plan_checks["dequant"] += 1
-    keep(plans, key, plan)
+def dequant_lane(plans: dict, x: torch.Tensor, n: int, key: tuple) -> torch.Tensor | None:
+    """A lane's dequantize-path call through the plan kept for ``key``, or None: only for a
+    contiguous x (the plan's matmuls read x as it is; the body's is contiguous) that the launcher
+    runs whole (it would split one past MAX_ELEMENTS into row blocks)."""
+    if x.is_contiguous() and x.shape[0] <= MAX_ELEMENTS // max(x.shape[1], n, 1):
+        plan = plans.get(key)
+        if plan is not None:
+            return plan.run(x, n, n)
+    return None
+
+
+def planned_dequant_mm(plans: dict, key: tuple | None, x: torch.Tensor, n: int, rows: int, fill) -> torch.Tensor:
+    """``chunked_dequant_mm`` through the ``DequantPlan`` kept for ``key`` (a keyword call: the lane
+    did not look), else Triton's launches, recorded and kept as a plan for ``key`` (None: no plan;
+    nor inside a CUDA-graph capture)."""
+    kept = plans.get(key) if key is not None else None
+    if kept is not None:
+        return kept.run(x, n, n)
+    plan = None
+    if key is not None and PLANS and x.is_cuda and not torch.cuda.is_current_stream_capturing():
+        plan = DequantPlan()
+    y = chunked_dequant_mm(x, n, rows, fill, plan)
+    if plan is not None and plan.ok and PLANS:  # (every chunk bound)
+        if plan.check:
+            _plan_checks["dequant"] += 1
+        keep(plans, key, plan)
+    return y

@@ -36,8 +36,9 @@ from lowbit.ops.triton._utils import (
     MAX_WORKSPACE,
     TUNE_CACHE,
     cfg,
-    chunked_dequant_mm,
     configs,
+    dequant_key,
+    dequant_lane,
     dot_acc,
     grouped_tile,
     is_sm90_or_newer,
@@ -48,6 +49,7 @@ from lowbit.ops.triton._utils import (
     pdl_start,
     pdl_trigger,
     plan_key,
+    planned_dequant_mm,
     split_k_buffers,
     split_k_reduce,
     tune_bench,
@@ -453,13 +455,7 @@ def _plan_key(x, w, ws) -> tuple:
     branches of ``w8_mm`` read (in fixed-config mode the split too, a per-call choice)."""
     m, k = x.shape
     split = 0 if AUTOTUNE else _split_k(m, w.shape[0], k, num_sms(x.device))
-    return plan_key(x, (w, ws), GEMV_MAX_M, DEQUANT_MIN_M, DEQUANT_ROWS, GEMV_CVT, GEMM_SWAP, GEMM_PDL, split)
-
-
-def _dequant_key(x, w, ws) -> tuple:
-    """W8A16's dequantize-path plan key (``_utils.DequantPlan``: its chunk launches do not depend on M)."""
-    weights = [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in (w, ws)]
-    return ("dequant", x.shape[1], x.dtype, x.device, *weights, DEQUANT_ROWS, _utils.MAX_ELEMENTS)
+    return plan_key(x, (w, ws), GEMV_MAX_M, DEQUANT_MIN_M, GEMV_CVT, GEMM_SWAP, GEMM_PDL, split)
 
 
 def _dequantizes(x) -> bool:
@@ -471,12 +467,9 @@ def w8a16_lane(x, w, ws):
     """W8A16 (``int8.int8_mm``) through a kept plan for these arguments, or None (``_utils.launcher``)."""
     if x.dim() != 2 or w.dim() != 2:  # (the key reads both shapes: bad ones get the checks' messages)
         return None
-    if _dequantizes(x):  # (the plan's matmuls read x as it is: the body's is contiguous; and the
-        # launcher would run an x past MAX_ELEMENTS in row blocks)
-        whole = x.shape[0] <= _utils.MAX_ELEMENTS // max(x.shape[1], w.shape[0], 1)
-        plan = _PLANS.get(_dequant_key(x, w, ws)) if whole and x.is_contiguous() else None
-    else:
-        plan = _PLANS.get(_plan_key(x, w, ws))
+    if _dequantizes(x):
+        return dequant_lane(_PLANS, x, w.shape[0], dequant_key(x, (w, ws), DEQUANT_ROWS))
+    plan = _PLANS.get(_plan_key(x, w, ws))
     return None if plan is None else plan.run(x, w.shape[0], w.shape[0])
 
 
@@ -512,14 +505,8 @@ def w8_mm(x, w, ws, xs, out_dtype: torch.dtype, record: list | None = None) -> t
             kw = dict(BLOCK_N=16, BLOCK_K=256)
             return _dequant_kernel, grid, args, kw, _dequant_kernel[grid](*args, **kw)
 
-        key = _dequant_key(x, w, ws) if key is not None else None
-        kept = _PLANS.get(key) if key is not None else None
-        if kept is not None:  # (a keyword call: the lane did not look)
-            return kept.run(x, n, n)
-        plan = _utils.dequant_plan(key, x.device)  # (eagerly: the chunks' launches bound, for the lane)
-        y = chunked_dequant_mm(x, n, DEQUANT_ROWS, fill, plan)
-        _utils.keep_dequant_plan(_PLANS, key, plan)
-        return y
+        key = dequant_key(x, (w, ws), DEQUANT_ROWS) if key is not None else None  # (eagerly: a plan, for the lane)
+        return planned_dequant_mm(_PLANS, key, x, n, DEQUANT_ROWS, fill)
     if m <= GEMV_MAX_M:
         y = torch.empty(m, n, device=x.device, dtype=out_dtype)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
@@ -620,3 +607,25 @@ def keep_dyn_plan(plans: dict, key, record, x, w, ws, y, qdtype, product=None) -
 
 
 _DYN_PLANS: dict = {}  # W8A8 / fp8 eager plans (``DynPlan``), by ``dyn_key``
+
+
+def dyn_lane(x, w, ws, key) -> torch.Tensor | None:
+    """A W8A8 / fp8 launcher's lane: its call through the ``DynPlan`` kept for ``key``, or None."""
+    plan = _DYN_PLANS.get(key)
+    return None if plan is None else plan.run(x, w, ws)
+
+
+def dyn_mm(x, w, ws, qdtype: torch.dtype, key, product=None) -> torch.Tensor:
+    """A W8A8 / fp8 launcher's body (x with rows): x's rows quantized to qdtype, then ``product(xq,
+    w, ws, xs, dtype)`` if given, else ``w8_mm``; through the plan kept for ``key`` (a keyword call:
+    the lane did not look), else with the launches recorded and kept as one (``key`` None: no plan)."""
+    from lowbit.ops.triton.quant import quantize_rows
+
+    plan = _DYN_PLANS.get(key) if key is not None else None
+    if plan is not None:
+        return plan.run(x, w, ws)
+    record = [] if key is not None else None
+    xq, xs = quantize_rows(x, qdtype, record)
+    y = product(xq, w, ws, xs, x.dtype) if product else w8_mm(xq, w, ws, xs, x.dtype, record)
+    keep_dyn_plan(_DYN_PLANS, key, record, x, w, ws, y, qdtype, product)
+    return y

@@ -27,8 +27,6 @@ from lowbit.compile import kernel_op, linear_out_fake
 from lowbit.ops.reference import FP8_DTYPE
 from lowbit.ops.triton import _w8
 from lowbit.ops.triton._utils import is_sm90_or_newer, launcher
-from lowbit.ops.triton._w8 import w8_mm
-from lowbit.ops.triton.quant import quantize_rows
 
 SCALED_MM_MIN_M = 128  # measured crossover on H100 (bench/KERNEL_NOTES.md)
 # Accumulate as the Triton fp8 kernels do (Triton's sm_90 default, and torchao's per-row
@@ -65,8 +63,7 @@ def _key(x, qdata, scale):
 
 def _lane(x, qdata, scale):
     """FP8 W8A8 through a kept ``_w8.DynPlan`` for these arguments, or None (``_utils.launcher``)."""
-    plan = _w8._DYN_PLANS.get(_key(x, qdata, scale))
-    return None if plan is None else plan.run(x, qdata, scale)
+    return _w8.dyn_lane(x, qdata, scale, _key(x, qdata, scale))
 
 
 @kernel_op("fp8_dyn_mm_triton", fake=linear_out_fake)
@@ -76,13 +73,5 @@ def fp8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> tor
     n = qdata.shape[0]
     if x.shape[0] == 0:
         return x.new_empty(0, n)
-    key = _key(x, qdata, scale)  # eagerly a plan of the launches, for the lane
-    plan = _w8._DYN_PLANS.get(key) if key is not None else None
-    if plan is not None:  # (a keyword call: the lane did not look)
-        return plan.run(x, qdata, scale)
-    record = [] if key is not None else None
-    xq, xs = quantize_rows(x, FP8_DTYPE, record)
     product = _scaled_mm if _use_scaled_mm(x, n) else None
-    y = product(xq, qdata, scale, xs, x.dtype) if product else w8_mm(xq, qdata, scale, xs, x.dtype, record)
-    _w8.keep_dyn_plan(_w8._DYN_PLANS, key, record, x, qdata, scale, y, FP8_DTYPE, product)
-    return y
+    return _w8.dyn_mm(x, qdata, scale, FP8_DTYPE, _key(x, qdata, scale), product)  # (eagerly: a plan, for the lane)

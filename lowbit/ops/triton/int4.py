@@ -69,8 +69,9 @@ from lowbit.ops.triton._utils import (
     MAX_WORKSPACE,
     TUNE_CACHE,
     cfg,
-    chunked_dequant_mm,
     configs,
+    dequant_key,
+    dequant_lane,
     dot_acc,
     launch,
     launcher,
@@ -80,6 +81,7 @@ from lowbit.ops.triton._utils import (
     pdl_start,
     pdl_trigger,
     plan_key,
+    planned_dequant_mm,
     round_to,
     split_k_buffers,
     split_k_reduce,
@@ -580,7 +582,7 @@ def _plan_key(x, qdata, scale, zero, group_size: int, packing: str) -> tuple:
     """The GEMM's launch-plan key: the arguments and every switch its branches read (in fixed-config
     mode the split too, a per-call choice)."""
     split = 0 if AUTOTUNE else _split_k(x.shape[0], qdata.shape[0], x.shape[1], group_size, num_sms(x.device))
-    switches = (group_size, packing, GEMM_SWAP, GEMV_MAX_M, SZ_WORDS, GEMM_PDL, DEQUANT_MIN_M, DEQUANT_ROWS, split)
+    switches = (group_size, packing, GEMM_SWAP, GEMV_MAX_M, SZ_WORDS, GEMM_PDL, DEQUANT_MIN_M, split)
     return plan_key(x, (qdata, scale, zero), *switches)
 
 
@@ -591,27 +593,18 @@ def _dequantizes(x, packing: str) -> bool:
 
 
 def _dequant_key(x, qdata, scale, zero, group_size: int, packing: str) -> tuple:
-    """The dequantize path's plan key (``_utils.DequantPlan``, whose chunk launches do not depend on
-    M; its matmuls run live): x's K, dtype and device, the weight tensors, the switches it reads."""
-    weights = [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in (qdata, scale, zero)]
-    return ("dequant", x.shape[1], x.dtype, x.device, *weights, group_size, packing, DEQUANT_ROWS, _utils.MAX_ELEMENTS)
+    return dequant_key(x, (qdata, scale, zero), group_size, packing, DEQUANT_ROWS)
 
 
 def _lane(x, qdata, scale, zero, group_size, packing="plain"):
     """``int4_mm`` through a kept plan for these arguments, or None (``_utils.launcher``)."""
     if x.dim() != 2 or qdata.dim() != 2 or group_size not in INT4_GROUP_SIZES:  # (the fixed config's key
         return None  # computes with these: bad ones get the checks' messages)
-    if _dequantizes(x, packing):  # (the plan's matmuls read x as it is: the body's is contiguous; and
-        # the launcher would run an x past MAX_ELEMENTS in row blocks)
-        whole = x.shape[0] <= _utils.MAX_ELEMENTS // max(x.shape[1], qdata.shape[0], 1)
-        plan = (
-            _PLANS.get(_dequant_key(x, qdata, scale, zero, group_size, packing))
-            if whole and x.is_contiguous()
-            else None
-        )
-    else:
-        plan = _PLANS.get(_plan_key(x, qdata, scale, zero, group_size, packing))
-    return None if plan is None else plan.run(x, qdata.shape[0], qdata.shape[0])
+    n = qdata.shape[0]
+    if _dequantizes(x, packing):
+        return dequant_lane(_PLANS, x, n, _dequant_key(x, qdata, scale, zero, group_size, packing))
+    plan = _PLANS.get(_plan_key(x, qdata, scale, zero, group_size, packing))
+    return None if plan is None else plan.run(x, n, n)
 
 
 @kernel_op("int4_mm_triton", fake=linear_out_fake)
@@ -645,10 +638,6 @@ def int4_mm(
         scale, zero = scale.contiguous(), zero.contiguous()
         # eagerly a plan of the chunks' launches (``_utils.DequantPlan``; the lane runs it next time)
         key = _dequant_key(x, qdata, scale, zero, group_size, packing) if _utils.PLANS and x.is_cuda else None
-        kept = _PLANS.get(key) if key is not None else None
-        if kept is not None:  # (a keyword call: the lane did not look)
-            return kept.run(x, n, n)
-        plan = _utils.dequant_plan(key, x.device)
 
         # fp32 x with "mma" codes comes here at any M: the GEMM's fp32 (FMA) dot needs the
         # words' registers rearranged and spills (offline SASS: 255 registers + stack)
@@ -659,9 +648,7 @@ def int4_mm(
             return _dequant_kernel, grid, args, kw, _dequant_kernel[grid](*args, **kw)
 
         rows = max(16, DEQUANT_ROWS - DEQUANT_ROWS % 16) if tiled else DEQUANT_ROWS  # "tiled": whole tiles
-        y = chunked_dequant_mm(x, n, rows, fill, plan)
-        _utils.keep_dequant_plan(_PLANS, key, plan)
-        return y
+        return planned_dequant_mm(_PLANS, key, x, n, rows, fill)
     key = _plan_key(x, qdata, scale, zero, group_size, packing) if _utils.PLANS and x.is_cuda else None
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:  # (its key pins the branches below: the qparam words, no copies)

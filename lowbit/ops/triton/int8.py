@@ -27,7 +27,6 @@ from lowbit.compile import kernel_op, linear_out_fake
 from lowbit.ops.triton import _w8
 from lowbit.ops.triton._utils import launcher
 from lowbit.ops.triton._w8 import w8_mm, w8a16_lane
-from lowbit.ops.triton.quant import quantize_rows
 
 
 @kernel_op("int8_mm_triton", fake=linear_out_fake)
@@ -37,10 +36,13 @@ def int8_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.
     return w8_mm(x, qdata, scale, None, x.dtype)
 
 
+def _dyn_key(x, qdata, scale):
+    return _w8.dyn_key(x, qdata, scale, "int8")
+
+
 def _dyn_lane(x, qdata, scale):
     """W8A8 through a kept ``_w8.DynPlan`` for these arguments, or None (``_utils.launcher``)."""
-    plan = _w8._DYN_PLANS.get(_w8.dyn_key(x, qdata, scale, "int8"))
-    return None if plan is None else plan.run(x, qdata, scale)
+    return _w8.dyn_lane(x, qdata, scale, _dyn_key(x, qdata, scale))
 
 
 @kernel_op("int8_dyn_mm_triton", fake=linear_out_fake)
@@ -49,12 +51,4 @@ def int8_dyn_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> to
     """W8A8: per-row int8 quantization of x, int32 product, rescale -> [M, N] in x.dtype."""
     if x.shape[0] == 0:
         return x.new_empty(0, qdata.shape[0])
-    key = _w8.dyn_key(x, qdata, scale, "int8")  # eagerly a plan of the two launches, for the lane
-    plan = _w8._DYN_PLANS.get(key) if key is not None else None
-    if plan is not None:  # (a keyword call: the lane did not look)
-        return plan.run(x, qdata, scale)
-    record = [] if key is not None else None
-    xq, xs = quantize_rows(x, torch.int8, record)
-    y = w8_mm(xq, qdata, scale, xs, x.dtype, record)
-    _w8.keep_dyn_plan(_w8._DYN_PLANS, key, record, x, qdata, scale, y, torch.int8)
-    return y
+    return _w8.dyn_mm(x, qdata, scale, torch.int8, _dyn_key(x, qdata, scale))  # (eagerly: a plan, for the lane)
